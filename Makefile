@@ -1,0 +1,38 @@
+# The two commands a user needs: `make demo` and `make test`. Both install what they need
+# into .venv, idempotently (a stamp file re-runs the install only when pyproject.toml changes).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build is chosen here, before anything else can pull one: the CPU wheel on this
+# reference machine; on a GPU node run e.g. `make TORCH_SPEC="torch==2.13.0 --index-url ..."`
+# or pre-install torch in the venv (a satisfied range installs nothing more).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+NPROC ?= 2
+SHARDS := data/synth/shard-000007.tar
+
+.PHONY: install demo test test-fast clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(SHARDS): | $(STAMP)
+	$(VENV)/bin/scaletrain data synth --out data/synth --num-samples 1024 --per-shard 128 --resolution 64 --seed 0
+
+demo: $(STAMP) $(SHARDS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launchers/pretrain.py --config configs/demo.yaml $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf runs/demo data/synth

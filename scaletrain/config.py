@@ -1,0 +1,297 @@
+"""One typed config tree for a run, validated once at the door.
+
+A recipe is a YAML file; the command line overrides dotted keys (``--set optim.lr=3e-4``).
+Every section forbids unknown keys, and the cross-field rules (batch identity, resolution
+divisibility, known presets, shard paths, DeepSpeed JSON conflicts) run at load time, so a
+bad recipe fails with one line naming the field, the value and the fix, before any process
+group starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; its message is one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class RunSection(_Section):
+    dir: str = "runs/demo"
+    seed: int = 0
+    name: str | None = None
+
+
+class ModelSection(_Section):
+    preset: str = "unet-tiny"
+    text_encoder_path: str | None = None
+    vae_path: str | None = None
+
+
+class DataSection(_Section):
+    # A path, a brace pattern, a directory of .tar files, a URL, or a list of those.
+    shards: str | list[str] = "data/synth/shard-{000000..000007}.tar"
+    num_workers: int = Field(1, ge=0)
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    shuffle_buffer: int = Field(0, ge=0)
+    split: Literal["auto", "shard", "sample"] = "auto"
+
+
+class DiffusionSection(_Section):
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    num_train_timesteps: int = Field(1000, gt=1)
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    noise_offset: float = Field(0.0, ge=0.0)
+    min_snr_gamma: float | None = Field(5.0, ge=0.0)
+
+
+class OptimSection(_Section):
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping (the norm is still logged)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class StageSection(_Section):
+    name: str
+    resolution: int = Field(gt=0)
+    steps: int = Field(gt=0)
+    micro_batch: int = Field(gt=0)
+    grad_accum: int = Field(1, gt=0)
+    # Optional: when given it must equal micro_batch * grad_accum * world size.
+    global_batch: int | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0.0)
+    warmup_steps: int | None = Field(None, ge=0)
+
+
+class TrainSection(_Section):
+    stages: list[StageSection] = Field(min_length=1)
+
+
+class FSDPSection(_Section):
+    reshard_after_forward: bool = True
+
+
+class EngineSection(_Section):
+    kind: Literal["fsdp", "deepspeed", "ddp"] = "fsdp"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    deepspeed_config: str = "ds_configs/zero3.json"
+    fsdp: FSDPSection = FSDPSection()
+
+
+class LogSection(_Section):
+    every: int = Field(1, gt=0)
+    wandb: Literal["offline", "disabled", "online"] = "offline"
+    wandb_project: str = "scaletrain"
+    progress: bool = True
+    loss_ema_decay: float = Field(0.9, gt=0.0, lt=1.0)
+
+
+class SampleSection(_Section):
+    prompts: list[str] = ["a red circle on the left", "a blue square in the center"]
+    steps: int = Field(20, gt=0)
+    guidance_scale: float = Field(3.0, ge=1.0)
+    seed: int = 0
+    resolution: int | None = Field(None, gt=0)  # default: the last stage's resolution
+    at_end: bool = True
+
+
+class RunConfig(_Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    diffusion: DiffusionSection = DiffusionSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection
+    engine: EngineSection = EngineSection()
+    log: LogSection = LogSection()
+    sample: SampleSection = SampleSection()
+
+    @model_validator(mode="after")
+    def _cross_field(self, info: ValidationInfo) -> "RunConfig":
+        ctx = info.context or {}
+        world = int(ctx.get("world_size", 1))
+        _check_preset_and_resolutions(self)
+        _check_batch_identity(self, world)
+        if ctx.get("check_paths", True):
+            _check_shards(self)
+            if self.engine.kind == "deepspeed":
+                _check_deepspeed_json(self, world)
+        return self
+
+    def stage_global_batch(self, index: int, world_size: int) -> int:
+        s = self.train.stages[index]
+        return s.micro_batch * s.grad_accum * world_size
+
+
+def _check_preset_and_resolutions(cfg: RunConfig) -> None:
+    from scaletrain.models.registry import get_preset
+
+    preset = get_preset(cfg.model.preset)  # raises a ValueError naming model.preset
+    f = preset.downsample_factor
+    for i, st in enumerate(cfg.train.stages):
+        if st.resolution % f:
+            lo, hi = (st.resolution // f) * f, (st.resolution // f + 1) * f
+            alt = f"{lo} or {hi}" if lo > 0 else f"{hi}"
+            raise ValueError(
+                f"train.stages.{i}.resolution={st.resolution} is not divisible by {f}, the "
+                f"down-sampling factor of model.preset={preset.name!r}; use {alt}"
+            )
+    if cfg.sample.resolution is not None and cfg.sample.resolution % f:
+        raise ValueError(f"sample.resolution={cfg.sample.resolution} is not divisible by {f}; pick a multiple of {f}")
+
+
+def _check_batch_identity(cfg: RunConfig, world: int) -> None:
+    for i, st in enumerate(cfg.train.stages):
+        if st.global_batch is None:
+            continue
+        got = st.micro_batch * st.grad_accum * world
+        if got != st.global_batch:
+            need = st.global_batch / (st.micro_batch * world)
+            fix = (
+                f"set train.stages.{i}.grad_accum={int(need)}"
+                if need == int(need) and need >= 1
+                else f"make global_batch a multiple of micro_batch x world ({st.micro_batch * world})"
+            )
+            raise ValueError(
+                f"train.stages.{i}.global_batch={st.global_batch} but micro_batch {st.micro_batch} x "
+                f"grad_accum {st.grad_accum} x world size {world} = {got}; {fix}"
+            )
+
+
+def _check_shards(cfg: RunConfig) -> None:
+    from scaletrain.data.pipeline import expand_shards, missing_local_shards
+
+    urls = expand_shards(cfg.data.shards)
+    if not urls:
+        raise ValueError(f"data.shards={cfg.data.shards!r} matches no shard; point it at .tar files")
+    missing = missing_local_shards(urls)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(
+            f"data.shards: {missing[0]!r}{more} does not exist; write shards with "
+            f"`scaletrain data synth --out DIR` or fix the path"
+        )
+
+
+def _check_deepspeed_json(cfg: RunConfig, world: int) -> None:
+    from scaletrain.engines.ds_config import fill_deepspeed_config, load_deepspeed_json
+
+    raw = load_deepspeed_json(cfg.engine.deepspeed_config)
+    for st in cfg.train.stages:
+        fill_deepspeed_config(raw, cfg, micro_batch=st.micro_batch, grad_accum=st.grad_accum, world_size=world)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
+    """``["optim.lr=3e-4", "train.stages.0.steps=5"]`` → [(path, value)]; values parse as YAML."""
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r} is not KEY=VALUE; write e.g. --set optim.lr=3e-4")
+        key, _, text = pair.partition("=")
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"--set {pair!r} has an empty key part; write e.g. --set optim.lr=3e-4")
+        out.append((key.split("."), yaml.safe_load(text) if text != "" else ""))
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[tuple[list[str], Any]]) -> dict:
+    for path, value in overrides:
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                idx = _list_index(node, part, path[: i + 1])
+                node = node[idx]
+                continue
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            node = nxt
+        last = path[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, path)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[:-1])} is a value, not a section")
+    return data
+
+
+def _list_index(node: list, part: str, path: list[str]) -> int:
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise ConfigError(
+            f"--set {'.'.join(path)}: {part!r} is not an index of a list of {len(node)} items; use 0..{len(node) - 1}"
+        )
+    return int(part)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """The first error as one line: field, bad value, and what to do."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    kind, msg = e["type"], e["msg"]
+    if kind == "extra_forbidden":
+        return f"{loc} is not a known key; remove it or check its spelling (see configs/demo.yaml)"
+    if kind == "missing":
+        return f"{loc} is required; add it to the recipe"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    value = e.get("input")
+    return f"{loc}={value!r}: {msg}"
+
+
+def world_size_from_env() -> int:
+    """The world size the launcher will create (torchrun and the deepspeed launcher set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def load_config(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    world_size: int | None = None,
+    check_paths: bool = True,
+) -> RunConfig:
+    """Read a YAML recipe, apply ``--set`` overrides, validate. Raises ConfigError (one line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {str(path)!r} does not exist; pass a YAML recipe such as configs/demo.yaml")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run, model, data, ...)")
+    apply_overrides(data, parse_overrides(overrides or []))
+    return validate_config(data, world_size=world_size, check_paths=check_paths)
+
+
+def validate_config(data: dict, *, world_size: int | None = None, check_paths: bool = True) -> RunConfig:
+    ctx = {
+        "world_size": world_size if world_size is not None else world_size_from_env(),
+        "check_paths": check_paths,
+    }
+    try:
+        return RunConfig.model_validate(data, context=ctx)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,32 @@
+"""Engines: one protocol (``base.Engine``), three implementations (FSDP2, DeepSpeed ZeRO, DDP)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from scaletrain.engines.base import Engine, StepStats
+
+
+def build_engine(cfg, denoiser: nn.Module, dist_info, *, micro_batch: int, grad_accum: int) -> Engine:
+    """Wrap the trainable denoiser in the engine ``cfg.engine.kind`` names."""
+    kind = cfg.engine.kind
+    if kind == "fsdp":
+        from scaletrain.engines.fsdp import FSDPEngine
+        from scaletrain.models import parallel_units
+
+        engine: Engine = FSDPEngine(denoiser, parallel_units(denoiser), cfg, dist_info)
+    elif kind == "ddp":
+        from scaletrain.engines.ddp import DDPEngine
+
+        engine = DDPEngine(denoiser, cfg, dist_info)
+    elif kind == "deepspeed":
+        from scaletrain.engines.deepspeed import DeepSpeedEngine
+
+        engine = DeepSpeedEngine(denoiser, cfg, dist_info, micro_batch, grad_accum)
+    else:  # config validation makes this unreachable
+        raise ValueError(f"engine.kind={kind!r} is unknown; use fsdp, deepspeed or ddp")
+    engine.configure_stage(micro_batch, grad_accum)
+    return engine
+
+
+__all__ = ["Engine", "StepStats", "build_engine"]

@@ -1,0 +1,81 @@
+"""DeepSpeed JSON: "auto" for what the trainer owns, filled from the run config.
+
+The trainer owns batch sizes, accumulation, clipping, precision and (when the JSON names a
+DeepSpeed optimizer, e.g. for CPU offload) the optimizer hyper-parameters. A JSON value that
+is not "auto" and differs from the config is an error naming both places, never a silent
+override (the accelerate ``DeepSpeedPlugin.fill_match`` rule). This module imports no
+DeepSpeed so config validation stays cheap and runs before any process group.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scaletrain.config import RunConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_deepspeed_path(path: str) -> Path:
+    """A path as given, else relative to the scaletrain checkout (so recipes work from any cwd)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    alt = REPO_ROOT / path
+    if not p.is_absolute() and alt.is_file():
+        return alt
+    raise ValueError(f"engine.deepspeed_config={path!r} does not exist; use one of ds_configs/zero{{1,2,3}}.json")
+
+
+def load_deepspeed_json(path: str) -> dict:
+    p = resolve_deepspeed_path(path)
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"engine.deepspeed_config={path!r} is not valid JSON: {e}") from None
+
+
+def _fill(node: dict, key: str, value: Any, where: str, owner: str) -> None:
+    cur = node.get(key, "auto")
+    if cur == "auto":
+        node[key] = value
+    elif cur != value:
+        raise ValueError(
+            f"DeepSpeed JSON {where}={cur!r} conflicts with {owner}={value!r}; "
+            f'set it to "auto" in the JSON or change {owner}'
+        )
+
+
+def fill_deepspeed_config(
+    raw: dict, cfg: "RunConfig", *, micro_batch: int, grad_accum: int, world_size: int
+) -> dict:
+    """Return a copy of ``raw`` with every trainer-owned value filled; raise on conflicts."""
+    ds = copy.deepcopy(raw)
+    _fill(ds, "train_micro_batch_size_per_gpu", micro_batch, "train_micro_batch_size_per_gpu", "train.stages[].micro_batch")
+    _fill(ds, "gradient_accumulation_steps", grad_accum, "gradient_accumulation_steps", "train.stages[].grad_accum")
+    _fill(ds, "train_batch_size", micro_batch * grad_accum * world_size, "train_batch_size",
+          "micro_batch x grad_accum x world size")
+    # DeepSpeed treats 0 as "no clipping", the same meaning as optim.grad_clip=0.
+    _fill(ds, "gradient_clipping", float(cfg.optim.grad_clip), "gradient_clipping", "optim.grad_clip")
+    bf16 = ds.setdefault("bf16", {})
+    _fill(bf16, "enabled", cfg.engine.precision == "bf16", "bf16.enabled", "engine.precision")
+    fp16 = ds.setdefault("fp16", {})
+    _fill(fp16, "enabled", False, "fp16.enabled", "engine.precision (fp16 is not supported; use bf16)")
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        _fill(params, "lr", cfg.optim.lr, "optimizer.params.lr", "optim.lr")
+        _fill(params, "weight_decay", cfg.optim.weight_decay, "optimizer.params.weight_decay", "optim.weight_decay")
+        _fill(params, "betas", list(cfg.optim.betas), "optimizer.params.betas", "optim.betas")
+        _fill(params, "eps", cfg.optim.eps, "optimizer.params.eps", "optim.eps")
+    if "scheduler" in ds:
+        raise ValueError(
+            "DeepSpeed JSON has a 'scheduler' block, but the trainer owns the LR schedule "
+            "(optim.schedule, optim.warmup_steps); remove the block"
+        )
+    ds.setdefault("steps_per_print", 10**9)  # scaletrain logs metrics itself
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds

@@ -1,0 +1,172 @@
+"""Validation sample grids: deterministic DDIM sampling with classifier-free guidance.
+
+Every rank calls `generate_samples` with the same prompts because the denoiser may be
+sharded (FSDP2) or wrapped (DeepSpeed) and its forwards are collectives. So the loop
+below is fully deterministic and makes the same calls, with the same shapes, on every
+rank; only rank 0 should call `save_image_grid`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+Denoiser = Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
+TextEncoder = Callable[[list[str]], tuple[Tensor, Tensor | None]]
+Decoder = Callable[[Tensor], Tensor]
+
+
+@contextmanager
+def _preserve_global_rng(device: torch.device) -> Iterator[None]:
+    # We only draw from explicit generators, but user callbacks (a VAE that samples its
+    # latent distribution, a module left in train mode) may not: validation must never
+    # shift the training RNG streams, so snapshot and restore them regardless.
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        yield
+
+
+def _initial_latents(
+    num: int, shape: tuple[int, int, int], seed: int, device: torch.device
+) -> Tensor:
+    # One generator per prompt (seed + index) on CPU: the grid is identical across runs,
+    # world sizes and devices, so checkpoints can be compared by eye.
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(num)]
+    rows = [torch.randn(shape, generator=gen) for gen in gens]
+    return torch.stack(rows).to(device)
+
+
+def _build_inference_scheduler(
+    noise_scheduler_config: Mapping[str, Any], prediction_type: str, num_inference_steps: int,
+    device: torch.device,
+) -> DDIMScheduler:
+    # Same betas as training; DDIM with eta=0 (Song et al. 2021) needs no RNG at all.
+    config = {k: v for k, v in dict(noise_scheduler_config).items() if not k.startswith("_")}
+    scheduler = DDIMScheduler.from_config(config, prediction_type=prediction_type)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    return scheduler
+
+
+def _guided_prediction(
+    denoiser: Denoiser, x: Tensor, t: Tensor, emb: Tensor, mask: Tensor | None,
+    guidance_scale: float, use_cfg: bool,
+) -> Tensor:
+    batch = x.shape[0]
+    x_in = torch.cat([x, x]) if use_cfg else x
+    timesteps = t.reshape(1).expand(x_in.shape[0]).to(x.device)
+    pred = denoiser(x_in, timesteps, emb, mask).to(x.dtype)
+    if not use_cfg:
+        return pred
+    # Classifier-free guidance (Ho & Salimans 2022): uncond half first, then cond.
+    uncond, cond = pred[:batch], pred[batch:]
+    return uncond + guidance_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def generate_samples(
+    denoiser: Denoiser,
+    encode_text: TextEncoder,
+    decode: Decoder,
+    *,
+    prompts: list[str],
+    resolution: int,
+    in_channels: int,
+    latent_factor: int,
+    noise_scheduler_config: Mapping[str, Any],
+    prediction_type: str,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 3.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Tensor:
+    """Sample one image per prompt; returns float32 pixels (B, 3, H, W) in [-1, 1].
+
+    Latents are float32; a bf16 denoiser is expected to cast its inputs (FSDP2's
+    MixedPrecisionPolicy does). guidance_scale == 1 skips the unconditional half, which
+    is exactly the conditional-only path; the choice is the same on every rank.
+    """
+    if resolution % latent_factor:
+        raise ValueError(
+            f"resolution={resolution} is not divisible by latent_factor={latent_factor}"
+        )
+    device = torch.device(device)
+    use_cfg = guidance_scale != 1.0
+    side = resolution // latent_factor
+    with _preserve_global_rng(device):
+        scheduler = _build_inference_scheduler(
+            noise_scheduler_config, prediction_type, num_inference_steps, device
+        )
+        # One text-encoder call for both halves keeps the batch (and any collectives) fixed.
+        texts = [""] * len(prompts) + list(prompts) if use_cfg else list(prompts)
+        emb, mask = encode_text(texts)
+        x = _initial_latents(len(prompts), (in_channels, side, side), seed, device)
+        x = x * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t)
+            pred = _guided_prediction(denoiser, x_in, t, emb, mask, guidance_scale, use_cfg)
+            x = scheduler.step(pred, t, x, eta=0.0).prev_sample
+        return decode(x).float().clamp(-1.0, 1.0)
+
+
+def _to_uint8(images: Tensor) -> np.ndarray:
+    images = images.detach().float().cpu()
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    pixels = ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def _fit_caption(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+    # Truncate rather than wrap so every tile keeps the same caption-band height.
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def save_image_grid(
+    images: Tensor,
+    path: str | Path,
+    nrow: int | None = None,
+    captions: Sequence[str] | None = None,
+) -> Path:
+    """Tile (B, C, H, W) images in [-1, 1] into a PNG with `nrow` tiles per row.
+
+    Without captions the PNG is exactly (nrow * W) x (rows * H). With captions, each
+    row gets a small text band under its tiles (PIL's default font).
+    """
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (B, 1|3, H, W), got {tuple(images.shape)}")
+    if captions is not None and len(captions) != images.shape[0]:
+        raise ValueError(f"got {len(captions)} captions for {images.shape[0]} images")
+    tiles = _to_uint8(images)
+    count, height, width = tiles.shape[:3]
+    nrow = nrow or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / nrow)
+    font = ImageFont.load_default()
+    band = 0
+    if captions is not None:
+        top, bottom = font.getbbox("Ag")[1::2]
+        band = bottom - top + 4
+    grid = Image.new("RGB", (nrow * width, rows * (height + band)), color=(0, 0, 0))
+    draw = ImageDraw.Draw(grid)
+    for i, tile in enumerate(tiles):
+        left, top = (i % nrow) * width, (i // nrow) * (height + band)
+        grid.paste(Image.fromarray(tile), (left, top))
+        if captions is not None:
+            text = _fit_caption(draw, captions[i], font, width - 4)
+            draw.text((left + 2, top + height + 1), text, fill=(255, 255, 255), font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path, format="PNG")
+    return path

@@ -1,0 +1,279 @@
+"""Synthetic shards and the webdataset pipeline: decoding, corruption, splitting."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scaletrain.data import (
+    LoaderSpec,
+    build_loader,
+    caption_is_dropped,
+    decode_image,
+    expand_shards,
+    iter_epoch_samples,
+    make_synthetic_sample,
+    missing_local_shards,
+    resolve_split,
+    write_synthetic_shards,
+    write_tar_shard,
+)
+
+RES = 64
+
+
+def _write_uneven(out: Path, sizes: list[int], fmt: str = "jpg") -> list[str]:
+    """Shards with ``sizes`` samples each; keys are global indices in shard order."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths, index = [], 0
+    for i, size in enumerate(sizes):
+        path = out / f"shard-{i:06d}.tar"
+        write_tar_shard(path, [make_synthetic_sample(index + j, 0, RES, fmt) for j in range(size)])
+        paths.append(str(path))
+        index += size
+    return paths
+
+
+def _all_keys(sizes: list[int]) -> list[str]:
+    return [f"{i:09d}" for i in range(sum(sizes))]
+
+
+def _take(loader, n: int) -> list[dict]:
+    return list(itertools.islice(iter(loader), n))
+
+
+@pytest.fixture(scope="module")
+def shards64(tmp_path_factory) -> list[str]:
+    return write_synthetic_shards(
+        tmp_path_factory.mktemp("synth"), num_samples=32, samples_per_shard=8, resolution=RES, seed=3
+    )
+
+
+# ------------------------------------------------------------------- synth
+
+
+def test_synth_is_deterministic_and_seeded(tmp_path: Path) -> None:
+    kw = dict(num_samples=20, samples_per_shard=6, resolution=RES)
+    a = write_synthetic_shards(tmp_path / "a", seed=7, **kw)
+    b = write_synthetic_shards(tmp_path / "b", seed=7, **kw)
+    c = write_synthetic_shards(tmp_path / "c", seed=8, **kw)
+    assert [Path(p).name for p in a] == [f"shard-{i:06d}.tar" for i in range(4)]
+    assert all(Path(x).read_bytes() == Path(y).read_bytes() for x, y in zip(a, b))
+    assert Path(a[0]).read_bytes() != Path(c[0]).read_bytes()
+
+
+def test_manifest_and_metadata(tmp_path: Path) -> None:
+    shards = write_synthetic_shards(tmp_path, num_samples=10, samples_per_shard=4, resolution=32, seed=1, image_format="png")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["num_samples"] == 10 and manifest["resolution"] == 32 and manifest["seed"] == 1
+    assert manifest["shards"] == [Path(s).name for s in shards]
+    with tarfile.open(shards[0]) as tar:
+        names = tar.getnames()
+        assert names[:3] == ["000000000.png", "000000000.txt", "000000000.json"]
+        for key in ("000000000", "000000003"):
+            caption = tar.extractfile(f"{key}.txt").read().decode()
+            meta = json.loads(tar.extractfile(f"{key}.json").read())
+            image = Image.open(io.BytesIO(tar.extractfile(f"{key}.png").read()))
+            assert meta["caption"] == caption and meta["key"] == key and meta["status"] == "success"
+            assert f"{meta['color']} {meta['shape']}" in caption
+            assert image.size == (32, 32) == (meta["width"], meta["height"])
+            assert 4 <= meta["aesthetic"] <= 7 and 0 <= meta["punsafe"] <= 0.2 and 0 <= meta["pwatermark"] <= 0.5
+
+
+def test_synth_rejects_bad_args(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="image_format"):
+        write_synthetic_shards(tmp_path, num_samples=2, samples_per_shard=2, resolution=32, image_format="gif")
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_shapes_and_range(shards64: list[str], resolution: int, num_workers: int) -> None:
+    spec = LoaderSpec(shards=shards64, resolution=resolution, micro_batch=4, num_workers=num_workers)
+    for batch in _take(build_loader(spec), 3):
+        pixels = batch["pixels"]
+        assert pixels.shape == (4, 3, resolution, resolution) and str(pixels.dtype) == "torch.float32"
+        assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.max() > 0.5
+        assert len(batch["captions"]) == len(batch["keys"]) == 4 and batch["skipped"] == 0
+
+
+def test_non_square_image_is_center_cropped() -> None:
+    # 96x48: red | green | blue in 24/48/24 columns; the center crop must be green.
+    arr = np.zeros((48, 96, 3), np.uint8)
+    arr[:, :24] = (255, 0, 0)
+    arr[:, 24:72] = (0, 255, 0)
+    arr[:, 72:] = (0, 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    pixels = decode_image(buf.getvalue(), 32)
+    assert pixels.shape == (3, 32, 32)
+    inner = pixels[:, :, 2:-2]  # bicubic blends a pixel or two at the colour borders
+    assert inner[1].min() > 0.9 and inner[0].max() < -0.9 and inner[2].max() < -0.9
+
+
+def _corrupt_shard(path: Path) -> list[str]:
+    """Six samples: 1 garbage jpg, 1 without image, 1 bad json; returns the good keys."""
+    samples = [make_synthetic_sample(i, 0, RES) for i in range(6)]
+    samples[1]["jpg"] = b"\xff\xd8 this is not a jpeg"
+    del samples[3]["jpg"]
+    samples[4]["json"] = "{not json"
+    del samples[5]["txt"]  # missing caption: falls back to the json caption, not corrupt
+    write_tar_shard(path, samples)
+    return [s["__key__"] for i, s in enumerate(samples) if i not in (1, 3, 4)]
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
+    good = _corrupt_shard(tmp_path / "bad.tar")
+    spec = LoaderSpec(shards=[str(tmp_path / "bad.tar")], resolution=32, micro_batch=1, num_workers=0)
+    batches = _take(build_loader(spec), 6)  # two epochs of 3 good samples each
+    assert [b["keys"][0] for b in batches] == good * 2
+    assert sum(b["skipped"] for b in batches[:3]) == 3
+    assert all(b["captions"][0] for b in batches)
+
+
+def test_truncated_shard_does_not_crash(tmp_path: Path) -> None:
+    paths = _write_uneven(tmp_path, [4, 4])
+    with tarfile.open(paths[1]) as tar:
+        cut = tar.getmember("000000006.jpg")
+    data = Path(paths[1]).read_bytes()
+    Path(paths[1]).write_bytes(data[: cut.offset_data + cut.size // 2])  # mid-image
+    spec = LoaderSpec(shards=paths, resolution=32, micro_batch=2, num_workers=0)
+    batches = _take(build_loader(spec), 7)  # 2+ epochs of the 6 intact samples
+    keys = [k for b in batches for k in b["keys"]]
+    assert keys == [f"{i:09d}" for i in range(6)] * 2 + keys[:2]
+    # One marker per epoch; epoch 1's lands in the batch after its last sample.
+    assert [b["skipped"] for b in batches] == [0, 0, 0, 1, 0, 0, 1]
+
+
+# ---------------------------------------------------------------- shards
+
+
+def test_expand_shards(tmp_path: Path) -> None:
+    paths = _write_uneven(tmp_path, [1, 1, 1])
+    assert expand_shards(str(tmp_path / "shard-{000000..000002}.tar")) == paths
+    assert expand_shards(str(tmp_path)) == paths
+    assert expand_shards(str(tmp_path / "shard-*.tar")) == paths
+    assert expand_shards(paths) == paths  # idempotent
+    urls = ["https://host/s-{0..1}.tar", "pipe:curl -s x.tar", "s3://bucket/a.tar"]
+    assert expand_shards(urls) == ["https://host/s-0.tar", "https://host/s-1.tar", *urls[1:]]
+    with pytest.raises(ValueError, match="data.shards"):
+        expand_shards(str(tmp_path / "nothing-*.tar"))
+
+
+def test_missing_local_shards(tmp_path: Path) -> None:
+    paths = _write_uneven(tmp_path, [1])
+    urls = [*paths, str(tmp_path / "gone.tar"), "https://host/x.tar", "pipe:cat y.tar"]
+    assert missing_local_shards(urls) == [str(tmp_path / "gone.tar")]
+
+
+def test_spec_validation() -> None:
+    with pytest.raises(ValueError, match="caption_dropout"):
+        LoaderSpec(shards=["x.tar"], resolution=32, micro_batch=2, caption_dropout=1.5)
+    with pytest.raises(ValueError, match="rank"):
+        LoaderSpec(shards=["x.tar"], resolution=32, micro_batch=2, rank=2, world_size=2)
+    spec = LoaderSpec(shards=["x.tar"], resolution=32, micro_batch=2, split="shard", world_size=2, num_workers=2)
+    with pytest.raises(ValueError, match="split='shard'"):
+        resolve_split(spec, 3)
+    assert resolve_split(LoaderSpec(shards=["x"], resolution=8, micro_batch=1, world_size=2, num_workers=2), 3) == "sample"
+
+
+# ---------------------------------------------------------- caption dropout
+
+
+def test_caption_dropout_rate_and_determinism(shards64: list[str]) -> None:
+    keys = [f"{i:09d}" for i in range(4000)]
+    rate = np.mean([caption_is_dropped(0, k, 0, 0.2) for k in keys])
+    assert abs(rate - 0.2) < 0.03
+    assert [caption_is_dropped(0, k, 1, 0.2) for k in keys] != [caption_is_dropped(0, k, 0, 0.2) for k in keys]
+    assert not any(caption_is_dropped(0, k, 0, 0.0) for k in keys)
+
+    def captions(world: int, rank: int) -> dict[str, str]:
+        spec = LoaderSpec(shards=shards64, resolution=8, micro_batch=1, caption_dropout=0.5,
+                          num_workers=0, split="sample", world_size=world, rank=rank)
+        return {s["key"]: s["caption"] for s in iter_epoch_samples(spec)}
+
+    one = captions(1, 0)
+    assert one == captions(1, 0) == {**captions(2, 0), **captions(2, 1)}  # layout-independent
+    assert 4 <= sum(c == "" for c in one.values()) <= 28
+
+
+# ---------------------------------------------------------------- splitting
+
+
+@pytest.mark.parametrize(
+    ("sizes", "mode"),
+    [([4] * 8, "shard"), ([4] * 3, "sample"), ([5, 1, 7], "sample"), ([5, 1, 7, 2, 3], "shard")],
+)
+@pytest.mark.parametrize("shuffle", [0, 5])
+def test_epoch_coverage_2_ranks_x_2_workers(tmp_path: Path, sizes: list[int], mode: str, shuffle: int) -> None:
+    paths = _write_uneven(tmp_path, sizes)
+    for epoch in (0, 1):
+        seen: list[str] = []
+        for rank in range(2):
+            spec = LoaderSpec(shards=paths, resolution=8, micro_batch=1, num_workers=2,
+                              shuffle_buffer=shuffle, rank=rank, world_size=2)
+            assert resolve_split(spec, len(paths)) == mode
+            for worker in range(2):
+                seen += [s["key"] for s in iter_epoch_samples(spec, epoch, worker, offset=epoch * sum(sizes))]
+        assert sorted(seen) == _all_keys(sizes), f"epoch {epoch}: each sample exactly once"
+
+
+def test_loader_is_infinite_on_every_rank(tmp_path: Path) -> None:
+    # 3 uneven shards < 4 slots: webdataset's own splitters would raise or starve here.
+    sizes = [5, 1, 7]
+    paths = _write_uneven(tmp_path, sizes)
+    for rank in range(2):
+        spec = LoaderSpec(shards=paths, resolution=8, micro_batch=3, num_workers=2, rank=rank, world_size=2)
+        batches = _take(build_loader(spec), 14)  # 42 samples per rank, > 3x the dataset
+        assert all(len(b["keys"]) == 3 and b["pixels"].shape[0] == 3 for b in batches)
+        # Worker w (batches w::2) holds slot 2w+rank: samples j with j % 4 == slot.
+        for worker in range(2):
+            slot = worker * 2 + rank
+            keys = [int(k) for b in batches[worker::2] for k in b["keys"]]
+            assert keys == [j % 13 for j in range(slot, 4 * 21, 4)]
+
+
+def test_shard_split_with_one_sample_slot_loops(tmp_path: Path) -> None:
+    # Shard i -> slot i % 4 = worker * world + rank: slot 1 (worker 0, rank 1) holds one sample.
+    paths = _write_uneven(tmp_path, [5, 1, 7, 2])
+    spec = LoaderSpec(shards=paths, resolution=8, micro_batch=4, num_workers=2, rank=1, world_size=2)
+    batches = _take(build_loader(spec), 6)
+    assert all(b["keys"] == ["000000005"] * 4 for b in batches[0::2])
+    assert [k for b in batches[1::2] for k in b["keys"]] == ["000000013", "000000014"] * 6
+
+
+def test_empty_slot_raises_instead_of_hanging(tmp_path: Path) -> None:
+    paths = _write_uneven(tmp_path, [2])
+    spec = LoaderSpec(shards=paths, resolution=8, micro_batch=1, num_workers=0, rank=3, world_size=4)
+    with pytest.raises(RuntimeError, match="no decodable samples"):
+        _take(build_loader(spec), 1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("shuffle", [0, 4])
+def test_sample_split_is_layout_invariant(tmp_path: Path, num_workers: int, shuffle: int) -> None:
+    sizes = [5, 1, 7]  # 13 samples: epochs do not align with the global batch of 4
+    paths = _write_uneven(tmp_path, sizes)
+
+    def keys(world: int, rank: int, micro: int) -> list[list[str]]:
+        spec = LoaderSpec(shards=paths, resolution=8, micro_batch=micro, num_workers=num_workers,
+                          shuffle_buffer=shuffle, split="sample", rank=rank, world_size=world)
+        return [b["keys"] for b in _take(build_loader(spec), 10)]
+
+    single, r0, r1 = keys(1, 0, 4), keys(2, 0, 2), keys(2, 1, 2)
+    for step in range(10):
+        assert sorted(single[step]) == sorted(r0[step] + r1[step]), f"step {step}"
+    if shuffle == 0:  # rank r's n-th sample is global sample n*world + r
+        flat = [k for b in single for k in b]
+        assert [k for b in r1 for k in b] == flat[1::2][:20]
+        assert flat[:14] == [f"{j % 13:09d}" for j in range(14)]
