@@ -1,0 +1,215 @@
+"""Named model presets: what to build, in which space it runs, and how to shard it.
+
+A preset bundles the denoiser config, the text encoder spec, the VAE config (latent
+presets) and the family whose parallel plan applies (`parallel_units`). `build_model`
+random-initialises everything from configs, or loads frozen encoders from local folders;
+nothing is ever downloaded. The caller seeds torch first so every rank builds identical
+weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from diffusers import AutoencoderKL
+
+from scaletrain.models import dit, text, unet
+
+# stabilityai/sd-vae-ft-ema config (the VAE of SD-1.x/2.x and PixArt-alpha), 83.7M params.
+SD_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+    act_fn="silu", sample_size=512, scaling_factor=0.18215,
+)
+SD_VAE_FACTOR = 8  # 3 of the 4 encoder blocks downsample by 2
+
+TINY_TEXT_DIM = 32
+TINY_TEXT_LEN = 32
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str
+    family: str  # "unet" | "dit"
+    latent: bool  # False: pixel space; True: SD VAE latent space
+    downsample_factor: int  # vae factor x denoiser factor; stage resolutions must divide by it
+    in_channels: int  # channels the denoiser sees
+    description: str
+    denoiser_config: dict[str, Any] = field(repr=False, compare=False, hash=False)
+    text_encoder: text.TextEncoderSpec = field(repr=False, compare=False, hash=False)
+    max_text_len: int = 77
+    vae_config: dict[str, Any] | None = field(default=None, repr=False, compare=False, hash=False)
+
+
+class Denoiser(nn.Module):
+    """Uniform wrapper the engines shard/wrap; `self.net` is the diffusers model (save_pretrained-able)."""
+
+    def __init__(self, net: nn.Module, family: str, use_text_mask: bool) -> None:
+        super().__init__()
+        self.net = net
+        self.family = family
+        # SD UNets were trained attending over padding tokens; masking them would shift
+        # the conditioning of a loaded checkpoint. PixArt was trained with the T5 mask.
+        self.use_text_mask = use_text_mask
+        self._forward_fn: Callable[..., Tensor] = _FORWARD[family]
+
+    def forward(self, x: Tensor, timesteps: Tensor, text_emb: Tensor, text_mask: Tensor | None) -> Tensor:
+        if timesteps.ndim == 0:  # a single shared timestep: the nets want one per sample
+            timesteps = timesteps.expand(x.shape[0])
+        mask = text_mask if self.use_text_mask else None
+        return self._forward_fn(self.net, x, timesteps, text_emb, mask)
+
+
+_FORWARD: dict[str, Callable[..., Tensor]] = {"unet": unet.unet_forward, "dit": dit.pixart_forward}
+_BUILD: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"unet": unet.build_unet, "dit": dit.build_pixart}
+_SHARD_UNITS: dict[str, Callable[[Any], list[nn.Module]]] = {
+    "unet": unet.unet_shard_units, "dit": dit.dit_shard_units,
+}
+
+
+class DiffusionModel:
+    """The parts of one diffusion model. Only `denoiser` trains; encoders are frozen."""
+
+    def __init__(self, preset: ModelPreset, denoiser: Denoiser, text_encoder: nn.Module, tokenizer: Any,
+                 vae: AutoencoderKL | None) -> None:
+        self.preset = preset
+        self.denoiser = denoiser
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.vae = vae
+        self.max_text_len = preset.max_text_len
+
+    def to(self, device: torch.device | str) -> "DiffusionModel":
+        self.denoiser.to(device)
+        self.text_encoder.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """(emb (B, L, D) float32, mask (B, L) long). "" encodes to eos + padding (unconditional)."""
+        return text.encode_captions(self.text_encoder, self.tokenizer, self.preset.text_encoder,
+                                    captions, self.max_text_len, device)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W) -> denoiser input space (float32)."""
+        if self.vae is None:
+            return pixels.float()
+        vae_dtype = next(self.vae.parameters()).dtype
+        # sample(), not mode(): SD/PixArt training draws from the posterior each step.
+        latents = self.vae.encode(pixels.to(vae_dtype)).latent_dist.sample()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Inverse of `encode_images`: returns pixels in [-1, 1] (float32)."""
+        if self.vae is None:
+            return latents.float().clamp(-1, 1)
+        vae_dtype = next(self.vae.parameters()).dtype
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents.to(vae_dtype) / self.vae.config.scaling_factor + shift
+        return self.vae.decode(z).sample.float().clamp(-1, 1)
+
+
+def _preset(name: str, family: str, latent: bool, denoiser_config: dict[str, Any],
+            text_encoder: text.TextEncoderSpec, max_text_len: int, description: str) -> ModelPreset:
+    """Derive the space-dependent fields so they can never disagree with the configs."""
+    net_factor = unet.unet_downsample(denoiser_config) if family == "unet" else denoiser_config["patch_size"]
+    return ModelPreset(
+        name=name, family=family, latent=latent,
+        downsample_factor=(SD_VAE_FACTOR if latent else 1) * net_factor,
+        in_channels=denoiser_config["in_channels"], description=description,
+        denoiser_config=denoiser_config, text_encoder=text_encoder, max_text_len=max_text_len,
+        vae_config=SD_VAE if latent else None,
+    )
+
+
+_TINY_TEXT = text.clip_spec(TINY_TEXT_DIM, layers=2, heads=2, max_len=TINY_TEXT_LEN, act="quick_gelu")
+# Full-depth CLIP-L (12 x 768) and OpenCLIP-H (23 x 1024; SD-2 drops the last of 24 layers,
+# which is how it reads the penultimate layer). Byte vocab (384), not CLIP's 49408.
+_CLIP_L = text.clip_spec(768, layers=12, heads=12, max_len=77, act="quick_gelu")
+_OPENCLIP_H = text.clip_spec(1024, layers=23, heads=16, max_len=77, act="gelu")
+# T5-XXL width (4096, d_ff 10240, 64 heads x 64) but 2 of 24 layers: ~390M instead of 4.7B,
+# so an offline PixArt build fits in RAM; pass text_encoder_path for the real encoder.
+_T5_XXL_SHALLOW = text.t5_spec(4096, layers=2, heads=64, d_kv=64, d_ff=10240)
+
+PRESETS: dict[str, ModelPreset] = {p.name: p for p in (
+    _preset("unet-tiny", "unet", False, unet.unet_tiny_config(TINY_TEXT_DIM), _TINY_TEXT, TINY_TEXT_LEN,
+            "~1M-param pixel-space UNet + 2-layer CLIP; CPU demos and tests at 32-64 px"),
+    _preset("unet-sd15", "unet", True, unet.UNET_SD15, _CLIP_L, 77,
+            "Stable Diffusion 1.5 UNet (860M) on SD VAE latents, CLIP-L text (768)"),
+    _preset("unet-sd2", "unet", True, unet.UNET_SD2, _OPENCLIP_H, 77,
+            "Stable Diffusion 2.x UNet (866M) on SD VAE latents, OpenCLIP-H text (1024)"),
+    _preset("dit-tiny", "dit", False, dit.dit_tiny_config(TINY_TEXT_DIM), _TINY_TEXT, TINY_TEXT_LEN,
+            "~0.3M-param pixel-space PixArt DiT (patch 2) + 2-layer CLIP; CPU demos and tests"),
+    _preset("pixart-xl-2", "dit", True, dit.PIXART_XL_2, _T5_XXL_SHALLOW, 120,
+            "PixArt-alpha XL/2 (611M, 28 x 1152, patch 2) on SD VAE latents, T5-XXL-width text (4096)"),
+)}
+
+
+def get_preset(name: str) -> ModelPreset:
+    if name not in PRESETS:
+        raise ValueError(f"model.preset={name!r} is unknown; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def build_vae(config: dict[str, Any], path: str | None, dtype: torch.dtype) -> AutoencoderKL:
+    """Frozen SD VAE: random init from `config`, or a local folder (or a pipeline root with vae/)."""
+    if path is None:
+        vae = AutoencoderKL(**config)
+    else:
+        if not os.path.isdir(path):
+            raise ValueError(f"model.vae_path={path!r} is not a directory; give a local AutoencoderKL "
+                             "folder saved with save_pretrained (downloads are never attempted)")
+        sub = os.path.join(path, "vae")
+        vae = AutoencoderKL.from_pretrained(sub if os.path.isdir(sub) else path, local_files_only=True)
+    # nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules, which
+    # AutoencoderKL does not have.
+    nn.Module.to(vae, dtype).eval().requires_grad_(False)
+    return vae
+
+
+def build_model(preset: ModelPreset | str, *, text_encoder_path: str | None = None,
+                vae_path: str | None = None, dtype: torch.dtype = torch.float32) -> DiffusionModel:
+    """Build denoiser + frozen encoders. Seed torch before calling: identical weights on every rank.
+
+    `dtype` applies to the frozen text encoder and VAE (inference only, so bf16 is safe and
+    halves their memory). The denoiser is always built in float32: engines keep fp32 master
+    weights and apply mixed precision themselves (FSDP MixedPrecisionPolicy, DeepSpeed bf16).
+    """
+    if isinstance(preset, str):
+        preset = get_preset(preset)
+    if vae_path is not None and not preset.latent:
+        raise ValueError(f"model.vae_path={vae_path!r} was given but model.preset={preset.name!r} runs in "
+                         "pixel space; drop vae_path or choose a latent preset")
+    # Denoiser first, so its weights depend only on the seed, not on encoder sources.
+    net = _BUILD[preset.family](dict(preset.denoiser_config))
+    denoiser = Denoiser(net, preset.family, use_text_mask=preset.text_encoder.use_mask)
+    encoder, tokenizer = text.build_text_encoder(preset.text_encoder, text_encoder_path, dtype)
+    vae = build_vae(preset.vae_config, vae_path, dtype) if preset.vae_config is not None else None
+    return DiffusionModel(preset, denoiser, encoder, tokenizer, vae)
+
+
+def parallel_units(denoiser: Denoiser) -> list[nn.Module]:
+    """The family's FSDP plan: submodules to `fully_shard` (in this order) before the root.
+
+    The root unit is the Denoiser itself; see `unet.unet_shard_units` / `dit.dit_shard_units`
+    for why each module is or is not its own unit.
+    """
+    if denoiser.family not in _SHARD_UNITS:
+        raise ValueError(f"denoiser.family={denoiser.family!r} has no parallel plan; "
+                         f"known families: {', '.join(_SHARD_UNITS)}")
+    return _SHARD_UNITS[denoiser.family](denoiser.net)
+
+
+def count_params(module: nn.Module) -> int:
+    """Parameter count (works on meta-device modules)."""
+    return sum(p.numel() for p in module.parameters())

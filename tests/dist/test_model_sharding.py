@@ -1,0 +1,41 @@
+"""2 ranks on CPU (gloo): each family's parallel plan halves per-rank storage and keeps the math."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("_shard_worker.py")
+PRESETS = ["unet-tiny", "dit-tiny"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def worker_output() -> str:
+    # Launched as a user would (torchrun), one launch for both presets: start-up is the cost.
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), *PRESETS]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"workers exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_sharded_matches_unsharded_on_both_ranks(name: str, worker_output: str) -> None:
+    # Ranks share one stdout, so lines can interleave: search, don't split on newlines.
+    ranks = re.findall(rf"OK {re.escape(name)} rank=(\d+) ", worker_output)
+    assert sorted(ranks) == ["0", "1"], worker_output

@@ -1,0 +1,143 @@
+"""Model registry: presets build, shapes line up, encoders are frozen, parallel plans are sane."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from scaletrain.models import PRESETS, DiffusionModel, build_model, count_params, get_preset, parallel_units
+from scaletrain.models.registry import build_vae
+
+TINY = ["unet-tiny", "dit-tiny"]
+# Expected denoiser params (millions) of the real-size presets: published config sizes.
+REAL_PARAMS_M = {"unet-sd15": 859.5, "unet-sd2": 865.9, "pixart-xl-2": 610.9}
+DOWNSAMPLE = {"unet-tiny": 2, "dit-tiny": 2, "unet-sd15": 64, "unet-sd2": 64, "pixart-xl-2": 16}
+
+
+@pytest.fixture(scope="module")
+def tiny_models() -> dict[str, DiffusionModel]:
+    out = {}
+    for name in TINY:
+        torch.manual_seed(0)
+        out[name] = build_model(name)
+    return out
+
+
+def test_every_preset_is_listed_with_consistent_fields() -> None:
+    assert set(PRESETS) == set(DOWNSAMPLE)
+    for name, preset in PRESETS.items():
+        assert preset.name == name and preset.family in ("unet", "dit")
+        assert preset.downsample_factor == DOWNSAMPLE[name]
+        assert preset.in_channels == (4 if preset.latent else 3)
+        assert (preset.vae_config is not None) == preset.latent
+
+
+def test_unknown_preset_lists_choices() -> None:
+    with pytest.raises(ValueError, match=r"model.preset='nope' is unknown.*unet-tiny.*pixart-xl-2"):
+        get_preset("nope")
+
+
+@pytest.mark.parametrize("name", sorted(REAL_PARAMS_M))
+def test_real_presets_build_on_meta_with_published_size(name: str) -> None:
+    with torch.device("meta"):
+        model = build_model(name)
+    n = count_params(model.denoiser) / 1e6
+    assert abs(n - REAL_PARAMS_M[name]) / REAL_PARAMS_M[name] < 0.05, n
+    assert model.vae is not None and 80 < count_params(model.vae) / 1e6 < 90
+    width = model.text_encoder.config.hidden_size if name.startswith("unet") else model.text_encoder.config.d_model
+    assert width == {"unet-sd15": 768, "unet-sd2": 1024, "pixart-xl-2": 4096}[name]
+    assert parallel_units(model.denoiser)
+
+
+def test_tiny_denoisers_are_about_a_million_params(tiny_models: dict[str, DiffusionModel]) -> None:
+    for model in tiny_models.values():
+        assert 1e5 < count_params(model.denoiser) < 2e6
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_encode_text_shapes_and_empty_caption(name: str, tiny_models: dict[str, DiffusionModel]) -> None:
+    model = tiny_models[name]
+    emb, mask = model.encode_text(["a red circle", ""], "cpu")
+    assert emb.shape == (2, model.max_text_len, model.text_encoder.config.hidden_size)
+    assert emb.dtype == torch.float32 and mask.shape == (2, model.max_text_len)
+    assert torch.isfinite(emb).all()
+    assert mask[1].sum() == 1  # "" -> eos only: the unconditional embedding
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("res", [32, 64])
+def test_denoiser_forward_backward(name: str, res: int, tiny_models: dict[str, DiffusionModel]) -> None:
+    model = tiny_models[name]
+    emb, mask = model.encode_text(["a red circle", ""], "cpu")
+    x = model.encode_images(torch.rand(2, 3, res, res) * 2 - 1)
+    assert res % model.preset.downsample_factor == 0
+    out = model.denoiser(x, torch.tensor([3, 900]), emb, mask)
+    assert out.shape == x.shape
+    model.denoiser.zero_grad()
+    out.square().mean().backward()
+    grads = [p.grad for p in model.denoiser.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in model.text_encoder.parameters())
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_text_encoder_is_frozen(name: str, tiny_models: dict[str, DiffusionModel]) -> None:
+    enc = tiny_models[name].text_encoder
+    assert not enc.training and not any(p.requires_grad for p in enc.parameters())
+    assert all(p.requires_grad for p in tiny_models[name].denoiser.parameters())
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_parallel_units_are_disjoint_submodules(name: str, tiny_models: dict[str, DiffusionModel]) -> None:
+    denoiser = tiny_models[name].denoiser
+    units = parallel_units(denoiser)
+    assert units
+    inside = {id(m) for m in denoiser.modules()}
+    assert all(id(u) in inside and u is not denoiser for u in units)
+    owned = [{id(p) for p in u.parameters()} for u in units]
+    assert all(owned) and sum(map(len, owned)) == len(set().union(*owned))
+
+
+def test_same_seed_same_weights() -> None:
+    models = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        models.append(build_model("dit-tiny"))
+    a, b = models
+    for pa, pb in zip(a.denoiser.parameters(), b.denoiser.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_text_encoder_from_local_folder(tmp_path, tiny_models: dict[str, DiffusionModel]) -> None:
+    src = tiny_models["unet-tiny"]
+    # diffusers pipeline layout: root/text_encoder + root/tokenizer
+    src.text_encoder.save_pretrained(tmp_path / "text_encoder")
+    src.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    loaded = build_model("unet-tiny", text_encoder_path=str(tmp_path))
+    a, _ = src.encode_text(["hello"], "cpu")
+    b, _ = loaded.encode_text(["hello"], "cpu")
+    torch.testing.assert_close(a, b)
+
+
+def test_bad_paths_raise_value_error(tmp_path) -> None:
+    with pytest.raises(ValueError, match="model.text_encoder_path"):
+        build_model("unet-tiny", text_encoder_path=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="pixel space"):
+        build_model("unet-tiny", vae_path=str(tmp_path))
+
+
+def test_latent_encode_decode_roundtrip_shapes(tmp_path, tiny_models: dict[str, DiffusionModel]) -> None:
+    # A small VAE saved locally stands in for the SD VAE (same code path as vae_path=...).
+    small = dict(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                 scaling_factor=0.18215)
+    AutoencoderKL(**small).save_pretrained(tmp_path / "vae")
+    vae = build_vae(small, str(tmp_path), torch.float32)
+    assert not any(p.requires_grad for p in vae.parameters())
+    model = tiny_models["unet-tiny"]
+    latent_model = DiffusionModel(model.preset, model.denoiser, model.text_encoder, model.tokenizer, vae)
+    z = latent_model.encode_images(torch.zeros(1, 3, 32, 32))
+    assert z.shape == (1, 4, 16, 16)
+    px = latent_model.decode(z)
+    assert px.shape == (1, 3, 32, 32) and px.abs().max() <= 1
