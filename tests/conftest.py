@@ -28,6 +28,6 @@ def shard_pattern(d: Path) -> str:
 
 
 def run_cmd(cmd: list[str], *, timeout: float = 600, env: dict | None = None, cwd: Path = REPO):
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

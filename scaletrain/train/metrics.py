@@ -79,4 +79,4 @@ class MetricsLogger:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._wandb is not None:
-            self._wandb.finish(quiet=True)
+            self._wandb.finish()

@@ -31,6 +31,15 @@ from scaletrain.train.metrics import LossEMA, MetricsLogger
 from scaletrain.train.schedule import lr_at
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA max allocated on GPUs; peak resident set size (RSS) of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, dist_info: DistInfo) -> None:
         self.cfg, self.dist = cfg, dist_info
@@ -217,6 +226,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "params_total": self.engine.full_param_numel(),
             "params_local_rank0": self.engine.local_param_numel(),
+            "peak_memory_gib_rank0": peak_memory_gib(self.device),
             "stages": self.stage_summaries,
         }
 

@@ -41,7 +41,7 @@ BAD_INPUTS = [
     (["train.stages.0.resolutio=32"], 2, "train.stages.0.resolutio is not a known key"),
     (["optim.lr=abc"], 2, "optim.lr='abc'"),
     (["train.stages.0.steps=-3"], 2, "train.stages.0.steps=-3"),
-    ([], 1, "train.stages.0.global_batch=32 but micro_batch 16 x grad_accum 1 x world size 1 = 16; set train.stages.0.grad_accum=2"),
+    ([], 1, "train.stages.0.global_batch=16 but micro_batch 8 x grad_accum 1 x world size 1 = 8; set train.stages.0.grad_accum=2"),
     (["train.stages.1.resolution=63"], 2, "train.stages.1.resolution=63 is not divisible by 2"),
     (["model.preset=unet-huge"], 2, "model.preset='unet-huge' is unknown"),
     (["data.shards=/nonexistent/shard-{0..3}.tar"], 2, "'/nonexistent/shard-0.tar' (and 3 more) does not exist"),

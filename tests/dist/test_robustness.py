@@ -1,0 +1,72 @@
+"""Clean shutdown under repetition, and uneven / corrupt shards that must never hang a rank."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from scaletrain.data.synth import make_synthetic_sample, write_tar_shard
+from tests.conftest import run_cmd
+from tests.dist.util import free_port
+
+pytestmark = pytest.mark.dist
+
+REPEATS = 8  # FINDINGS: ~1 in 3 runs aborted before the fix; 8 clean runs in a row ≈ 4% if it were back
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "launchers/pretrain.py", "--config", "configs/demo.yaml", *args]
+
+
+def _sets(*pairs: str) -> list[str]:
+    return [x for p in pairs for x in ("--set", p)]
+
+
+def _write_uneven_shards(root, sizes, corrupt_key=None):
+    index, paths = 0, []
+    for i, n in enumerate(sizes):
+        samples = []
+        for _ in range(n):
+            s = make_synthetic_sample(index, seed=0, resolution=32)
+            if s["__key__"] == corrupt_key:
+                s["jpg"] = b"\xff\xd8 this is not a jpeg"
+            samples.append(s)
+            index += 1
+        p = root / f"u-{i:06d}.tar"
+        write_tar_shard(p, samples)
+        paths.append(str(p))
+    return paths
+
+
+def test_two_rank_runs_exit_cleanly_every_time(synth_shards, tmp_path):
+    from tests.conftest import shard_pattern
+
+    for i in range(REPEATS):
+        run_dir = tmp_path / f"r{i}"
+        r = run_cmd(_torchrun(*_sets(
+            f"data.shards={shard_pattern(synth_shards)}", f"run.dir={run_dir}", "log.wandb=disabled",
+            "log.progress=false", "sample.at_end=false", "data.num_workers=0",
+            "train.stages=[{name: s, resolution: 32, steps: 1, micro_batch: 2}]")), timeout=300)
+        assert r.returncode == 0, f"run {i}: rc={r.returncode}\n{r.stderr[-3000:]}"
+        assert "terminate called" not in r.stderr and "SIGABRT" not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("sizes,split", [((5, 1, 7), "auto"), ((5, 1, 7, 2, 3), "shard")])
+def test_uneven_shards_never_hang_or_starve(tmp_path, sizes, split):
+    """3 shards for 4 (rank, worker) slots, and 5 uneven shards split per shard: every rank
+    keeps producing full batches for many epochs; a corrupt image is skipped and counted."""
+    first_key = make_synthetic_sample(0, seed=0, resolution=32)["__key__"]
+    shards = _write_uneven_shards(tmp_path, sizes, corrupt_key=first_key)
+    run_dir = tmp_path / "run"
+    steps = 12  # 12 steps x 8 images = 96 samples, several epochs of 13-18 samples
+    r = run_cmd(_torchrun(*_sets(
+        f"data.shards={json.dumps(shards)}", f"data.split={split}", "data.num_workers=2", f"run.dir={run_dir}",
+        "log.wandb=disabled", "log.progress=false", "sample.at_end=false",
+        f"train.stages=[{{name: s, resolution: 32, steps: {steps}, micro_batch: 4}}]")), timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["images_seen"] == steps * 8
+    assert summary["skipped_samples"] >= 1  # the corrupt sample, once per epoch of its slot
