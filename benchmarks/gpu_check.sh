@@ -17,13 +17,13 @@ python3 -m scaletrain.cli data synth --out /tmp/synth64 --num-samples 512 --per-
 python3 -m scaletrain.cli data synth --out /tmp/synth256 --num-samples 512 --per-shard 64 --resolution 256
 TR="python3 -m torch.distributed.run --standalone --nproc_per_node 1 launchers/pretrain.py --config configs/demo.yaml"
 COMMON="--set data.shards=/tmp/synth64/shard-{000000..000007}.tar --set log.wandb=disabled --set log.progress=false --set train.stages.0.global_batch=null --set train.stages.1.global_batch=null --set train.stages.0.steps=40 --set train.stages.1.steps=20"
-for e in fsdp ddp deepspeed; do
+for e in ${ENGINES-fsdp ddp deepspeed}; do
   echo "== tiny demo recipe, $e bf16, 1 GPU"
   timeout 240 $TR $COMMON --set engine.kind=$e --set engine.precision=bf16 --set run.dir=$OUT/tiny-$e > "$OUT/tiny-$e.log" 2>&1
   echo "rc=$?"; tail -n 2 "$OUT/tiny-$e.log"; cp "$OUT/tiny-$e/summary.json" "$OUT/tiny-$e.summary.json" 2>/dev/null
 done
 echo "== unet-sd15 256px (latent 32x32), FSDP2 bf16, micro-batch 16, 1 GPU"
-timeout 300 $TR --set data.shards=/tmp/synth256/shard-{000000..000007}.tar --set log.wandb=disabled --set log.progress=false \
+timeout 300 $TR --set "data.shards=/tmp/synth256/shard-{000000..000007}.tar" --set log.wandb=disabled --set log.progress=false \
   --set model.preset=unet-sd15 --set engine.precision=bf16 --set run.dir=$OUT/sd15 --set sample.at_end=false \
   --set "train.stages=[{name: s256, resolution: 256, steps: 25, micro_batch: 16}]" --set data.num_workers=4 > "$OUT/sd15.log" 2>&1
 echo "rc=$?"; tail -n 3 "$OUT/sd15.log"; cp "$OUT/sd15/summary.json" "$OUT/sd15.summary.json" 2>/dev/null
