@@ -69,16 +69,19 @@ def _ssh_to_localhost_works() -> bool:
 def test_deepspeed_launcher_with_hostfile(synth_shards, tmp_path):
     """`deepspeed --hostfile hosts launchers/pretrain.py ...` with `localhost slots=2`.
 
-    DeepSpeed's runner checks passwordless ssh to the first host and asks it for its address.
-    .ci/run sets up an sshd on loopback, as a cluster node has; where ssh is not available the
-    same hostfile launch runs with --no_ssh_check --master_addr (the runner's documented way).
+    DeepSpeed's runner checks passwordless ssh to the first host (.ci/local_sshd.sh sets up
+    an sshd on loopback, as a cluster node has); where ssh is not available the same hostfile
+    launch runs with --no_ssh_check. --master_addr 127.0.0.1 keeps the rendezvous on
+    loopback (otherwise the runner asks the host for `hostname -I`, a non-loopback address).
     """
     run_dir = tmp_path / "run"
     hosts = tmp_path / "hosts"
     hosts.write_text("localhost slots=2\n")
-    launcher = [str(BIN / "deepspeed"), "--hostfile", str(hosts), "--master_port", str(free_port())]
+    launcher = [str(BIN / "deepspeed"), "--hostfile", str(hosts), "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
     if not _ssh_to_localhost_works():
-        launcher += ["--no_ssh_check", "--master_addr", "127.0.0.1"]
+        print("ssh to localhost unavailable: launching with --no_ssh_check")
+        launcher += ["--no_ssh_check"]
     cmd = launcher + ["launchers/pretrain.py", "--config", "configs/demo.yaml",
                       *_small(synth_shards, run_dir, "engine.kind=deepspeed")]
     r = run_cmd(cmd, timeout=600)
