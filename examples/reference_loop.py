@@ -2,7 +2,7 @@
 
 No engine, no config tree, no process group: the model presets, the data pipeline and the
 diffusion objective are used directly, and everything else (accumulation, clipping, AdamW,
-warm-up + cosine LR) is written out here. `tests/dist/test_reference_loop.py` checks that the
+warm-up + cosine LR) is written out here. `tests/distributed/test_reference_loop.py` checks that the
 full trainer reproduces this loop's losses, so a change in the trainer or an engine that
 alters the math shows up as a difference from these ~70 lines.
 

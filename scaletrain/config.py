@@ -29,6 +29,20 @@ class RunSection(_Section):
     dir: str = "runs/demo"
     seed: int = 0
     name: str | None = None
+    # Stop this launch after this global step (checkpointing first), e.g. to fit a job into a
+    # scheduler's time slot; relaunching the same command resumes. None = run to the end.
+    stop_at_step: int | None = Field(None, gt=0)
+
+
+class CheckpointSection(_Section):
+    dir: str | None = None  # default: RUN_DIR/checkpoints
+    every_steps: int = Field(0, ge=0)  # 0 = no step interval
+    every_minutes: float = Field(0.0, ge=0.0)  # 0 = no time interval
+    keep_last: int = Field(3, ge=1)
+    keep_every: int = Field(0, ge=0)  # keep checkpoints at multiples of this step forever; 0 = off
+    at_stage_end: bool = True
+    on_sigterm: bool = True  # pre-emption: save, then exit
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from the latest complete checkpoint
 
 
 class ModelSection(_Section):
@@ -119,6 +133,7 @@ class RunConfig(_Section):
     engine: EngineSection = EngineSection()
     log: LogSection = LogSection()
     sample: SampleSection = SampleSection()
+    checkpoint: CheckpointSection = CheckpointSection()
 
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> "RunConfig":

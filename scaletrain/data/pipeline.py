@@ -83,6 +83,9 @@ class LoaderSpec:
     split: str = "auto"  # "shard" | "sample" | "auto"
     rank: int = 0
     world_size: int = 1
+    # Resume: loader batches already consumed from this (deterministic) stream. Skipped batches
+    # are decoded but not returned, so the position is exact even with corrupt samples in it.
+    skip_batches: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -94,6 +97,7 @@ class LoaderSpec:
             (self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "use 0 to disable shuffling"),
             (self.split in _SPLITS, "split", self.split, f"use one of {_SPLITS}"),
             (self.world_size >= 1, "world_size", self.world_size, "use >= 1"),
+            (self.skip_batches >= 0, "skip_batches", self.skip_batches, "use >= 0"),
             (0 <= self.rank < self.world_size, "rank", self.rank,
              f"use 0 <= rank < world_size={self.world_size}"),
         ]
@@ -314,6 +318,9 @@ def iter_epoch_samples(
 
 
 def _batches(spec: LoaderSpec, shards: list[str], mode: str, worker: int) -> Iterator[dict]:
+    # The DataLoader takes batch i from worker i % W, so of the first skip_batches batches
+    # this worker produced len(range(worker, skip_batches, W)).
+    to_skip = len(range(worker, spec.skip_batches, spec.workers_per_rank))
     pixels: list[torch.Tensor] = []
     captions: list[str] = []
     keys: list[str] = []
@@ -326,7 +333,10 @@ def _batches(spec: LoaderSpec, shards: list[str], mode: str, worker: int) -> Ite
         captions.append(item["caption"])
         keys.append(item["key"])
         if len(keys) == spec.micro_batch:
-            yield {"pixels": torch.stack(pixels), "captions": captions, "keys": keys, "skipped": skipped}
+            if to_skip:
+                to_skip -= 1
+            else:
+                yield {"pixels": torch.stack(pixels), "captions": captions, "keys": keys, "skipped": skipped}
             pixels, captions, keys, skipped = [], [], [], 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -74,6 +75,14 @@ class Engine(ABC):
 
     @abstractmethod
     def unwrapped_parameters(self) -> list[nn.Parameter]: ...
+
+    @abstractmethod
+    def save_state(self, path: Path) -> None:
+        """Collective: write model + optimizer state under ``path`` (each rank its own part)."""
+
+    @abstractmethod
+    def load_state(self, path: Path) -> None:
+        """Collective: read what ``save_state`` wrote (at this or, where supported, another world size)."""
 
     def eval_mode(self) -> contextlib.AbstractContextManager:
         """Context for inference forwards (sampling/validation): eval() + no_grad, restored after."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from scaletrain.engines.dcp_state import load_dcp_state, save_dcp_state
 from scaletrain.engines.base import Engine, StepStats, build_adamw, clip_and_norm, set_lr
 
 
@@ -43,6 +45,12 @@ class DDPEngine(Engine):
 
     def local_param_numel(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
+
+    def save_state(self, path: Path) -> None:
+        save_dcp_state(self.module.module, self.optimizer, path)
+
+    def load_state(self, path: Path) -> None:
+        load_dcp_state(self.module.module, self.optimizer, path)
 
     def unwrapped_parameters(self) -> list[nn.Parameter]:
         return list(self.module.module.parameters())

@@ -8,6 +8,7 @@ DeepSpeed engine" trap, accelerate#2974).
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -74,6 +75,18 @@ class DeepSpeedEngine(Engine):
 
     def full_param_numel(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.ds.module.parameters())
+
+    def save_state(self, path: Path) -> None:
+        # DeepSpeed's own format: each rank writes its ZeRO partition of parameters and
+        # optimizer state. The trainer keeps its own counters, so no client_state here.
+        self.ds.save_checkpoint(str(path), tag="zero", save_latest=False)
+
+    def load_state(self, path: Path) -> None:
+        load_path, _ = self.ds.load_checkpoint(
+            str(path), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {path}/zero")
 
     def unwrapped_parameters(self) -> list[nn.Parameter]:
         return list(self.ds.module.parameters())

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from scaletrain.engines.dcp_state import load_dcp_state, save_dcp_state
 from scaletrain.engines.base import Engine, StepStats, build_adamw, clip_and_norm, set_lr
 
 
@@ -50,6 +52,12 @@ class FSDPEngine(Engine):
 
     def local_param_numel(self) -> int:
         return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.module.parameters())
+
+    def save_state(self, path: Path) -> None:
+        save_dcp_state(self.module, self.optimizer, path)
+
+    def load_state(self, path: Path) -> None:
+        load_dcp_state(self.module, self.optimizer, path)
 
     def unwrapped_parameters(self) -> list[nn.Parameter]:
         return list(self.module.parameters())

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from scaletrain.checkpoint.manager import CheckpointManager
 from scaletrain.config import RunConfig, dump_config
 from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards
 from scaletrain.diffusion.objective import (
@@ -38,6 +40,16 @@ def peak_memory_gib(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Fresh run: no metrics file. Resumed run: keep records up to the checkpoint's step, so
+    steps re-run after a crash are not logged twice."""
+    if step == 0 or not path.is_file():
+        path.unlink(missing_ok=True)
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 class Trainer:
@@ -71,11 +83,21 @@ class Trainer:
         self.train_seconds = 0.0
         self.loss_ema = LossEMA(cfg.log.loss_ema_decay)
         self.last_loss = float("nan")
+        self.resumed_from: str | None = None
         self.stage_summaries: list[dict] = []
+        self.stage_index, self.step_in_stage = 0, 0  # where the loop (re)starts
+        self.stopped_early = False
+        self._sigterm = False
+        self.ckpt = CheckpointManager(cfg.checkpoint, self.run_dir, self.engine, dist_info)
+        resumed = self.ckpt.load_latest()
+        if resumed is not None:
+            self.restore(resumed)
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        if cfg.checkpoint.on_sigterm:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         self.logger = MetricsLogger(
             self.run_dir,
             enabled=dist_info.is_main,
@@ -95,9 +117,15 @@ class Trainer:
             f"({self.dist.backend}), {self.engine.full_param_numel() / 1e6:.2f}M params, "
             f"{self.engine.local_param_numel() / 1e6:.2f}M stored on rank 0, {self.total_steps} steps"
         )
+        if self.step:
+            self.logger.event(f"resumed at step {self.step} (stage {self.stage_index}, "
+                              f"step {self.step_in_stage} of it) from {self.resumed_from}")
         for index, stage in enumerate(self.cfg.train.stages):
-            self.run_stage(index, stage)
-        if self.cfg.sample.at_end:
+            if index < self.stage_index:
+                continue
+            if not self.run_stage(index, stage):
+                break
+        if self.cfg.sample.at_end and not self.stopped_early:
             self.write_samples(self.run_dir / "samples.png")
         summary = self.summary()
         if self.dist.is_main:
@@ -109,17 +137,22 @@ class Trainer:
             )
         return summary
 
-    def run_stage(self, index: int, stage) -> None:
+    def run_stage(self, index: int, stage) -> bool:
+        """Train one curriculum stage from ``self.step_in_stage``; False when the run must stop."""
         cfg, world = self.cfg, self.dist.world_size
+        start = self.step_in_stage if index == self.stage_index else 0
+        self.stage_index, self.step_in_stage = index, start
         self.engine.configure_stage(stage.micro_batch, stage.grad_accum)
-        batches = self.build_batches(stage.resolution, stage.micro_batch)
+        # Resume mid-stage: skip the micro-batches this stage already consumed (exact for a
+        # deterministic stream at the same global batch; see data.pipeline).
+        batches = self.build_batches(stage.resolution, stage.micro_batch, skip=start * stage.grad_accum)
         global_batch = stage.micro_batch * stage.grad_accum * world
         base_lr = stage.lr or cfg.optim.lr
         warmup = cfg.optim.warmup_steps if stage.warmup_steps is None else stage.warmup_steps
         self.logger.event(f"stage {index} '{stage.name}': {stage.resolution}px, {stage.steps} steps, "
                           f"global batch {global_batch} = {stage.micro_batch} x {stage.grad_accum} x {world}")
         stage_start, stage_images = time.perf_counter(), 0
-        for step_in_stage in range(stage.steps):
+        for step_in_stage in range(start, stage.steps):
             t0 = time.perf_counter()
             lr = lr_at(step_in_stage, total_steps=stage.steps, base_lr=base_lr, warmup_steps=warmup,
                        schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
@@ -132,7 +165,11 @@ class Trainer:
                 loss_sum += self.forward_backward_step(batch, is_last=micro == stage.grad_accum - 1)
             stats = self.engine.step(lr)
             loss, wait = all_reduce_mean([loss_sum / stage.grad_accum, wait], self.device)
-            skipped = int(all_reduce_sum([skipped], self.device)[0])
+            # One collective carries the counters and every rank's stop/save signals, so the
+            # decision is the same on all ranks (a SIGTERM may reach only some of them).
+            minutes_due = self.dist.is_main and self.ckpt.minutes_due()
+            skipped, sigterm, minutes_due = all_reduce_sum([skipped, self._sigterm, minutes_due], self.device)
+            skipped = int(skipped)
             dt = time.perf_counter() - t0
             self.step += 1
             self.images_seen += global_batch
@@ -140,10 +177,50 @@ class Trainer:
             self.skipped_samples += skipped
             self.train_seconds += dt
             self.last_loss = loss
+            self.step_in_stage = step_in_stage + 1
             self.log_step(index, stage, loss, stats, dt, wait, skipped, global_batch)
-        elapsed = time.perf_counter() - stage_start
-        self.stage_summaries.append({"stage": stage.name, "resolution": stage.resolution, "steps": stage.steps,
-                                     "images": stage_images, "images_per_second": stage_images / elapsed})
+            stage_end = self.step_in_stage == stage.steps
+            stop = bool(sigterm) or self.step == cfg.run.stop_at_step
+            if stage_end:
+                elapsed = time.perf_counter() - stage_start
+                self.stage_summaries.append({"stage": stage.name, "resolution": stage.resolution,
+                                             "steps": stage.steps, "images": stage_images,
+                                             "images_per_second": stage_images / elapsed})
+                self.stage_index, self.step_in_stage = index + 1, 0
+            if stop or minutes_due or self.ckpt.due(self.step, stage_end=stage_end):
+                self.save_checkpoint()
+            if stop:
+                self.stopped_early = True
+                why = "SIGTERM (pre-emption)" if sigterm else f"run.stop_at_step={cfg.run.stop_at_step}"
+                self.logger.event(f"stopping at step {self.step} after a checkpoint: {why}; "
+                                  "relaunch the same command to resume")
+                return False
+        return True
+
+    def save_checkpoint(self) -> None:
+        stats = self.ckpt.save(self.step, self.state_dict())
+        self.logger.log({"step": self.step, **stats})
+
+    def state_dict(self) -> dict:
+        """Trainer counters for the checkpoint (engine state and RNG are saved by the manager)."""
+        return {
+            "step": self.step, "stage": self.stage_index, "step_in_stage": self.step_in_stage,
+            "images_seen": self.images_seen, "skipped_samples": self.skipped_samples,
+            "train_seconds": self.train_seconds, "last_loss": self.last_loss,
+            "loss_ema": [self.loss_ema.value, self.loss_ema.count], "stage_summaries": self.stage_summaries,
+            "world_size": self.dist.world_size, "engine": self.engine.name,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.step, self.stage_index, self.step_in_stage = state["step"], state["stage"], state["step_in_stage"]
+        self.images_seen, self.skipped_samples = state["images_seen"], state["skipped_samples"]
+        self.train_seconds, self.last_loss = state["train_seconds"], state["last_loss"]
+        self.loss_ema.value, self.loss_ema.count = state["loss_ema"]
+        self.stage_summaries = state["stage_summaries"]
+        self.resumed_from = state["_resumed_from"]
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._sigterm = True  # acted on at the end of the current step, on every rank together
 
     def forward_backward_step(self, batch: dict, *, is_last: bool) -> float:
         """One micro-batch: encode, noise, predict, weighted loss, backward. Returns the loss."""
@@ -160,12 +237,13 @@ class Trainer:
             self.engine.backward(loss)
         return float(loss.detach())
 
-    def build_batches(self, resolution: int, micro_batch: int) -> Iterator[dict]:
+    def build_batches(self, resolution: int, micro_batch: int, skip: int = 0) -> Iterator[dict]:
         d = self.cfg.data
         spec = LoaderSpec(
             shards=self.shards, resolution=resolution, micro_batch=micro_batch,
             caption_dropout=d.caption_dropout, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
             seed=self.cfg.run.seed, split=d.split, rank=self.dist.rank, world_size=self.dist.world_size,
+            skip_batches=skip,
         )
         return iter(build_loader(spec))
 
@@ -228,6 +306,7 @@ class Trainer:
             "params_local_rank0": self.engine.local_param_numel(),
             "peak_memory_gib_rank0": peak_memory_gib(self.device),
             "stages": self.stage_summaries,
+            "stopped_early": self.stopped_early,
         }
 
     def close(self) -> None:

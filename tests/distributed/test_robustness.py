@@ -9,7 +9,7 @@ import pytest
 
 from scaletrain.data.synth import make_synthetic_sample, write_tar_shard
 from tests.conftest import run_cmd
-from tests.dist.util import free_port
+from tests.distributed.util import free_port
 
 pytestmark = pytest.mark.dist
 

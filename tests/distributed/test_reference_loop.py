@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import run_cmd, shard_pattern
-from tests.dist.util import free_port, read_metrics
+from tests.distributed.util import free_port, read_metrics
 
 pytestmark = pytest.mark.dist
 

@@ -1,0 +1,184 @@
+"""CheckpointManager: atomic, complete, resumable checkpoints behind one small interface.
+
+Layout of one checkpoint (a shared filesystem visible to every rank is assumed)::
+
+    CKPT_DIR/step-00000120/          committed: renamed from step-00000120.partial
+        engine/                      model + optimizer (DCP shards, or DeepSpeed ZeRO partitions)
+        rng-rank{r}.safetensors      each rank's torch (and CUDA) RNG state
+        trainer_state.json           step, stage, images seen, data position, loss EMA, ...
+        meta.json                    written last, before the rename: engine, world size, sizes
+
+Atomicity: every rank writes into ``step-N.partial``; after a barrier rank 0 writes
+``meta.json`` and renames the folder. A rename is atomic, so a crash at any point leaves
+either no ``step-N`` or a complete one, and the previous checkpoint untouched.
+``latest_checkpoint`` only considers committed folders with ``meta.json``; stale
+``.partial`` folders are removed when the next run starts.
+
+Safe loading: tensors come from DCP (tensor metadata), DeepSpeed's engine loader, or
+safetensors; trainer counters from JSON. Nothing is unpickled by this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+    complete: bool
+    meta: dict
+    size_bytes: int
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[CheckpointInfo]:
+    """Every checkpoint folder, committed or partial, sorted by step."""
+    out = []
+    if not ckpt_dir.is_dir():
+        return out
+    for d in ckpt_dir.iterdir():
+        name = d.name.removesuffix(".partial")
+        m = _STEP_DIR.match(name)
+        if not m or not d.is_dir():
+            continue
+        meta_file = d / "meta.json"
+        complete = not d.name.endswith(".partial") and meta_file.is_file()
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        out.append(CheckpointInfo(d, int(m.group(1)), complete, meta, _dir_size(d)))
+    return sorted(out, key=lambda c: (c.step, c.complete))
+
+
+def latest_checkpoint(ckpt_dir: Path) -> CheckpointInfo | None:
+    complete = [c for c in list_checkpoints(ckpt_dir) if c.complete]
+    return complete[-1] if complete else None
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointManager:
+    def __init__(self, cfg, run_dir: Path, engine, dist_info) -> None:
+        self.cfg = cfg  # the `checkpoint` config section
+        self.dir = Path(cfg.dir) if cfg.dir else run_dir / "checkpoints"
+        self.engine, self.dist = engine, dist_info
+        self._last_save_time = time.monotonic()
+        if dist_info.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # A .partial folder is a save that never committed (crash, kill): never loadable.
+            for c in list_checkpoints(self.dir):
+                if not c.complete:
+                    shutil.rmtree(c.path, ignore_errors=True)
+        _barrier()
+
+    # ------------------------------------------------------------------ policy
+
+    def due(self, step: int, *, stage_end: bool) -> bool:
+        """Whether to save after ``step``. Callers pass the same values on every rank; the
+        time-based rule is decided from rank 0's clock by the trainer's per-step all-reduce."""
+        c = self.cfg
+        if stage_end and c.at_stage_end:
+            return True
+        if c.every_steps and step % c.every_steps == 0:
+            return True
+        return bool(c.keep_every and step % c.keep_every == 0)
+
+    def minutes_due(self) -> bool:
+        return bool(self.cfg.every_minutes) and (time.monotonic() - self._last_save_time) >= 60 * self.cfg.every_minutes
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(self, step: int, trainer_state: dict) -> dict:
+        """Collective. Returns timing stats for the metrics log."""
+        t0 = time.perf_counter()
+        final = self.dir / f"step-{step:08d}"
+        tmp = final.with_name(final.name + ".partial")
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        self.engine.save_state(tmp / "engine")
+        save_file(_rng_state(self.dist.device), str(tmp / f"rng-rank{self.dist.rank}.safetensors"))
+        if self.dist.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        _barrier()  # every rank's shards are on disk
+        if self.dist.is_main:
+            meta = {"step": step, "engine": self.engine.name, "world_size": self.dist.world_size,
+                    "stage": trainer_state.get("stage"), "time": time.time()}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving the same step (e.g. stage end == interval)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.dir)
+            self._prune()
+        _barrier()
+        self._last_save_time = time.monotonic()
+        seconds = time.perf_counter() - t0
+        return {"checkpoint_step": step, "checkpoint_seconds": seconds}
+
+    def load_latest(self) -> dict | None:
+        """Collective. Loads the newest complete checkpoint into the engine and RNG; returns
+        the trainer state (None when there is nothing to resume)."""
+        if self.cfg.resume == "never":
+            return None
+        info = latest_checkpoint(self.dir)
+        if info is None:
+            return None
+        self.engine.load_state(info.path / "engine")
+        rng_file = info.path / f"rng-rank{self.dist.rank}.safetensors"
+        # At another world size a rank may have no RNG file of its own; rank-local RNG only
+        # drives dropout-like noise inside models, never the objective's noise (keyed per sample).
+        if rng_file.is_file() and info.meta.get("world_size") == self.dist.world_size:
+            _set_rng_state(load_file(str(rng_file)), self.dist.device)
+        state = json.loads((info.path / "trainer_state.json").read_text())
+        state["_resumed_from"] = str(info.path)
+        state["_resumed_world_size"] = info.meta.get("world_size")
+        return state
+
+    def _prune(self) -> None:
+        """Keep the last K committed checkpoints, plus every keep_every-th step forever."""
+        complete = [c for c in list_checkpoints(self.dir) if c.complete]
+        keep_every = self.cfg.keep_every
+        removable = [c for c in complete if not (keep_every and c.step % keep_every == 0)]
+        for c in removable[: max(0, len(removable) - self.cfg.keep_last)]:
+            shutil.rmtree(c.path, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

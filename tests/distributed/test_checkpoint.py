@@ -1,0 +1,152 @@
+"""Checkpoints: bit-exact resume (FSDP2, DeepSpeed ZeRO-3), resharding 2 -> 1 and 1 -> 2 ranks
+(FSDP2 through DCP), a SIGKILLed rank recovered by `torchrun --max-restarts`, and partial
+checkpoints that are never loaded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cmd, shard_pattern
+from tests.distributed.util import free_port, read_metrics
+
+pytestmark = pytest.mark.dist
+
+
+def _sets(synth_shards, run_dir, *extra: str) -> list[str]:
+    pairs = [
+        f"data.shards={shard_pattern(synth_shards)}", "data.split=sample", "data.shuffle_buffer=0",
+        "data.num_workers=1", f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false",
+        "sample.at_end=false", "train.stages.0.steps=4", "train.stages.1.steps=3",
+        "train.stages.0.micro_batch=4", "train.stages.0.global_batch=8",
+        "train.stages.1.micro_batch=2", "train.stages.1.global_batch=4", *extra,
+    ]
+    return [x for p in pairs for x in ("--set", p)]
+
+
+def _torchrun(*args: str, max_restarts: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "--max-restarts", str(max_restarts),
+            "launchers/pretrain.py", "--config", "configs/demo.yaml", *args]
+
+
+def _single(*args: str) -> list[str]:
+    return [sys.executable, "launchers/pretrain.py", "--config", "configs/demo.yaml", *args]
+
+
+def _ok(r):
+    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def _losses(run_dir) -> list[float]:
+    return [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+
+
+def _fsdp_params(ckpt: "Path") -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt.parent / (ckpt.name + ".pt")
+    dcp_to_torch_save(str(ckpt / "engine"), str(out))
+    return torch.load(out, weights_only=True)["model"]
+
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def straight(synth_shards, tmp_path_factory):
+    """7 steps over two stages without interruption, per engine."""
+    runs = {}
+    for engine in ("fsdp", "deepspeed"):
+        d = tmp_path_factory.mktemp(f"straight-{engine}")
+        _ok(run_cmd(_torchrun(*_sets(synth_shards, d, f"engine.kind={engine}")), env=ENV))
+        runs[engine] = d
+    return runs
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_resume_is_bit_exact(synth_shards, straight, tmp_path, engine):
+    d = tmp_path / "run"
+    first = _ok(run_cmd(_torchrun(*_sets(synth_shards, d, f"engine.kind={engine}", "run.stop_at_step=2")), env=ENV))
+    assert "stopping at step 2" in first.stdout + first.stderr
+    assert json.loads((d / "summary.json").read_text())["stopped_early"] is True
+    second = _ok(run_cmd(_torchrun(*_sets(synth_shards, d, f"engine.kind={engine}")), env=ENV))
+    assert "resumed at step 2" in second.stdout + second.stderr
+    # identical losses, step for step, including the stage change at step 5
+    assert _losses(d) == _losses(straight[engine])
+    assert [m["step"] for m in read_metrics(d) if "loss" in m] == list(range(1, 8))
+    if engine == "fsdp":
+        a = _fsdp_params(straight[engine] / "checkpoints" / "step-00000007")
+        b = _fsdp_params(d / "checkpoints" / "step-00000007")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reshard_fsdp_two_to_one_and_one_to_two(synth_shards, straight, tmp_path):
+    """DCP reshards on load. The global batch stays 8 (1 rank accumulates 2 micro-batches), so
+    the resumed curve continues the 2-rank one within float tolerance (summation order)."""
+    ref = _losses(straight["fsdp"])
+    one = ["train.stages.0.grad_accum=2", "train.stages.1.grad_accum=2"]
+    # 2 ranks to step 2, then 1 process to the end
+    d = tmp_path / "2to1"
+    _ok(run_cmd(_torchrun(*_sets(synth_shards, d, "run.stop_at_step=2")), env=ENV))
+    r = _ok(run_cmd(_single(*_sets(synth_shards, d, *one)), env=ENV))
+    assert "resumed at step 2" in r.stdout + r.stderr
+    assert _losses(d) == pytest.approx(ref, rel=1e-5)
+    # 1 process to step 2, then 2 ranks to the end
+    d = tmp_path / "1to2"
+    _ok(run_cmd(_single(*_sets(synth_shards, d, *one, "run.stop_at_step=2")), env=ENV))
+    _ok(run_cmd(_torchrun(*_sets(synth_shards, d)), env=ENV))
+    assert _losses(d) == pytest.approx(ref, rel=1e-5)
+    # parameters after loading at the other world size are the checkpoint's, bit for bit:
+    # the 1 -> 2 run's first step-7 checkpoint equals the straight run's within tolerance
+    a = _fsdp_params(straight["fsdp"] / "checkpoints" / "step-00000007")
+    b = _fsdp_params(d / "checkpoints" / "step-00000007")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_killed_rank_recovers_with_max_restarts(synth_shards, straight, tmp_path):
+    """SIGKILL one rank after the step-2 checkpoint: torchrun restarts the workers, they resume
+    from the latest complete checkpoint, and the run finishes with the uninterrupted losses.
+    Planted partial / uncommitted checkpoints at later steps are never loaded."""
+    d = tmp_path / "run"
+    ckpts = d / "checkpoints"
+    cmd = _torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2"), max_restarts=1)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**__import__("os").environ, **ENV, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 240
+        while not (ckpts / "step-00000002").is_dir():
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        # what a crash mid-save leaves behind: a .partial folder and a folder without meta.json
+        (ckpts / "step-00000006.partial" / "engine").mkdir(parents=True)
+        (ckpts / "step-00000005" / "engine").mkdir(parents=True)
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain.py" in " ".join(c.cmdline())]
+        assert workers, "no worker processes found"
+        workers[-1].kill()
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    errors = [ln for ln in out.splitlines() if "Error" in ln or "error" in ln][:40]
+    assert proc.returncode == 0, "\n".join(errors) + "\n" + out[-3000:]
+    assert "resumed at step" in out and "step-00000005" not in out.split("resumed at step")[1].splitlines()[0]
+    assert _losses(d)[-1] == _losses(straight["fsdp"])[-1]
+    assert [m["step"] for m in read_metrics(d) if "loss" in m] == list(range(1, 8))
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert not any(n.endswith(".partial") for n in names)  # stale partials are cleaned on restart
+
+
+def test_keep_last_and_keep_every(synth_shards, tmp_path):
+    d = tmp_path / "run"
+    _ok(run_cmd(_torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=1", "checkpoint.keep_last=2",
+                                 "checkpoint.keep_every=3", "checkpoint.at_stage_end=false")), env=ENV))
+    names = sorted(p.name for p in (d / "checkpoints").iterdir())
+    assert names == ["step-00000003", "step-00000006", "step-00000007"], names
