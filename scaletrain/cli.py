@@ -1,4 +1,4 @@
-"""`scaletrain` command line: train | data synth | config check.
+"""`scaletrain` command line: train | data synth | config check | ckpt ls/export.
 
 `launchers/pretrain.py` and `scaletrain train` share `pretrain_main`, so the recipe runs the
 same under torchrun, the deepspeed launcher (which passes --local_rank) and plain python.
@@ -71,6 +71,24 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ckpt(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from scaletrain.checkpoint.export import export_diffusers, format_listing
+
+    if args.ckpt_cmd == "ls":
+        run = Path(args.run)
+        print(format_listing(run / "checkpoints" if (run / "checkpoints").is_dir() else run))
+        return 0
+    try:
+        out = export_diffusers(args.src, args.out)
+    except ValueError as e:
+        print(f"scaletrain: {e}", file=sys.stderr)
+        return 2
+    print(f"exported diffusers model to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scaletrain", description="Distributed diffusion training toolkit.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -93,7 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(chk)
     chk.add_argument("--world-size", type=int, default=None, help="world size to validate against")
 
+    ck = sub.add_parser("ckpt", help="checkpoint tools").add_subparsers(dest="ckpt_cmd", required=True)
+    ls = ck.add_parser("ls", help="list a run's checkpoints (step, stage, size, complete/partial)")
+    ls.add_argument("run", help="run folder (or its checkpoints/ folder)")
+    ex = ck.add_parser("export", help="write a diffusers model folder (save_pretrained, safetensors)")
+    ex.add_argument("src", help="run folder (latest complete checkpoint) or checkpoints/step-N")
+    ex.add_argument("out", help="output folder")
+
     args = p.parse_args(argv)
+    if args.cmd == "ckpt":
+        return _ckpt(args)
     if args.cmd == "train":
         return pretrain_main(["--config", args.config] + [x for o in args.overrides for x in ("--set", o)])
     if args.cmd == "data":

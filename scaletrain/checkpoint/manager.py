@@ -135,7 +135,8 @@ class CheckpointManager:
         _barrier()  # every rank's shards are on disk
         if self.dist.is_main:
             meta = {"step": step, "engine": self.engine.name, "world_size": self.dist.world_size,
-                    "stage": trainer_state.get("stage"), "time": time.time()}
+                    "stage": trainer_state.get("stage"), "preset": trainer_state.get("preset"),
+                    "time": time.time()}
             (tmp / "meta.json").write_text(json.dumps(meta))
             _fsync_dir(tmp)
             if final.exists():  # re-saving the same step (e.g. stage end == interval)
@@ -171,9 +172,9 @@ class CheckpointManager:
         """Keep the last K committed checkpoints, plus every keep_every-th step forever."""
         complete = [c for c in list_checkpoints(self.dir) if c.complete]
         keep_every = self.cfg.keep_every
-        removable = [c for c in complete if not (keep_every and c.step % keep_every == 0)]
-        for c in removable[: max(0, len(removable) - self.cfg.keep_last)]:
-            shutil.rmtree(c.path, ignore_errors=True)
+        for c in complete[: max(0, len(complete) - self.cfg.keep_last)]:
+            if not (keep_every and c.step % keep_every == 0):
+                shutil.rmtree(c.path, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -191,11 +191,18 @@ def build_model(preset: ModelPreset | str, *, text_encoder_path: str | None = No
         raise ValueError(f"model.vae_path={vae_path!r} was given but model.preset={preset.name!r} runs in "
                          "pixel space; drop vae_path or choose a latent preset")
     # Denoiser first, so its weights depend only on the seed, not on encoder sources.
-    net = _BUILD[preset.family](dict(preset.denoiser_config))
+    net = build_denoiser_net(preset)
     denoiser = Denoiser(net, preset.family, use_text_mask=preset.text_encoder.use_mask)
     encoder, tokenizer = text.build_text_encoder(preset.text_encoder, text_encoder_path, dtype)
     vae = build_vae(preset.vae_config, vae_path, dtype) if preset.vae_config is not None else None
     return DiffusionModel(preset, denoiser, encoder, tokenizer, vae)
+
+
+def build_denoiser_net(preset: ModelPreset | str) -> nn.Module:
+    """The bare diffusers network of a preset (random init), e.g. to load exported weights into."""
+    if isinstance(preset, str):
+        preset = get_preset(preset)
+    return _BUILD[preset.family](dict(preset.denoiser_config))
 
 
 def parallel_units(denoiser: Denoiser) -> list[nn.Module]:

@@ -208,7 +208,7 @@ class Trainer:
             "images_seen": self.images_seen, "skipped_samples": self.skipped_samples,
             "train_seconds": self.train_seconds, "last_loss": self.last_loss,
             "loss_ema": [self.loss_ema.value, self.loss_ema.count], "stage_summaries": self.stage_summaries,
-            "world_size": self.dist.world_size, "engine": self.engine.name,
+            "world_size": self.dist.world_size, "engine": self.engine.name, "preset": self.cfg.model.preset,
         }
 
     def restore(self, state: dict) -> None:
