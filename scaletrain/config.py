@@ -43,6 +43,10 @@ class CheckpointSection(_Section):
     at_stage_end: bool = True
     on_sigterm: bool = True  # pre-emption: save, then exit
     resume: Literal["auto", "never"] = "auto"  # auto: continue from the latest complete checkpoint
+    # Write shards in a background thread (FSDP2/DDP via dcp.async_save): training continues
+    # after the state is staged to CPU memory; the checkpoint commits at the next save or at
+    # the end of the run. DeepSpeed engines save synchronously.
+    async_save: bool = False
 
 
 class ModelSection(_Section):

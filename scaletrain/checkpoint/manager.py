@@ -94,6 +94,10 @@ class CheckpointManager:
         self.dir = Path(cfg.dir) if cfg.dir else run_dir / "checkpoints"
         self.engine, self.dist = engine, dist_info
         self._last_save_time = time.monotonic()
+        self._pending = None
+        # Async writes run their collectives from a background thread: give them their own
+        # gloo group so they never interleave with the training loop's collectives.
+        self._async_group = dist.new_group(backend="gloo") if cfg.async_save and dist.is_initialized() else None
         if dist_info.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             # A .partial folder is a save that never committed (crash, kill): never loadable.
@@ -119,8 +123,14 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save / load
 
-    def save(self, step: int, trainer_state: dict) -> dict:
-        """Collective. Returns timing stats for the metrics log."""
+    def save(self, step: int, trainer_state: dict) -> list[dict]:
+        """Collective. Returns records for the metrics log (timings of this and earlier saves).
+
+        Synchronous: returns once the checkpoint is committed. Async (checkpoint.async_save on
+        an engine that supports it): returns once the state is staged in CPU memory; the
+        write goes on in a background thread and commits at the next save or ``finalize``.
+        """
+        records = self.finalize()
         t0 = time.perf_counter()
         final = self.dir / f"step-{step:08d}"
         tmp = final.with_name(final.name + ".partial")
@@ -128,10 +138,36 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        self.engine.save_state(tmp / "engine")
         save_file(_rng_state(self.dist.device), str(tmp / f"rng-rank{self.dist.rank}.safetensors"))
         if self.dist.is_main:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        future = None
+        if self._async_group is not None:
+            future = self.engine.async_save_state(tmp / "engine", self._async_group)
+        if future is None:
+            self.engine.save_state(tmp / "engine")
+            self._commit(tmp, final, step, trainer_state)
+            records.append({"checkpoint_step": step, "checkpoint_seconds": time.perf_counter() - t0})
+            return records
+        done_at: list[float] = []
+        future.add_done_callback(lambda _: done_at.append(time.perf_counter()))
+        stall = time.perf_counter() - t0
+        self._pending = (future, done_at, t0, tmp, final, step, trainer_state)
+        records.append({"checkpoint_step": step, "checkpoint_stall_seconds": stall})
+        return records
+
+    def finalize(self) -> list[dict]:
+        """Collective. Wait for a pending async write and commit it (no-op when none)."""
+        if self._pending is None:
+            return []
+        future, done_at, t0, tmp, final, step, trainer_state = self._pending
+        self._pending = None
+        future.result()  # re-raises a failed background write: the checkpoint stays .partial
+        write_seconds = (done_at[0] if done_at else time.perf_counter()) - t0
+        self._commit(tmp, final, step, trainer_state)
+        return [{"checkpoint_committed_step": step, "checkpoint_write_seconds": write_seconds}]
+
+    def _commit(self, tmp: Path, final: Path, step: int, trainer_state: dict) -> None:
         _barrier()  # every rank's shards are on disk
         if self.dist.is_main:
             meta = {"step": step, "engine": self.engine.name, "world_size": self.dist.world_size,
@@ -146,8 +182,6 @@ class CheckpointManager:
             self._prune()
         _barrier()
         self._last_save_time = time.monotonic()
-        seconds = time.perf_counter() - t0
-        return {"checkpoint_step": step, "checkpoint_seconds": seconds}
 
     def load_latest(self) -> dict | None:
         """Collective. Loads the newest complete checkpoint into the engine and RNG; returns

@@ -80,6 +80,10 @@ class Engine(ABC):
     def save_state(self, path: Path) -> None:
         """Collective: write model + optimizer state under ``path`` (each rank its own part)."""
 
+    def async_save_state(self, path: Path, process_group):
+        """Like save_state but returns a Future once the state is staged; None = not supported."""
+        return None
+
     @abstractmethod
     def load_state(self, path: Path) -> None:
         """Collective: read what ``save_state`` wrote (at this or, where supported, another world size)."""

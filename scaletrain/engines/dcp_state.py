@@ -7,6 +7,7 @@ engine or world size loads into another: DCP reshards on load.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
@@ -17,6 +18,15 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 def save_dcp_state(module: nn.Module, optimizer, path: Path) -> None:
     model_sd, optim_sd = get_state_dict(module, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+
+
+def async_save_dcp_state(module: nn.Module, optimizer, path: Path, process_group) -> Future:
+    """Stage to CPU now (the caller may step the optimizer as soon as this returns), write in
+    a background thread. ``process_group`` must be a separate gloo group: the background
+    thread's collectives must not interleave with the training loop's on the default group."""
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    return dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path),
+                          process_group=process_group)
 
 
 def load_dcp_state(module: nn.Module, optimizer, path: Path) -> None:

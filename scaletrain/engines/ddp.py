@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from scaletrain.engines.dcp_state import load_dcp_state, save_dcp_state
+from scaletrain.engines.dcp_state import async_save_dcp_state, load_dcp_state, save_dcp_state
 from scaletrain.engines.base import Engine, StepStats, build_adamw, clip_and_norm, set_lr
 
 
@@ -48,6 +48,9 @@ class DDPEngine(Engine):
 
     def save_state(self, path: Path) -> None:
         save_dcp_state(self.module.module, self.optimizer, path)
+
+    def async_save_state(self, path: Path, process_group):
+        return async_save_dcp_state(self.module.module, self.optimizer, path, process_group)
 
     def load_state(self, path: Path) -> None:
         load_dcp_state(self.module.module, self.optimizer, path)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from scaletrain.engines.dcp_state import load_dcp_state, save_dcp_state
+from scaletrain.engines.dcp_state import async_save_dcp_state, load_dcp_state, save_dcp_state
 from scaletrain.engines.base import Engine, StepStats, build_adamw, clip_and_norm, set_lr
 
 
@@ -55,6 +55,9 @@ class FSDPEngine(Engine):
 
     def save_state(self, path: Path) -> None:
         save_dcp_state(self.module, self.optimizer, path)
+
+    def async_save_state(self, path: Path, process_group):
+        return async_save_dcp_state(self.module, self.optimizer, path, process_group)
 
     def load_state(self, path: Path) -> None:
         load_dcp_state(self.module, self.optimizer, path)

@@ -125,6 +125,8 @@ class Trainer:
                 continue
             if not self.run_stage(index, stage):
                 break
+        for record in self.ckpt.finalize():  # commit a pending async checkpoint
+            self.logger.log({"step": self.step, **record})
         if self.cfg.sample.at_end and not self.stopped_early:
             self.write_samples(self.run_dir / "samples.png")
         summary = self.summary()
@@ -198,8 +200,8 @@ class Trainer:
         return True
 
     def save_checkpoint(self) -> None:
-        stats = self.ckpt.save(self.step, self.state_dict())
-        self.logger.log({"step": self.step, **stats})
+        for record in self.ckpt.save(self.step, self.state_dict()):
+            self.logger.log({"step": self.step, **record})
 
     def state_dict(self) -> dict:
         """Trainer counters for the checkpoint (engine state and RNG are saved by the manager)."""
