@@ -222,3 +222,31 @@ def test_async_save_resume_is_bit_exact(synth_shards, straight, tmp_path):
     committed = [m["checkpoint_committed_step"] for m in records if "checkpoint_committed_step" in m]
     assert len(stalls) == 7 and len(writes) == 7 and sorted(set(committed)) == list(range(1, 8))
     assert all(s >= 0 for s in stalls) and all(w > 0 for w in writes)
+
+
+def test_sigterm_on_one_rank_saves_and_stops_all(synth_shards, straight, tmp_path):
+    """Pre-emption notice on a single rank: the flag travels in the per-step all-reduce, every
+    rank saves the same checkpoint and exits 0; the relaunch continues the same curve."""
+    d = tmp_path / "run"
+    proc = subprocess.Popen(_torchrun(*_sets(synth_shards, d)), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**__import__("os").environ, **ENV, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 240
+        metrics = d / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 1):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.1)
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain.py" in " ".join(c.cmdline())]
+        workers[-1].terminate()  # SIGTERM to one rank only
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert "SIGTERM (pre-emption)" in out
+    stopped = json.loads((d / "summary.json").read_text())
+    assert stopped["stopped_early"] and stopped["steps"] < 7
+    assert (d / "checkpoints" / f"step-{stopped['steps']:08d}" / "meta.json").is_file()
+    _ok(run_cmd(_torchrun(*_sets(synth_shards, d)), env=ENV))
+    assert _losses(d) == _losses(straight["fsdp"])
