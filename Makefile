@@ -25,8 +25,11 @@ install: $(STAMP)
 $(SHARDS): | $(STAMP)
 	$(VENV)/bin/scaletrain data synth --out data/synth --num-samples 1024 --per-shard 128 --resolution 64 --seed 0
 
+# The demo starts fresh each time (checkpoint.resume=never); a plain torchrun of the same
+# recipe would resume from runs/demo's latest checkpoint instead.
 demo: $(STAMP) $(SHARDS)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launchers/pretrain.py --config configs/demo.yaml $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launchers/pretrain.py --config configs/demo.yaml \
+		--set checkpoint.resume=never $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
