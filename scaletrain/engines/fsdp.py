@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from scaletrain.engines.dcp_state import async_save_dcp_state, load_dcp_state, save_dcp_state
-from scaletrain.engines.base import Engine, StepStats, build_adamw, clip_and_norm, set_lr
+from scaletrain.engines.base import build_adamw
+from scaletrain.engines.torch_engine import TorchOptimizerEngine
 
 
-class FSDPEngine(Engine):
+class FSDPEngine(TorchOptimizerEngine):
     name = "fsdp"
 
     def __init__(self, denoiser: nn.Module, units: list[nn.Module], cfg, dist_info) -> None:
@@ -34,36 +33,14 @@ class FSDPEngine(Engine):
         # The root is resharded too: its own parameters (embeddings, in/out convs) are small,
         # and keeping them gathered would break the "about 1/world per rank" storage promise.
         fully_shard(denoiser, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-        self.module = denoiser
+        self.module = self.state_module = denoiser
         self.optimizer = build_adamw(denoiser.parameters(), cfg.optim)
 
     def _sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
         return _gradient_sync(self.module, is_last)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.grad_accum).backward()
-
-    def step(self, lr: float) -> StepStats:
-        set_lr(self.optimizer, lr)
-        norm = clip_and_norm(list(self.module.parameters()), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(grad_norm=norm, lr=lr)
-
     def local_param_numel(self) -> int:
         return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.module.parameters())
-
-    def save_state(self, path: Path) -> None:
-        save_dcp_state(self.module, self.optimizer, path)
-
-    def async_save_state(self, path: Path, process_group):
-        return async_save_dcp_state(self.module, self.optimizer, path, process_group)
-
-    def load_state(self, path: Path) -> None:
-        load_dcp_state(self.module, self.optimizer, path)
-
-    def unwrapped_parameters(self) -> list[nn.Parameter]:
-        return list(self.module.parameters())
 
 
 @contextlib.contextmanager

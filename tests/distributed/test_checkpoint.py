@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -51,7 +52,7 @@ def _losses(run_dir) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
 
 
-def _fsdp_params(ckpt: "Path") -> dict[str, torch.Tensor]:
+def _fsdp_params(ckpt: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out = ckpt.parent / (ckpt.name + ".pt")

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run_cmd, shard_pattern
+from tests.conftest import run_cmd, shard_pattern
 from tests.distributed.util import free_port, read_metrics
 
 pytestmark = pytest.mark.dist

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import BIN, REPO, run_cmd, shard_pattern
+from tests.conftest import BIN, run_cmd, shard_pattern
 from tests.distributed.util import free_port, read_metrics
 
 pytestmark = pytest.mark.e2e

@@ -6,7 +6,7 @@ import io
 import itertools
 import json
 import tarfile
-from collections import Counter
+
 from pathlib import Path
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Engine state through torch.distributed.checkpoint (FSDP2 and DDP).
+"""The shared half of the FSDP2 and DDP engines: a torch AdamW step and DCP state.
 
 ``get_state_dict`` gives the model and optimizer state with the same fully-qualified names
 whether the module is FSDP2-sharded, DDP-wrapped or plain, so a checkpoint written by one
@@ -11,8 +11,11 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
+import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from scaletrain.engines.base import Engine, StepStats, clip_and_norm, set_lr
 
 
 def save_dcp_state(module: nn.Module, optimizer, path: Path) -> None:
@@ -35,3 +38,41 @@ def load_dcp_state(module: nn.Module, optimizer, path: Path) -> None:
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+class TorchOptimizerEngine(Engine):
+    """Backward, step and checkpoint state for engines that own a torch optimizer.
+
+    Subclasses set ``self.module`` (what the trainer calls), ``self.optimizer`` and
+    ``self.state_module`` (the module whose state dict is saved: the FSDP2 root, or the
+    module inside the DDP wrapper, so both engines write the same key names).
+    """
+
+    optimizer: torch.optim.Optimizer
+    state_module: nn.Module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self, lr: float) -> StepStats:
+        set_lr(self.optimizer, lr)
+        norm = clip_and_norm(list(self.module.parameters()), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(grad_norm=norm, lr=lr)
+
+    def save_state(self, path: Path) -> None:
+        save_dcp_state(self.state_module, self.optimizer, path)
+
+    def async_save_state(self, path: Path, process_group) -> Future:
+        return async_save_dcp_state(self.state_module, self.optimizer, path, process_group)
+
+    def load_state(self, path: Path) -> None:
+        load_dcp_state(self.state_module, self.optimizer, path)
+
+    def unwrapped_parameters(self) -> list[nn.Parameter]:
+        return list(self.state_module.parameters())
+
+    def close(self) -> None:
+        self.state_module = None
+        super().close()
