@@ -114,37 +114,38 @@ def test_reshard_fsdp_two_to_one_and_one_to_two(synth_shards, straight, tmp_path
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
-def test_killed_rank_recovers_with_max_restarts(synth_shards, straight, tmp_path):
-    """SIGKILL one rank after the step-2 checkpoint: torchrun restarts the workers, they resume
-    from the latest complete checkpoint, and the run finishes with the uninterrupted losses.
-    Planted partial / uncommitted checkpoints at later steps are never loaded."""
+def test_killed_rank_then_relaunch_resumes_from_last_complete(synth_shards, straight, tmp_path):
+    """SIGKILL one rank after the step-2 checkpoint: the job dies; relaunching the same command
+    resumes from the latest complete checkpoint and finishes with the uninterrupted losses.
+    Planted partial / uncommitted checkpoints at later steps (what a kill mid-save leaves)
+    are never loaded, and are cleaned up."""
     d = tmp_path / "run"
     ckpts = d / "checkpoints"
-    cmd = _torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2"), max_restarts=1)
+    cmd = _torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2"))
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**__import__("os").environ, **ENV, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.time() + 240
-        while not (ckpts / "step-00000002").is_dir():
+        while not (ckpts / "step-00000002" / "meta.json").is_file():
             assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
             time.sleep(0.2)
-        # what a crash mid-save leaves behind: a .partial folder and a folder without meta.json
-        (ckpts / "step-00000006.partial" / "engine").mkdir(parents=True)
-        (ckpts / "step-00000005" / "engine").mkdir(parents=True)
         workers = [c for c in psutil.Process(proc.pid).children() if "pretrain.py" in " ".join(c.cmdline())]
         assert workers, "no worker processes found"
         workers[-1].kill()  # a rank process (direct child of torchrun), not a DataLoader worker
-        out, _ = proc.communicate(timeout=400)
+        proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    errors = [ln for ln in out.splitlines() if "Error" in ln or "error" in ln][:40]
-    assert proc.returncode == 0, "\n".join(errors) + "\n" + out[-3000:]
-    assert "resumed at step" in out and "step-00000005" not in out.split("resumed at step")[1].splitlines()[0]
-    assert _losses(d)[-1] == _losses(straight["fsdp"])[-1]
-    assert [m["step"] for m in read_metrics(d) if "loss" in m] == list(range(1, 8))
-    names = sorted(p.name for p in ckpts.iterdir())
-    assert not any(n.endswith(".partial") for n in names)  # stale partials are cleaned on restart
+    # what a crash mid-save leaves behind: a .partial folder and a folder without meta.json
+    (ckpts / "step-00000006.partial" / "engine").mkdir(parents=True, exist_ok=True)
+    (ckpts / "step-00000005" / "engine").mkdir(parents=True, exist_ok=True)
+    r = _ok(run_cmd(_torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2")), env=ENV))
+    out = r.stdout + r.stderr
+    resumed = out.split("resumed at step")[1].splitlines()[0]
+    assert "step-00000005" not in resumed and "step-00000006" not in resumed
+    assert _losses(d) == _losses(straight["fsdp"])
+    assert [m["step"] for m in read_metrics(d)] == list(range(1, 8))
+    assert not any(p.name.endswith(".partial") for p in ckpts.iterdir())
 
 
 def test_keep_last_and_keep_every(synth_shards, tmp_path):
