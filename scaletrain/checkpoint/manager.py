@@ -41,7 +41,11 @@ class CheckpointInfo:
     step: int
     complete: bool
     meta: dict
-    size_bytes: int
+
+    @property
+    def size_bytes(self) -> int:
+        # Walked on demand (only `ckpt ls` needs it), not on every save/prune/load.
+        return _dir_size(self.path)
 
 
 def _dir_size(path: Path) -> int:
@@ -61,7 +65,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[CheckpointInfo]:
         meta_file = d / "meta.json"
         complete = not d.name.endswith(".partial") and meta_file.is_file()
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        out.append(CheckpointInfo(d, int(m.group(1)), complete, meta, _dir_size(d)))
+        out.append(CheckpointInfo(d, int(m.group(1)), complete, meta))
     return sorted(out, key=lambda c: (c.step, c.complete))
 
 
