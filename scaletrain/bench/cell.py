@@ -1,0 +1,190 @@
+"""One benchmark cell, run on every rank under torchrun: ``torchrun ... -m scaletrain.bench.cell --cell SPEC.json``.
+
+A cell is (preset, resolution, engine variant, micro-batch, world size). It drives the same
+pieces the trainer uses (model presets, data pipeline, diffusion objective, engine protocol)
+with a timer around each phase of the step, so the split (data, encode, forward, backward,
+optimizer) is measured rather than inferred. Each rank writes ``OUT.rank{r}.json``; the
+runner merges them. Running out of memory is a result: the rank writes ``status: oom`` and
+exits, and torchrun stops the others (a real CUDA OOM can strike mid-collective, where no
+clean agreement is possible).
+
+With the spec's ``comm_sweep`` set, the cell instead times all-reduce/all-gather/
+reduce-scatter over a size range (``scaletrain.comm.preflight``), for the sizing model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Engine variants of the matrix -> (engine.kind, DeepSpeed JSON).
+ENGINE_VARIANTS: dict[str, tuple[str, str | None]] = {
+    "ddp": ("ddp", None),
+    "fsdp": ("fsdp", None),
+    "zero1": ("deepspeed", "ds_configs/zero1.json"),
+    "zero2": ("deepspeed", "ds_configs/zero2.json"),
+    "zero3": ("deepspeed", "ds_configs/zero3.json"),
+    "zero3-offload": ("deepspeed", "ds_configs/zero3_offload.json"),
+}
+PHASES = ("data", "encode", "forward", "backward", "optimizer")
+
+
+class MemoryLimitExceeded(RuntimeError):
+    """The cell's ``max_memory_gib`` guard: stands in for a device OOM where there is none (CPU)."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # phase timers need the GPU's work finished, not just queued
+        torch.cuda.synchronize(device)
+
+
+def memory_snapshot(device: torch.device) -> dict:
+    """Peak memory so far: CUDA max allocated/reserved, or this process's peak RSS (CPU)."""
+    from scaletrain.train.trainer import peak_memory_gib
+
+    snap = {"peak_gib": peak_memory_gib(device)}
+    if device.type == "cuda":
+        snap["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return snap
+
+
+def run_config(spec: dict, world_size: int):
+    """The RunConfig a cell's engine is built from (validated like any recipe)."""
+    from scaletrain.config import validate_config
+
+    kind, ds_json = ENGINE_VARIANTS[spec["engine"]]
+    engine = {"kind": kind, "precision": spec.get("precision", "fp32")}
+    if ds_json:
+        engine["deepspeed_config"] = str(Path(spec.get("repo", ".")) / ds_json)
+    data = {"run": {"dir": spec.get("run_dir", "/tmp/scaletrain-bench"), "seed": 0},
+            "model": {"preset": spec["preset"]},
+            "data": {"shards": spec["shards"], "num_workers": spec.get("num_workers", 1),
+                     "shuffle_buffer": 0, "caption_dropout": 0.1},
+            "train": {"stages": [{"name": "bench", "resolution": spec["resolution"],
+                                  "steps": spec["warmup"] + spec["reps"], "micro_batch": spec["micro_batch"]}]},
+            "engine": engine, "log": {"wandb": "disabled", "progress": False}}
+    return validate_config(data, world_size=world_size)
+
+
+def run_cell(spec: dict, dist_info) -> dict:
+    """Build, warm up, time ``reps`` steps; returns this rank's record."""
+    from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards
+    from scaletrain.diffusion.objective import (
+        ObjectiveConfig, build_noise_scheduler, diffusion_loss, prepare_training_batch,
+    )
+    from scaletrain.engines import build_engine
+    from scaletrain.models import build_model
+
+    device, limit = dist_info.device, spec.get("max_memory_gib")
+    cfg = run_config(spec, dist_info.world_size)
+
+    def guard() -> None:
+        if limit is not None and memory_snapshot(device)["peak_gib"] > limit:
+            raise MemoryLimitExceeded(f"peak memory above max_memory_gib={limit}")
+
+    torch.manual_seed(0)
+    model = build_model(spec["preset"]).to(device)
+    engine = build_engine(cfg, model.denoiser, dist_info, micro_batch=spec["micro_batch"], grad_accum=1)
+    guard()
+    after_build = memory_snapshot(device)
+    objective = ObjectiveConfig()
+    scheduler = build_noise_scheduler(objective)
+    loader = LoaderSpec(shards=expand_shards(spec["shards"]), resolution=spec["resolution"],
+                        micro_batch=spec["micro_batch"], num_workers=cfg.data.num_workers, seed=0,
+                        rank=dist_info.rank, world_size=dist_info.world_size)
+    batches = iter(build_loader(loader))
+    steps = []
+    for step in range(spec["warmup"] + spec["reps"]):
+        times, t_step = {}, time.perf_counter()
+
+        def mark(phase: str, t0: float) -> float:
+            _sync(device)
+            now = time.perf_counter()
+            times[phase] = now - t0
+            return now
+
+        t = time.perf_counter()
+        batch = next(batches)
+        t = mark("data", t)
+        x0 = model.encode_images(batch["pixels"].to(device))
+        emb, mask = model.encode_text(batch["captions"], device)
+        noisy, ts, target = prepare_training_batch(x0, batch["keys"], step=step, seed=0,
+                                                   scheduler=scheduler, cfg=objective)
+        t = mark("encode", t)
+        dtype = engine.input_dtype
+        with engine.micro_step(is_last=True):
+            pred = engine.module(noisy.to(dtype), ts, emb.to(dtype), mask)
+            loss, _ = diffusion_loss(pred.float(), target, ts, scheduler, objective)
+            t = mark("forward", t)
+            engine.backward(loss)
+            t = mark("backward", t)
+        engine.step(spec.get("lr", 1e-4))
+        mark("optimizer", t)
+        times["step"] = time.perf_counter() - t_step
+        guard()
+        if step >= spec["warmup"]:  # warm-up steps (allocator, kernels, DeepSpeed buckets) excluded
+            steps.append(times)
+    record = {
+        "rank": dist_info.rank, "status": "ok", "steps": steps,
+        "params_total": engine.full_param_numel(), "params_local": engine.local_param_numel(),
+        "params_frozen": sum(p.numel() for m in (model.text_encoder, model.vae) if m is not None
+                             for p in m.parameters()),
+        "after_build": after_build, "memory": memory_snapshot(device),
+    }
+    engine.close()
+    return record
+
+
+def run_comm_sweep(spec: dict, dist_info) -> dict:
+    from scaletrain.comm.preflight import measure_collectives, sweep_sizes
+
+    sizes = sweep_sizes(spec.get("min_bytes", 2**12), spec.get("max_bytes", 2**25))
+    ops = ["all_reduce", "all_gather", "reduce_scatter"]
+    rows = measure_collectives(sizes, ops, torch.float32, spec.get("iters", 10), 2, dist_info.device)
+    return {"rank": dist_info.rank, "status": "ok", "collectives": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cell", required=True, help="JSON spec written by the runner")
+    args = p.parse_args(argv)
+    spec = json.loads(Path(args.cell).read_text())
+    from scaletrain.distributed import init_distributed, prepare_environment, shutdown_distributed
+
+    prepare_environment()
+    kind = ENGINE_VARIANTS.get(spec.get("engine", "ddp"), ("ddp", None))[0]
+    dist_info = init_distributed(kind)
+    baseline = memory_snapshot(dist_info.device)  # runtime before any model: the constant term
+    out = Path(spec["out"]).with_suffix(f".rank{dist_info.rank}.json")
+    try:
+        if spec.get("comm_sweep"):
+            record = run_comm_sweep(spec, dist_info)
+        else:
+            from scaletrain.bench.flops import device_peak_tflops
+
+            peak, source = device_peak_tflops(dist_info.device, spec.get("precision", "fp32"), spec.get("peak_tflops"))
+            record = run_cell(spec, dist_info)
+            record.update(peak_tflops=peak, peak_source=source)
+    except (torch.OutOfMemoryError, MemoryError, MemoryLimitExceeded) as e:
+        record = {"rank": dist_info.rank, "status": "oom", "error": f"{type(e).__name__}: {str(e)[:300]}",
+                  "memory": memory_snapshot(dist_info.device)}
+        record["baseline"] = baseline
+        out.write_text(json.dumps(record))
+        sys.stdout.flush()
+        os._exit(3)  # peers may be stuck in a collective; torchrun stops them when this rank exits
+    record["baseline"] = baseline
+    record["world_size"] = dist_info.world_size
+    record["threads"] = torch.get_num_threads()
+    out.write_text(json.dumps(record))
+    shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""`scaletrain bench` and `scaletrain size`: argument parsing and the two entry points."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scaletrain.config import ConfigError
+
+
+def add_bench_parsers(sub) -> None:
+    b = sub.add_parser("bench", help="throughput/memory matrix: preset x resolution x engine x micro-batch x ranks")
+    b.add_argument("--presets", nargs="+", default=["unet-tiny"])
+    b.add_argument("--resolutions", nargs="+", type=int, default=None, help="default: 32 64, or the recipe's stages")
+    b.add_argument("--recipe", default=None, help="take the resolutions from this recipe's curriculum stages")
+    b.add_argument("--engines", nargs="+", default=["ddp", "fsdp", "zero2", "zero3"])
+    b.add_argument("--micro-batches", nargs="+", type=int, default=[4])
+    b.add_argument("--world-sizes", nargs="+", type=int, default=[1, 2])
+    b.add_argument("--search", action="store_true", help="also find the largest micro-batch that fits")
+    b.add_argument("--search-max", type=int, default=64)
+    b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--num-workers", type=int, default=1)
+    b.add_argument("--max-memory-gib", type=float, default=None,
+                   help="treat peak memory above this as out-of-memory (CPU stand-in for a card's capacity)")
+    b.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: GPU table or measured)")
+    b.add_argument("--cell-timeout", type=float, default=600.0)
+    b.add_argument("--no-comm-sweep", action="store_true")
+    b.add_argument("--shards", default=None, help="default: synthetic shards written into --out")
+    b.add_argument("--out", required=True, help="folder for results.json, results.md, *.png")
+
+    s = sub.add_parser("size", help="memory per GPU, nodes needed, img/s, time and cost for a curriculum")
+    s.add_argument("--preset", required=True)
+    s.add_argument("--recipe", default=None, help="curriculum from a recipe: images = steps x global batch")
+    s.add_argument("--stage", action="append", default=[], metavar="RES:IMAGES[:MICRO]",
+                   help="a curriculum stage, e.g. 256:200000000:64 (repeatable)")
+    s.add_argument("--gpu", default="H100")
+    s.add_argument("--gpus-per-node", type=int, default=8)
+    s.add_argument("--price", type=float, required=True, help="USD per GPU-hour")
+    s.add_argument("--nodes", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    s.add_argument("--engines", nargs="+", default=["ddp", "fsdp", "zero2", "zero3"])
+    s.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    s.add_argument("--bench", default=None, help="results.json of `scaletrain bench` on this GPU type")
+    s.add_argument("--comm", default=None, help="a `scaletrain preflight --json` report or bench results.json")
+    s.add_argument("--busbw-gbps", type=float, default=None, help="given bus bandwidth between nodes")
+    s.add_argument("--latency-us", type=float, default=50.0)
+    s.add_argument("--overlap", type=float, default=0.0, help="fraction of communication hidden by compute")
+    s.add_argument("--mfu", type=float, default=0.35, help="assumed MFU where no throughput was measured")
+    s.add_argument("--act-gib-per-image", default=None, metavar="GIB@RES")
+    s.add_argument("--baseline-gib", type=float, default=1.5, help="assumed runtime memory where not measured")
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    from scaletrain.bench.runner import MatrixSpec, run_matrix
+
+    resolutions = args.resolutions
+    if args.recipe:
+        from scaletrain.config import load_config
+
+        cfg = load_config(args.recipe, check_paths=False)
+        resolutions = sorted({st.resolution for st in cfg.train.stages})
+    spec = MatrixSpec(presets=args.presets, resolutions=resolutions or [32, 64], engines=args.engines,
+                      micro_batches=args.micro_batches, world_sizes=args.world_sizes, search=args.search,
+                      search_max=args.search_max, precision=args.precision, warmup=args.warmup, reps=args.reps,
+                      num_workers=args.num_workers, max_memory_gib=args.max_memory_gib,
+                      peak_tflops=args.peak_tflops, timeout_s=args.cell_timeout,
+                      comm_sweep=not args.no_comm_sweep, shards=args.shards)
+    run_matrix(spec, Path(args.out))
+    print(Path(args.out, "results.md").read_text())
+    return 0
+
+
+def _parse_stages(args: argparse.Namespace) -> list[tuple[int, int, int]]:
+    stages = []
+    if args.recipe:
+        from scaletrain.config import load_config
+
+        cfg = load_config(args.recipe, check_paths=False)
+        for st in cfg.train.stages:
+            # The recipe's global batch where it states one; else one node's worth.
+            batch = st.global_batch or st.micro_batch * st.grad_accum * args.gpus_per_node
+            stages.append((st.resolution, st.steps * batch, st.micro_batch))
+    for text in args.stage:
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
+            raise ConfigError(f"--stage {text!r} is not RES:IMAGES[:MICRO]; write e.g. --stage 256:200000000:64")
+        stages.append((int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else 16))
+    if not stages:
+        raise ConfigError("size needs a curriculum: pass --recipe FILE or --stage RES:IMAGES[:MICRO]")
+    return stages
+
+
+def size_main(args: argparse.Namespace) -> int:
+    from scaletrain.bench.sizing import SizeInputs, comm_from_sweep, comm_given, size_report
+
+    try:
+        stages = _parse_stages(args)
+        bench = json.loads(Path(args.bench).read_text()) if args.bench else None
+        comm = None
+        if args.busbw_gbps:
+            comm = comm_given(args.busbw_gbps, args.latency_us, args.overlap)
+        elif args.comm:
+            rep = json.loads(Path(args.comm).read_text())
+            colls = rep.get("collectives") or rep.get("comm")
+            world = rep.get("world_size") or max(c["world_size"] for c in rep["cells"])
+            comm = comm_from_sweep(colls, world, args.overlap)
+        act = None
+        if args.act_gib_per_image:
+            gib, _, res = args.act_gib_per_image.partition("@")
+            act = (float(gib), int(res))
+        report = size_report(SizeInputs(
+            preset=args.preset, stages=stages, gpu=args.gpu, gpus_per_node=args.gpus_per_node,
+            price_per_gpu_hour=args.price, engines=args.engines, nodes=args.nodes, precision=args.precision,
+            bench=bench, comm=comm, act_gib_per_image=act, assumed_mfu=args.mfu, assumed_baseline_gib=args.baseline_gib))
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"scaletrain: size: {e}", file=sys.stderr)
+        return 2
+    print(report, end="")
+    return 0

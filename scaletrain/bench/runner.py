@@ -1,0 +1,289 @@
+"""The benchmark matrix: preset x resolution x engine x micro-batch x world size, one torchrun per cell.
+
+Each cell runs in its own process group (``scaletrain.bench.cell``), so peak memory (CUDA
+max allocated, or process RSS on CPU) belongs to that cell alone, and a cell that runs out
+of memory, crashes or hangs is recorded as such while the matrix goes on. Steps after the
+warm-up are the repetitions: the JSON keeps every one, the tables report median and spread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from scaletrain.bench.cell import ENGINE_VARIANTS, PHASES
+
+SCHEMA = "scaletrain.bench/1"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class MatrixSpec:
+    presets: list[str]
+    resolutions: list[int]
+    engines: list[str]
+    micro_batches: list[int] = field(default_factory=lambda: [4])
+    world_sizes: list[int] = field(default_factory=lambda: [1, 2])
+    search: bool = False  # also find the largest micro-batch that fits, per (preset, res, engine, world)
+    search_max: int = 64
+    precision: str = "fp32"
+    warmup: int = 2
+    reps: int = 5
+    num_workers: int = 1
+    max_memory_gib: float | None = None  # CPU stand-in for the device's memory (see cell.MemoryLimitExceeded)
+    peak_tflops: float | None = None
+    timeout_s: float = 600.0
+    comm_sweep: bool = True  # time collectives at the largest world size, for the sizing model
+    shards: str | None = None  # default: synthetic shards written into the output folder
+
+    def __post_init__(self) -> None:
+        bad = [e for e in self.engines if e not in ENGINE_VARIANTS]
+        if bad:
+            raise ValueError(f"--engines {bad[0]!r} is unknown; choose from {', '.join(ENGINE_VARIANTS)}")
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stats(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "p25": q[0], "p75": q[2], "min": xs[0], "max": xs[-1], "n": len(xs)}
+
+
+def launch(spec: dict, world_size: int, work: Path, timeout_s: float) -> list[dict]:
+    """Run one cell under torchrun; returns the rank records (status error/timeout when none)."""
+    work.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(suffix=".json", dir=work)
+    os.close(fd)
+    spec = {**spec, "out": path, "repo": str(REPO)}
+    Path(path).write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
+           "-m", "scaletrain.bench.cell", "--cell", path]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # Own session, so a hung cell is stopped with its ranks (and only them).
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout_s)
+        status = "error"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        status = "timeout"
+    records = []
+    for r in range(world_size):
+        f = Path(path).with_suffix(f".rank{r}.json")
+        if f.is_file():
+            records.append(json.loads(f.read_text()))
+    if not records or (proc.returncode != 0 and not any(r["status"] == "oom" for r in records)):
+        return [{"rank": 0, "status": status, "returncode": proc.returncode, "log_tail": (log or "")[-2000:]}]
+    return records
+
+
+def summarize_cell(records: list[dict], cell: dict) -> dict:
+    """Merge rank records: step time per repetition is the slowest rank's; phases are rank means."""
+    out = dict(cell)
+    statuses = {r["status"] for r in records}
+    out["status"] = "oom" if "oom" in statuses else ("ok" if statuses == {"ok"} else records[0]["status"])
+    out["baseline_gib"] = max((r["baseline"]["peak_gib"] for r in records if "baseline" in r), default=None)
+    out["peak_memory_gib"] = max((r["memory"]["peak_gib"] for r in records if "memory" in r), default=None)
+    if out["status"] != "ok":
+        out["error"] = next((r.get("error") or r.get("log_tail") for r in records if r["status"] != "ok"), None)
+        return out
+    reps = len(records[0]["steps"])
+    step = [max(r["steps"][i]["step"] for r in records) for i in range(reps)]
+    global_batch = cell["micro_batch"] * cell["world_size"]
+    out["step_seconds"] = _stats(step)
+    out["step_seconds_all"] = step
+    st = out["step_seconds"]  # img/s from step quantiles (slowest step = lowest img/s), so median img/s = batch / median step
+    out["images_per_second"] = {"median": global_batch / st["median"], "p25": global_batch / st["p75"],
+                                "p75": global_batch / st["p25"], "min": global_batch / st["max"],
+                                "max": global_batch / st["min"], "n": st["n"]}
+    out["phases_seconds"] = {p: statistics.fmean(statistics.median(s[p] for s in r["steps"]) for r in records)
+                             for p in PHASES}
+    r0 = records[0]
+    out.update(params_total=r0["params_total"], params_local=r0["params_local"], params_frozen=r0["params_frozen"],
+               after_build_gib=max(r["after_build"]["peak_gib"] for r in records),
+               peak_tflops=r0["peak_tflops"], peak_source=r0["peak_source"], threads=r0["threads"])
+    if "reserved_gib" in r0["memory"]:
+        out["peak_reserved_gib"] = max(r["memory"]["reserved_gib"] for r in records)
+    from scaletrain.bench.flops import train_flops_per_image
+
+    per_device = train_flops_per_image(cell["preset"], cell["resolution"]) * cell["micro_batch"]
+    out["tflops_per_device"] = per_device / out["step_seconds"]["median"] / 1e12
+    out["mfu"] = out["tflops_per_device"] / out["peak_tflops"]
+    return out
+
+
+def add_exposed_comm(cells: list[dict]) -> None:
+    """Exposed communication of an N-rank cell: its median step time minus the 1-rank cell's
+    at the same per-rank micro-batch (a 1-rank group moves no bytes). Also per phase, which
+    shows where it surfaced (FSDP all-gathers in forward, reduce-scatter in backward, ...)."""
+    solo = {(c["preset"], c["resolution"], c["engine"], c["micro_batch"]): c
+            for c in cells if c["world_size"] == 1 and c["status"] == "ok"}
+    for c in cells:
+        base = solo.get((c["preset"], c["resolution"], c["engine"], c["micro_batch"]))
+        if c["status"] != "ok" or base is None:
+            c["exposed_comm_seconds"] = None
+            continue
+        c["exposed_comm_seconds"] = c["step_seconds"]["median"] - base["step_seconds"]["median"]
+        c["exposed_comm_by_phase"] = {p: c["phases_seconds"][p] - base["phases_seconds"][p] for p in PHASES}
+
+
+def search_micro_batch(fits: Callable[[int], bool], start: int, limit: int) -> int | None:
+    """Largest micro-batch in [start, limit] for which ``fits`` holds: doubling, then bisection.
+    None when even ``start`` does not fit."""
+    if not fits(start):
+        return None
+    lo, hi = start, None
+    while hi is None:
+        nxt = min(lo * 2, limit)
+        if nxt == lo:
+            return lo
+        if fits(nxt):
+            lo = nxt
+        else:
+            hi = nxt
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def environment() -> dict:
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("deepspeed", "diffusers", "transformers"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 -- a missing optional package is a fact to record, not a failure
+            versions[mod] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout)
+    except OSError:
+        commit, dirty = None, None
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
+    return {"hardware": {"cpu": cpu, "cpu_count": os.cpu_count(), "gpus": gpus, "memory_gib": mem,
+                         "host": platform.node()},
+            "versions": versions, "git_commit": commit, "git_dirty": dirty}
+
+
+def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = print) -> dict:
+    """Run every cell; write results.json, results.md and the plots into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir / "cells"
+    shards = spec.shards
+    if shards is None:
+        from scaletrain.data.synth import write_synthetic_shards
+
+        shards = str(out_dir / "shards")
+        if not Path(shards).is_dir():  # enough shards for 2 ranks x 1 worker with shard split
+            write_synthetic_shards(shards, num_samples=256, samples_per_shard=32,
+                                   resolution=max(spec.resolutions), seed=0)
+    load_before = os.getloadavg()
+    t_start = time.time()
+    cells: list[dict] = []
+    base = {"precision": spec.precision, "num_workers": spec.num_workers, "shards": shards,
+            "max_memory_gib": spec.max_memory_gib, "peak_tflops": spec.peak_tflops}
+
+    def measure(preset: str, res: int, engine: str, mb: int, world: int, warmup: int, reps: int) -> dict:
+        cell = {"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb, "world_size": world}
+        records = launch({**base, **cell, "warmup": warmup, "reps": reps, "run_dir": str(work / "run")},
+                         world, work, spec.timeout_s)
+        return summarize_cell(records, {**cell, "warmup": warmup, "reps": reps})
+
+    for preset in spec.presets:
+        for res in spec.resolutions:
+            for engine in spec.engines:
+                for world in spec.world_sizes:
+                    mbs = list(spec.micro_batches)
+                    if spec.search:
+                        probes: dict[int, dict] = {}
+
+                        def fits(mb: int) -> bool:
+                            probes[mb] = measure(preset, res, engine, mb, world, warmup=1, reps=1)
+                            return probes[mb]["status"] == "ok"
+
+                        best = search_micro_batch(fits, 1, spec.search_max)
+                        log(f"  search {preset} {res}px {engine} x{world}: largest micro-batch that fits = {best} "
+                            f"(probed {sorted(probes)})")
+                        cells.extend({**c, "search_probe": True} for c in probes.values())
+                        if best is not None and best not in mbs:
+                            mbs.append(best)
+                    for mb in mbs:
+                        c = measure(preset, res, engine, mb, world, spec.warmup, spec.reps)
+                        c["largest_fitting"] = spec.search and mb == mbs[-1] and mb not in spec.micro_batches
+                        cells.append(c)
+                        log(f"  {preset} {res}px {engine} x{world} mb{mb}: {c['status']}"
+                            + (f", {c['images_per_second']['median']:.1f} img/s, peak {c['peak_memory_gib']:.2f} GiB"
+                               if c["status"] == "ok" else ""))
+    timed = [c for c in cells if not c.get("search_probe")]
+    add_exposed_comm(timed)
+    comm = None
+    if spec.comm_sweep and max(spec.world_sizes) > 1:
+        recs = launch({"comm_sweep": True, "engine": "ddp", "max_bytes": 2**24}, max(spec.world_sizes), work,
+                      spec.timeout_s)
+        comm = recs[0].get("collectives") if recs[0]["status"] == "ok" else {"error": recs[0].get("log_tail")}
+    results = {"schema": SCHEMA, **environment(), "config_hash": spec.config_hash(), "spec": asdict(spec),
+               "conditions": {"loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                              "wall_seconds": time.time() - t_start,
+                              "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1")},
+               "command": " ".join(sys.argv), "cells": cells, "comm": comm}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "results.md").write_text(markdown_table(results))
+    try:
+        from scaletrain.bench.plots import plot_results
+
+        plot_results(results, out_dir)
+    except ImportError as e:  # matplotlib is optional for headless nodes; the JSON is the result
+        log(f"plots skipped: {e}")
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    env = results["hardware"]
+    lines = [f"# Benchmark matrix ({results['config_hash']})", "",
+             f"Hardware: {env['cpu']} x{env['cpu_count']}" + (f", GPUs: {', '.join(env['gpus'])}" if env["gpus"] else "")
+             + f"; torch {results['versions']['torch']}, deepspeed {results['versions']['deepspeed']}; "
+             f"load average before/after {results['conditions']['loadavg_before'][0]:.1f}/"
+             f"{results['conditions']['loadavg_after'][0]:.1f}", "",
+             "Step time: median over the repetitions (p25-p75 spread); img/s = global batch / median step. "
+             "Phases are rank means of per-phase medians. Exposed comm = step(N ranks) - step(1 rank).", "",
+             "| preset | res | engine | ranks | micro | status | img/s | step s (p25-p75) | data | encode | fwd | bwd | "
+             "opt | exposed comm | TFLOP/s/dev | MFU | peak GiB | baseline GiB |",
+             "|" + "---|" * 18]
+    for c in results["cells"]:
+        if c.get("search_probe"):
+            continue
+        head = f"| {c['preset']} | {c['resolution']} | {c['engine']} | {c['world_size']} | {c['micro_batch']}" \
+               + ("*" if c.get("largest_fitting") else "")
+        if c["status"] != "ok":
+            lines.append(head + f" | {c['status']} |" + " |" * 12)
+            continue
+        s, ph = c["step_seconds"], c["phases_seconds"]
+        ec = c.get("exposed_comm_seconds")
+        lines.append(head + f" | ok | {c['images_per_second']['median']:.2f} | {s['median']:.3f} ({s['p25']:.3f}-{s['p75']:.3f})"
+                     + "".join(f" | {ph[p]:.3f}" for p in PHASES)
+                     + f" | {'-' if ec is None else f'{ec:.3f}'} | {c['tflops_per_device']:.4f} | {c['mfu']:.1%}"
+                     f" | {c['peak_memory_gib']:.3f} | {c['baseline_gib']:.3f} |")
+    lines += ["", "`*` largest micro-batch that fit (search). Memory: CUDA max allocated on GPUs, peak process RSS "
+              "on CPU (baseline = RSS before the model is built: interpreter, torch, DeepSpeed, process group).", ""]
+    return "\n".join(lines)

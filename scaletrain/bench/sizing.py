@@ -1,0 +1,354 @@
+"""The sizing model: memory per GPU, step time at N GPUs, and the time and cost of a curriculum.
+
+Memory per rank = runtime baseline + model states + frozen encoders + activations, where
+
+- model states are analytic, in bytes per denoiser parameter P (W = 4 fp32 / 2 bf16 compute copy):
+  ``ddp``: 4 weights + 4 grads + 4 DDP bucket copy + 8 Adam = 20 P;
+  ``fsdp``: 16 P / N (fp32 weights, grads, Adam, sharded) + the largest unit gathered (W) with its
+  unsharded grads (4);
+  ``zero1``: 4 P weights + 4 P grads + 12 P / N (fp32 master + Adam);
+  ``zero2``: 4 P weights + 16 P / N (grads, master, Adam) + one reduce bucket (4 min(P, 5e7));
+  ``zero3``: 20 P / N + the largest module gathered; ``zero3-offload`` keeps master + Adam in host
+  memory (counted only where host and device are the same memory, i.e. on CPU);
+- frozen encoders (text encoder, VAE) are whole on every rank (4 bytes per parameter);
+- activations are ``a x micro_batch x S^2`` (S = side of the denoiser input: memory-efficient
+  attention keeps activations linear in tokens), with ``a`` fitted per preset from measured cells,
+  plus a fitted constant per engine (its buffers beyond the analytic states, allocator slack);
+- the baseline is the measured memory before the model is built (CUDA context / interpreter,
+  torch, DeepSpeed, process group), or an assumed value where nothing was measured.
+
+Step time at N ranks = the 1-rank step time measured at the same per-rank micro-batch + the
+exposed communication: for each collective of the engine's step, latency + bytes x factor(N) /
+busbw (the nccl-tests convention; factor 2(N-1)/N all-reduce, (N-1)/N all-gather and
+reduce-scatter), times (1 - overlap). Latency and busbw come from a collective sweep
+(``scaletrain bench`` runs one, as does ``scaletrain preflight``) or are given.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+# GPU memory (GiB, as torch reports the card) for the size command's --gpu.
+GPU_MEMORY_GIB = {"H100": 79.1, "H100 PCIe": 79.1, "H200": 139.8, "A100": 79.1, "A100-40GB": 39.4, "L40S": 44.4,
+                  "L4": 22.0, "A10": 22.0, "B200": 178.4}
+DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP bucket_cap_mb default
+DS_BUCKET_ELEMS = 50_000_000  # reduce_bucket_size in ds_configs/*.json
+ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3-offload")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    preset: str
+    params: int  # trainable denoiser
+    frozen: int  # text encoder + VAE
+    largest_unit: int  # largest FSDP unit (parallel plan)
+    fsdp_units: int  # units + root
+    largest_module: int  # largest module owning parameters directly (ZeRO-3 gathers per module)
+    param_modules: int  # modules owning parameters (ZeRO-3 collectives per pass)
+
+
+@functools.lru_cache(maxsize=None)
+def model_facts(preset: str) -> ModelFacts:
+    """Parameter counts from a meta-device build (no memory, any size)."""
+    from scaletrain.models import build_model, parallel_units
+
+    with torch.device("meta"):
+        m = build_model(preset)
+    den = m.denoiser
+    units = [sum(p.numel() for p in u.parameters()) for u in parallel_units(den)]
+    total = sum(p.numel() for p in den.parameters())
+    own = [sum(p.numel() for p in mod.parameters(recurse=False)) for mod in den.modules()]
+    own = [n for n in own if n]
+    frozen = sum(p.numel() for mod in (m.text_encoder, m.vae) if mod is not None for p in mod.parameters())
+    return ModelFacts(preset, total, frozen, max(units + [total - sum(units)]), len(units) + 1, max(own), len(own))
+
+
+def state_bytes(engine: str, facts: ModelFacts, world: int, precision: str = "fp32", host_is_device: bool = True) -> float:
+    """Model-state bytes per rank (weights, grads, optimizer, engine buffers), as in the module doc."""
+    P, N = facts.params, world
+    w = 2 if precision == "bf16" else 4
+    if engine == "ddp":
+        return 20 * P
+    if engine == "fsdp":
+        return 16 * P / N + facts.largest_unit * (w + 4) * (N > 1)
+    if engine == "zero1":
+        return 8 * P + 12 * P / N
+    if engine == "zero2":
+        return 4 * P + 16 * P / N + 4 * min(P, DS_BUCKET_ELEMS)
+    if engine in ("zero3", "zero3-offload"):
+        offloaded = 12 * P / N if engine == "zero3-offload" and not host_is_device else 0
+        return 20 * P / N - offloaded + facts.largest_module * w * (N > 1)
+    raise ValueError(f"engine {engine!r} is unknown; choose from {', '.join(ENGINES)}")
+
+
+def denoiser_side(preset: str, resolution: int) -> int:
+    from scaletrain.bench.flops import denoiser_input_size
+    from scaletrain.models import get_preset
+
+    return denoiser_input_size(get_preset(preset), resolution)
+
+
+@dataclass
+class ActivationFit:
+    """Activation bytes = per_elem[preset] x micro_batch x S^2, plus a constant per engine
+    (what the engine allocates beyond the analytic states: DeepSpeed's flat buffers, allocator
+    slack). Fitted jointly by least squares on measured cells."""
+
+    per_elem: dict[str, float] = field(default_factory=dict)  # preset -> bytes per (image x S^2)
+    engine_bytes: dict[str, float] = field(default_factory=dict)  # engine -> constant bytes
+    points: dict[str, int] = field(default_factory=dict)
+
+    def bytes(self, preset: str, micro_batch: int, resolution: int, engine: str | None = None) -> float | None:
+        if preset not in self.per_elem:
+            return None
+        return self.per_elem[preset] * micro_batch * denoiser_side(preset, resolution) ** 2 + \
+            self.engine_bytes.get(engine, 0.0)
+
+
+def fit_activations(cells: list[dict], host_is_device: bool = True) -> ActivationFit:
+    """Fit from measured cells: residual = peak - baseline - states - frozen encoders
+    = a[preset] x micro_batch x S^2 + c[engine]. An engine constant is only fitted where its
+    cells span at least two activation sizes (otherwise it is not separable from the slope)."""
+    import numpy as np
+
+    rows = []
+    for c in cells:
+        if c["status"] != "ok" or c.get("search_probe"):
+            continue
+        facts = model_facts(c["preset"])
+        rest = (c["peak_memory_gib"] - c["baseline_gib"]) * 2**30 - state_bytes(
+            c["engine"], facts, c["world_size"], c.get("precision", "fp32"), host_is_device) - 4 * facts.frozen
+        rows.append((c["preset"], c["engine"], c["micro_batch"] * denoiser_side(c["preset"], c["resolution"]) ** 2, rest))
+    fit = ActivationFit()
+    if not rows:
+        return fit
+    presets = sorted({r[0] for r in rows})
+    engines = sorted(e for e in {r[1] for r in rows} if len({r[2] for r in rows if r[1] == e}) >= 2)
+    cols = presets + engines
+    a = np.zeros((len(rows), len(cols)))
+    for i, (preset, engine, x, _) in enumerate(rows):
+        a[i, cols.index(preset)] = x
+        if engine in engines:
+            a[i, cols.index(engine)] = 1.0
+    coef = np.linalg.lstsq(a, np.array([r[3] for r in rows]), rcond=None)[0]
+    for k, name in enumerate(cols):
+        if name in presets:
+            fit.per_elem[name] = max(0.0, float(coef[k]))
+            fit.points[name] = sum(1 for r in rows if r[0] == name)
+        else:
+            fit.engine_bytes[name] = float(coef[k])
+    return fit
+
+
+def predict_memory_gib(cell: dict, fit: ActivationFit, baseline_gib: float, host_is_device: bool = True) -> float | None:
+    facts = model_facts(cell["preset"])
+    act = fit.bytes(cell["preset"], cell["micro_batch"], cell["resolution"], cell["engine"])
+    if act is None:
+        return None
+    states = state_bytes(cell["engine"], facts, cell["world_size"], cell.get("precision", "fp32"), host_is_device)
+    return baseline_gib + (states + 4 * facts.frozen + act) / 2**30
+
+
+# ----------------------------------------------------------------------------- communication
+
+
+@dataclass
+class CommModel:
+    """Per-collective latency (s) and bus bandwidth (bytes/s); ``source`` says measured or given."""
+
+    latency: dict[str, float]
+    busbw: dict[str, float]
+    source: str
+    overlap: float = 0.0  # fraction of communication hidden behind compute
+
+    def time(self, op: str, nbytes: float, world: int) -> float:
+        if world <= 1:
+            return 0.0
+        factor = 2 * (world - 1) / world if op == "all_reduce" else (world - 1) / world
+        return self.latency[op] + nbytes * factor / self.busbw[op]
+
+
+def comm_from_sweep(collectives: dict, world: int, overlap: float = 0.0) -> CommModel:
+    """Fit time = latency + bytes x factor / busbw per op (least squares over the sweep sizes)."""
+    lat, bw = {}, {}
+    for op, rows in collectives.items():
+        factor = 2 * (world - 1) / world if op == "all_reduce" else (world - 1) / world
+        xs = [r["size_bytes"] * factor for r in rows]
+        ys = [r["time_us"] * 1e-6 for r in rows]
+        slope, icept = statistics.linear_regression(xs, ys)
+        # A negative intercept (noise at small sizes) would mean free calls; fall back to the smallest time.
+        lat[op], bw[op] = icept if icept > 0 else min(ys), 1 / slope if slope > 0 else float("inf")
+    return CommModel(lat, bw, f"measured: {world}-rank sweep", overlap)
+
+
+def comm_given(busbw_gbps: float, latency_us: float, overlap: float) -> CommModel:
+    ops = ("all_reduce", "all_gather", "reduce_scatter")
+    return CommModel({o: latency_us * 1e-6 for o in ops}, {o: busbw_gbps * 1e9 for o in ops},
+                     f"given: busbw {busbw_gbps} GB/s, latency {latency_us} us", overlap)
+
+
+def step_collectives(engine: str, facts: ModelFacts, precision: str = "fp32") -> list[tuple[str, float, int]]:
+    """(op, total bytes, number of calls) one optimizer step issues, plus the grad-norm all-reduce."""
+    P, w = facts.params, 2 if precision == "bf16" else 4
+    norm = [("all_reduce", 8, 1)]
+    if engine == "ddp":
+        return [("all_reduce", 4 * P, 1 + math.ceil(4 * P / DDP_BUCKET_BYTES))] + norm
+    if engine == "fsdp":  # all-gather in forward and again in backward, reduce-scatter fp32 grads, per unit
+        u = facts.fsdp_units
+        return [("all_gather", 2 * w * P, 2 * u), ("reduce_scatter", 4 * P, u)] + norm
+    if engine in ("zero1", "zero2"):
+        n = math.ceil(P / DS_BUCKET_ELEMS)
+        return [("reduce_scatter", 4 * P, n), ("all_gather", w * P, n)] + norm
+    n = facts.param_modules  # ZeRO-3 fetches per module that owns parameters
+    return [("all_gather", 2 * w * P, 2 * n), ("reduce_scatter", 4 * P, n)] + norm
+
+
+def exposed_comm_seconds(engine: str, facts: ModelFacts, world: int, comm: CommModel, precision: str = "fp32") -> float:
+    total = 0.0
+    for op, nbytes, calls in step_collectives(engine, facts, precision):
+        if world > 1:
+            total += calls * comm.latency[op] + comm.time(op, nbytes, world) - comm.latency[op]
+    return total * (1 - comm.overlap)
+
+
+def predict_step_seconds(solo_step: float, engine: str, preset: str, world: int, comm: CommModel,
+                         precision: str = "fp32") -> float:
+    """1-rank measured step time + modelled exposed communication at ``world`` ranks."""
+    return solo_step + exposed_comm_seconds(engine, model_facts(preset), world, comm, precision)
+
+
+def calibrate(results: dict, overlap: float = 0.0) -> list[dict]:
+    """Predict every measured cell from the model (memory from the fit, N-rank throughput from
+    the 1-rank cell and the measured collective sweep) and return prediction vs measurement."""
+    cells = [c for c in results["cells"] if c["status"] == "ok" and not c.get("search_probe")]
+    host_is_device = not results["hardware"]["gpus"]
+    fit = fit_activations([c for c in cells if c["world_size"] == 1], host_is_device)
+    world = max(c["world_size"] for c in cells)
+    comm = comm_from_sweep(results["comm"], world, overlap) if results.get("comm") and "error" not in results["comm"] else None
+    solo = {(c["preset"], c["resolution"], c["engine"], c["micro_batch"]): c for c in cells if c["world_size"] == 1}
+    rows = []
+    for c in cells:
+        mem = predict_memory_gib(c, fit, c["baseline_gib"], host_is_device)
+        row = {k: c[k] for k in ("preset", "resolution", "engine", "micro_batch", "world_size")}
+        row.update(memory_measured_gib=c["peak_memory_gib"], memory_predicted_gib=mem,
+                   memory_error=(mem - c["peak_memory_gib"]) / c["peak_memory_gib"],
+                   above_baseline_error=(mem - c["peak_memory_gib"]) / (c["peak_memory_gib"] - c["baseline_gib"]))
+        base = solo.get((c["preset"], c["resolution"], c["engine"], c["micro_batch"]))
+        if c["world_size"] > 1 and base is not None and comm is not None:
+            t = predict_step_seconds(base["step_seconds"]["median"], c["engine"], c["preset"], c["world_size"], comm,
+                                     c.get("precision", "fp32"))
+            pred = c["micro_batch"] * c["world_size"] / t
+            meas = c["images_per_second"]["median"]
+            row.update(ips_measured=meas, ips_predicted=pred, ips_error=(pred - meas) / meas)
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- the size command
+
+
+@dataclass
+class SizeInputs:
+    preset: str
+    stages: list[tuple[int, int, int]]  # (resolution, images, micro_batch per GPU)
+    gpu: str
+    gpus_per_node: int
+    price_per_gpu_hour: float
+    engines: list[str]
+    nodes: list[int]
+    precision: str = "bf16"
+    bench: dict | None = None  # a `scaletrain bench` results.json measured on this GPU type
+    comm: CommModel | None = None
+    act_gib_per_image: tuple[float, int] | None = None  # (GiB, at resolution)
+    assumed_mfu: float = 0.35
+    assumed_baseline_gib: float = 1.5
+    memory_headroom: float = 0.9  # plan to fill at most this fraction of the card
+
+
+def _measured_solo(bench: dict | None, preset: str, res: int, engine: str, mb: int) -> float | None:
+    for c in (bench or {}).get("cells", []):
+        if (c["status"] == "ok" and not c.get("search_probe") and c["world_size"] == 1 and c["preset"] == preset
+                and c["resolution"] == res and c["engine"] == engine and c["micro_batch"] == mb):
+            return c["step_seconds"]["median"]
+    return None
+
+
+def size_report(inp: SizeInputs) -> str:
+    """Plain-text sizing: per stage and engine, memory per GPU, smallest node count that fits,
+    img/s, time and cost at each node count; then which inputs were measured and which assumed."""
+    from scaletrain.bench.flops import gpu_peak_tflops, train_flops_per_image
+
+    facts = model_facts(inp.preset)
+    gpu_mem = GPU_MEMORY_GIB.get(inp.gpu)
+    if gpu_mem is None:
+        raise ValueError(f"--gpu {inp.gpu!r} is unknown; choose from {', '.join(GPU_MEMORY_GIB)}")
+    peak = gpu_peak_tflops(inp.gpu, inp.precision)
+    notes: list[str] = [f"GPU {inp.gpu}: {gpu_mem} GiB (table), peak {peak[0]} TFLOP/s ({peak[1]}); "
+                        f"plan to fill <= {inp.memory_headroom:.0%} of memory"]
+    bench_cells = [c for c in (inp.bench or {}).get("cells", []) if c["status"] == "ok"]
+    fit = fit_activations([c for c in bench_cells if c["world_size"] == 1], host_is_device=False)
+    if inp.preset in fit.per_elem:
+        notes.append(f"activations: fitted from {fit.points[inp.preset]} measured cells (bench results)")
+    elif inp.act_gib_per_image:
+        gib, res = inp.act_gib_per_image
+        fit.per_elem[inp.preset] = gib * 2**30 / denoiser_side(inp.preset, res) ** 2
+        notes.append(f"activations: given, {gib} GiB per image at {res} px, scaled with S^2")
+    else:
+        notes.append("activations: UNKNOWN (no bench cells for this preset; pass --act-gib-per-image GIB@RES): "
+                     "memory below is model states + encoders + baseline only")
+    baselines = [c["baseline_gib"] for c in bench_cells if c["preset"] == inp.preset]
+    base = max(baselines) if baselines else inp.assumed_baseline_gib
+    notes.append(f"baseline (CUDA context, runtime): {base:.2f} GiB " + ("measured" if baselines else "assumed"))
+    comm = inp.comm or comm_given(25.0, 50.0, 0.0)
+    notes.append(f"communication: {comm.source}, overlap {comm.overlap:.0%} assumed"
+                 + ("" if inp.comm else " (DEFAULT, assumed: pass --busbw-gbps or --comm PREFLIGHT.json)"))
+    notes.append(f"params: {facts.params / 1e6:.1f}M trainable, {facts.frozen / 1e6:.1f}M frozen (counted from the preset)")
+    lines = [f"scaletrain size: {inp.preset}, {inp.gpu} x{inp.gpus_per_node} per node, {inp.precision}, "
+             f"${inp.price_per_gpu_hour}/GPU-hour", ""]
+    total: dict[tuple[str, int], list[float]] = {}
+    for res, images, mb in inp.stages:
+        lines.append(f"stage {res} px, {images:,} images, micro-batch {mb} per GPU")
+        lines.append(f"  {'engine':<14}{'GiB/GPU @1 node':>16}{'min nodes':>10}  " + "".join(
+            f"{f'{n} node img/s':>15}{'hours':>8}{'$':>10}" for n in inp.nodes))
+        flops = train_flops_per_image(inp.preset, res) * mb
+        for engine in inp.engines:
+            cell = {"preset": inp.preset, "resolution": res, "engine": engine, "micro_batch": mb, "precision": inp.precision}
+            def mem(nodes: int) -> float:
+                m = predict_memory_gib({**cell, "world_size": nodes * inp.gpus_per_node}, fit, base, host_is_device=False)
+                if m is None:
+                    m = base + (state_bytes(engine, facts, nodes * inp.gpus_per_node, inp.precision, False)
+                                + 4 * facts.frozen) / 2**30
+                return m
+            min_nodes = next((n for n in range(1, 4097) if mem(n) <= inp.memory_headroom * gpu_mem), None)
+            solo = _measured_solo(inp.bench, inp.preset, res, engine, mb)
+            src = "measured"
+            if solo is None:
+                solo, src = flops / (peak[0] * 1e12 * inp.assumed_mfu), f"assumed MFU {inp.assumed_mfu:.0%}"
+            row = f"  {engine:<14}{mem(1):>16.1f}{min_nodes if min_nodes else '>4096':>10}  "
+            for n in inp.nodes:
+                world = n * inp.gpus_per_node
+                if min_nodes is None or n < min_nodes:
+                    row += f"{'no fit':>15}{'':>8}{'':>10}"
+                    continue
+                step = solo + exposed_comm_seconds(engine, facts, world, comm, inp.precision)
+                ips = world * mb / step
+                hours = images / ips / 3600
+                cost = hours * world * inp.price_per_gpu_hour
+                total.setdefault((engine, n), []).extend([hours, cost])
+                row += f"{ips:>15,.0f}{hours:>8.1f}{cost:>10,.0f}"
+            lines.append(row + f"   (1-GPU step {solo:.3f} s, {src})")
+        lines.append("")
+    done = {k: v for k, v in total.items() if len(v) == 2 * len(inp.stages)}
+    if done:
+        lines.append("whole curriculum (all stages fit):")
+        for (engine, n), v in sorted(done.items(), key=lambda kv: sum(kv[1][1::2])):
+            lines.append(f"  {engine:<14}{n:>4} nodes: {sum(v[0::2]):8.1f} h  ${sum(v[1::2]):,.0f}")
+        lines.append("")
+    lines.append("inputs (measured vs assumed):")
+    lines += [f"  - {n}" for n in notes]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,50 @@
+"""The matrix runner on a tiny matrix: results schema, repetitions, OOM recorded as a result,
+and the `scaletrain bench` command writing JSON + Markdown + PNG."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from scaletrain.bench.runner import MatrixSpec, run_matrix
+from tests.conftest import run_cmd, shard_pattern
+
+pytestmark = pytest.mark.dist
+
+
+def test_runner_records_repetitions_and_schema(synth_shards, tmp_path):
+    spec = MatrixSpec(presets=["unet-tiny"], resolutions=[16], engines=["ddp"], micro_batches=[2], world_sizes=[2],
+                      warmup=1, reps=2, num_workers=0, comm_sweep=False, shards=shard_pattern(synth_shards))
+    res = run_matrix(spec, tmp_path, log=lambda s: None)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["schema"] == "scaletrain.bench/1" and on_disk["config_hash"] == spec.config_hash()
+    for key in ("hardware", "versions", "conditions", "spec", "cells"):
+        assert key in on_disk
+    (cell,) = res["cells"]
+    assert cell["status"] == "ok", cell.get("error")
+    assert cell["step_seconds"]["n"] == 2 and len(cell["step_seconds_all"]) == 2  # warm-up step excluded
+    assert cell["step_seconds"]["min"] <= cell["step_seconds"]["median"] <= cell["step_seconds"]["max"]
+    assert set(cell["phases_seconds"]) == {"data", "encode", "forward", "backward", "optimizer"}
+    assert sum(cell["phases_seconds"].values()) <= cell["step_seconds"]["max"] * 1.05
+    assert cell["params_local"] == cell["params_total"]  # DDP replicates
+    assert cell["peak_memory_gib"] > cell["baseline_gib"] > 0
+    assert 0 < cell["mfu"] and cell["peak_source"].startswith("measured")
+    assert cell["images_per_second"]["median"] == pytest.approx(4 / cell["step_seconds"]["median"])
+    assert "| unet-tiny | 16 | ddp | 2 | 2 | ok |" in (tmp_path / "results.md").read_text()
+
+
+def test_out_of_memory_is_a_result_not_a_crash(synth_shards, tmp_path):
+    # 0.05 GiB is below the runtime's own RSS: every rank trips the guard right after the build.
+    out = tmp_path / "bench"
+    r = run_cmd([sys.executable, "-m", "scaletrain.cli", "bench", "--presets", "unet-tiny", "--resolutions", "16",
+                 "--engines", "fsdp", "--micro-batches", "2", "--world-sizes", "2", "--warmup", "1", "--reps", "1",
+                 "--num-workers", "0", "--max-memory-gib", "0.05", "--no-comm-sweep",
+                 "--shards", shard_pattern(synth_shards), "--out", str(out)], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (cell,) = json.loads((out / "results.json").read_text())["cells"]
+    assert cell["status"] == "oom" and "max_memory_gib" in cell["error"]
+    assert "| unet-tiny | 16 | fsdp | 2 | 2 | oom |" in (out / "results.md").read_text()
+    # No ok cell, so nothing to plot; the plots exist (empty axes) rather than crashing.
+    assert (out / "throughput.png").is_file() and (out / "memory.png").is_file()
