@@ -1,0 +1,157 @@
+"""Distributed validation: FID against real images from the validation shards, plus a sample grid.
+
+The work is split across ranks and every rank runs the same collectives:
+
+- reference set: the first ``validate.num_images`` decodable samples of ``validate.shards``
+  (in shard order, no shuffle, no caption dropout). Rank r takes the r-th of world
+  contiguous blocks; their features go into the FID's reference statistics
+  once per run and resolution (torchmetrics keeps them across ``reset()``).
+- generated set: rank r samples its block's captions with seeds ``validate.seed + i`` for
+  global image index i, so the set is the same at any world size and batch size. Every rank
+  generates the same number of images (the short last block is padded, the padding dropped),
+  because a sharded denoiser (FSDP2, ZeRO-3) all-gathers weights in every forward.
+- ``FrechetInceptionDistance.compute()`` all-reduces the feature sums: the value is the same
+  on every rank; rank 0 logs it under the extractor's label (``fid_offline-gridorient`` or
+  ``fid_inception-v3``, never a bare "fid").
+
+Validation must leave training bit-identical: sampling and features draw only from explicit
+generators, and ``preserve_rng`` snapshots and restores every global RNG around the whole pass
+anyway (a VAE that samples, or a module left in train mode, would otherwise shift them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import random
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from scaletrain.data.pipeline import LoaderSpec, expand_shards, iter_epoch_samples
+from scaletrain.eval.fid import build_feature_extractor, build_fid
+from scaletrain.eval.samples import generate_samples, save_image_grid
+
+Denoiser = Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
+
+
+@contextlib.contextmanager
+def preserve_rng(device: torch.device) -> Iterator[None]:
+    """Restore torch (CPU and this CUDA device), Python and NumPy global RNG states on exit."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def rank_block(num_images: int, rank: int, world_size: int) -> tuple[int, int, int]:
+    """(start, stop, per_rank): rank's contiguous share of ``num_images`` (sizes differ by at
+    most one, none empty when num_images >= world_size); every rank generates ``per_rank``
+    images so the sharded forwards line up."""
+    start, stop = rank * num_images // world_size, (rank + 1) * num_images // world_size
+    return start, stop, math.ceil(num_images / world_size)
+
+
+def read_reference(shards: list[str], resolution: int, num_images: int, start: int, stop: int) -> tuple[Tensor, list[str]]:
+    """Pixels of images [start, stop) at ``resolution`` and the captions of all ``num_images``.
+
+    Every rank reads the same prefix of the stream (sample split over one slot) so the
+    global index of an image does not depend on the world size.
+    """
+    spec = LoaderSpec(shards=shards, resolution=resolution, micro_batch=1, num_workers=0, split="sample")
+    items = list(itertools.islice(iter_epoch_samples(spec), num_images))
+    if len(items) < num_images:
+        raise ValueError(
+            f"validate.num_images={num_images} but validate.shards hold only {len(items)} decodable images; "
+            f"lower validate.num_images or add shards"
+        )
+    return torch.stack([it["pixels"] for it in items[start:stop]]), [it["caption"] for it in items]
+
+
+@dataclass
+class SamplingSpec:
+    """What ``generate_samples`` needs besides prompts, seeds and resolution."""
+
+    encode_text: Callable[[list[str]], tuple[Tensor, Tensor | None]]
+    decode: Callable[[Tensor], Tensor]
+    in_channels: int
+    latent_factor: int
+    noise_scheduler_config: Mapping[str, Any]
+    prediction_type: str
+
+
+class Validator:
+    """Holds the extractor and the per-resolution reference statistics for one run."""
+
+    def __init__(self, vcfg, *, grid_prompts: list[str], grid_seed: int, default_shards, sampling: SamplingSpec,
+                 rank: int, world_size: int, device: torch.device) -> None:
+        self.cfg, self.sampling = vcfg, sampling
+        self.grid_prompts, self.grid_seed = list(grid_prompts), grid_seed
+        self.shards = expand_shards(vcfg.shards or default_shards)
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.extractor = build_feature_extractor(vcfg.feature_extractor, vcfg.inception_weights).to(device).eval()
+        self.label: str = self.extractor.label
+        self._fids: dict[int, Any] = {}
+        self._captions: dict[int, list[str]] = {}
+
+    def _reference(self, resolution: int):
+        """The FID metric for ``resolution`` with this rank's reference features already in it."""
+        if resolution not in self._fids:
+            start, stop, _ = rank_block(self.cfg.num_images, self.rank, self.world_size)
+            pixels, captions = read_reference(self.shards, resolution, self.cfg.num_images, start, stop)
+            fid = build_fid(self.extractor, self.device)
+            for chunk in pixels.split(self.cfg.batch_size):
+                fid.update(chunk.to(self.device), real=True)
+            self._fids[resolution], self._captions[resolution] = fid, captions
+        return self._fids[resolution], self._captions[resolution]
+
+    def _generate(self, denoise: Denoiser, prompts: list[str], seed: int, resolution: int) -> Tensor:
+        s = self.sampling
+        return generate_samples(
+            denoise, s.encode_text, s.decode, prompts=prompts, resolution=resolution,
+            in_channels=s.in_channels, latent_factor=s.latent_factor,
+            noise_scheduler_config=s.noise_scheduler_config, prediction_type=s.prediction_type,
+            num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance_scale,
+            seed=seed, device=self.device,
+        )
+
+    def run(self, denoise: Denoiser, resolution: int, grid_path: Path | None) -> float:
+        """Collective: FID of freshly generated images vs the reference set; writes the grid
+        on rank 0 when ``grid_path`` is given. Returns the FID (same on every rank)."""
+        with preserve_rng(self.device):
+            fid, captions = self._reference(resolution)
+            num = self.cfg.num_images
+            start, stop, per = rank_block(num, self.rank, self.world_size)
+            fid.reset()  # generated statistics only; reset_real_features=False keeps the reference
+            for lo in range(0, per, self.cfg.batch_size):
+                hi = min(lo + self.cfg.batch_size, per)
+                # Global indices past the end are padding: any caption works, the images are dropped.
+                prompts = [captions[(start + j) % num] for j in range(lo, hi)]
+                images = self._generate(denoise, prompts, self.cfg.seed + start + lo, resolution)
+                keep = min(hi, stop - start) - lo
+                if keep > 0:
+                    fid.update(images[:keep], real=False)
+            value = float(fid.compute())
+            if grid_path is not None:
+                grid = self._generate(denoise, self.grid_prompts, self.grid_seed, resolution)
+                if self.rank == 0:
+                    save_image_grid(grid, grid_path, captions=self.grid_prompts)
+        return value
+
+
+def validation_record(step: int, label: str, value: float, seconds: float, images: int, resolution: int,
+                      ema: bool) -> dict:
+    """The metrics.jsonl record of one validation (rank 0 writes it)."""
+    return {"step": step, "validation": True, label: value, "val_seconds": seconds, "val_images": images,
+            "val_resolution": resolution, "val_ema": ema}
+
