@@ -1,4 +1,4 @@
-"""`scaletrain` command line: train | data synth | config check | ckpt ls/export.
+"""`scaletrain` command line: train | data synth | config check | ckpt ls/export | preflight | bench | size.
 
 `launchers/pretrain.py` and `scaletrain train` share `pretrain_main`, so the recipe runs the
 same under torchrun, the deepspeed launcher (which passes --local_rank) and plain python.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from scaletrain.config import ConfigError, dump_config, load_config
@@ -43,13 +44,21 @@ def run_training(cfg) -> int:
     from scaletrain.distributed import init_distributed, shutdown_distributed
     from scaletrain.train.trainer import Trainer
 
+    from scaletrain.train.health import HealthStop
+
     dist_info = init_distributed(cfg.engine.kind)
     trainer = Trainer(cfg, dist_info)
-    trainer.train()
+    rc = 0
+    try:
+        trainer.train()
+    except HealthStop as e:  # raised on every rank together (the guard's verdict is agreed)
+        if dist_info.is_main:
+            print(f"scaletrain: {e}", file=sys.stderr, flush=True)
+        rc = 3
     trainer.close()
     del trainer  # no DTensor/mesh may outlive the process group (see shutdown_distributed)
     shutdown_distributed()
-    return 0
+    return rc
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -81,15 +90,24 @@ def _ckpt(args: argparse.Namespace) -> int:
         print(format_listing(run / "checkpoints" if (run / "checkpoints").is_dir() else run))
         return 0
     try:
-        out = export_diffusers(args.src, args.out)
+        out, weights = export_diffusers(args.src, args.out, use_ema=not args.raw)
     except ValueError as e:
         print(f"scaletrain: {e}", file=sys.stderr)
         return 2
-    print(f"exported diffusers model to {out}")
+    which = "EMA weights" if weights == "ema" else "raw weights (the checkpoint has no EMA)" if not args.raw else "raw weights"
+    print(f"exported diffusers model to {out} ({which})")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `deepspeed --module scaletrain.cli CMD` puts --local_rank=N before CMD; LOCAL_RANK is in the env.
+    while argv and re.fullmatch(r"--local[_-]rank=\d+", argv[0]):
+        argv.pop(0)
+    if argv[:1] == ["preflight"]:  # its own parser, so other commands do not import torch
+        from scaletrain.comm.preflight import preflight_main
+
+        return preflight_main(argv[1:])
     p = argparse.ArgumentParser(prog="scaletrain", description="Distributed diffusion training toolkit.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -117,8 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     ex = ck.add_parser("export", help="write a diffusers model folder (save_pretrained, safetensors)")
     ex.add_argument("src", help="run folder (latest complete checkpoint) or checkpoints/step-N")
     ex.add_argument("out", help="output folder")
+    ex.add_argument("--raw", action="store_true", help="export the raw weights even when the checkpoint holds an EMA")
+
+    # Listed for --help only: main() hands `preflight ...` to its own parser before this one runs.
+    sub.add_parser("preflight", add_help=False, help="sweep all-reduce/all-gather/reduce-scatter, test links, "
+                   "recommend bucket sizes (under torchrun -m scaletrain.cli or deepspeed --module scaletrain.cli)")
+
+    from scaletrain.bench.commands import add_bench_parsers, bench_main, size_main
+
+    add_bench_parsers(sub)  # `bench` and `size`
 
     args = p.parse_args(argv)
+    if args.cmd == "bench":
+        return bench_main(args)
+    if args.cmd == "size":
+        return size_main(args)
     if args.cmd == "ckpt":
         return _ckpt(args)
     if args.cmd == "train":

@@ -10,6 +10,7 @@ group starts.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,7 +101,73 @@ class TrainSection(_Section):
 
 
 class FSDPSection(_Section):
+    """FSDP2 communication knobs (README "Engines" has the table with the reasons)."""
+
+    # Free gathered parameters after each unit's forward (re-gather in backward): memory for comm.
     reshard_after_forward: bool = True
+    # Units whose all-gather a unit issues explicitly in forward (set_modules_to_forward_prefetch);
+    # 0 = FSDP2's implicit one-ahead overlap. More = earlier gathers, more memory held.
+    forward_prefetch: int = Field(0, ge=0)
+    # Units prefetched in backward (set_modules_to_backward_prefetch); 1 is FSDP2's own implicit
+    # one-ahead prefetch, which cannot be turned off.
+    backward_prefetch: int = Field(1, ge=1)
+    # HSDP: a (replicate_size x shard_size) mesh, sharding within groups of shard_size ranks
+    # (a node) and all-reducing across replicas. Both None = shard over all ranks (plain FSDP).
+    shard_size: int | None = Field(None, gt=0)
+    replicate_size: int | None = Field(None, gt=0)
+
+    def mesh_shape(self, world: int) -> tuple[int, int] | None:
+        """(replicate, shard) for HSDP, or None for a 1-D mesh over all ranks; raises on a mismatch."""
+        if self.shard_size is None and self.replicate_size is None:
+            return None
+        shard = self.shard_size or world // (self.replicate_size or 1)
+        replicate = self.replicate_size or world // shard
+        if replicate * shard != world:
+            raise ValueError(
+                f"engine.fsdp.replicate_size={self.replicate_size} x engine.fsdp.shard_size={self.shard_size} "
+                f"must equal the world size {world}; set one of them and leave the other null"
+            )
+        return replicate, shard
+
+
+class DDPSection(_Section):
+    """DistributedDataParallel knobs; defaults are torch's, so a plain recipe is plain DDP."""
+
+    bucket_cap_mb: float = Field(25.0, gt=0.0)  # gradient bucket size: fewer, larger all-reduces vs earlier overlap
+    gradient_as_bucket_view: bool = False  # True: grads alias the buckets (saves one gradient copy of memory)
+    static_graph: bool = False  # True: same used parameters every step (allows reentrant checkpointing)
+    # none = fp32 all-reduce; fp16/bf16 halve the bytes (bf16 needs NCCL); powersgd = low-rank.
+    comm_hook: Literal["none", "fp16", "bf16", "powersgd"] = "none"
+    powersgd_rank: int = Field(1, ge=1)  # matrix_approximation_rank
+    # Optimizer steps of exact all-reduce before compression starts (torch requires >= 2).
+    powersgd_start_step: int = Field(1000, ge=2)
+
+
+class DeepSpeedSection(_Section):
+    """ZeRO communication knobs, filled into the JSON's zero_optimization block.
+
+    None = whatever the JSON says (or DeepSpeed's default). A value set here and a different
+    concrete value in the JSON is a config error (engines/ds_config.py)."""
+
+    reduce_bucket_size: int | None = Field(None, gt=0)
+    allgather_bucket_size: int | None = Field(None, gt=0)  # ZeRO-1/2 only
+    overlap_comm: bool | None = None
+    contiguous_gradients: bool | None = None
+    stage3_prefetch_bucket_size: int | None = Field(None, ge=0)  # ZeRO-3 only
+    stage3_param_persistence_threshold: int | None = Field(None, ge=0)  # ZeRO-3 only
+    # ZeRO++ (ZeRO-3 only): hpZ secondary partition size, qwZ, qgZ. qwZ/qgZ need CUDA kernels.
+    zero_hpz_partition_size: int | None = Field(None, ge=1)
+    zero_quantized_weights: bool | None = None
+    zero_quantized_gradients: bool | None = None
+
+    @model_validator(mode="after")
+    def _even_allgather_bucket(self) -> "DeepSpeedSection":
+        # ZeRO-1/2 assert this deep inside deepspeed.initialize (nccl_start_alignment_factor).
+        n = self.allgather_bucket_size
+        if n is not None and n % 2:
+            raise ValueError(f"engine.deepspeed.allgather_bucket_size={n} must be even (DeepSpeed aligns "
+                             f"buckets to 2 elements); use {n + 1}")
+        return self
 
 
 class EngineSection(_Section):
@@ -108,6 +175,11 @@ class EngineSection(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     deepspeed_config: str = "ds_configs/zero3.json"
     fsdp: FSDPSection = FSDPSection()
+    ddp: DDPSection = DDPSection()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    # Profile one step in every N (torch.profiler) and log its split into compute, exposed
+    # communication and data wait (train/comm_profile.py); 0 = off (no overhead).
+    comm_profile_every: int = Field(0, ge=0)
 
 
 class LogSection(_Section):
@@ -116,6 +188,9 @@ class LogSection(_Section):
     wandb_project: str = "scaletrain"
     progress: bool = True
     loss_ema_decay: float = Field(0.9, gt=0.0, lt=1.0)
+    # Per-device peak TFLOP/s that MFU divides by; None = the GPU data-sheet table
+    # (scaletrain.bench.flops), else a measured matmul ceiling (CPU, unknown GPUs).
+    peak_tflops: float | None = Field(None, gt=0.0)
 
 
 class SampleSection(_Section):
@@ -125,6 +200,67 @@ class SampleSection(_Section):
     seed: int = 0
     resolution: int | None = Field(None, gt=0)  # default: the last stage's resolution
     at_end: bool = True
+
+
+class EMASection(_Section):
+    """Sharded EMA of the weights (scaletrain/train/ema.py): used for end-of-run samples and
+    validation, saved in checkpoints, exported instead of the raw weights when present."""
+
+    enabled: bool = False
+    decay: float = Field(0.9999, gt=0.0, lt=1.0)
+    # Cap on the decay early in training: ratio = min(decay, (1+n)/(10+n)); power =
+    # min(decay, 1-(1+n)^-power); none = constant decay (n = updates made so far).
+    warmup: Literal["ratio", "power", "none"] = "ratio"
+    power: float = Field(2 / 3, gt=0.0)
+    update_every: int = Field(1, gt=0)  # optimizer steps between EMA updates
+
+
+# The recipe section `validate` shadows pydantic's deprecated v1 classmethod BaseModel.validate,
+# which nothing here calls; the warning would print in every process at import.
+warnings.filterwarnings("ignore", message='Field name "validate" in "RunConfig" shadows', category=UserWarning)
+
+
+class ValidateSection(_Section):
+    """Validation on the EMA weights (raw weights without EMA), distributed across ranks:
+    FID against real images from the shards, plus a sample grid (scaletrain/eval/validate.py)."""
+
+    every_steps: int = Field(0, ge=0)  # 0 = off; else after every N-th global step
+    at_end: bool = False  # also once after the last step (skipped if that step was just validated)
+    # Reference set: the first num_images decodable samples of `shards` (default: data.shards;
+    # point it at a held-out set, e.g. `scaletrain data synth --seed 1`). Split across ranks.
+    num_images: int = Field(64, ge=2)
+    shards: str | list[str] | None = None
+    resolution: int | None = Field(None, gt=0)  # default: the current stage's resolution
+    steps: int = Field(20, gt=0)  # DDIM steps
+    guidance_scale: float = Field(3.0, ge=1.0)
+    seed: int = 0  # generated image i starts from noise seeded seed + i
+    batch_size: int = Field(32, gt=0)  # images per sampling call on each rank
+    # offline: scaletrain's deterministic extractor (metric fid_offline-gridorient), no download;
+    # inception: torch-fidelity InceptionV3 from inception_weights (metric fid_inception-v3).
+    feature_extractor: Literal["offline", "inception"] = "offline"
+    inception_weights: str | None = None
+
+
+class HealthSection(_Section):
+    """Training-health guard (scaletrain/train/health.py): a step whose all-reduced loss or
+    global grad norm is non-finite or spikes over its EMA is skipped on every rank; too many
+    bad steps in a window roll back to the last checkpoint with a lower LR."""
+
+    enabled: bool = True
+    # A step is bad when loss > loss_spike_factor x loss EMA, or grad norm > grad_spike_factor x
+    # grad-norm EMA (0 = no spike check on that signal; non-finite values are always bad).
+    loss_spike_factor: float = Field(3.0, ge=0.0)
+    grad_spike_factor: float = Field(5.0, ge=0.0)
+    ema_decay: float = Field(0.98, gt=0.0, lt=1.0)
+    min_steps: int = Field(20, ge=0)  # good steps in the EMAs before spike checks start
+    window: int = Field(20, gt=0)  # steps
+    max_bad_in_window: int = Field(3, gt=0)  # this many bad steps within `window` -> roll back
+    lr_factor: float = Field(0.5, gt=0.0, le=1.0)  # LR multiplier applied at each rollback
+    max_rollbacks: int = Field(3, ge=0)  # one more rollback than this stops the run
+    # Test hook: make the loss NaN on rank inject_nan_rank at these steps (counted without
+    # rollbacks: a step re-run after a rollback keeps counting up). Leave empty in real runs.
+    inject_nan_steps: list[int] = []
+    inject_nan_rank: int = Field(1, ge=0)
 
 
 class RunConfig(_Section):
@@ -138,6 +274,9 @@ class RunConfig(_Section):
     log: LogSection = LogSection()
     sample: SampleSection = SampleSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    ema: EMASection = EMASection()
+    validate: ValidateSection = ValidateSection()
+    health: HealthSection = HealthSection()
 
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> "RunConfig":
@@ -145,6 +284,9 @@ class RunConfig(_Section):
         world = int(ctx.get("world_size", 1))
         _check_preset_and_resolutions(self)
         _check_batch_identity(self, world)
+        _check_health(self, world)
+        _check_validate(self, world, check_paths=ctx.get("check_paths", True))
+        _check_engine_knobs(self, world)
         if ctx.get("check_paths", True):
             _check_shards(self)
             if self.engine.kind == "deepspeed":
@@ -173,6 +315,52 @@ def _check_preset_and_resolutions(cfg: RunConfig) -> None:
         raise ValueError(f"sample.resolution={cfg.sample.resolution} is not divisible by {f}; pick a multiple of {f}")
 
 
+def _check_validate(cfg: RunConfig, world: int, *, check_paths: bool) -> None:
+    v = cfg.validate
+    if not (v.every_steps or v.at_end):
+        return
+    from scaletrain.models.registry import get_preset
+
+    f = get_preset(cfg.model.preset).downsample_factor
+    if v.resolution is not None and v.resolution % f:
+        raise ValueError(f"validate.resolution={v.resolution} is not divisible by {f}; pick a multiple of {f}")
+    if v.num_images < world:
+        raise ValueError(f"validate.num_images={v.num_images} is fewer than the {world} ranks; "
+                         f"set validate.num_images>={world}")
+    if v.feature_extractor == "inception" and not v.inception_weights:
+        raise ValueError("validate.feature_extractor=inception needs validate.inception_weights=PATH "
+                         "(a local weights file; nothing is downloaded), or use validate.feature_extractor=offline")
+    if not check_paths:
+        return
+    if v.inception_weights and v.feature_extractor == "inception" and not Path(v.inception_weights).is_file():
+        raise ValueError(f"validate.inception_weights={v.inception_weights!r} does not exist; "
+                         "point it at a local InceptionV3 weights file")
+    if v.shards is not None:
+        from scaletrain.data.pipeline import expand_shards, missing_local_shards
+
+        missing = missing_local_shards(expand_shards(v.shards))
+        if missing:
+            raise ValueError(f"validate.shards: {missing[0]!r} does not exist; write shards with "
+                             "`scaletrain data synth --out DIR --seed 1` or fix the path")
+
+
+def _check_health(cfg: RunConfig, world: int) -> None:
+    h = cfg.health
+    if h.max_bad_in_window > h.window:
+        raise ValueError(f"health.max_bad_in_window={h.max_bad_in_window} exceeds health.window={h.window}, "
+                         f"so a rollback could never trigger; use at most {h.window}")
+    for name in ("loss_spike_factor", "grad_spike_factor"):
+        value = getattr(h, name)
+        if 0 < value <= 1:
+            raise ValueError(f"health.{name}={value} would flag ordinary steps (a factor of the EMA); "
+                             f"use a value above 1, e.g. 3, or 0 to disable")
+    if h.inject_nan_steps and h.inject_nan_rank >= world:
+        raise ValueError(f"health.inject_nan_rank={h.inject_nan_rank} but the world size is {world}; "
+                         f"use a rank below {world}")
+    if any(s < 1 for s in h.inject_nan_steps):
+        raise ValueError(f"health.inject_nan_steps={h.inject_nan_steps} must hold steps >= 1")
+
+
 def _check_batch_identity(cfg: RunConfig, world: int) -> None:
     for i, st in enumerate(cfg.train.stages):
         if st.global_batch is None:
@@ -189,6 +377,28 @@ def _check_batch_identity(cfg: RunConfig, world: int) -> None:
                 f"train.stages.{i}.global_batch={st.global_batch} but micro_batch {st.micro_batch} x "
                 f"grad_accum {st.grad_accum} x world size {world} = {got}; {fix}"
             )
+
+
+def _check_engine_knobs(cfg: RunConfig, world: int) -> None:
+    """Knobs that cannot work at this world size or on this machine fail here, not silently."""
+    import torch
+
+    e = cfg.engine
+    if e.kind == "fsdp":
+        e.fsdp.mesh_shape(world)
+    if e.kind == "ddp" and e.ddp.comm_hook == "bf16" and not torch.cuda.is_available():
+        raise ValueError("engine.ddp.comm_hook='bf16' needs CUDA GPUs with NCCL (torch refuses it on gloo); "
+                         "use fp16 or powersgd on this machine")
+    if e.kind == "deepspeed":
+        ds = e.deepspeed
+        for key in ("zero_quantized_weights", "zero_quantized_gradients"):
+            if getattr(ds, key) and not torch.cuda.is_available():
+                raise ValueError(f"engine.deepspeed.{key}=true needs CUDA GPUs (DeepSpeed's quantizer has no "
+                                 f"CPU kernels); set it to false on this machine")
+        hpz = ds.zero_hpz_partition_size
+        if hpz is not None and world % hpz:
+            raise ValueError(f"engine.deepspeed.zero_hpz_partition_size={hpz} does not divide the world size "
+                             f"{world}; use the number of ranks per node")
 
 
 def _check_shards(cfg: RunConfig) -> None:

@@ -2,6 +2,8 @@
 
 Export consolidates on one process (the one place a full gather is what the user asked
 for): DCP shards via ``dcp_to_torch_save`` then ``torch.load(weights_only=True)``;
+the EMA (``<ckpt>/ema/``, DCP on every engine) the same way, exported instead of the raw
+weights when present;
 DeepSpeed ZeRO partitions via DeepSpeed's ``zero_to_fp32`` reader. The result is written
 with ``save_pretrained`` (safetensors), loadable by the diffusers class alone.
 """
@@ -47,20 +49,44 @@ def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
         return torch.load(out, weights_only=True, map_location="cpu")["model"]
 
 
-def export_diffusers(src: str | Path, out: str | Path) -> Path:
+def ema_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's EMA as full tensors keyed like the Denoiser's parameters, or None
+    when it has none. Shapes are as saved: flat under ZeRO-3 (the caller reshapes)."""
+    ema_dir = info.path / "ema"
+    if not ema_dir.is_dir():
+        return None
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    # DCP -> one file without a process group, like the model above.
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ema.pt"
+        dcp_to_torch_save(str(ema_dir), str(out))
+        return torch.load(out, weights_only=True, map_location="cpu")["params"]
+
+
+def export_diffusers(src: str | Path, out: str | Path, *, use_ema: bool = True) -> tuple[Path, str]:
+    """Write the checkpoint's network with ``save_pretrained``: the EMA weights when the
+    checkpoint holds an EMA (and ``use_ema``), the raw weights otherwise. Returns the folder
+    and which weights went into it ("ema" or "raw")."""
     from scaletrain.models import build_denoiser_net
 
     info = resolve_checkpoint(src)
     preset = info.meta.get("preset")
     if not preset:
         raise ValueError(f"{info.path}/meta.json names no model preset; cannot rebuild the network")
-    state = consolidated_state_dict(info)
+    state = consolidated_state_dict(info)  # buffers (and any frozen params) come from here
+    ema = ema_state_dict(info) if use_ema else None
+    if ema is not None:
+        for name, value in ema.items():
+            if name not in state or state[name].numel() != value.numel():
+                raise ValueError(f"{info.path}/ema: {name!r} does not match the model's parameters")
+            state[name] = value.reshape(state[name].shape)
     net_state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     net = build_denoiser_net(preset)
     net.load_state_dict(net_state, strict=True)
     out = Path(out)
     net.save_pretrained(out, safe_serialization=True)
-    return out
+    return out, "ema" if ema is not None else "raw"
 
 
 def format_listing(ckpt_dir: Path) -> str:

@@ -4,6 +4,7 @@ Layout of one checkpoint (a shared filesystem visible to every rank is assumed):
 
     CKPT_DIR/step-00000120/          committed: renamed from step-00000120.partial
         engine/                      model + optimizer (DCP shards, or DeepSpeed ZeRO partitions)
+        ema/                         the sharded EMA (DCP on every engine), when ema.enabled
         rng-rank{r}.safetensors      each rank's torch (and CUDA) RNG state
         trainer_state.json           step, stage, images seen, data position, loss EMA, ...
         meta.json                    written last, before the rename: engine, world size, sizes
@@ -93,10 +94,14 @@ def _barrier() -> None:
 
 
 class CheckpointManager:
-    def __init__(self, cfg, run_dir: Path, engine, dist_info) -> None:
+    def __init__(self, cfg, run_dir: Path, engine, dist_info, extra_states: dict | None = None) -> None:
         self.cfg = cfg  # the `checkpoint` config section
         self.dir = Path(cfg.dir) if cfg.dir else run_dir / "checkpoints"
         self.engine, self.dist = engine, dist_info
+        # Other state that must survive a restart, each in its own DCP folder <ckpt>/<name>/ on
+        # every engine (e.g. "ema": train.ema.ShardedEMA). Each has collective save(path) and
+        # load(path | None); None = this checkpoint predates it.
+        self.extra_states = dict(extra_states or {})
         self._last_save_time = time.monotonic()
         self._pending = None
         # Async writes run their collectives from a background thread: give them their own
@@ -145,6 +150,11 @@ class CheckpointManager:
         save_file(_rng_state(self.dist.device), str(tmp / f"rng-rank{self.dist.rank}.safetensors"))
         if self.dist.is_main:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        # Extra states are written synchronously, also when the engine's write is async: a
+        # second async DCP write would need its own process group to stay ordered. The EMA is
+        # 1/world of the fp32 weights per rank, a third of what the weights + AdamW moments write.
+        for name, state in self.extra_states.items():
+            state.save(tmp / name)
         future = None
         if self._async_group is not None:
             future = self.engine.async_save_state(tmp / "engine", self._async_group)
@@ -193,9 +203,22 @@ class CheckpointManager:
         if self.cfg.resume == "never":
             return None
         info = latest_checkpoint(self.dir)
-        if info is None:
-            return None
+        return None if info is None else self.load(info)
+
+    def load_step(self, step: int) -> dict:
+        """Collective. Load the committed checkpoint of ``step`` (the health guard's rollback),
+        whatever ``checkpoint.resume`` says."""
+        found = [c for c in list_checkpoints(self.dir) if c.complete and c.step == step]
+        if not found:
+            raise FileNotFoundError(f"no complete checkpoint for step {step} under {self.dir}")
+        return self.load(found[0])
+
+    def load(self, info: CheckpointInfo) -> dict:
+        """Collective. Load one checkpoint into the engine, extra states and RNG; returns the
+        trainer state."""
         self.engine.load_state(info.path / "engine")
+        for name, state in self.extra_states.items():
+            state.load(info.path / name if (info.path / name).is_dir() else None)
         rng_file = info.path / f"rng-rank{self.dist.rank}.safetensors"
         # At another world size a rank may have no RNG file of its own; rank-local RNG only
         # drives dropout-like noise inside models, never the objective's noise (keyed per sample).

@@ -7,7 +7,10 @@ The loop is always::
         with engine.micro_step(is_last=i == grad_accum - 1):
             loss = objective(engine.module(*inputs))
             engine.backward(loss)                           # raw micro-batch loss
+    norm = engine.grad_norm()                               # optional: pre-clip global norm
     stats = engine.step(lr)                                 # clip, optimizer step, zero grads
+    # or, when the health guard rejects the step (same decision on every rank):
+    stats = engine.skip_step(lr)                            # drop grads; weights, moments untouched
 
 and never asks which engine it has. Each engine scales the micro loss by 1/grad_accum (or
 lets DeepSpeed do it), skips gradient synchronisation on non-final micro-steps, and returns
@@ -30,6 +33,68 @@ from torch import nn
 class StepStats:
     grad_norm: float
     lr: float
+    skipped: bool = False  # the optimizer did not step (health guard)
+
+
+@dataclass
+class LocalShard:
+    """This rank's part of one trainable parameter, as a DTensor layout (for the sharded EMA).
+
+    ``local`` is a view into the engine's own parameter storage (writing it changes what the
+    module computes with). ``mesh``/``placements``/``global_shape`` say which part of the
+    global tensor it is, so a DTensor built on them is reshardable by DCP.
+    """
+
+    name: str  # the Denoiser's parameter name (its state_dict key)
+    local: torch.Tensor
+    mesh: object  # torch.distributed.device_mesh.DeviceMesh
+    placements: tuple
+    global_shape: torch.Size  # the parameter's shape, or (numel,) where the layout is flat (ZeRO-3)
+    shape: torch.Size  # the parameter's own shape
+    # Replicated engines (DDP, ZeRO-1/2): the whole parameter, present on every rank; writing
+    # ``local`` alone would leave the other ranks' parts of this copy stale.
+    full: torch.Tensor | None = None
+    # An fp32 master copy of ``local`` (ZeRO-3 bf16) to average instead of the bf16 weights.
+    master: torch.Tensor | None = None
+
+
+def world_mesh(engine: "Engine", device_type: str):
+    """A 1-D DeviceMesh over all ranks, for DTensors of replicated or ZeRO-partitioned
+    parameters. Collective the first time; kept on the engine so ``close`` drops it (a mesh
+    outliving the process group aborts the exit, see distributed.shutdown_distributed)."""
+    if getattr(engine, "_shard_mesh", None) is None:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        engine._shard_mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    return engine._shard_mesh
+
+
+def chunk_bounds(numel: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, end) of rank's part of ``numel`` elements under DTensor Shard(0) (torch.chunk:
+    ceil-sized parts, trailing ranks short or empty); DeepSpeed ZeRO-3 partitions the same way."""
+    size = -(-numel // world)
+    start = min(rank * size, numel)
+    return start, min(start + size, numel)
+
+
+def replicated_param_shards(named_params, mesh) -> list[LocalShard]:
+    """Shards of parameters every rank holds whole: each rank takes its Shard(0) chunk along
+    dim 0 (the same layout FSDP2 uses), so an EMA of it costs 1/world memory and no
+    communication, and DCP checkpoints of it are interchangeable with FSDP2's."""
+    from torch.distributed.tensor import Shard
+
+    rank, world = mesh.get_local_rank(), mesh.size()
+    out = []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        data = p.detach()
+        if data.dim() == 0:  # a scalar cannot be chunked: view it as one element
+            data = data.view(1)
+        start, end = chunk_bounds(data.shape[0], rank, world)
+        out.append(LocalShard(name, data[start:end], mesh, (Shard(0),), data.shape, p.shape, full=data))
+    return out
 
 
 class Engine(ABC):
@@ -64,7 +129,17 @@ class Engine(ABC):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
+    def grad_norm(self) -> float:
+        """Collective: the pre-clip global gradient norm, the same value on every rank.
+        Call after the last micro-step's backward; ``step`` reuses it instead of recomputing."""
+
+    @abstractmethod
     def step(self, lr: float) -> StepStats: ...
+
+    @abstractmethod
+    def skip_step(self, lr: float) -> StepStats:
+        """Collective: discard this step's gradients without touching weights or optimizer
+        state (every rank must call it together), leaving the engine ready for the next step."""
 
     @abstractmethod
     def local_param_numel(self) -> int:
@@ -75,6 +150,15 @@ class Engine(ABC):
 
     @abstractmethod
     def unwrapped_parameters(self) -> list[nn.Parameter]: ...
+
+    def local_param_shards(self, release_gathered: bool = False) -> list[LocalShard]:
+        """This rank's part of each trainable parameter, as views into the engine's storage
+        (no communication). Fresh views each call: engines may re-point storage after a step.
+
+        ``release_gathered`` first drops any gathered whole copy of sharded parameters (FSDP2
+        unsharded params, ZeRO-3 params kept for reuse), so that writes to the shards are what
+        the next forward computes with."""
+        raise NotImplementedError(f"engine {self.name!r} does not expose local parameter shards")
 
     @abstractmethod
     def save_state(self, path: Path) -> None:
@@ -94,7 +178,7 @@ class Engine(ABC):
 
     def close(self) -> None:
         """Drop references to wrapped modules and optimizer state before the process group goes."""
-        for attr in ("module", "optimizer", "ds"):
+        for attr in ("module", "optimizer", "ds", "_shard_mesh"):
             if hasattr(self, attr):
                 setattr(self, attr, None)
 
@@ -131,9 +215,19 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def clip_and_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Pre-clip global grad norm; clips in place when max_norm > 0. Works on DTensor grads."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+def total_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """Pre-clip global L2 grad norm (a DTensor under FSDP2; ``norm_value`` reduces it).
+    With ``clip_with_norm`` this is exactly ``clip_grad_norm_`` split in two, so the health
+    guard can look at the norm before deciding whether the optimizer steps."""
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def clip_with_norm(params: list[nn.Parameter], max_norm: float, norm: torch.Tensor) -> None:
+    """Clip in place to ``max_norm`` (0 = off; the grads are then multiplied by 1.0, as before)."""
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm if max_norm > 0 else float("inf"), norm)
+
+
+def norm_value(norm: torch.Tensor) -> float:
     if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor reduced over the mesh
         norm = norm.full_tensor()
     return float(norm)

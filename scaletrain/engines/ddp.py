@@ -20,7 +20,15 @@ class DDPEngine(TorchOptimizerEngine):
         self.cfg = cfg
         self.device_type = dist_info.device.type
         ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-        self.module = DistributedDataParallel(denoiser, device_ids=ids)
+        knobs = cfg.engine.ddp
+        self.module = DistributedDataParallel(
+            denoiser,
+            device_ids=ids,
+            bucket_cap_mb=knobs.bucket_cap_mb,
+            gradient_as_bucket_view=knobs.gradient_as_bucket_view,
+            static_graph=knobs.static_graph,
+        )
+        self.comm_hook_state = apply_comm_hook(self.module, knobs)
         self.state_module = denoiser
         self.optimizer = build_adamw(self.module.parameters(), cfg.optim)
 
@@ -35,3 +43,27 @@ class DDPEngine(TorchOptimizerEngine):
 
     def local_param_numel(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
+
+
+def apply_comm_hook(ddp: DistributedDataParallel, knobs) -> object | None:
+    """Register ``engine.ddp.comm_hook`` on ``ddp``; returns the hook state (PowerSGD's counts
+    optimizer steps and holds its error-feedback buffers), None for the stateless hooks.
+
+    The hooks are torch's own (``ddp_comm_hooks``). PowerSGD's state is not checkpointed: after
+    a resume it runs ``powersgd_start_step`` exact steps again and rebuilds its error feedback.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if knobs.comm_hook == "none":
+        return None
+    if knobs.comm_hook in ("fp16", "bf16"):
+        hook = default_hooks.fp16_compress_hook if knobs.comm_hook == "fp16" else default_hooks.bf16_compress_hook
+        ddp.register_comm_hook(None, hook)  # None: the default process group
+        return None
+    state = powerSGD_hook.PowerSGDState(
+        process_group=None,
+        matrix_approximation_rank=knobs.powersgd_rank,
+        start_powerSGD_iter=knobs.powersgd_start_step,
+    )
+    ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    return state

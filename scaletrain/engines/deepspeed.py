@@ -11,9 +11,12 @@ import contextlib
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import Shard
 
-from scaletrain.engines.base import Engine, StepStats, build_adamw
+from scaletrain.engines.base import (Engine, LocalShard, StepStats, build_adamw, chunk_bounds,
+                                      replicated_param_shards, world_mesh)
 from scaletrain.engines.ds_config import fill_deepspeed_config, load_deepspeed_json
 
 
@@ -26,6 +29,7 @@ class DeepSpeedEngine(Engine):
 
         self.cfg = cfg
         self.world_size = dist_info.world_size
+        self.device = dist_info.device
         ds_cfg = fill_deepspeed_config(
             load_deepspeed_json(cfg.engine.deepspeed_config),
             cfg,
@@ -55,26 +59,117 @@ class DeepSpeedEngine(Engine):
         self.ds.set_train_batch_size(micro_batch * grad_accum * self.world_size)
 
     def _sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
-        # We call ds.step() once per optimizer step, so tell DeepSpeed where the boundary is
-        # (it then skips gradient reduction on the other micro-steps).
+        # We call ds.step() once per optimizer step, so tell DeepSpeed where the boundary is.
+        # ZeRO-1 then skips gradient reduction on the other micro-steps; ZeRO-2/3 still
+        # reduce-scatter on every micro-step (each rank keeps only its gradient partition;
+        # DeepSpeed's no_sync() refuses those stages). tests/distributed/test_comm_knobs.py.
         self.ds.set_gradient_accumulation_boundary(is_last)
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
 
+    _pending_norm: float | None = None  # grad_norm() of this step, reused by skip_step()
+
+    def grad_norm(self) -> float:
+        """The pre-clip global norm of the ZeRO gradient partitions, before ``ds.step()``.
+
+        DeepSpeed computes this norm only inside ``ds.step()``, after which it is too late to
+        skip; so it is taken here (``ds.step()`` computes it again: one more pass over the
+        local partition and a scalar all-reduce per step).
+        """
+        opt = self.ds.optimizer
+        self._pending_norm = None
+        if self.zero_stage >= 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            # Public ZeRO-3 API: this rank's fp32 gradient partition of each parameter.
+            sq = torch.zeros((), dtype=torch.float32, device=self.device)
+            for p in self.ds.module.parameters():
+                if p.requires_grad and p.ds_tensor.numel():
+                    sq += safe_get_local_grad(p).float().pow(2).sum()
+            dist.all_reduce(sq, group=opt.dp_process_group)
+            self._pending_norm = float(sq.sqrt())
+        elif self.zero_stage in (1, 2):
+            # The ZeRO-1/2 optimizer's own routine (the one ds.step() clips with); collective.
+            # It reports a non-finite norm as +inf.
+            self._pending_norm = float(opt.scaled_global_norm()) / float(opt.loss_scale)
+        if self._pending_norm is not None:
+            return self._pending_norm
+        raise RuntimeError("the health guard needs ZeRO stage 1, 2 or 3 under DeepSpeed; "
+                           "set zero_optimization.stage in engine.deepspeed_config or health.enabled=false")
+
     def step(self, lr: float) -> StepStats:
+        self._pending_norm = None
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         return StepStats(grad_norm=float("nan") if norm is None else float(norm), lr=lr)
 
+    def skip_step(self, lr: float) -> StepStats:
+        """Skip through DeepSpeed's own overflow path: mark this rank's gradients invalid (NaN),
+        then ``ds.step()``. ZeRO sees a non-finite global norm, drops the gradients and its
+        buffers without an optimizer step, counts ``skipped_steps`` and keeps its micro-step
+        and boundary counters consistent -- the path fp16 overflows take, and with fp32 or
+        bf16 (``check_grad_overflow``, default true) the one a NaN gradient takes anyway."""
+        norm = self._pending_norm if self._pending_norm is not None else self.grad_norm()
+        self._pending_norm = None
+        opt = self.ds.optimizer
+        if self.zero_stage < 3 and getattr(opt, "dtype", None) == torch.bfloat16 and not opt.check_grad_overflow:
+            # ZeRO-1/2 bf16 would apply the NaN step: refuse before touching the gradients.
+            raise RuntimeError("the health guard skips steps through DeepSpeed's overflow check; set "
+                               "bf16.check_grad_overflow=true in engine.deepspeed_config or health.enabled=false")
+        from deepspeed.utils import safe_set_full_grad, safe_set_local_grad
+
+        params = [p for p in self.ds.module.parameters() if p.requires_grad]
+        if self.zero_stage >= 3:  # one NaN in this rank's partition spoils the global norm
+            p = next(p for p in params if p.ds_tensor.numel())
+            safe_set_local_grad(p, torch.full((p.ds_tensor.numel(),), float("nan"), device=self.device))
+        else:  # ZeRO-1/2: each rank writes the fragments it owns of every parameter's gradient
+            for p in params:
+                safe_set_full_grad(p, torch.full(p.shape, float("nan"), device=self.device))
+        self.ds.step()
+        if not getattr(self.ds.optimizer, "overflow", False):
+            raise RuntimeError("DeepSpeed applied a step the health guard asked to skip; keep "
+                               "bf16.check_grad_overflow true in engine.deepspeed_config")
+        return StepStats(grad_norm=norm, lr=lr, skipped=True)
+
     def local_param_numel(self) -> int:
         return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.ds.module.parameters())
 
     def full_param_numel(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.ds.module.parameters())
+
+    def local_param_shards(self, release_gathered: bool = False) -> list[LocalShard]:
+        params = [(n, p) for n, p in self.ds.module.named_parameters() if p.requires_grad]
+        mesh = world_mesh(self, "cuda" if torch.cuda.is_available() else "cpu")
+        if self.zero_stage < 3:  # ZeRO-1/2 keep whole parameters on every rank
+            return replicated_param_shards(params, mesh)
+        if release_gathered:
+            # ZeRO-3 keeps gathered params for reuse (max_reuse_distance) and persistent ones
+            # whole; a forward would use those copies. Release all: the next forward gathers
+            # from the partitions. Costs a gc.collect, so not on every EMA update.
+            self.ds.empty_partition_cache()
+        rank, world = mesh.get_local_rank(), mesh.size()
+        out = []
+        for name, p in params:
+            # p.ds_tensor is this rank's flat partition of ceil(numel/world) elements, zero-padded
+            # on the last ranks: exactly DTensor Shard(0) of the flattened parameter once the
+            # padding is cut off. MiCS/hpZ partition over sub-groups, which this does not cover.
+            part = p.ds_tensor.detach().view(-1)
+            if part.numel() != -(-p.ds_numel // world):
+                raise RuntimeError(f"{name}: ZeRO-3 partition of {part.numel()} elements is not "
+                                   f"ceil({p.ds_numel}/{world}); partitioned sub-groups are not supported")
+            start, end = chunk_bounds(p.ds_numel, rank, world)
+            master = None
+            if part.dtype != torch.float32:  # bf16 weights: average the optimizer's fp32 master
+                from deepspeed.utils import safe_get_local_fp32_param
+
+                master = safe_get_local_fp32_param(p).view(-1)[: end - start]
+            out.append(LocalShard(name, part[: end - start], mesh, (Shard(0),), torch.Size([p.ds_numel]),
+                                  p.ds_shape, master=master))
+        return out
 
     def save_state(self, path: Path) -> None:
         # DeepSpeed's own format: each rank writes its ZeRO partition of parameters and

@@ -50,6 +50,34 @@ def _fill(node: dict, key: str, value: Any, where: str, owner: str) -> None:
         )
 
 
+# Knobs DeepSpeed reads only at some ZeRO stages; set at another stage it would ignore them silently.
+_ZERO3_ONLY = ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "zero_hpz_partition_size",
+               "zero_quantized_weights", "zero_quantized_gradients")
+_ZERO12_ONLY = ("allgather_bucket_size",)
+
+
+def _fill_zero_knobs(ds: dict, cfg: "RunConfig") -> None:
+    """engine.deepspeed.* into zero_optimization: fill "auto"/absent keys, refuse conflicts and
+    knobs the JSON's stage would ignore. An "auto" key the recipe leaves null is dropped, so
+    DeepSpeed applies its own default."""
+    zero = ds.setdefault("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    for key, value in cfg.engine.deepspeed.model_dump().items():
+        owner = f"engine.deepspeed.{key}"
+        if value is None:
+            if zero.get(key) == "auto":
+                del zero[key]
+            continue
+        noop = value is False or (key == "zero_hpz_partition_size" and value == 1)
+        if not noop and (stage == 0 or (key in _ZERO3_ONLY and stage != 3) or (key in _ZERO12_ONLY and stage == 3)):
+            want = "3" if key in _ZERO3_ONLY else "1 or 2" if key in _ZERO12_ONLY else "1, 2 or 3"
+            raise ValueError(
+                f"{owner}={value!r} applies to ZeRO stage {want}, but {cfg.engine.deepspeed_config} has "
+                f"zero_optimization.stage={stage}; remove it or pick another engine.deepspeed_config"
+            )
+        _fill(zero, key, value, f"zero_optimization.{key}", owner)
+
+
 def fill_deepspeed_config(
     raw: dict, cfg: "RunConfig", *, micro_batch: int, grad_accum: int, world_size: int
 ) -> dict:
@@ -65,6 +93,7 @@ def fill_deepspeed_config(
     _fill(bf16, "enabled", cfg.engine.precision == "bf16", "bf16.enabled", "engine.precision")
     fp16 = ds.setdefault("fp16", {})
     _fill(fp16, "enabled", False, "fp16.enabled", "engine.precision (fp16 is not supported; use bf16)")
+    _fill_zero_knobs(ds, cfg)
     if "optimizer" in ds:
         params = ds["optimizer"].setdefault("params", {})
         _fill(params, "lr", cfg.optim.lr, "optimizer.params.lr", "optim.lr")

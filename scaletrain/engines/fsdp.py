@@ -6,10 +6,11 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
-from scaletrain.engines.base import build_adamw
+from scaletrain.engines.base import LocalShard, build_adamw, replicated_param_shards, world_mesh
 from scaletrain.engines.torch_engine import TorchOptimizerEngine
 
 
@@ -26,13 +27,15 @@ class FSDPEngine(TorchOptimizerEngine):
             if cfg.engine.precision == "bf16"
             else MixedPrecisionPolicy()
         )
-        mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
-        reshard = cfg.engine.fsdp.reshard_after_forward
+        knobs = cfg.engine.fsdp
+        mesh = build_fsdp_mesh(dist_info.device.type, dist_info.world_size, knobs.mesh_shape(dist_info.world_size))
+        reshard = knobs.reshard_after_forward
         for unit in units:
             fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         # The root is resharded too: its own parameters (embeddings, in/out convs) are small,
         # and keeping them gathered would break the "about 1/world per rank" storage promise.
         fully_shard(denoiser, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        apply_prefetch(denoiser, units, forward=knobs.forward_prefetch, backward=knobs.backward_prefetch)
         self.module = self.state_module = denoiser
         self.optimizer = build_adamw(denoiser.parameters(), cfg.optim)
 
@@ -41,6 +44,56 @@ class FSDPEngine(TorchOptimizerEngine):
 
     def local_param_numel(self) -> int:
         return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.module.parameters())
+
+    def local_param_shards(self, release_gathered: bool = False) -> list[LocalShard]:
+        # A module left unsharded (reshard_after_forward=False, or a forward without backward)
+        # computes from its gathered copy, which would ignore writes to the shards.
+        if release_gathered:
+            for m in self.module.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+        out, plain = [], []
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if isinstance(p, DTensor):  # the local tensor is a view of FSDP2's sharded storage
+                out.append(LocalShard(name, p.to_local().detach(), p.device_mesh, tuple(p.placements),
+                                      p.shape, p.shape))
+            else:  # a parameter outside every fully_shard unit stays whole on each rank
+                plain.append((name, p))
+        if plain:
+            out += replicated_param_shards(plain, world_mesh(self, plain[0][1].device.type))
+        return out
+
+
+def build_fsdp_mesh(device_type: str, world: int, shape: tuple[int, int] | None) -> DeviceMesh:
+    """1-D mesh over all ranks (FSDP), or a 2-D (replicate, shard) mesh (HSDP): fully_shard
+    then shards over "shard" and all-reduces gradients over "replicate". Ranks of one shard
+    group are consecutive, so shard_size = ranks per node keeps all-gathers inside a node."""
+    if shape is None:
+        return init_device_mesh(device_type, (world,))
+    return init_device_mesh(device_type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def apply_prefetch(root: nn.Module, units: list[nn.Module], *, forward: int, backward: int) -> None:
+    """Explicit all-gather prefetch over the plan's units (which are in forward order).
+
+    forward=N: each unit (and the root, for the first units) issues the next N units'
+    all-gathers as it starts, instead of each unit gathering on entry. backward=N > 1: each
+    unit prefetches the N units that run after it in backward; 1 keeps FSDP2's implicit
+    one-ahead prefetch. Earlier gathers overlap more but hold more unsharded parameters.
+    """
+    if forward > 0:
+        root.set_modules_to_forward_prefetch(units[:forward])
+        for i, unit in enumerate(units):
+            nxt = units[i + 1 : i + 1 + forward]
+            if nxt:
+                unit.set_modules_to_forward_prefetch(nxt)
+    if backward > 1:
+        for i, unit in enumerate(units):
+            prev = list(reversed(units[max(0, i - backward) : i]))
+            if prev:
+                unit.set_modules_to_backward_prefetch(prev)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from scaletrain.engines.base import Engine, StepStats, clip_and_norm, set_lr
+from scaletrain.engines.base import (Engine, LocalShard, StepStats, clip_with_norm, norm_value,
+                                      replicated_param_shards, set_lr, total_grad_norm, world_mesh)
 
 
 def save_dcp_state(module: nn.Module, optimizer, path: Path) -> None:
@@ -54,12 +55,31 @@ class TorchOptimizerEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
 
+    _pending_norm: tuple[torch.Tensor, float] | None = None  # grad_norm() result, used by step()
+
+    def grad_norm(self) -> float:
+        # FSDP2: the norm of the sharded grads is all-reduced over the mesh; DDP: grads are
+        # already all-reduced. Either way every rank holds the same value.
+        norm = total_grad_norm(list(self.module.parameters()))
+        self._pending_norm = (norm, norm_value(norm))
+        return self._pending_norm[1]
+
     def step(self, lr: float) -> StepStats:
+        if self._pending_norm is None:
+            self.grad_norm()
+        (norm, value), self._pending_norm = self._pending_norm, None
         set_lr(self.optimizer, lr)
-        norm = clip_and_norm(list(self.module.parameters()), self.cfg.optim.grad_clip)
+        clip_with_norm(list(self.module.parameters()), self.cfg.optim.grad_clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(grad_norm=norm, lr=lr)
+        return StepStats(grad_norm=value, lr=lr)
+
+    def skip_step(self, lr: float) -> StepStats:
+        # No optimizer.step(): AdamW's moments and step count stay as they were.
+        value = self._pending_norm[1] if self._pending_norm is not None else self.grad_norm()
+        self._pending_norm = None
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(grad_norm=value, lr=lr, skipped=True)
 
     def save_state(self, path: Path) -> None:
         save_dcp_state(self.state_module, self.optimizer, path)
@@ -72,6 +92,12 @@ class TorchOptimizerEngine(Engine):
 
     def unwrapped_parameters(self) -> list[nn.Parameter]:
         return list(self.state_module.parameters())
+
+    def local_param_shards(self, release_gathered: bool = False) -> list[LocalShard]:
+        # DDP (and one process): every rank holds whole parameters; each keeps its dim-0 chunk.
+        params = list(self.state_module.named_parameters())
+        mesh = world_mesh(self, params[0][1].device.type)
+        return replicated_param_shards(params, mesh)
 
     def close(self) -> None:
         self.state_module = None

@@ -7,6 +7,7 @@ method. The loop never asks which engine it has (see ``engines.base``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -29,6 +30,9 @@ from scaletrain.distributed import DistInfo, all_reduce_mean, all_reduce_sum
 from scaletrain.engines import build_engine
 from scaletrain.eval.samples import generate_samples, save_image_grid
 from scaletrain.models import build_model
+from scaletrain.train.ema import build_ema
+from scaletrain.train.health import HealthGuard, HealthStop, poison, quarantine
+from scaletrain.train.comm_profile import CommProfiler
 from scaletrain.train.metrics import LossEMA, MetricsLogger
 from scaletrain.train.schedule import lr_at
 
@@ -71,10 +75,14 @@ class Trainer:
             min_snr_gamma=cfg.diffusion.min_snr_gamma,
         )
         self.noise_scheduler = build_noise_scheduler(self.objective)
+        self.comm_profiler = CommProfiler(cfg.engine.comm_profile_every, self.device)  # off at 0
         first = cfg.train.stages[0]
         self.engine = build_engine(
             cfg, self.model.denoiser, dist_info, micro_batch=first.micro_batch, grad_accum=first.grad_accum
         )
+        # Sharded EMA beside the engine's shards (None when ema.enabled is false); built before
+        # the checkpoint manager so a resume loads it too.
+        self.ema = build_ema(self.engine, cfg.ema)
         self.shards = expand_shards(cfg.data.shards)
         self.total_steps = sum(s.steps for s in cfg.train.stages)
         self.step = 0
@@ -88,16 +96,24 @@ class Trainer:
         self.stage_index, self.step_in_stage = 0, 0  # where the loop (re)starts
         self.stopped_early = False
         self._sigterm = False
-        self.ckpt = CheckpointManager(cfg.checkpoint, self.run_dir, self.engine, dist_info)
+        self.health = HealthGuard(cfg.health)
+        # Optimizer-step attempts, never rewound by a rollback (the test hook counts these).
+        self.attempt = 0
+        self.good_ckpt_step: int | None = None  # the checkpoint a rollback returns to
+        self.ckpt = CheckpointManager(cfg.checkpoint, self.run_dir, self.engine, dist_info,
+                                      extra_states={"ema": self.ema} if self.ema is not None else None)
         resumed = self.ckpt.load_latest()
         if resumed is not None:
             self.restore(resumed)
+            self.good_ckpt_step = self.attempt = self.step
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         if cfg.checkpoint.on_sigterm:
             signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.validator = None  # built at the first validation (scaletrain.eval.validate)
+        self.last_validated_step = -1
         self.logger = MetricsLogger(
             self.run_dir,
             enabled=dist_info.is_main,
@@ -120,13 +136,16 @@ class Trainer:
         if self.step:
             self.logger.event(f"resumed at step {self.step} (stage {self.stage_index}, "
                               f"step {self.step_in_stage} of it) from {self.resumed_from}")
-        for index, stage in enumerate(self.cfg.train.stages):
-            if index < self.stage_index:
-                continue
-            if not self.run_stage(index, stage):
+        stages = self.cfg.train.stages
+        index = self.stage_index
+        while index < len(stages):
+            if not self.run_stage(index, stages[index]):
                 break
+            index = self.stage_index  # the next stage, or after a rollback the checkpoint's
         for record in self.ckpt.finalize():  # commit a pending async checkpoint
             self.logger.log({"step": self.step, **record})
+        if self.cfg.validate.at_end and not self.stopped_early and self.last_validated_step != self.step:
+            self.validate(self.cfg.train.stages[-1].resolution)
         if self.cfg.sample.at_end and not self.stopped_early:
             self.write_samples(self.run_dir / "samples.png")
         summary = self.summary()
@@ -147,7 +166,9 @@ class Trainer:
         self.engine.configure_stage(stage.micro_batch, stage.grad_accum)
         # Resume mid-stage: skip the micro-batches this stage already consumed (exact for a
         # deterministic stream at the same global batch; see data.pipeline).
-        batches = self.build_batches(stage.resolution, stage.micro_batch, skip=start * stage.grad_accum)
+        # After a health rollback the stream also skips the stretch rolled back over (data_skip).
+        batches = self.build_batches(stage.resolution, stage.micro_batch,
+                                     skip=start * stage.grad_accum + self.health.data_skip.get(index, 0))
         global_batch = stage.micro_batch * stage.grad_accum * world
         base_lr = stage.lr or cfg.optim.lr
         warmup = cfg.optim.warmup_steps if stage.warmup_steps is None else stage.warmup_steps
@@ -155,32 +176,46 @@ class Trainer:
                           f"global batch {global_batch} = {stage.micro_batch} x {stage.grad_accum} x {world}")
         stage_start, stage_images = time.perf_counter(), 0
         for step_in_stage in range(start, stage.steps):
+            self.comm_profiler.start(self.step + 1)  # a sampled step runs under torch.profiler
             t0 = time.perf_counter()
             lr = lr_at(step_in_stage, total_steps=stage.steps, base_lr=base_lr, warmup_steps=warmup,
-                       schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
-            loss_sum, wait, skipped = 0.0, 0.0, 0
+                       schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio) * self.health.lr_scale
+            loss_sum, wait, skipped, keys = 0.0, 0.0, 0, []
             for micro in range(stage.grad_accum):
                 tw = time.perf_counter()
                 batch = next(batches)
                 wait += time.perf_counter() - tw
                 skipped += int(batch.get("skipped", 0))
+                keys += list(batch.get("keys", []))
                 loss_sum += self.forward_backward_step(batch, is_last=micro == stage.grad_accum - 1)
-            stats = self.engine.step(lr)
-            loss, wait = all_reduce_mean([loss_sum / stage.grad_accum, wait], self.device)
+            # The health guard judges the all-reduced loss and the global grad norm, so every
+            # rank reaches the same verdict; a bad step is skipped by the engine on all ranks.
+            local_loss = loss_sum / stage.grad_accum
+            norm = self.engine.grad_norm() if cfg.health.enabled else float("nan")
+            loss, wait, norm = all_reduce_mean([local_loss, wait, norm], self.device)
+            verdict = self.health.check(self.attempt + 1, loss, norm) if cfg.health.enabled else None
+            stats = self.engine.skip_step(lr) if verdict and verdict.bad else self.engine.step(lr)
+            self.attempt += 1
+            if self.ema is not None and not stats.skipped:
+                self.ema.maybe_update(self.step + 1)  # local shards only, no communication
             # One collective carries the counters and every rank's stop/save signals, so the
             # decision is the same on all ranks (a SIGTERM may reach only some of them).
             minutes_due = self.dist.is_main and self.ckpt.minutes_due()
             skipped, sigterm, minutes_due = all_reduce_sum([skipped, self._sigterm, minutes_due], self.device)
             skipped = int(skipped)
             dt = time.perf_counter() - t0
+            self.comm_profiler.stop()
             self.step += 1
             self.images_seen += global_batch
             stage_images += global_batch
             self.skipped_samples += skipped
             self.train_seconds += dt
-            self.last_loss = loss
+            if not stats.skipped:
+                self.last_loss = loss
             self.step_in_stage = step_in_stage + 1
             self.log_step(index, stage, loss, stats, dt, wait, skipped, global_batch)
+            if verdict and verdict.bad and self.on_bad_step(index, stage, verdict, norm, keys, local_loss):
+                return True  # rolled back: train() re-enters at the checkpoint's stage and step
             stage_end = self.step_in_stage == stage.steps
             stop = bool(sigterm) or self.step == cfg.run.stop_at_step
             if stage_end:
@@ -191,6 +226,9 @@ class Trainer:
                 self.stage_index, self.step_in_stage = index + 1, 0
             if stop or minutes_due or self.ckpt.due(self.step, stage_end=stage_end):
                 self.save_checkpoint()
+            every = cfg.validate.every_steps
+            if every and self.step % every == 0 and not stop:
+                stage_start += self.validate(stage.resolution)  # keeps the stage's img/s training-only
             if stop:
                 self.stopped_early = True
                 why = "SIGTERM (pre-emption)" if sigterm else f"run.stop_at_step={cfg.run.stop_at_step}"
@@ -202,6 +240,51 @@ class Trainer:
     def save_checkpoint(self) -> None:
         for record in self.ckpt.save(self.step, self.state_dict()):
             self.logger.log({"step": self.step, **record})
+        self.good_ckpt_step = self.step  # skipped steps leave weights untouched: still good
+
+    def on_bad_step(self, index: int, stage, verdict, norm: float, keys: list[str], local_loss: float) -> bool:
+        """Collective (every rank has the same verdict): quarantine the step's batch keys, and
+        roll back when the window is full. True when the loop must restart from a checkpoint."""
+        path = self.run_dir / "quarantine.jsonl"
+        quarantine(path, {"step": self.step, "attempt": self.attempt, "stage": index, "reason": verdict.reason,
+                          "grad_norm": norm}, keys=keys, loss=local_loss, rank=self.dist.rank,
+                   is_main=self.dist.is_main)
+        self.logger.event(f"health: step {self.step} skipped on every rank ({verdict.reason}); "
+                          f"its batch keys are in {path}")
+        if not verdict.rollback:
+            return False
+        h = self.cfg.health
+        why = (f"{h.max_bad_in_window} bad steps within {h.window} at step {self.step}; check {path} for the "
+               f"batches and lower optim.lr (LR scale now {self.health.lr_scale:g})")
+        if not self.health.can_roll_back:
+            raise HealthStop(f"health guard stopped the run after {self.health.rollbacks} rollback(s) "
+                             f"(health.max_rollbacks={h.max_rollbacks}): {why}")
+        for record in self.ckpt.finalize():  # a pending async save is the newest good state
+            self.logger.log({"step": self.step, **record})
+        if self.good_ckpt_step is None:
+            raise HealthStop(f"health guard found no checkpoint to roll back to: {why}; "
+                             f"set checkpoint.every_steps")
+        self.rollback(index, stage)
+        return True
+
+    def rollback(self, index: int, stage) -> None:
+        """Collective: reload the last good checkpoint (weights, optimizer, EMA, RNG, counters),
+        keep the guard's live counters, scale the LR by health.lr_factor, and make stage
+        ``index``'s stream skip every micro-batch consumed since that checkpoint, so the re-run
+        steps see new data rather than the batches that went bad."""
+        from_step, consumed = self.step, self.step_in_stage
+        live = self.health.state_dict()
+        state = self.ckpt.load_step(self.good_ckpt_step)
+        self.restore(state)
+        self.health.load_state_dict(live)
+        back = state["step_in_stage"] if state["stage"] == index else 0
+        skip = (consumed - back) * stage.grad_accum
+        self.health.begin_rollback(index, skip)
+        self.logger.log({"step": from_step, "rollback": True, "to_step": self.step, "lr_scale": self.health.lr_scale,
+                         "skipped_micro_batches": skip, "stage": index})
+        self.logger.event(f"health: rollback {self.health.rollbacks} from step {from_step} to the checkpoint at "
+                          f"step {self.step}; LR scale {self.health.lr_scale:g}; stage {index}'s data moves on "
+                          f"past {skip} micro-batches per rank")
 
     def state_dict(self) -> dict:
         """Trainer counters for the checkpoint (engine state and RNG are saved by the manager)."""
@@ -210,6 +293,7 @@ class Trainer:
             "images_seen": self.images_seen, "skipped_samples": self.skipped_samples,
             "train_seconds": self.train_seconds, "last_loss": self.last_loss,
             "loss_ema": [self.loss_ema.value, self.loss_ema.count], "stage_summaries": self.stage_summaries,
+            "health": self.health.state_dict(),
             "world_size": self.dist.world_size, "engine": self.engine.name, "preset": self.cfg.model.preset,
         }
 
@@ -220,6 +304,8 @@ class Trainer:
         self.loss_ema.value, self.loss_ema.count = state["loss_ema"]
         self.stage_summaries = state["stage_summaries"]
         self.resumed_from = state["_resumed_from"]
+        if "health" in state:  # LR scale, data skips and counters survive a restart
+            self.health.load_state_dict(state["health"])
 
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True  # acted on at the end of the current step, on every rank together
@@ -236,6 +322,8 @@ class Trainer:
         with self.engine.micro_step(is_last=is_last):
             pred = self.engine.module(noisy.to(dtype), timesteps, emb.to(dtype), mask)
             loss, _ = diffusion_loss(pred.float(), target, timesteps, self.noise_scheduler, self.objective)
+            if self.health.inject_nan(self.attempt + 1, self.dist.rank):  # test hook, one rank only
+                loss = poison(loss)
             self.engine.backward(loss)
         return float(loss.detach())
 
@@ -252,20 +340,70 @@ class Trainer:
     # ------------------------------------------------------------------ observers
 
     def log_step(self, index, stage, loss, stats, dt, wait, skipped, global_batch) -> None:
-        ema = self.loss_ema.update(loss)
+        ema = self.loss_ema.get() if stats.skipped else self.loss_ema.update(loss)  # a bad step stays out
         record = {
             "step": self.step, "stage": index, "resolution": stage.resolution, "loss": loss, "loss_ema": ema,
             "grad_norm": stats.grad_norm, "lr": stats.lr, "images_seen": self.images_seen,
             "images_per_second": global_batch / dt, "step_seconds": dt, "data_wait_seconds": wait,
-            "skipped_samples": skipped,
+            "skipped_samples": skipped, "skipped_step": stats.skipped,
         }
-        if self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
+        record.update(self.comm_profiler.record(dt, wait))  # compute / exposed comm, sampled steps
+        if stats.skipped or self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
+            if self.dist.is_main:  # only rank 0 writes, so only it pays for the FLOP count
+                record.update(self.throughput_metrics(stage.resolution, global_batch / dt))
             self.logger.log(record)
         self.logger.progress(1, {"stage": index, "loss": f"{loss:.4f}", "ema": f"{ema:.4f}",
                                  "img/s": f"{global_batch / dt:.1f}"})
 
+    def throughput_metrics(self, resolution: int, images_per_second: float) -> dict:
+        """Per-device TFLOP/s and MFU from the analytic FLOP count (scaletrain.bench.flops), and
+        peak memory (CUDA max allocated; process RSS on CPU) of this rank."""
+        from scaletrain.bench.flops import device_peak_tflops, train_flops_per_image
+
+        flops = train_flops_per_image(self.cfg.model.preset, resolution)  # cached per (preset, resolution)
+        tflops = flops * images_per_second / self.dist.world_size / 1e12
+        peak, _ = device_peak_tflops(self.device, self.cfg.engine.precision, self.cfg.log.peak_tflops)
+        return {"tflops_per_device": tflops, "mfu": tflops / peak, "peak_memory_gib": peak_memory_gib(self.device)}
+
+    def validate(self, resolution: int) -> float:
+        """Collective: FID and a sample grid on the EMA weights (raw weights without EMA);
+        rank 0 logs them. Returns the seconds it took. Training RNG streams are untouched."""
+        from scaletrain.eval.validate import SamplingSpec, Validator, validation_record
+
+        t0 = time.perf_counter()
+        v = self.cfg.validate
+        if self.validator is None:
+            sampling = SamplingSpec(
+                encode_text=lambda captions: self.model.encode_text(captions, self.device),
+                decode=self.model.decode, in_channels=self.model.preset.in_channels,
+                latent_factor=8 if self.model.preset.latent else 1,
+                noise_scheduler_config=dict(self.noise_scheduler.config),
+                prediction_type=self.objective.prediction_type,
+            )
+            self.validator = Validator(v, grid_prompts=list(self.cfg.sample.prompts), grid_seed=self.cfg.sample.seed,
+                                       default_shards=self.cfg.data.shards, sampling=sampling,
+                                       rank=self.dist.rank, world_size=self.dist.world_size, device=self.device)
+        resolution = v.resolution or resolution
+        dtype, module = self.engine.input_dtype, self.engine.module
+
+        def denoise(x, t, emb, mask):
+            return module(x.to(dtype), t, emb.to(dtype), mask).float()
+
+        ema = getattr(self, "ema", None)
+        with (ema.swapped() if ema else contextlib.nullcontext()), self.engine.eval_mode():
+            grid = self.run_dir / "validation" / f"step-{self.step:06d}.png"
+            value = self.validator.run(denoise, resolution, grid)
+        seconds = time.perf_counter() - t0
+        label = self.validator.label
+        self.logger.log(validation_record(self.step, label, value, seconds, v.num_images, resolution, ema is not None))
+        self.logger.event(f"validation at step {self.step}: {label}={value:.4f} ({v.num_images} images at "
+                          f"{resolution}px, {'EMA' if ema else 'raw'} weights, {seconds:.1f}s) -> {grid}")
+        self.last_validated_step = self.step
+        return seconds
+
     def write_samples(self, path: Path) -> None:
-        """Sample grid from the current weights; every rank runs the same forwards (sharded models)."""
+        """Sample grid from the EMA weights when there is an EMA (the raw weights otherwise); every
+        rank runs the same forwards (sharded models)."""
         s = self.cfg.sample
         resolution = s.resolution or self.cfg.train.stages[-1].resolution
         dtype = self.engine.input_dtype
@@ -274,7 +412,8 @@ class Trainer:
         def denoise(x, t, emb, mask):
             return module(x.to(dtype), t, emb.to(dtype), mask).float()
 
-        with self.engine.eval_mode():
+        ema = self.ema
+        with (ema.swapped() if ema is not None else contextlib.nullcontext()), self.engine.eval_mode():
             images = generate_samples(
                 denoise,
                 lambda captions: self.model.encode_text(captions, self.device),
@@ -309,10 +448,14 @@ class Trainer:
             "peak_memory_gib_rank0": peak_memory_gib(self.device),
             "stages": self.stage_summaries,
             "stopped_early": self.stopped_early,
+            "bad_steps": self.health.bad_steps,
+            "rollbacks": self.health.rollbacks,
+            "lr_scale": self.health.lr_scale,
         }
 
     def close(self) -> None:
         self.logger.close()
+        self.ema = None  # its DTensors hold the device mesh; drop them before the process group
         self.engine.close()
         self.engine = None
         self.model = None

@@ -96,3 +96,110 @@ def test_launcher_prints_one_line_and_exits_nonzero(synth_shards, overrides, wor
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("scaletrain: config error: ") and fragment in lines[0]
     assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- engine knobs
+
+
+def test_engine_knob_defaults_are_plain_engines(synth_shards):
+    """The defaults change nothing: torch's DDP defaults, FSDP2's implicit prefetch, 1-D mesh,
+    and the DeepSpeed JSON's own values (every engine.deepspeed knob null)."""
+    e = _load(synth_shards).engine
+    assert (e.ddp.bucket_cap_mb, e.ddp.gradient_as_bucket_view, e.ddp.static_graph, e.ddp.comm_hook) == (25.0, False, False, "none")
+    assert (e.fsdp.forward_prefetch, e.fsdp.backward_prefetch, e.fsdp.mesh_shape(2)) == (0, 1, None)
+    assert all(v is None for v in e.deepspeed.model_dump().values())
+    assert e.comm_profile_every == 0
+
+
+@pytest.mark.parametrize("sets,world,shape", [
+    (["engine.fsdp.shard_size=2"], 2, (1, 2)),
+    (["engine.fsdp.replicate_size=2"], 2, (2, 1)),
+    (["engine.fsdp.replicate_size=2", "engine.fsdp.shard_size=4"], 8, (2, 4)),
+])
+def test_hsdp_mesh_shape(synth_shards, sets, world, shape):
+    cfg = load_config(DEMO, [f"data.shards={shard_pattern(synth_shards)}", "train.stages.0.global_batch=null",
+                             "train.stages.1.global_batch=null", *sets], world_size=world)
+    assert cfg.engine.fsdp.mesh_shape(world) == shape
+
+
+KNOB_ERRORS = [
+    (["engine.fsdp.replicate_size=2", "engine.fsdp.shard_size=2"],
+     "engine.fsdp.replicate_size=2 x engine.fsdp.shard_size=2 must equal the world size 2"),
+    (["engine.fsdp.shard_size=3"], "must equal the world size 2"),
+    (["engine.fsdp.forward_prefetch=-1"], "engine.fsdp.forward_prefetch=-1"),
+    (["engine.fsdp.backward_prefetch=0"], "engine.fsdp.backward_prefetch=0"),
+    (["engine.ddp.comm_hook=int8"], "engine.ddp.comm_hook='int8'"),
+    (["engine.ddp.powersgd_start_step=1"], "engine.ddp.powersgd_start_step=1"),
+    (["engine.ddp.bucket_cap_mb=0"], "engine.ddp.bucket_cap_mb=0"),
+    (["engine.deepspeed.allgather_bucket_size=1001"], "engine.deepspeed.allgather_bucket_size=1001 must be even"),
+    (["engine.deepspeed.reduce_bucket_sise=1"], "engine.deepspeed.reduce_bucket_sise is not a known key"),
+]
+
+
+@pytest.mark.parametrize("sets,fragment", KNOB_ERRORS)
+def test_bad_engine_knob_gives_one_line(synth_shards, sets, fragment):
+    with pytest.raises(ConfigError) as e:
+        _load(synth_shards, *sets)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA refusal")
+@pytest.mark.parametrize("sets,fragment", [
+    (["engine.kind=ddp", "engine.ddp.comm_hook=bf16"], "engine.ddp.comm_hook='bf16' needs CUDA GPUs with NCCL"),
+    (["engine.kind=deepspeed", "engine.deepspeed.zero_quantized_weights=true"],
+     "engine.deepspeed.zero_quantized_weights=true needs CUDA GPUs"),
+    (["engine.kind=deepspeed", "engine.deepspeed.zero_quantized_gradients=true"],
+     "engine.deepspeed.zero_quantized_gradients=true needs CUDA GPUs"),
+])
+def test_knobs_that_cannot_work_on_cpu_are_refused(synth_shards, sets, fragment):
+    # Measured here: torch refuses the bf16 hook on gloo, and DeepSpeed 0.19.8's qwZ/qgZ fail
+    # with "This op had not been implemented on CPU backend" at the first step.
+    with pytest.raises(ConfigError, match=fragment):
+        _load(synth_shards, *sets)
+
+
+def _ds_json(tmp_path, stage: int, **zero) -> str:
+    p = tmp_path / f"zero{stage}.json"
+    p.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": stage, **zero}}))
+    return str(p)
+
+
+def _fill(cfg, path):
+    from scaletrain.engines.ds_config import fill_deepspeed_config, load_deepspeed_json
+
+    return fill_deepspeed_config(load_deepspeed_json(path), cfg, micro_batch=8, grad_accum=1, world_size=2)
+
+
+def test_deepspeed_knobs_fill_auto_and_absent_keys(synth_shards, tmp_path):
+    path = _ds_json(tmp_path, 3, reduce_bucket_size="auto", overlap_comm="auto", stage3_prefetch_bucket_size="auto")
+    cfg = _load(synth_shards, "engine.kind=deepspeed", f"engine.deepspeed_config={path}",
+                "engine.deepspeed.reduce_bucket_size=1000000", "engine.deepspeed.zero_hpz_partition_size=2",
+                "engine.deepspeed.stage3_param_persistence_threshold=0")
+    zero = _fill(cfg, path)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 1_000_000  # "auto" filled from the recipe
+    assert zero["zero_hpz_partition_size"] == 2 and zero["stage3_param_persistence_threshold"] == 0  # absent: added
+    # "auto" with the recipe's knob null: dropped, so DeepSpeed's own default applies.
+    assert "overlap_comm" not in zero and "stage3_prefetch_bucket_size" not in zero
+
+
+def test_deepspeed_knob_equal_to_json_is_accepted(synth_shards):
+    cfg = _load(synth_shards, "engine.kind=deepspeed", "engine.deepspeed.reduce_bucket_size=50000000",
+                "engine.deepspeed.overlap_comm=true")
+    zero = _fill(cfg, "ds_configs/zero3.json")["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 50_000_000 and zero["overlap_comm"] is True
+
+
+@pytest.mark.parametrize("json_name,sets,fragment", [
+    ("zero3.json", ["engine.deepspeed.reduce_bucket_size=1000000"],
+     "DeepSpeed JSON zero_optimization.reduce_bucket_size=50000000 conflicts with engine.deepspeed.reduce_bucket_size=1000000"),
+    ("zero3.json", ["engine.deepspeed.overlap_comm=false"], "zero_optimization.overlap_comm=True conflicts"),
+    ("zero2.json", ["engine.deepspeed.stage3_prefetch_bucket_size=1000"],
+     "engine.deepspeed.stage3_prefetch_bucket_size=1000 applies to ZeRO stage 3, but ds_configs/zero2.json has zero_optimization.stage=2"),
+    ("zero2.json", ["engine.deepspeed.zero_hpz_partition_size=2"], "applies to ZeRO stage 3"),
+    ("zero3.json", ["engine.deepspeed.allgather_bucket_size=1000"], "applies to ZeRO stage 1 or 2"),
+    ("zero3.json", ["engine.deepspeed.zero_hpz_partition_size=3"], "does not divide the world size 2"),
+])
+def test_deepspeed_knob_conflicts_are_errors(synth_shards, json_name, sets, fragment):
+    with pytest.raises(ConfigError) as e:
+        _load(synth_shards, "engine.kind=deepspeed", f"engine.deepspeed_config=ds_configs/{json_name}", *sets)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
