@@ -2,7 +2,7 @@
 
 Export consolidates on one process (the one place a full gather is what the user asked
 for): DCP shards via ``dcp_to_torch_save`` then ``torch.load(weights_only=True)``;
-DeepSpeed ZeRO partitions via DeepSpeed's ``zero_to_fp32`` reader. The result is written
+DeepSpeed ZeRO partitions via DeepSpeed's ``zero_to_fp32`` reader, weights-only. The result is written
 with ``save_pretrained`` (safetensors), loadable by the diffusers class alone.
 """
 
@@ -37,13 +37,18 @@ def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     if info.meta.get("engine") == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        # DeepSpeed's own reader unpickles its partition files; they are this run's output.
-        return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag="zero")
+        from scaletrain.checkpoint.safe_load import weights_only_torch_load
+
+        with weights_only_torch_load():  # DeepSpeed's reader would unpickle anything
+            return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag="zero")
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "full.pt"
-        dcp_to_torch_save(str(engine_dir), str(out))
+        from scaletrain.checkpoint.safe_load import weights_only_torch_load
+
+        with weights_only_torch_load():
+            dcp_to_torch_save(str(engine_dir), str(out))
         return torch.load(out, weights_only=True, map_location="cpu")["model"]
 
 
