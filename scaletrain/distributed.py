@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -44,6 +45,10 @@ def prepare_environment() -> None:
     if not torch.cuda.is_available():
         # DeepSpeed picks its accelerator at import; without this it probes for CUDA and fails.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed JIT-builds C++ ops into TORCH_EXTENSIONS_DIR (default: one folder under
+    # ~/.cache for every environment). Two virtualenvs sharing it rebuild the op on every
+    # alternate start, each waiting on the other's lock; keep the build beside the venv.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     # DeepSpeed emits a FutureWarning per collective on recent torch; keep logs readable.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed\..*")
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*")

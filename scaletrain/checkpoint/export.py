@@ -3,8 +3,8 @@
 Export consolidates on one process (the one place a full gather is what the user asked
 for): DCP shards via ``dcp_to_torch_save`` then ``torch.load(weights_only=True)``;
 the EMA (``<ckpt>/ema/``, DCP on every engine) the same way, exported instead of the raw
-weights when present;
-DeepSpeed ZeRO partitions via DeepSpeed's ``zero_to_fp32`` reader. The result is written
+weights when present; DeepSpeed ZeRO partitions via DeepSpeed's ``zero_to_fp32`` reader,
+weights-only (checkpoint.safe_load). The result is written
 with ``save_pretrained`` (safetensors), loadable by the diffusers class alone.
 """
 
@@ -39,13 +39,18 @@ def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     if info.meta.get("engine") == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        # DeepSpeed's own reader unpickles its partition files; they are this run's output.
-        return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag="zero")
+        from scaletrain.checkpoint.safe_load import weights_only_torch_load
+
+        with weights_only_torch_load():  # DeepSpeed's reader would unpickle anything
+            return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag="zero")
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "full.pt"
-        dcp_to_torch_save(str(engine_dir), str(out))
+        from scaletrain.checkpoint.safe_load import weights_only_torch_load
+
+        with weights_only_torch_load():
+            dcp_to_torch_save(str(engine_dir), str(out))
         return torch.load(out, weights_only=True, map_location="cpu")["model"]
 
 
@@ -60,7 +65,10 @@ def ema_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor] | None:
     # DCP -> one file without a process group, like the model above.
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ema.pt"
-        dcp_to_torch_save(str(ema_dir), str(out))
+        from scaletrain.checkpoint.safe_load import weights_only_torch_load
+
+        with weights_only_torch_load():
+            dcp_to_torch_save(str(ema_dir), str(out))
         return torch.load(out, weights_only=True, map_location="cpu")["params"]
 
 

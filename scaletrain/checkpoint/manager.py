@@ -15,8 +15,9 @@ either no ``step-N`` or a complete one, and the previous checkpoint untouched.
 ``latest_checkpoint`` only considers committed folders with ``meta.json``; stale
 ``.partial`` folders are removed when the next run starts.
 
-Safe loading: tensors come from DCP (tensor metadata), DeepSpeed's engine loader, or
-safetensors; trainer counters from JSON. Nothing is unpickled by this module.
+Safe loading: tensors come from DCP (tensor metadata), safetensors, or DeepSpeed's engine
+loader forced to ``weights_only=True`` (checkpoint.safe_load); trainer counters from JSON.
+Nothing in a checkpoint is unpickled beyond plain tensors and containers.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ class CheckpointManager:
             future = self.engine.async_save_state(tmp / "engine", self._async_group)
         if future is None:
             self.engine.save_state(tmp / "engine")
+            _test_stall(step)
             self._commit(tmp, final, step, trainer_state)
             records.append({"checkpoint_step": step, "checkpoint_seconds": time.perf_counter() - t0})
             return records
@@ -236,6 +238,17 @@ class CheckpointManager:
         for c in complete[: max(0, len(complete) - self.cfg.keep_last)]:
             if not (keep_every and c.step % keep_every == 0):
                 shutil.rmtree(c.path, ignore_errors=True)
+
+
+def _test_stall(step: int) -> None:
+    """Test hook for the kill-mid-save fault test: SCALETRAIN_TEST_SAVE_STALL="STEP:SECONDS"
+    holds the save of STEP open (shards written, not yet committed) so a test can kill a rank
+    inside it deterministically. Unset in normal runs."""
+    spec = os.environ.get("SCALETRAIN_TEST_SAVE_STALL")
+    if spec:
+        at, _, seconds = spec.partition(":")
+        if int(at) == step:
+            time.sleep(float(seconds))
 
 
 def _fsync_dir(path: Path) -> None:

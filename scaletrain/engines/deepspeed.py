@@ -177,11 +177,39 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(path), tag="zero", save_latest=False)
 
     def load_state(self, path: Path) -> None:
-        load_path, _ = self.ds.load_checkpoint(
-            str(path), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        """Same data-parallel size: DeepSpeed's ZeRO loader. Another size: ZeRO partitions do not
+        reshard, so the checkpoint is converted once to DeepSpeed's universal format (rank 0,
+        kept beside it as ``zero_universal``) and loaded with ``load_universal``. Every
+        ``torch.load`` inside runs weights-only (see checkpoint.safe_load)."""
+        import torch.distributed as dist
+
+        from scaletrain.checkpoint.safe_load import (convert_to_universal, weights_only_torch_load,
+                                                     zero_dp_world_size)
+
+        saved = zero_dp_world_size(path / "zero")
+        tag, universal = "zero", saved not in (0, self.world_size)
+        if universal:
+            tag = "zero_universal"
+            error = ""
+            if dist.get_rank() == 0 and not (path / tag).is_dir():
+                try:
+                    convert_to_universal(path / "zero", path / tag)
+                except Exception as e:  # every rank must learn of it, not wait forever
+                    error = str(e)
+            errors = [error]
+            dist.broadcast_object_list(errors, src=0)
+            if errors[0]:
+                raise RuntimeError(errors[0])
+        self.ds._config.load_universal_checkpoint = universal
+        try:
+            with weights_only_torch_load():
+                load_path, _ = self.ds.load_checkpoint(
+                    str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+                )
+        finally:
+            self.ds._config.load_universal_checkpoint = False
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint under {path}/zero")
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {path}/{tag}")
 
     def unwrapped_parameters(self) -> list[nn.Parameter]:
         return list(self.ds.module.parameters())

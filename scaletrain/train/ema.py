@@ -177,7 +177,10 @@ class ShardedEMA:
                 state["params"][name] = mismatched[name] = torch.empty(size, dtype=torch.float32)
             else:
                 raise ValueError(f"{path}: saved EMA {name!r} has shape {tuple(size)}, the model {tuple(ema.shape)}")
-        dcp.load(state, checkpoint_id=str(path))
+        from scaletrain.checkpoint.safe_load import weights_only_torch_load
+
+        with weights_only_torch_load():  # DCP's planner would unpickle non-tensor entries freely
+            dcp.load(state, checkpoint_id=str(path))
         with torch.no_grad():
             for name, full in mismatched.items():
                 ema = self.averages[name]

@@ -1,6 +1,7 @@
 """Checkpoints: bit-exact resume (FSDP2, DeepSpeed ZeRO-3), resharding 2 -> 1 and 1 -> 2 ranks
-(FSDP2 through DCP), a SIGKILLed rank recovered by `torchrun --max-restarts`, and partial
-checkpoints that are never loaded."""
+(FSDP2 through DCP, DeepSpeed through its universal checkpoint), a rank SIGKILLed during
+training and during a save, partial checkpoints that are never loaded, async save, SIGTERM,
+retention, export and listing."""
 
 from __future__ import annotations
 
@@ -112,6 +113,72 @@ def test_reshard_fsdp_two_to_one_and_one_to_two(synth_shards, straight, tmp_path
     a = _fsdp_params(straight["fsdp"] / "checkpoints" / "step-00000007")
     b = _fsdp_params(d / "checkpoints" / "step-00000007")
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def _ds_params(ckpt: Path) -> dict[str, torch.Tensor]:
+    from scaletrain.checkpoint.export import consolidated_state_dict, resolve_checkpoint
+
+    return consolidated_state_dict(resolve_checkpoint(ckpt))
+
+
+def test_reshard_deepspeed_two_to_one_and_one_to_two(synth_shards, straight, tmp_path):
+    """ZeRO partitions do not reshard; the engine converts the checkpoint once to DeepSpeed's
+    universal format (kept beside it as engine/zero_universal) and loads that. Global batch
+    unchanged (1 rank accumulates 2), so the curve continues within float tolerance."""
+    import shutil
+
+    ref = _losses(straight["deepspeed"])
+    ds = "engine.kind=deepspeed"
+    one = ["train.stages.0.grad_accum=2", "train.stages.1.grad_accum=2"]
+    # 2 -> 1: the straight 2-rank run's stage-end checkpoint (step 4), resumed by 1 process
+    d = tmp_path / "2to1"
+    src = straight["deepspeed"] / "checkpoints" / "step-00000004"
+    shutil.copytree(src, d / "checkpoints" / src.name)
+    r = _ok(run_cmd(_single(*_sets(synth_shards, d, ds, *one)), env=ENV))
+    assert "resumed at step 4" in r.stdout + r.stderr
+    assert (d / "checkpoints" / src.name / "engine" / "zero_universal").is_dir()
+    assert _losses(d) == pytest.approx(ref[4:], rel=1e-5)
+    # 1 -> 2: 1 process to step 2, then 2 ranks to the end
+    d = tmp_path / "1to2"
+    _ok(run_cmd(_single(*_sets(synth_shards, d, ds, *one, "run.stop_at_step=2")), env=ENV))
+    r = _ok(run_cmd(_torchrun(*_sets(synth_shards, d, ds)), env=ENV))
+    assert "resumed at step 2" in r.stdout + r.stderr
+    assert _losses(d) == pytest.approx(ref, rel=1e-5)
+    a = _ds_params(straight["deepspeed"] / "checkpoints" / "step-00000007")
+    b = _ds_params(d / "checkpoints" / "step-00000007")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_rank_killed_mid_save_leaves_previous_checkpoint(synth_shards, straight, tmp_path):
+    """SIGKILL a rank while the step-4 save is open (shards written, not committed; a test
+    hook holds it there). The step-4 folder stays .partial, the step-2 checkpoint is intact,
+    and the relaunch resumes from step 2 with the uninterrupted run's losses."""
+    import os
+
+    d = tmp_path / "run"
+    ckpts = d / "checkpoints"
+    cmd = _torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2"))
+    env = {**os.environ, **ENV, "PYTHONUNBUFFERED": "1", "SCALETRAIN_TEST_SAVE_STALL": "4:120"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + 300
+        while not (ckpts / "step-00000004.partial" / "engine" / ".metadata").is_file():
+            assert proc.poll() is None and time.time() < deadline, "the step-4 save never started"
+            time.sleep(0.2)
+        workers = [c for c in psutil.Process(proc.pid).children() if "pretrain.py" in " ".join(c.cmdline())]
+        assert workers, "no worker processes found"
+        workers[0].kill()  # rank 0: the one that would commit
+        proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert (ckpts / "step-00000004.partial").is_dir() and not (ckpts / "step-00000004").exists()
+    assert (ckpts / "step-00000002" / "meta.json").is_file()
+    r = _ok(run_cmd(_torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2")), env=ENV))
+    assert "resumed at step 2" in r.stdout + r.stderr
+    assert _losses(d) == _losses(straight["fsdp"])
+    assert not any(p.name.endswith(".partial") for p in ckpts.iterdir())
 
 
 def test_killed_rank_then_relaunch_resumes_from_last_complete(synth_shards, straight, tmp_path):

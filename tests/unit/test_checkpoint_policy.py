@@ -1,0 +1,71 @@
+"""Checkpoint policy and safe loading without a process group: the minutes interval on a fake
+clock, step intervals, and the weights-only guard around DeepSpeed's loaders."""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from scaletrain.checkpoint import manager as manager_mod
+from scaletrain.checkpoint.manager import CheckpointManager
+from scaletrain.config import CheckpointSection
+
+
+def _manager(tmp_path, **cfg) -> CheckpointManager:
+    info = SimpleNamespace(is_main=True, rank=0, world_size=1, device=torch.device("cpu"))
+    return CheckpointManager(CheckpointSection(**cfg), tmp_path, engine=None, dist_info=info)
+
+
+def test_every_minutes_follows_the_clock(tmp_path, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(manager_mod.time, "monotonic", lambda: now[0])
+    m = _manager(tmp_path, every_minutes=2.0)
+    assert not m.minutes_due()
+    now[0] += 119.0
+    assert not m.minutes_due()
+    now[0] += 1.0
+    assert m.minutes_due()
+    m._last_save_time = now[0]  # what a commit does
+    assert not m.minutes_due()
+    assert not _manager(tmp_path, every_minutes=0.0).minutes_due()
+
+
+def test_step_policies(tmp_path):
+    m = _manager(tmp_path, every_steps=5, keep_every=7, at_stage_end=True)
+    assert [s for s in range(1, 16) if m.due(s, stage_end=False)] == [5, 7, 10, 14, 15]
+    assert m.due(3, stage_end=True)
+    assert not _manager(tmp_path, at_stage_end=False).due(3, stage_end=True)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this would have run",))
+
+
+def test_deepspeed_loads_are_weights_only(tmp_path):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from scaletrain.checkpoint.safe_load import UnsafeCheckpointError, weights_only_torch_load
+
+    good, evil = tmp_path / "good.pt", tmp_path / "evil.pt"
+    torch.save({"zero_stage": ZeroStageEnum.weights, "w": torch.ones(2)}, good)
+    with open(evil, "wb") as f:
+        pickle.dump({"x": _Evil()}, f)
+    with weights_only_torch_load():
+        # what DeepSpeed's loaders do: ask for weights_only=False explicitly
+        assert torch.load(good, weights_only=False)["zero_stage"] == ZeroStageEnum.weights
+        with pytest.raises(UnsafeCheckpointError, match="refusing to unpickle"):
+            torch.load(evil, weights_only=False)
+    assert torch.load is not None and "guarded" not in torch.load.__name__  # restored on exit
+
+
+def test_zero_dp_world_size_counts_partitions(tmp_path):
+    from scaletrain.checkpoint.safe_load import zero_dp_world_size
+
+    for r in range(3):
+        (tmp_path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").touch()
+        (tmp_path / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").touch()
+    assert zero_dp_world_size(tmp_path) == 3
