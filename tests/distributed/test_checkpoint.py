@@ -25,7 +25,7 @@ def _sets(synth_shards, run_dir, *extra: str) -> list[str]:
     pairs = [
         f"data.shards={shard_pattern(synth_shards)}", "data.split=sample", "data.shuffle_buffer=0",
         "data.num_workers=1", f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false",
-        "sample.at_end=false", "train.stages.0.steps=4", "train.stages.1.steps=3",
+        "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false", "train.stages.0.steps=4", "train.stages.1.steps=3",
         "train.stages.0.micro_batch=4", "train.stages.0.global_batch=8",
         "train.stages.1.micro_batch=2", "train.stages.1.global_batch=4", *extra,
     ]

@@ -77,7 +77,7 @@ def test_sampled_steps_log_the_comm_split(synth_shards, tmp_path) -> None:
     """engine.comm_profile_every=2: steps 2 and 4 carry compute / exposed / in-flight seconds that
     add up to the step time; the others carry none (no profiler, no overhead)."""
     sets = [f"data.shards={shard_pattern(synth_shards)}", f"run.dir={tmp_path / 'run'}", "engine.kind=ddp",
-            "log.wandb=disabled", "log.progress=false", "sample.at_end=false", "checkpoint.at_stage_end=false",
+            "log.wandb=disabled", "log.progress=false", "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false", "checkpoint.at_stage_end=false",
             "engine.comm_profile_every=2", "data.num_workers=0",
             "train.stages=[{name: a, resolution: 32, steps: 4, micro_batch: 4, grad_accum: 2}]"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -32,7 +32,7 @@ def _common(synth_shards, run_dir, micro: int, accum: int) -> list[str]:
     sets = [
         f"data.shards={shard_pattern(synth_shards)}", "data.split=sample", "data.shuffle_buffer=0",
         "data.num_workers=0", f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false",
-        "sample.at_end=false", "optim.warmup_steps=0", "optim.lr=1e-3",
+        "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false", "optim.warmup_steps=0", "optim.lr=1e-3",
         f"train.stages=[{{name: s0, resolution: 32, steps: {STEPS}, micro_batch: {micro}, grad_accum: {accum}, global_batch: 8}}]",
     ]
     return [x for s in sets for x in ("--set", s)]

@@ -32,7 +32,7 @@ def _train(synth_shards, run_dir: Path, engine: str, *extra: str):
     sets = [
         f"data.shards={shard_pattern(synth_shards)}", "data.split=sample", "data.shuffle_buffer=0",
         "data.num_workers=0", f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false",
-        "sample.at_end=false", f"optim.lr={LR}", "optim.warmup_steps=0", "optim.schedule=constant",
+        "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false", f"optim.lr={LR}", "optim.warmup_steps=0", "optim.schedule=constant",
         "train.stages=[{name: s0, resolution: 32, steps: 8, micro_batch: 2, global_batch: 4}]",
         f"engine.kind={engine}", *extra,
     ]

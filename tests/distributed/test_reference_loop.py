@@ -23,7 +23,7 @@ def test_trainer_matches_reference_loop(synth_shards, tmp_path):
     run_dir = tmp_path / "run"
     sets = [f"data.shards={shard_pattern(synth_shards)}", "data.split=sample", "data.shuffle_buffer=0",
             "data.num_workers=0", f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false",
-            "sample.at_end=false", "optim.lr=1e-3", "optim.warmup_steps=2", "diffusion.prediction_type=v_prediction",
+            "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false", "optim.lr=1e-3", "optim.warmup_steps=2", "diffusion.prediction_type=v_prediction",
             "diffusion.beta_schedule=scaled_linear", "diffusion.noise_offset=0.0", "engine.kind=fsdp",
             "train.stages=[{name: s, resolution: 32, steps: 5, micro_batch: 4, grad_accum: 1}]"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

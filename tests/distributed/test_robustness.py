@@ -48,7 +48,7 @@ def test_two_rank_runs_exit_cleanly_every_time(synth_shards, tmp_path):
         run_dir = tmp_path / f"r{i}"
         r = run_cmd(_torchrun(*_sets(
             f"data.shards={shard_pattern(synth_shards)}", f"run.dir={run_dir}", "log.wandb=disabled",
-            "log.progress=false", "sample.at_end=false", "data.num_workers=0",
+            "log.progress=false", "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false", "data.num_workers=0",
             "train.stages=[{name: s, resolution: 32, steps: 1, micro_batch: 2}]")), timeout=300)
         assert r.returncode == 0, f"run {i}: rc={r.returncode}\n{r.stderr[-3000:]}"
         assert "terminate called" not in r.stderr and "SIGABRT" not in r.stderr, r.stderr[-3000:]
@@ -64,7 +64,7 @@ def test_uneven_shards_never_hang_or_starve(tmp_path, sizes, split):
     steps = 12  # 12 steps x 8 images = 96 samples, several epochs of 13-18 samples
     r = run_cmd(_torchrun(*_sets(
         f"data.shards={json.dumps(shards)}", f"data.split={split}", "data.num_workers=2", f"run.dir={run_dir}",
-        "log.wandb=disabled", "log.progress=false", "sample.at_end=false",
+        "log.wandb=disabled", "log.progress=false", "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false",
         f"train.stages=[{{name: s, resolution: 32, steps: {steps}, micro_batch: 4}}]")), timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())

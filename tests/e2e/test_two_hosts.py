@@ -43,7 +43,7 @@ def _recipe(synth_shards, run_dir, *extra: str) -> list[str]:
     sets = [
         f"data.shards={shard_pattern(synth_shards)}", "data.split=sample", "data.shuffle_buffer=0",
         "data.num_workers=0", f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false",
-        "sample.at_end=false", "optim.warmup_steps=0", "checkpoint.at_stage_end=false",
+        "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false", "optim.warmup_steps=0", "checkpoint.at_stage_end=false",
         f"train.stages=[{{name: s0, resolution: 32, steps: {STEPS}, micro_batch: 4, grad_accum: 1, global_batch: 8}}]",
         *extra,
     ]
