@@ -55,6 +55,17 @@ def _backward(model, engine, step: int, rank: int, *, nan: bool = False) -> None
         engine.backward(loss * float("nan") if nan else loss)
 
 
+def _step_and_close(model, engine, step: int, rank: int) -> list[torch.Tensor]:
+    """One real step, then the state snapshot; the engine is closed before the next run builds one."""
+    _backward(model, engine, step, rank)
+    engine.step(1e-2)
+    snapshot = _snapshot(engine)
+    engine.close()
+    del model, engine
+    gc.collect()
+    return snapshot
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return (t.to_local() if hasattr(t, "to_local") else t).detach().clone()
 
@@ -116,23 +127,13 @@ def check(kind: str, dist_info) -> None:
     if engine.name == "deepspeed":
         assert engine.ds.skipped_steps == 2, engine.ds.skipped_steps
 
-    _backward(model, engine, 4, rank)
-    engine.step(1e-2)
-    after_a = _snapshot(engine)
-    engine.close()
-    del model, engine
-    gc.collect()
+    after_a = _step_and_close(model, engine, 4, rank)
 
     # Run B: the same step 1 and step 4, nothing in between.
     model, engine = _engine(kind, dist_info)
     _backward(model, engine, 1, rank)
     engine.step(1e-2)
-    _backward(model, engine, 4, rank)
-    engine.step(1e-2)
-    after_b = _snapshot(engine)
-    engine.close()
-    del model, engine
-    gc.collect()
+    after_b = _step_and_close(model, engine, 4, rank)
     assert _same(after_a, after_b), f"{kind}: the step after skips differs from a run without them"
     assert all(torch.isfinite(t).all() for t in after_a if t.is_floating_point())
     print(f"OK {kind} rank={rank} tensors={len(after_a)}", flush=True)
