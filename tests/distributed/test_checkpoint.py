@@ -215,6 +215,37 @@ def test_killed_rank_then_relaunch_resumes_from_last_complete(synth_shards, stra
     assert not any(p.name.endswith(".partial") for p in ckpts.iterdir())
 
 
+def test_max_restarts_recovers_a_killed_rank_with_no_human_action(synth_shards, straight, tmp_path):
+    """`torchrun --max-restarts 1`: SIGKILL one rank after the step-2 checkpoint. torchrun tears
+    the round down and starts a new one by itself; that round resumes from the latest complete
+    checkpoint, and the one command exits 0 with the uninterrupted run's losses."""
+    d = tmp_path / "run"
+    ckpts = d / "checkpoints"
+    cmd = _torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2"), max_restarts=1)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**__import__("os").environ, **ENV, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 240
+        while not (ckpts / "step-00000002" / "meta.json").is_file():
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        workers = [c for c in psutil.Process(proc.pid).children() if "pretrain.py" in " ".join(c.cmdline())]
+        assert workers, "no worker processes found"
+        first_round = {w.pid for w in workers}
+        workers[-1].kill()
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count("resumed at step") >= 1, out[-4000:]
+    resumed = int(out.split("resumed at step")[1].split()[0])
+    assert resumed in (2, 4, 6), resumed  # the latest complete checkpoint when the kill landed
+    assert _losses(d) == _losses(straight["fsdp"])
+    assert [m["step"] for m in read_metrics(d)] == list(range(1, 8))
+    assert first_round  # the restarted round ran in new processes (torchrun's, not ours)
+
+
 def test_keep_last_and_keep_every(synth_shards, tmp_path):
     d = tmp_path / "run"
     _ok(run_cmd(_torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=1", "checkpoint.keep_last=2",
