@@ -28,10 +28,12 @@ from scaletrain.config import load_config  # noqa: E402
 from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards  # noqa: E402
 
 
-def worker_rate(shards: list[str], resolution: int, micro_batch: int, batches: int, reps: int) -> list[float]:
+def worker_rate(shards: list[str], resolution: int, micro_batch: int, batches: int, reps: int,
+                buckets: tuple[tuple[int, int], ...] = ()) -> list[float]:
     """Images/s of one loader worker (in-process), one value per repetition, first batch excluded
-    (it opens the shard)."""
-    spec = LoaderSpec(shards=shards, resolution=resolution, micro_batch=micro_batch, num_workers=0, seed=0)
+    (it opens the shard). ``buckets``: the stage's aspect-ratio buckets when the recipe has them."""
+    spec = LoaderSpec(shards=shards, resolution=resolution, micro_batch=micro_batch, num_workers=0, seed=0,
+                      buckets=buckets)
     it = iter(build_loader(spec))
     next(it)
     rates = []
@@ -75,8 +77,9 @@ def main() -> None:
                                resolution=max(s.resolution for s in cfg.train.stages), seed=0)
     bench = json.loads(Path(args.bench).read_text()) if args.bench else None
     rows = []
-    for st in cfg.train.stages:
-        rates = worker_rate(expand_shards(shards), st.resolution, st.micro_batch, args.batches, args.reps)
+    for i, st in enumerate(cfg.train.stages):
+        rates = worker_rate(expand_shards(shards), st.resolution, st.micro_batch, args.batches, args.reps,
+                            tuple(cfg.stage_buckets(i)))
         rate = statistics.median(rates)
         need = consumption(bench, cfg.model.preset, st.resolution, st.micro_batch)
         row = {"stage": st.name, "resolution": st.resolution, "micro_batch": st.micro_batch,

@@ -1,4 +1,4 @@
-"""`scaletrain` command line: train | data synth | config check | ckpt ls/export | preflight | bench | size.
+"""`scaletrain` command line: train | sft | lora | dpo | data synth | synth-pairs | config check | ckpt ls/export/export-lora | preflight | bench | size.
 
 `launchers/pretrain.py` and `scaletrain train` share `pretrain_main`, so the recipe runs the
 same under torchrun, the deepspeed launcher (which passes --local_rank) and plain python.
@@ -40,14 +40,72 @@ def pretrain_main(argv: list[str] | None = None) -> int:
     return run_training(cfg)
 
 
-def run_training(cfg) -> int:
+def _posttrain_main(prog: str, description: str, argv: list[str] | None, require_lora: bool) -> int:
+    """SFT and LoRA: the pre-training loop from start weights (``init``), optionally with
+    adapters (``lora``); the launchers only insist on what makes the run what it is named."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    _add_config_args(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if cfg.init.source is None:
+            raise ConfigError(f"{prog} starts from trained weights: set init.from_checkpoint=RUN_DIR or "
+                              "init.from_diffusers=EXPORTED_MODEL")
+        if require_lora != cfg.lora.enabled:
+            raise ConfigError("launchers/lora.py trains adapters: set lora.enabled=true" if require_lora else
+                              "launchers/sft.py trains all weights: set lora.enabled=false or use launchers/lora.py")
+    except (ConfigError, ValueError) as e:
+        if _is_rank0():
+            print(f"scaletrain: config error: {e}", file=sys.stderr)
+        return 2
+    return run_training(cfg)
+
+
+def sft_main(argv: list[str] | None = None) -> int:
+    """Supervised fine-tuning of all weights (launchers/sft.py)."""
+    return _posttrain_main("sft", "Fine-tune all weights from a checkpoint or exported model.", argv, False)
+
+
+def lora_main(argv: list[str] | None = None) -> int:
+    """LoRA fine-tuning, base weights frozen (launchers/lora.py)."""
+    return _posttrain_main("lora", "Train LoRA adapters on a checkpoint or exported model.", argv, True)
+
+
+def dpo_main(argv: list[str] | None = None) -> int:
+    """Diffusion-DPO on preference-pair shards (launchers/dpo.py); the recipe's ``dpo`` section
+    holds beta, data.shards the pairs."""
+    p = argparse.ArgumentParser(prog="dpo", description="Diffusion-DPO post-training from a YAML recipe.")
+    _add_config_args(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    from scaletrain.train.dpo import DPOTrainer, check_dpo_data
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_dpo_data(cfg)
+    except (ConfigError, ValueError) as e:
+        if _is_rank0():
+            print(f"scaletrain: config error: {e}", file=sys.stderr)
+        return 2
+    return run_training(cfg, DPOTrainer)
+
+
+def run_training(cfg, trainer_cls: type | None = None) -> int:
+    """Run ``trainer_cls`` (default: the pre-training Trainer) under the launcher's process group."""
     from scaletrain.distributed import init_distributed, shutdown_distributed
     from scaletrain.train.trainer import Trainer
 
     from scaletrain.train.health import HealthStop
 
     dist_info = init_distributed(cfg.engine.kind)
-    trainer = Trainer(cfg, dist_info)
+    try:
+        trainer = (trainer_cls or Trainer)(cfg, dist_info)
+    except ConfigError as e:  # found at start, alike on every rank (validation shards, a resumed stage's length)
+        if dist_info.is_main:
+            print(f"scaletrain: config error: {e}", file=sys.stderr, flush=True)
+        shutdown_distributed()
+        return 2
     rc = 0
     try:
         trainer.train()
@@ -65,8 +123,23 @@ def _synth(args: argparse.Namespace) -> int:
     from scaletrain.data.synth import write_synthetic_shards
 
     shards = write_synthetic_shards(args.out, num_samples=args.num_samples, samples_per_shard=args.per_shard,
-                                    resolution=args.resolution, seed=args.seed, image_format=args.format)
-    print(f"wrote {args.num_samples} samples in {len(shards)} shards to {args.out}")
+                                    resolution=args.resolution, seed=args.seed, image_format=args.format,
+                                    labels=args.labels, aspect_ratios=args.aspect_ratios)
+    labelled = f" labelled {args.labels}" if args.labels else ""
+    print(f"wrote {args.num_samples} samples in {len(shards)} shards to {args.out}{labelled}")
+    return 0
+
+
+def _synth_pairs(args: argparse.Namespace) -> int:
+    from scaletrain.data.synth_pairs import write_preference_shards
+
+    try:
+        shards = write_preference_shards(args.out, num_pairs=args.num_pairs, pairs_per_shard=args.per_shard,
+                                         resolution=args.resolution, seed=args.seed, image_format=args.format)
+    except ValueError as e:
+        print(f"scaletrain: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.num_pairs} preference pairs in {len(shards)} shards to {args.out}")
     return 0
 
 
@@ -90,11 +163,20 @@ def _ckpt(args: argparse.Namespace) -> int:
         print(format_listing(run / "checkpoints" if (run / "checkpoints").is_dir() else run))
         return 0
     try:
-        out, weights = export_diffusers(args.src, args.out, use_ema=not args.raw)
+        if args.ckpt_cmd == "export-lora":
+            from scaletrain.checkpoint.export import export_lora
+
+            out, weights, layout = export_lora(args.src, args.out, use_ema=not args.raw, with_base=args.with_base)
+        else:
+            out, weights = export_diffusers(args.src, args.out, use_ema=not args.raw)
     except ValueError as e:
         print(f"scaletrain: {e}", file=sys.stderr)
         return 2
     which = "EMA weights" if weights == "ema" else "raw weights (the checkpoint has no EMA)" if not args.raw else "raw weights"
+    if args.ckpt_cmd == "export-lora":
+        base = f", base model in {out / 'base'}" if args.with_base else ""
+        print(f"exported LoRA adapter ({layout} layout, {which}) to {out}{base}")
+        return 0
     print(f"exported diffusers model to {out} ({which})")
     return 0
 
@@ -115,6 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(tr)
     tr.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
+    for name, what in (("sft", "fine-tune all weights from init.* (same as launchers/sft.py)"),
+                       ("lora", "train LoRA adapters on init.* weights (same as launchers/lora.py)")):
+        pt = sub.add_parser(name, help=what)
+        _add_config_args(pt)
+        pt.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    dp = sub.add_parser("dpo", help="Diffusion-DPO on preference pairs (same as launchers/dpo.py)")
+    _add_config_args(dp)
+    dp.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_cmd", required=True)
     syn = data.add_parser("synth", help="write synthetic captioned shards (img2dataset layout)")
     syn.add_argument("--out", required=True)
@@ -123,6 +214,21 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--resolution", type=int, default=64)
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--format", choices=["jpg", "png"], default="jpg")
+    from scaletrain.data.synth import parse_labels
+
+    syn.add_argument("--labels", type=parse_labels, default=None, metavar="CLASS=RATIO,...",
+                     help="add a metadata 'label' field in these proportions (class balancing), e.g. cat=0.9,dog=0.1")
+    syn.add_argument("--aspect-ratios", type=float, nargs="+", default=None, metavar="W/H",
+                     help="non-square images: width/height ratios cycled over the samples, e.g. 1.0 1.5 0.667")
+
+    pairs = data.add_parser("synth-pairs", help="write synthetic preference pairs (KEY.chosen.jpg, "
+                            "KEY.rejected.jpg, KEY.txt) for Diffusion-DPO")
+    pairs.add_argument("--out", required=True)
+    pairs.add_argument("--num-pairs", type=int, default=256)
+    pairs.add_argument("--per-shard", type=int, default=32)
+    pairs.add_argument("--resolution", type=int, default=32)
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--format", choices=["jpg", "png"], default="jpg")
 
     cc = sub.add_parser("config", help="config tools").add_subparsers(dest="config_cmd", required=True)
     chk = cc.add_parser("check", help="validate a recipe and print it resolved")
@@ -136,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("src", help="run folder (latest complete checkpoint) or checkpoints/step-N")
     ex.add_argument("out", help="output folder")
     ex.add_argument("--raw", action="store_true", help="export the raw weights even when the checkpoint holds an EMA")
+    el = ck.add_parser("export-lora", help="write a LoRA run's adapter as safetensors (UNet: diffusers "
+                       "load_lora_weights layout; DiT: peft adapter folder)")
+    el.add_argument("src", help="LoRA run folder (latest complete checkpoint) or checkpoints/step-N")
+    el.add_argument("out", help="output folder")
+    el.add_argument("--raw", action="store_true", help="export the raw adapter even when the checkpoint holds an EMA")
+    el.add_argument("--with-base", action="store_true", help="also write the frozen base model to OUT/base")
 
     # Listed for --help only: main() hands `preflight ...` to its own parser before this one runs.
     sub.add_parser("preflight", add_help=False, help="sweep all-reduce/all-gather/reduce-scatter, test links, "
@@ -145,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
 
     add_bench_parsers(sub)  # `bench` and `size`
 
+    from scaletrain.curate.commands import add_curate_parsers, curate_main
+
+    add_curate_parsers(sub)  # `curate filter | caption | safety | aesthetic-train | aesthetic-score | rated-synth`
+
     args = p.parse_args(argv)
+    if args.cmd == "curate":
+        return curate_main(args)
     if args.cmd == "bench":
         return bench_main(args)
     if args.cmd == "size":
@@ -154,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         return _ckpt(args)
     if args.cmd == "train":
         return pretrain_main(["--config", args.config] + [x for o in args.overrides for x in ("--set", o)])
+    if args.cmd in ("sft", "lora"):
+        entry = sft_main if args.cmd == "sft" else lora_main
+        return entry(["--config", args.config] + [x for o in args.overrides for x in ("--set", o)])
+    if args.cmd == "dpo":
+        return dpo_main(["--config", args.config] + [x for o in args.overrides for x in ("--set", o)])
+    if args.cmd == "data" and args.data_cmd == "synth-pairs":
+        return _synth_pairs(args)
     if args.cmd == "data":
         return _synth(args)
     return _config_check(args)

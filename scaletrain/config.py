@@ -9,6 +9,7 @@ group starts.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+
+from scaletrain.data.buckets import BucketSpec
+from scaletrain.data.filters import FilterSpec
 
 
 class ConfigError(ValueError):
@@ -56,13 +60,90 @@ class ModelSection(_Section):
     vae_path: str | None = None
 
 
+DEFAULT_SHARDS = "data/synth/shard-{000000..000007}.tar"
+
+
+class SourceSection(_Section):
+    """One weighted data source (data/mixing.py): each sample's source is drawn with probability
+    weight / sum(weights), and its name is the sample's provenance in batches and metrics."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # used in metric keys: source_frac/NAME
+    # Required in data.sources; in a stage override it may be left out to reuse the shards of
+    # the data.sources entry with the same name (e.g. to change only the weight).
+    shards: str | list[str] | None = None
+    weight: float = Field(1.0, gt=0.0)
+    filters: FilterSpec | None = None  # replaces data.filters for this source
+
+
+class BalanceSection(_Section):
+    """Class-balanced sampling over a metadata field: each class is its own stream, drawn with
+    equal probability (uniform; classes found by one metadata scan) or with ``weights``."""
+
+    field: str = "label"
+    mode: Literal["uniform", "weights"] = "uniform"
+    weights: dict[str, float] | None = None  # class value (as text) -> weight > 0; mode=weights
+
+    @model_validator(mode="after")
+    def _weights(self) -> "BalanceSection":
+        if self.mode == "weights" and not self.weights:
+            raise ValueError("data.balance.mode=weights needs data.balance.weights, e.g. {cat: 1, dog: 1}")
+        if self.mode == "uniform" and self.weights is not None:
+            raise ValueError("data.balance.weights is set but data.balance.mode=uniform; set mode: weights "
+                             "or remove the weights")
+        bad = {c: w for c, w in (self.weights or {}).items() if not w > 0}
+        if bad:
+            raise ValueError(f"data.balance.weights={bad} must be > 0; drop a class by leaving it out")
+        return self
+
+
+def _check_sources(sources: list[SourceSection] | None, where: str) -> None:
+    if sources is None:
+        return
+    if not sources:
+        raise ValueError(f"{where}.sources is empty; list at least one {{name, shards, weight}} or remove it")
+    names = [s.name for s in sources]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{where}.sources has the name {dup[0]!r} twice; give every source its own name")
+
+
 class DataSection(_Section):
     # A path, a brace pattern, a directory of .tar files, a URL, or a list of those.
-    shards: str | list[str] = "data/synth/shard-{000000..000007}.tar"
+    shards: str | list[str] = DEFAULT_SHARDS
     num_workers: int = Field(1, ge=0)
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
     shuffle_buffer: int = Field(0, ge=0)
     split: Literal["auto", "shard", "sample"] = "auto"
+    # Metadata filters applied on the fly (data/filters.py); drops are counted, per rule.
+    filters: FilterSpec | None = None
+    # Weighted sources with provenance; when set they replace data.shards (README "Data sources").
+    sources: list[SourceSection] | None = None
+    balance: BalanceSection | None = None
+    # Aspect-ratio buckets per stage resolution (data/buckets.py); off = square center crops.
+    buckets: BucketSpec = BucketSpec()
+
+    @model_validator(mode="after")
+    def _sources(self) -> "DataSection":
+        _check_sources(self.sources, "data")
+        if self.sources is not None:
+            if "shards" in self.model_fields_set and self.shards != DEFAULT_SHARDS:
+                raise ValueError("data.shards and data.sources are both set; data.sources replaces data.shards, "
+                                 "so move those shards into a source and remove data.shards")
+            missing = [s.name for s in self.sources if s.shards is None]
+            if missing:
+                raise ValueError(f"data.sources {missing[0]!r} has no shards; add shards: PATH to it")
+        return self
+
+
+class StageDataSection(_Section):
+    """Per-stage override of data.shards / sources / filters / balance: a key given here replaces
+    the top-level one for this stage (filters or balance given as null turn it off); stage
+    shards or sources replace both of data's."""
+
+    shards: str | list[str] | None = None
+    sources: list[SourceSection] | None = None
+    filters: FilterSpec | None = None
+    balance: BalanceSection | None = None
 
 
 class DiffusionSection(_Section):
@@ -87,13 +168,18 @@ class OptimSection(_Section):
 class StageSection(_Section):
     name: str
     resolution: int = Field(gt=0)
-    steps: int = Field(gt=0)
+    # Length: exactly one of steps, or images (steps = ceil(images / global batch), see
+    # RunConfig.stage_steps).
+    steps: int | None = Field(None, gt=0)
+    images: int | None = Field(None, gt=0)
     micro_batch: int = Field(gt=0)
     grad_accum: int = Field(1, gt=0)
     # Optional: when given it must equal micro_batch * grad_accum * world size.
     global_batch: int | None = Field(None, gt=0)
     lr: float | None = Field(None, gt=0.0)
     warmup_steps: int | None = Field(None, ge=0)
+    data: StageDataSection | None = None  # this stage's shards/sources/filters/balance
+    noise_offset: float | None = Field(None, ge=0.0)  # None = diffusion.noise_offset
 
 
 class TrainSection(_Section):
@@ -239,6 +325,12 @@ class ValidateSection(_Section):
     # inception: torch-fidelity InceptionV3 from inception_weights (metric fid_inception-v3).
     feature_extractor: Literal["offline", "inception"] = "offline"
     inception_weights: str | None = None
+    # NSFW gate on the generated validation images (scaletrain/curate/safety.py): a local
+    # AutoModelForImageClassification folder ('tiny' = seeded test model); logs
+    # validation/nsfw_flagged_rate (share with p(nsfw) > safety_threshold). None = off.
+    safety_model: str | None = None
+    safety_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    safety_nsfw_labels: list[str] | None = None  # default: labels containing nsfw/porn/hentai/sexy/...
 
 
 class HealthSection(_Section):
@@ -263,6 +355,46 @@ class HealthSection(_Section):
     inject_nan_rank: int = Field(1, ge=0)
 
 
+class InitSection(_Section):
+    """Start weights for post-training (SFT, LoRA, DPO): weights only, with a fresh optimizer,
+    step counter and LR schedule. Ignored once the run has a checkpoint of its own (a relaunch
+    resumes that). scaletrain/checkpoint/init.py."""
+
+    # A scaletrain run folder (its latest complete checkpoint), its checkpoints/ folder, or one
+    # checkpoints/step-N folder; FSDP2/DDP (DCP) or DeepSpeed checkpoints of model.preset.
+    from_checkpoint: str | None = None
+    # A diffusers model folder (`scaletrain ckpt export`, or save_pretrained of model.preset's class).
+    from_diffusers: str | None = None
+    use_ema: bool = True  # from_checkpoint: its EMA weights when it holds an EMA
+
+    @property
+    def source(self) -> str | None:
+        return self.from_checkpoint or self.from_diffusers
+
+
+class LoraSection(_Section):
+    """LoRA adapters (peft) on the denoiser; base weights frozen (scaletrain/models/lora.py)."""
+
+    enabled: bool = False
+    rank: int = Field(8, ge=1)
+    alpha: float | None = Field(None, gt=0.0)  # None = rank (scale 1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Module-name suffixes to adapt; None = the family's attention projections (to_q, to_k,
+    # to_v, to_out.0), plus the feed-forward projections (ff.net.0.proj, ff.net.2) for the DiT.
+    target_modules: list[str] | None = Field(None, min_length=1)
+
+
+class DPOSection(_Section):
+    """Diffusion-DPO post-training (launchers/dpo.py, scaletrain/train/dpo.py) on preference
+    pairs (data.shards hold KEY.chosen.jpg + KEY.rejected.jpg + KEY.txt). The reference model
+    is the start weights, frozen: a copy sharded like the policy, or under LoRA the same
+    network with its adapters turned off."""
+
+    # KL strength: loss = -log sigmoid(-beta/2 * (model_diff - ref_diff)), diffs of per-sample
+    # mean squared errors (scaletrain/diffusion/dpo.py). 5000 is the authors' SD1.5/SDXL value.
+    beta: float = Field(5000.0, gt=0.0)
+
+
 class RunConfig(_Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
@@ -277,16 +409,24 @@ class RunConfig(_Section):
     ema: EMASection = EMASection()
     validate: ValidateSection = ValidateSection()
     health: HealthSection = HealthSection()
+    dpo: DPOSection | None = None  # read by launchers/dpo.py only
+    init: InitSection = InitSection()  # post-training start weights
+    lora: LoraSection = LoraSection()
 
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> "RunConfig":
         ctx = info.context or {}
         world = int(ctx.get("world_size", 1))
+        _check_stage_lengths(self)
         _check_preset_and_resolutions(self)
         _check_batch_identity(self, world)
         _check_health(self, world)
         _check_validate(self, world, check_paths=ctx.get("check_paths", True))
         _check_engine_knobs(self, world)
+        for i in range(len(self.train.stages)):
+            self.stage_data(i)  # raises on a bad per-stage data override
+        _check_lora(self)
+        _check_init(self, check_paths=ctx.get("check_paths", True))
         if ctx.get("check_paths", True):
             _check_shards(self)
             if self.engine.kind == "deepspeed":
@@ -296,6 +436,69 @@ class RunConfig(_Section):
     def stage_global_batch(self, index: int, world_size: int) -> int:
         s = self.train.stages[index]
         return s.micro_batch * s.grad_accum * world_size
+
+    def stage_steps(self, index: int, world_size: int) -> int:
+        """Optimizer steps of stage ``index`` for a run launched at ``world_size``: its ``steps``,
+        or ceil(images / global batch), so an images-length stage trains on at least ``images``
+        images (the last step's batch is whole). The one place this rounding lives."""
+        s = self.train.stages[index]
+        if s.steps is not None:
+            return s.steps
+        return math.ceil(s.images / self.stage_global_batch(index, world_size))
+
+    def stage_images(self, index: int, world_size: int) -> int:
+        """Images stage ``index`` is asked to train on: its ``images``, or steps x global batch."""
+        s = self.train.stages[index]
+        return s.images if s.images is not None else s.steps * self.stage_global_batch(index, world_size)
+
+    def stage_buckets(self, index: int) -> list[tuple[int, int]]:
+        """(width, height) aspect-ratio buckets of stage ``index`` ([] when data.buckets is off)."""
+        from scaletrain.models.registry import get_preset
+
+        if not self.data.buckets.enabled:
+            return []
+        factor = get_preset(self.model.preset).downsample_factor
+        return self.data.buckets.sizes(self.train.stages[index].resolution, factor)
+
+    def stage_data(self, index: int) -> StageDataSection:
+        """Stage ``index``'s effective shards or sources, filters and balance: data.* with the
+        stage's ``data`` override applied (a key given there, even null, replaces data.*)."""
+        d, o = self.data, self.train.stages[index].data
+        out = {"shards": None if d.sources else d.shards, "sources": d.sources,
+               "filters": d.filters, "balance": d.balance}
+        if o is None:
+            return StageDataSection.model_construct(**out)
+        where, given = f"train.stages.{index}.data", o.model_fields_set
+        if o.shards is not None and o.sources is not None:
+            raise ValueError(f"{where}.shards and {where}.sources are both set; keep one (sources replace shards)")
+        _check_sources(o.sources, where)
+        if o.shards is not None:
+            out.update(shards=o.shards, sources=None)
+        if o.sources is not None:
+            top = {s.name: s for s in d.sources or []}
+            sources = []
+            for j, src in enumerate(o.sources):
+                if src.shards is None and src.name not in top:
+                    known = f"or use one of {sorted(top)}" if top else "(data.sources is not set)"
+                    raise ValueError(f"{where}.sources.{j}.name={src.name!r} is not in data.sources and has no "
+                                     f"shards; add shards: PATH {known}")
+                base = top.get(src.name)
+                sources.append(src.model_copy(update={
+                    "shards": src.shards if src.shards is not None else base.shards,
+                    "filters": src.filters if "filters" in src.model_fields_set or base is None else base.filters}))
+            out.update(shards=None, sources=sources)
+        for key in ("filters", "balance"):
+            if key in given:
+                out[key] = getattr(o, key)
+        return StageDataSection.model_construct(**out)
+
+
+def _check_stage_lengths(cfg: RunConfig) -> None:
+    for i, st in enumerate(cfg.train.stages):
+        if (st.steps is None) == (st.images is None):
+            given = "both" if st.steps is not None else "neither"
+            raise ValueError(f"train.stages.{i} sets {given} of steps and images; give exactly one "
+                             f"(e.g. train.stages.{i}.steps=1000 or train.stages.{i}.images=1000000)")
 
 
 def _check_preset_and_resolutions(cfg: RunConfig) -> None:
@@ -335,6 +538,9 @@ def _check_validate(cfg: RunConfig, world: int, *, check_paths: bool) -> None:
     if v.inception_weights and v.feature_extractor == "inception" and not Path(v.inception_weights).is_file():
         raise ValueError(f"validate.inception_weights={v.inception_weights!r} does not exist; "
                          "point it at a local InceptionV3 weights file")
+    if v.safety_model not in (None, "tiny") and not (Path(v.safety_model) / "config.json").is_file():
+        raise ValueError(f"validate.safety_model={v.safety_model!r} is not a local model folder with config.json; "
+                         "point it at a save_pretrained image classifier (nothing is downloaded) or remove it")
     if v.shards is not None:
         from scaletrain.data.pipeline import expand_shards, missing_local_shards
 
@@ -401,9 +607,38 @@ def _check_engine_knobs(cfg: RunConfig, world: int) -> None:
                              f"{world}; use the number of ranks per node")
 
 
+def _check_init(cfg: RunConfig, *, check_paths: bool) -> None:
+    """One start-weights source, present and built for model.preset (checkpoint/init.py)."""
+    if cfg.init.from_checkpoint and cfg.init.from_diffusers:
+        raise ValueError("init.from_checkpoint and init.from_diffusers are both set; keep one of them")
+    if cfg.init.source is not None and check_paths:
+        from scaletrain.checkpoint.init import check_init_source
+
+        check_init_source(cfg)
+
+
+def _check_lora(cfg: RunConfig) -> None:
+    """Configured lora.target_modules must name layers of the preset (built on the meta device)."""
+    if not cfg.lora.enabled or cfg.lora.target_modules is None:
+        return
+    import torch
+
+    from scaletrain.models.lora import matching_modules
+    from scaletrain.models.registry import build_denoiser_net
+
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        net = build_denoiser_net(cfg.model.preset)
+    if not matching_modules(net, cfg.lora.target_modules):
+        raise ValueError(f"lora.target_modules={cfg.lora.target_modules} matches no Linear/Conv2d layer of "
+                         f"model.preset={cfg.model.preset!r}; use suffixes such as to_q, to_k, to_v, to_out.0")
+
+
 def _check_shards(cfg: RunConfig) -> None:
     from scaletrain.data.pipeline import expand_shards, missing_local_shards
 
+    if cfg.data.sources is not None or any(st.data is not None for st in cfg.train.stages):
+        _check_source_shards(cfg)
+        return
     urls = expand_shards(cfg.data.shards)
     if not urls:
         raise ValueError(f"data.shards={cfg.data.shards!r} matches no shard; point it at .tar files")
@@ -414,6 +649,26 @@ def _check_shards(cfg: RunConfig) -> None:
             f"data.shards: {missing[0]!r}{more} does not exist; write shards with "
             f"`scaletrain data synth --out DIR` or fix the path"
         )
+
+
+def _check_source_shards(cfg: RunConfig) -> None:
+    """Every stage's effective shards (data.shards, data.sources, stage overrides) exist."""
+    from scaletrain.data.pipeline import expand_shards, missing_local_shards
+
+    for i in range(len(cfg.train.stages)):
+        eff = cfg.stage_data(i)
+        o = cfg.train.stages[i].data
+        where = f"train.stages.{i}.data" if o is not None and (o.shards or o.sources) else "data"
+        pairs = [(f"{where}.shards", eff.shards)] if eff.sources is None else [
+            (f"{where}.sources {s.name!r}", s.shards) for s in eff.sources]
+        for key, shards in pairs:
+            try:
+                missing = missing_local_shards(expand_shards(shards))
+            except ValueError:
+                raise ValueError(f"{key}: shards={shards!r} matched no .tar files; point it at .tar files") from None
+            if missing:
+                raise ValueError(f"{key}: {missing[0]!r} does not exist; write shards with "
+                                 "`scaletrain data synth --out DIR` or fix the path")
 
 
 def _check_deepspeed_json(cfg: RunConfig, world: int) -> None:

@@ -79,10 +79,11 @@ def _parse_stages(args: argparse.Namespace) -> list[tuple[int, int, int]]:
         from scaletrain.config import load_config
 
         cfg = load_config(args.recipe, check_paths=False)
-        for st in cfg.train.stages:
-            # The recipe's global batch where it states one; else one node's worth.
-            batch = st.global_batch or st.micro_batch * st.grad_accum * args.gpus_per_node
-            stages.append((st.resolution, st.steps * batch, st.micro_batch))
+        for i, st in enumerate(cfg.train.stages):
+            # The recipe's global batch where it states one; else one node's worth. A stage given
+            # in images is that many images at any batch (RunConfig.stage_images).
+            world = st.global_batch // (st.micro_batch * st.grad_accum) if st.global_batch else args.gpus_per_node
+            stages.append((st.resolution, cfg.stage_images(i, world), st.micro_batch))
     for text in args.stage:
         parts = text.split(":")
         if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):

@@ -99,9 +99,18 @@ def denoiser_input_size(preset, resolution: int) -> int:
     return resolution // 8 if preset.latent else resolution
 
 
+# An image size: the side of a square, or (height, width) for aspect-ratio buckets.
+ImageSize = int | tuple[int, int]
+
+
+def _height_width(size: ImageSize) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 @functools.lru_cache(maxsize=None)
-def layer_flops(preset_name: str, resolution: int) -> dict[str, int]:
-    """Forward FLOPs per image by layer kind ({"conv", "linear", "attention"}), by the formulas above."""
+def layer_flops(preset_name: str, resolution: ImageSize) -> dict[str, int]:
+    """Forward FLOPs per image of ``resolution`` (a square's side, or (height, width)) by layer
+    kind ({"conv", "linear", "attention"}), by the formulas above."""
     from diffusers.models.attention_processor import Attention
 
     from scaletrain.models.registry import Denoiser, build_denoiser_net, get_preset
@@ -134,9 +143,9 @@ def layer_flops(preset_name: str, resolution: int) -> dict[str, int]:
             hooks.append(mod.register_forward_hook(linear_hook))
         elif isinstance(mod, Attention):
             hooks.append(mod.register_forward_hook(attn_hook, with_kwargs=True))
-    size = denoiser_input_size(preset, resolution)
+    height, width_px = (denoiser_input_size(preset, side) for side in _height_width(resolution))
     tokens, width = _text_dims(preset)
-    x = torch.zeros(1, preset.in_channels, size, size, device="meta")
+    x = torch.zeros(1, preset.in_channels, height, width_px, device="meta")
     t = torch.zeros(1, dtype=torch.long, device="meta")
     with torch.no_grad():
         den(x, t, torch.zeros(1, tokens, width, device="meta"), None)
@@ -145,11 +154,11 @@ def layer_flops(preset_name: str, resolution: int) -> dict[str, int]:
     return counts
 
 
-def forward_flops_per_image(preset_name: str, resolution: int) -> int:
+def forward_flops_per_image(preset_name: str, resolution: ImageSize) -> int:
     return sum(layer_flops(preset_name, resolution).values())
 
 
-def train_flops_per_image(preset_name: str, resolution: int) -> int:
+def train_flops_per_image(preset_name: str, resolution: ImageSize) -> int:
     """Forward + backward of the denoiser for one image: backward is 2x forward (grads wrt
     inputs and wrt weights), so 3x forward."""
     return 3 * forward_flops_per_image(preset_name, resolution)

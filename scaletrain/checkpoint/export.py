@@ -5,11 +5,13 @@ for): DCP shards via ``dcp_to_torch_save`` then ``torch.load(weights_only=True)`
 the EMA (``<ckpt>/ema/``, DCP on every engine) the same way, exported instead of the raw
 weights when present; DeepSpeed ZeRO partitions via DeepSpeed's ``zero_to_fp32`` reader,
 weights-only (checkpoint.safe_load). The result is written
-with ``save_pretrained`` (safetensors), loadable by the diffusers class alone.
+with ``save_pretrained`` (safetensors), loadable by the diffusers class alone. A LoRA run's
+checkpoint (full model: frozen base + adapters) exports its adapter instead (``export_lora``).
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -78,10 +80,38 @@ def export_diffusers(src: str | Path, out: str | Path, *, use_ema: bool = True) 
     and which weights went into it ("ema" or "raw")."""
     from scaletrain.models import build_denoiser_net
 
+    from scaletrain.models.lora import has_lora_keys
+
     info = resolve_checkpoint(src)
+    preset = checkpoint_preset(info)
+    state, which = denoiser_state_dict(info, use_ema=use_ema)
+    if trainer_state(info).get("lora") or has_lora_keys(state):
+        raise ValueError(f"{info.path} holds LoRA adapters; export them with `scaletrain ckpt export-lora "
+                         f"{src} OUT` (add --with-base for the base model)")
+    net_state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    net = build_denoiser_net(preset)
+    net.load_state_dict(net_state, strict=True)
+    out = Path(out)
+    net.save_pretrained(out, safe_serialization=True)
+    return out, which
+
+
+def checkpoint_preset(info: CheckpointInfo) -> str:
     preset = info.meta.get("preset")
     if not preset:
         raise ValueError(f"{info.path}/meta.json names no model preset; cannot rebuild the network")
+    return preset
+
+
+def trainer_state(info: CheckpointInfo) -> dict:
+    f = info.path / "trainer_state.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def denoiser_state_dict(info: CheckpointInfo, *, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """The Denoiser's full state dict from a checkpoint, with the EMA's values in place of the
+    trained parameters it covers (all of them; under LoRA the adapters) when ``use_ema`` and
+    the checkpoint holds one. Returns it and which weights it holds ("ema" or "raw")."""
     state = consolidated_state_dict(info)  # buffers (and any frozen params) come from here
     ema = ema_state_dict(info) if use_ema else None
     if ema is not None:
@@ -89,12 +119,75 @@ def export_diffusers(src: str | Path, out: str | Path, *, use_ema: bool = True) 
             if name not in state or state[name].numel() != value.numel():
                 raise ValueError(f"{info.path}/ema: {name!r} does not match the model's parameters")
             state[name] = value.reshape(state[name].shape)
-    net_state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    return state, "ema" if ema is not None else "raw"
+
+
+def export_lora(src: str | Path, out: str | Path, *, use_ema: bool = True,
+                with_base: bool = False) -> tuple[Path, str, str]:
+    """Write a LoRA run's adapter in the layout its family's loader reads; returns the folder,
+    the weights ("ema"/"raw") and the layout written.
+
+    UNet: diffusers' ``pytorch_lora_weights.safetensors`` (keys ``unet.*``, peft config in the
+    header), written by ``StableDiffusionLoraLoaderMixin.save_lora_weights``: what
+    ``pipe.load_lora_weights(OUT)`` and ``unet.load_lora_adapter(OUT, prefix="unet",
+    use_safetensors=True)`` read. PixArt DiT (diffusers has no LoRA loader for it): peft's own
+    ``adapter_config.json`` + ``adapter_model.safetensors`` from ``PeftModel.save_pretrained``,
+    read by ``PeftModel.from_pretrained(transformer, OUT)``. ``with_base`` also writes the
+    frozen base network to ``OUT/base`` (save_pretrained), the model the adapter belongs to.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    from scaletrain.config import LoraSection
+    from scaletrain.models import build_denoiser_net, get_preset
+    from scaletrain.models.lora import ADAPTER, build_lora_config, inject_lora
+
+    info = resolve_checkpoint(src)
+    preset = get_preset(checkpoint_preset(info))
+    lora = trainer_state(info).get("lora")
+    if not lora:
+        raise ValueError(f"{info.path} holds no LoRA adapters (not a lora.enabled run); "
+                         f"use `scaletrain ckpt export {src} OUT`")
+    lora_cfg = LoraSection(**lora)
+    state, which = denoiser_state_dict(info, use_ema=use_ema)
     net = build_denoiser_net(preset)
-    net.load_state_dict(net_state, strict=True)
+    inject_lora(net, preset.family, lora_cfg)
+    # Strict: every base and adapter tensor of the checkpoint has its place, nothing is missing.
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}, strict=True)
     out = Path(out)
-    net.save_pretrained(out, safe_serialization=True)
-    return out, "ema" if ema is not None else "raw"
+    config = build_lora_config(lora_cfg, preset.family)
+    layers = get_peft_model_state_dict(net, adapter_name=ADAPTER)  # peft keys, adapter name dropped
+    base = build_denoiser_net(preset)
+    base.load_state_dict(base_state_dict(state), strict=True)
+    if with_base:
+        base.save_pretrained(out / "base", safe_serialization=True)
+    if preset.family == "unet":
+        # The SD pipelines' own writer (a classmethod of their loader mixin; no pipeline needed).
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        StableDiffusionLoraLoaderMixin.save_lora_weights(out, unet_lora_layers=layers,
+                                                         unet_lora_adapter_metadata=config.to_dict())
+        layout = "diffusers"
+    else:
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        # peft's own writer; get_peft_model adds fresh adapters (B = 0), so load the trained ones.
+        model = get_peft_model(base, config, adapter_name=ADAPTER)
+        loaded = set_peft_model_state_dict(model, {f"base_model.model.{k}": v for k, v in layers.items()},
+                                           adapter_name=ADAPTER)
+        if loaded.unexpected_keys:  # peft reports, does not raise
+            raise ValueError(f"{info.path}: adapter tensor {loaded.unexpected_keys[0]!r} has no place in the model")
+        model.save_pretrained(out, safe_serialization=True)
+        layout = "peft"
+    return out, which, layout
+
+
+def base_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The bare network's state from an adapted Denoiser's: adapters dropped, peft's
+    ``base_layer`` names folded back (``to_q.base_layer.weight`` -> ``to_q.weight``)."""
+    from scaletrain.models.lora import is_lora_key
+
+    return {k.removeprefix("net.").replace(".base_layer.", "."): v for k, v in state.items()
+            if k.startswith("net.") and not is_lora_key(k)}
 
 
 def format_listing(ckpt_dir: Path) -> str:

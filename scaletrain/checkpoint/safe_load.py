@@ -5,8 +5,8 @@ and DCP's default load planner (for non-tensor entries such as optimizer hyper-p
 call ``torch.load(..., weights_only=False)``, which unpickles arbitrary objects: a
 tampered checkpoint could run code on every rank. Neither offers a switch, so
 ``weights_only_torch_load`` forces ``weights_only=True`` for every ``torch.load`` made
-inside it, allowing beyond tensors and containers only the two plain DeepSpeed value types
-its ZeRO files hold (an enum and the loss-scaler record). Anything else fails with a
+inside it, allowing beyond tensors and containers only the plain DeepSpeed value types
+its ZeRO files hold (an enum, the loss-scaler record, ZeRO-1/2's fragment addresses). Anything else fails with a
 one-line error instead of running.
 
 Run as a module it converts a ZeRO checkpoint to DeepSpeed's universal format (the
@@ -37,8 +37,9 @@ def _allowed_globals() -> list:
         return []
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2 param_slice_mappings: (numel, start)
 
-    return [ZeroStageEnum, LossScaler]
+    return [ZeroStageEnum, LossScaler, fragment_address]
 
 
 @contextlib.contextmanager

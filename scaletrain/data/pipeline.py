@@ -13,6 +13,7 @@ Totals of corrupt samples are obtained by summing ``batch["skipped"]``.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import io
@@ -21,8 +22,9 @@ import json
 import random
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Generator, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,10 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import gopen
+
+from scaletrain.data.buckets import nearest_bucket
+from scaletrain.data.filters import FilterSpec, first_failing_rule
+from scaletrain.data.mixing import Balance, Source, class_value, cumulative, pick_leaf, plan_leaves
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _URL_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "gcs://")
@@ -86,6 +92,18 @@ class LoaderSpec:
     # Resume: loader batches already consumed from this (deterministic) stream. Skipped batches
     # are decoded but not returned, so the position is exact even with corrupt samples in it.
     skip_batches: int = 0
+    # Metadata filters (data/filters.py), checked before the image is decoded; drops are
+    # counted per rule in batch["filtered"], never raised.
+    filters: FilterSpec | None = None
+    # Weighted sources that replace `shards` when given, and class balancing (data/mixing.py).
+    sources: tuple[Source, ...] = ()
+    balance: Balance | None = None
+    # Set by the loader on one (source, class) stream: keep only samples of this class.
+    only_class: str | None = None
+    stream_name: str = "data"  # how errors name this stream (config key, source, class)
+    # Aspect-ratio buckets (width, height) for this resolution (data/buckets.py): each image
+    # goes to the nearest-aspect bucket and batches hold one bucket. () = square R x R crops.
+    buckets: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -192,24 +210,55 @@ def _shuffled(samples: Iterable[dict], buffer: int, rng: random.Random) -> Itera
 # --------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, resolution: int) -> torch.Tensor:
-    """Bytes -> float32 (3, R, R) in [-1, 1]: shorter side to R (bicubic), center crop."""
+def decode_image(data: bytes, resolution: int, buckets: tuple[tuple[int, int], ...] = ()) -> torch.Tensor:
+    """Bytes -> float32 (3, H, W) in [-1, 1]: resized (bicubic) to cover the target and
+    center-cropped to it. The target is R x R, or with ``buckets`` the (W, H) bucket whose
+    aspect ratio is nearest the image's."""
     with Image.open(io.BytesIO(data)) as img:
         img = img.convert("RGB")
     w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    tw, th = buckets[nearest_bucket(w, h, buckets)] if buckets else (resolution, resolution)
+    scale = max(tw / w, th / h)  # = R / min(w, h) for the square target
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
     if (nw, nh) != (w, h):
         # PIL widens the bicubic kernel when downscaling, i.e. it antialiases.
         img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    left, top = (nw - tw) // 2, (nh - th) // 2
+    img = img.crop((left, top, left + tw, top + th))
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
-def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | None:
-    """Decoded ``{"key", "pixels", "caption"}``, or None when the sample is corrupt."""
+@dataclass(frozen=True)
+class Dropped:
+    """A sample the stream does not train on: ``rule`` is the filter rule it failed, or None
+    when it belongs to another class's stream under data.balance (not counted anywhere)."""
+
+    rule: str | None
+
+
+def _sample_class(meta: dict, spec: LoaderSpec, key: str) -> str:
+    field = spec.balance.field
+    value = class_value(meta, field)
+    if value is None:
+        raise ValueError(
+            f"data.balance.field={field!r} is missing from the metadata of sample {key!r} "
+            f"({spec.stream_name}); add it to every sample's .json, or balance on another field"
+        )
+    return value
+
+
+def _select(meta: dict, caption: str, spec: LoaderSpec, key: str) -> Dropped | None:
+    """Class routing, then metadata filters: each sample is counted by at most one stream."""
+    if spec.only_class is not None and _sample_class(meta, spec, key) != spec.only_class:
+        return Dropped(None)
+    rule = first_failing_rule(meta, caption, spec.filters) if spec.filters is not None else None
+    return Dropped(rule) if rule is not None else None
+
+
+def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | None:
+    """Decoded ``{"key", "pixels", "caption"}``; ``Dropped`` when filtered out (before the
+    image is decoded, which is the expensive part); None when the sample is corrupt."""
     image_ext = next((ext for ext in IMAGE_EXTS if ext in raw), None)
     if raw.get("__corrupt__") or image_ext is None:
         return None
@@ -217,14 +266,20 @@ def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | None:
         meta = json.loads(raw["json"]) if "json" in raw else {}
         if not isinstance(meta, dict):
             return None
-        pixels = decode_image(raw[image_ext], spec.resolution)
         if "txt" in raw:
             caption = raw["txt"].decode("utf-8", errors="replace").strip()
         else:
             caption = str(meta.get("caption") or "")  # missing caption -> "" (still trainable)
-    except Exception:  # noqa: BLE001 - PIL raises many types (SyntaxError, struct.error...) on bad bytes
+    except Exception:  # noqa: BLE001 - malformed JSON
         return None
     key = raw["__key__"]
+    dropped = _select(meta, caption, spec, key)  # outside the try: a missing balance field must raise
+    if dropped is not None:
+        return dropped
+    try:
+        pixels = decode_image(raw[image_ext], spec.resolution, spec.buckets)
+    except Exception:  # noqa: BLE001 - PIL raises many types (SyntaxError, struct.error...) on bad bytes
+        return None
     if caption_is_dropped(spec.seed, key, epoch, spec.caption_dropout):
         caption = ""
     return {"key": key, "pixels": pixels, "caption": caption}
@@ -273,33 +328,43 @@ def _epoch_raw(
 
 def _decoded_epoch(
     spec: LoaderSpec, shards: list[str], mode: str, epoch: int, worker: int, offset: int
-) -> Generator[dict | None, None, tuple[int, int]]:
-    """Decoded samples (None = corrupt) of one epoch; returns (global raw count, good count)."""
+) -> Generator[dict | Dropped | None, None, tuple[int, int, Counter]]:
+    """Decoded samples (None = corrupt, Dropped = filtered) of one epoch; returns
+    (global raw count, good count, filtered count per rule)."""
     raw_stream = _epoch_raw(spec, shards, mode, epoch, worker, offset)
-    good = 0
+    good, filtered = 0, Counter()
     while True:
         try:
             raw = next(raw_stream)
         except StopIteration as stop:  # the generator's return value is the raw count
-            return stop.value, good
+            return stop.value, good, filtered
         item = _decode_sample(raw, spec, epoch)
-        good += item is not None
+        if isinstance(item, Dropped):
+            if item.rule is not None:
+                filtered[item.rule] += 1
+        else:
+            good += item is not None
         yield item
 
 
-def _slot_items(spec: LoaderSpec, shards: list[str], mode: str, worker: int) -> Iterator[dict | None]:
-    """Infinite stream of decoded samples (None = corrupt) for one slot."""
+def _slot_items(spec: LoaderSpec, shards: list[str], mode: str, worker: int) -> Iterator[dict | Dropped | None]:
+    """Infinite stream of decoded samples (None = corrupt, Dropped = filtered) for one slot."""
     offset = 0
     for epoch in itertools.count():
-        raw_count, good = yield from _decoded_epoch(spec, shards, mode, epoch, worker, offset)
+        raw_count, good, filtered = yield from _decoded_epoch(spec, shards, mode, epoch, worker, offset)
         offset += raw_count
         if good == 0:
             # Without this an empty slot would spin forever and hang the job.
-            raise RuntimeError(
-                f"rank {spec.rank} worker {worker} got no decodable samples in epoch {epoch} "
-                f"(split={mode!r}, {len(shards)} shards, {spec.num_slots} slots); "
-                "check the shards or use fewer workers/ranks"
-            )
+            where = (f"rank {spec.rank} worker {worker} got no decodable samples from {spec.stream_name} in "
+                     f"epoch {epoch} (split={mode!r}, {len(shards)} shards, {spec.num_slots} slots)")
+            if sum(filtered.values()):
+                rules = ", ".join(f"{rule}: {n}" for rule, n in sorted(filtered.items()) if n)
+                raise RuntimeError(f"{where}: data.filters dropped all {sum(filtered.values())} it read "
+                                   f"({rules}); loosen data.filters for this stream")
+            if spec.only_class is not None:
+                raise RuntimeError(f"{where}: no sample has {spec.balance.field}={spec.only_class!r}; "
+                                   "fix data.balance.weights or write more shards")
+            raise RuntimeError(f"{where}; check the shards or use fewer workers/ranks")
 
 
 def iter_epoch_samples(
@@ -313,52 +378,133 @@ def iter_epoch_samples(
     shards = expand_shards(spec.shards)
     mode = resolve_split(spec, len(shards))
     for item in _decoded_epoch(spec, shards, mode, epoch, worker, offset):
-        if item is not None:
+        if isinstance(item, dict):
             yield item
 
 
-def _batches(spec: LoaderSpec, shards: list[str], mode: str, worker: int) -> Iterator[dict]:
+@dataclass(frozen=True)
+class Stream:
+    """One (source, class) leaf of the mixture, resolved for reading (data/mixing.py)."""
+
+    spec: LoaderSpec  # the leaf's own spec: its shards, filters and class
+    shards: list[str]
+    mode: str
+    source: str
+    label: str | None
+    prob: float
+
+
+@functools.lru_cache(maxsize=64)
+def scan_classes(shards: tuple[str, ...], field: str, where: str) -> dict[str, int]:
+    """Samples per class of metadata ``field`` over ``shards`` (one pass, images not decoded).
+
+    Needed only for ``balance.mode=uniform`` without explicit weights; cached so the trainer
+    and the loader, and a stage rebuilt at resume, share one scan."""
+    counts: Counter = Counter()
+    probe = LoaderSpec(shards=list(shards), resolution=1, micro_batch=1, balance=Balance(field), stream_name=where)
+    for url in shards:
+        for raw in _read_shard(url):
+            if raw.get("__corrupt__"):
+                continue
+            try:
+                meta = json.loads(raw["json"]) if "json" in raw else {}
+            except ValueError:
+                continue  # corrupt metadata: the loader counts it as skipped
+            if isinstance(meta, dict):
+                counts[_sample_class(meta, probe, raw["__key__"])] += 1
+    if not counts:
+        raise ValueError(f"data.balance: {where} has no readable samples to find the classes of {field!r} in; "
+                         "check the shards or list the classes in data.balance.weights")
+    return dict(sorted(counts.items()))
+
+
+def plan_streams(spec: LoaderSpec) -> list[Stream]:
+    """The leaves this spec reads: one per source (and per class under ``spec.balance``)."""
+    if spec.sources:
+        sources = list(spec.sources)
+        names = [f"data.sources {s.name!r}" for s in sources]
+    else:
+        sources = [Source("data", tuple(expand_shards(spec.shards)), 1.0, None)]
+        names = ["data.shards"]
+    shard_lists = [expand_shards(s.shards) for s in sources]
+    classes: list[list[str]] = [[] for _ in sources]
+    if spec.balance is not None and spec.balance.weights is None:
+        classes = [list(scan_classes(tuple(sh), spec.balance.field, name)) for sh, name in zip(shard_lists, names)]
+    streams = []
+    for leaf in plan_leaves(sources, spec.balance, classes):
+        src, shards = sources[leaf.source], shard_lists[leaf.source]
+        name = names[leaf.source] + ("" if leaf.label is None else f" class {spec.balance.field}={leaf.label!r}")
+        filters = src.filters if src.filters is not None else spec.filters
+        leaf_spec = replace(spec, shards=shards, sources=(), filters=filters, only_class=leaf.label, stream_name=name)
+        streams.append(Stream(leaf_spec, shards, resolve_split(leaf_spec, len(shards)), src.name, leaf.label,
+                              leaf.prob))
+    return streams
+
+
+def _batches(spec: LoaderSpec, streams: list[Stream], worker: int) -> Iterator[dict]:
     # The DataLoader takes batch i from worker i % W, so of the first skip_batches batches
     # this worker produced len(range(worker, skip_batches, W)).
     to_skip = len(range(worker, spec.skip_batches, spec.workers_per_rank))
-    pixels: list[torch.Tensor] = []
-    captions: list[str] = []
-    keys: list[str] = []
-    skipped = 0
-    for item in _slot_items(spec, shards, mode, worker):
-        if item is None:
-            skipped += 1
-            continue
+    slots, slot = spec.num_slots, worker * spec.world_size + spec.rank
+    leaves = [_slot_items(st.spec, st.shards, st.mode, worker) for st in streams]
+    cum = cumulative([st.prob for st in streams])
+    # Samples waiting for their micro-batch, per image shape: one entry without buckets; with
+    # buckets a batch is emitted when its bucket fills, so every batch holds one bucket. The
+    # emission order depends only on the slot's stream, so skip_batches stays exact.
+    pending: dict[tuple[int, ...], tuple[list[torch.Tensor], list[str], list[str], list[Stream]]] = {}
+    skipped, filtered = 0, Counter()
+    for n in itertools.count():
+        # Slot s's n-th sample is global sample n * slots + s (as in split="sample"), so the leaf
+        # picks are the same for any rank layout and for a resumed run.
+        i = pick_leaf(spec.seed, n * slots + slot, cum) if len(streams) > 1 else 0
+        while True:  # corrupt and filtered samples do not take a position
+            item = next(leaves[i])
+            if item is None:
+                skipped += 1
+            elif isinstance(item, Dropped):
+                if item.rule is not None:
+                    filtered[item.rule] += 1
+            else:
+                break
+        shape = tuple(item["pixels"].shape)
+        pixels, captions, keys, provenance = pending.setdefault(shape, ([], [], [], []))
         pixels.append(item["pixels"])
         captions.append(item["caption"])
         keys.append(item["key"])
+        provenance.append(streams[i])
         if len(keys) == spec.micro_batch:
             if to_skip:
                 to_skip -= 1
             else:
-                yield {"pixels": torch.stack(pixels), "captions": captions, "keys": keys, "skipped": skipped}
-            pixels, captions, keys, skipped = [], [], [], 0
+                batch = {"pixels": torch.stack(pixels), "captions": captions, "keys": keys, "skipped": skipped,
+                         "filtered": dict(filtered), "sources": [st.source for st in provenance]}
+                if spec.balance is not None:
+                    batch["labels"] = [st.label for st in provenance]
+                yield batch
+            del pending[shape]
+            skipped, filtered = 0, Counter()
 
 
 class _SlotDataset(IterableDataset):
     """Per-worker infinite batch stream; DataLoader round-robins the workers."""
 
-    def __init__(self, spec: LoaderSpec, shards: list[str], mode: str) -> None:
-        self.spec, self.shards, self.mode = spec, shards, mode
+    def __init__(self, spec: LoaderSpec, streams: list[Stream]) -> None:
+        self.spec, self.streams = spec, streams
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        return _batches(self.spec, self.shards, self.mode, info.id if info else 0)
+        return _batches(self.spec, self.streams, info.id if info else 0)
 
 
 def build_loader(spec: LoaderSpec) -> Iterable[dict]:
     """Infinite iterable of whole micro-batches for ``spec.rank``.
 
-    Batch: ``{"pixels": (B,3,R,R) float32 in [-1,1], "captions": list[str],
-    "keys": list[str], "skipped": int}``; sum "skipped" for the corrupt total.
+    Batch: ``{"pixels": (B,3,R,R) (or (B,3,H,W) of one bucket) float32 in [-1,1], "captions": list[str],
+    "keys": list[str], "skipped": int, "filtered": {rule: int}, "sources": list[str]}``
+    (+ ``"labels": list[str]`` under ``spec.balance``); sum "skipped" for the corrupt total
+    and "filtered" for the samples data.filters dropped.
     """
-    shards = expand_shards(spec.shards)
-    mode = resolve_split(spec, len(shards))
+    streams = plan_streams(spec)
     # batch_size=None: workers emit whole batches themselves, so "skipped" can
     # be attributed per batch and no batch ever mixes workers or comes out short.
-    return DataLoader(_SlotDataset(spec, shards, mode), batch_size=None, num_workers=spec.num_workers)
+    return DataLoader(_SlotDataset(spec, streams), batch_size=None, num_workers=spec.num_workers)

@@ -76,10 +76,24 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def image_size(resolution: int, aspect_ratio: float | None) -> tuple[int, int]:
+    """(width, height) of a synthetic image: square, or the shorter side ``resolution`` and the
+    longer one stretched to ``aspect_ratio`` = width / height."""
+    if aspect_ratio is None or aspect_ratio == 1.0:
+        return resolution, resolution
+    if aspect_ratio > 1.0:
+        return round(resolution * aspect_ratio), resolution
+    return resolution, round(resolution / aspect_ratio)
+
+
 def make_synthetic_sample(
-    index: int, seed: int, resolution: int, image_format: str = "jpg"
+    index: int, seed: int, resolution: int, image_format: str = "jpg", label: str | None = None,
+    aspect_ratio: float | None = None,
 ) -> dict[str, bytes | str]:
-    """One sample ``{"__key__", EXT, "txt", "json"}`` ready for ``write_tar_shard``."""
+    """One sample ``{"__key__", EXT, "txt", "json"}`` ready for ``write_tar_shard``; ``label``
+    (for class-balancing tests) goes into the metadata as ``"label"``. ``aspect_ratio`` (width /
+    height) makes a non-square image; shapes keep their positions as fractions of each side,
+    so the caption still describes it."""
     # One RNG per (seed, index): a sample's content does not depend on how many
     # samples share its shard, so re-sharding the same seed gives the same data.
     rng = np.random.default_rng([seed, index])
@@ -90,12 +104,13 @@ def make_synthetic_sample(
         for p in positions
     ]
     background = tuple(int(v) for v in rng.integers(225, 256, size=3))
-    image = Image.new("RGB", (resolution, resolution), background)
+    width, height = image_size(resolution, aspect_ratio)
+    image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
-    half = resolution * (0.2 if num_objects == 1 else 0.11)  # two shapes must not touch
+    half = min(width, height) * (0.2 if num_objects == 1 else 0.11)  # two shapes must not touch
     for obj in objects:
         fx, fy, _ = POSITIONS[obj["position"]]
-        _draw_shape(draw, obj["shape"], fx * resolution, fy * resolution, half, COLORS[obj["color"]])
+        _draw_shape(draw, obj["shape"], fx * width, fy * height, half, COLORS[obj["color"]])
     caption = " and ".join(
         f"{_article(o['color'])} {o['color']} {o['shape']} {POSITIONS[o['position']][2]}" for o in objects
     )
@@ -112,10 +127,10 @@ def make_synthetic_sample(
         "caption": caption,
         "status": "success",
         "error_message": None,
-        "width": resolution,
-        "height": resolution,
-        "original_width": resolution,
-        "original_height": resolution,
+        "width": width,
+        "height": height,
+        "original_width": width,
+        "original_height": height,
         **objects[0],
         "objects": objects,
         # Quality scores in LAION's ranges so curation filters have something to cut.
@@ -123,11 +138,14 @@ def make_synthetic_sample(
         "punsafe": round(float(rng.uniform(0.0, 0.2)), 4),
         "pwatermark": round(float(rng.uniform(0.0, 0.5)), 4),
     }
+    if label is not None:  # only when asked, so unlabelled shards stay byte-identical
+        meta["label"] = label
     meta_json = json.dumps(meta, sort_keys=True)
     return {"__key__": key, image_format: buf.getvalue(), "txt": caption, "json": meta_json}
 
 
-def _check_args(num_samples: int, samples_per_shard: int, resolution: int, image_format: str) -> None:
+def _check_args(num_samples: int, samples_per_shard: int, resolution: int, image_format: str,
+                aspect_ratios: list[float] | None = None) -> None:
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1; pass a positive sample count")
     if samples_per_shard < 1:
@@ -136,6 +154,24 @@ def _check_args(num_samples: int, samples_per_shard: int, resolution: int, image
         raise ValueError(f"resolution={resolution} is too small to draw shapes; use >= 8 (e.g. 64)")
     if image_format not in _FORMATS:
         raise ValueError(f"image_format={image_format!r} is not supported; use one of {_FORMATS}")
+    if aspect_ratios is not None and (not aspect_ratios or any(not 0.1 <= a <= 10 for a in aspect_ratios)):
+        raise ValueError(f"aspect_ratios={aspect_ratios} must be a non-empty list of width/height ratios "
+                         "in [0.1, 10], e.g. 1.0 1.5 0.667")
+
+
+def synthetic_labels(num_samples: int, ratios: dict[str, float], seed: int) -> list[str]:
+    """Class of each sample index: exactly round(ratio * n) per class (largest remainders),
+    in an order shuffled by ``seed`` so every shard holds a mix. Tests recount from this."""
+    if not ratios or any(not (r > 0) for r in ratios.values()):
+        raise ValueError(f"labels={ratios!r} needs class=ratio pairs with ratios > 0, e.g. cat=0.9,dog=0.1")
+    total = sum(ratios.values())
+    exact = {c: num_samples * r / total for c, r in ratios.items()}
+    counts = {c: int(v) for c, v in exact.items()}
+    for c in sorted(exact, key=lambda c: counts[c] - exact[c])[: num_samples - sum(counts.values())]:
+        counts[c] += 1
+    pool = [c for c in ratios for _ in range(counts[c])]
+    order = np.random.default_rng([seed, 0x1ABE1]).permutation(num_samples)
+    return [pool[j] for j in order]
 
 
 def write_synthetic_shards(
@@ -146,19 +182,27 @@ def write_synthetic_shards(
     resolution: int,
     seed: int = 0,
     image_format: str = "jpg",
+    labels: dict[str, float] | None = None,
+    aspect_ratios: list[float] | None = None,
 ) -> list[str]:
     """Write ``out_dir/shard-000000.tar, ...`` plus ``manifest.json``; return the shard paths.
 
-    Deterministic: the same arguments give byte-identical tars.
+    Deterministic: the same arguments give byte-identical tars. ``labels`` (class -> ratio)
+    adds a ``"label"`` metadata field with exactly those proportions (``synthetic_labels``).
+    ``aspect_ratios`` (width / height) makes sample i non-square with ratio
+    ``aspect_ratios[i % len]`` (shorter side = ``resolution``); None keeps every image square.
     """
-    _check_args(num_samples, samples_per_shard, resolution, image_format)
+    _check_args(num_samples, samples_per_shard, resolution, image_format, aspect_ratios)
+    classes = synthetic_labels(num_samples, labels, seed) if labels is not None else [None] * num_samples
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[str] = []
     for shard_idx, start in enumerate(range(0, num_samples, samples_per_shard)):
         stop = min(start + samples_per_shard, num_samples)
         path = out / f"shard-{shard_idx:06d}.tar"
-        samples = [make_synthetic_sample(i, seed, resolution, image_format) for i in range(start, stop)]
+        samples = [make_synthetic_sample(i, seed, resolution, image_format, classes[i],
+                                         aspect_ratios[i % len(aspect_ratios)] if aspect_ratios else None)
+                   for i in range(start, stop)]
         write_tar_shard(path, samples)
         shards.append(str(path))
     manifest = {
@@ -169,8 +213,26 @@ def write_synthetic_shards(
         "seed": seed,
         "image_format": image_format,
     }
+    if labels is not None:
+        manifest["labels"] = {c: classes.count(c) for c in labels}
+    if aspect_ratios:  # only when given, so the default manifest stays byte-identical
+        manifest["aspect_ratios"] = list(aspect_ratios)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return shards
+
+
+def parse_labels(text: str) -> dict[str, float]:
+    """``"cat=0.9,dog=0.1"`` -> {"cat": 0.9, "dog": 0.1} (the --labels flag)."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, ratio = part.partition("=")
+        try:
+            out[name.strip()] = float(ratio)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--labels {text!r}: write CLASS=RATIO pairs, e.g. cat=0.9,dog=0.1") from None
+        if not name.strip() or not out[name.strip()] > 0:
+            raise argparse.ArgumentTypeError(f"--labels {text!r}: each class needs a name and a ratio > 0")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=_FORMATS, default="jpg")
+    parser.add_argument("--labels", type=parse_labels, default=None, metavar="CLASS=RATIO,...",
+                        help="add a metadata 'label' with these proportions, e.g. cat=0.9,dog=0.1")
+    parser.add_argument("--aspect-ratios", type=float, nargs="+", default=None, metavar="W/H",
+                        help="width/height ratios cycled over the samples, e.g. 1.0 1.5 0.667 (default: square)")
     args = parser.parse_args(argv)
     write_synthetic_shards(
         args.out,
@@ -190,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         resolution=args.resolution,
         seed=args.seed,
         image_format=args.format,
+        labels=args.labels,
+        aspect_ratios=args.aspect_ratios,
     )
     return 0
 

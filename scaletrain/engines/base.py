@@ -146,7 +146,11 @@ class Engine(ABC):
         """Parameter elements stored on this rank (sharded engines hold about 1/world)."""
 
     def full_param_numel(self) -> int:
-        return sum(p.numel() for p in self.unwrapped_parameters())
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.unwrapped_parameters())
+
+    def trainable_param_numel(self) -> int:
+        """Elements of the parameters the optimizer updates (all but frozen ones, e.g. a LoRA base)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.unwrapped_parameters() if p.requires_grad)
 
     @abstractmethod
     def unwrapped_parameters(self) -> list[nn.Parameter]: ...
@@ -176,6 +180,14 @@ class Engine(ABC):
         """Context for inference forwards (sampling/validation): eval() + no_grad, restored after."""
         return _EvalMode(self.module)
 
+    def prepare_frozen(self, module: nn.Module, units: list[nn.Module]) -> nn.Module:
+        """Lay out a frozen module (no gradients, no optimizer state; e.g. a DPO reference model)
+        the way this engine holds its trainable one; call the result under ``torch.no_grad()``.
+        ``units`` is the family's parallel plan for ``module`` (``models.parallel_units``).
+        Here: a whole copy on every rank in the input dtype (DDP, ZeRO-1/2, which replicate
+        weights anyway). Sharding engines override this so the copy is sharded too."""
+        return module.requires_grad_(False).eval().to(self.input_dtype)
+
     def close(self) -> None:
         """Drop references to wrapped modules and optimizer state before the process group goes."""
         for attr in ("module", "optimizer", "ds", "_shard_mesh"):
@@ -199,9 +211,11 @@ class _EvalMode(contextlib.AbstractContextManager):
 
 
 def build_adamw(params, optim_cfg) -> torch.optim.AdamW:
+    """AdamW over the trainable ones of ``params``: frozen weights (a LoRA base) get no
+    optimizer state and no weight decay."""
     # foreach=False keeps CPU and DTensor paths identical across engines (bit-comparable curves).
     return torch.optim.AdamW(
-        params,
+        [p for p in params if p.requires_grad],
         lr=optim_cfg.lr,
         betas=tuple(optim_cfg.betas),
         eps=optim_cfg.eps,

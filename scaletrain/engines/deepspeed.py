@@ -38,6 +38,8 @@ class DeepSpeedEngine(Engine):
             world_size=dist_info.world_size,
         )
         self.zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+        self.ds_config = ds_cfg  # prepare_frozen builds a frozen model's engine from it
+        self._frozen: list = []  # those engines, destroyed in close()
         # A JSON "optimizer" block (needed for CPU offload's DeepSpeedCPUAdam) wins; otherwise
         # the same torch AdamW the other engines use, so curves stay comparable.
         client_opt = None if "optimizer" in ds_cfg else build_adamw(denoiser.parameters(), cfg.optim)
@@ -214,7 +216,32 @@ class DeepSpeedEngine(Engine):
     def unwrapped_parameters(self) -> list[nn.Parameter]:
         return list(self.ds.module.parameters())
 
+    def prepare_frozen(self, module: nn.Module, units: list[nn.Module]) -> nn.Module:
+        """ZeRO-3: a second DeepSpeed engine without an optimizer, which partitions the frozen
+        module's parameters over the same ranks (1/world each, gathered per forward); TRL
+        prepares its DPO reference model this way. A separate engine, not a second model in the
+        training engine, so DeepSpeed's optimizer and checkpoints never see it (accelerate#2974).
+        ZeRO-1/2 replicate weights anyway: a plain frozen copy (the base class)."""
+        if self.zero_stage < 3:
+            return super().prepare_frozen(module, units)
+        import copy
+
+        import deepspeed
+
+        module.requires_grad_(False).eval()
+        cfg = copy.deepcopy(self.ds_config)
+        for key in ("optimizer", "scheduler"):
+            cfg.pop(key, None)
+        cfg["zero_optimization"].pop("offload_optimizer", None)  # nothing to offload
+        frozen, *_ = deepspeed.initialize(model=module, config=cfg)
+        frozen.eval()
+        self._frozen.append(frozen)
+        return frozen
+
     def close(self) -> None:
+        for frozen in self._frozen:
+            frozen.destroy()
+        self._frozen = []
         if getattr(self, "ds", None) is not None:
             self.ds.destroy()
         super().close()

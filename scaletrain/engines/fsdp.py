@@ -20,13 +20,7 @@ class FSDPEngine(TorchOptimizerEngine):
     def __init__(self, denoiser: nn.Module, units: list[nn.Module], cfg, dist_info) -> None:
         super().__init__()
         self.cfg = cfg
-        # Parameters are stored in fp32; bf16 is the compute dtype and gradients are reduced
-        # in fp32 so the all-reduce does not lose the small per-rank contributions.
-        mp = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if cfg.engine.precision == "bf16"
-            else MixedPrecisionPolicy()
-        )
+        mp = mixed_precision_policy(cfg.engine.precision)
         knobs = cfg.engine.fsdp
         mesh = build_fsdp_mesh(dist_info.device.type, dist_info.world_size, knobs.mesh_shape(dist_info.world_size))
         reshard = knobs.reshard_after_forward
@@ -41,6 +35,18 @@ class FSDPEngine(TorchOptimizerEngine):
 
     def _sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
         return _gradient_sync(self.module, is_last)
+
+    def prepare_frozen(self, module: nn.Module, units: list[nn.Module]) -> nn.Module:
+        """Shard a frozen module like the trainable one: same mesh, same units, same precision,
+        so a DPO reference costs 1/world of its size per rank. Every unit reshards after its
+        forward: with no backward to come, a gathered copy would only hold memory."""
+        module.requires_grad_(False).eval()
+        mesh = next(iter(self.module.parameters())).device_mesh  # the policy's (FSDP or HSDP) mesh
+        mp = mixed_precision_policy(self.cfg.engine.precision)
+        for unit in units:
+            fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        return module
 
     def local_param_numel(self) -> int:
         return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.module.parameters())
@@ -64,6 +70,14 @@ class FSDPEngine(TorchOptimizerEngine):
         if plain:
             out += replicated_param_shards(plain, world_mesh(self, plain[0][1].device.type))
         return out
+
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    # Parameters are stored in fp32; bf16 is the compute dtype and gradients are reduced
+    # in fp32 so the all-reduce does not lose the small per-rank contributions.
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
 
 
 def build_fsdp_mesh(device_type: str, world: int, shape: tuple[int, int] | None) -> DeviceMesh:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from scaletrain.data.pipeline import LoaderSpec, expand_shards, iter_epoch_samples
+from scaletrain.distributed import all_reduce_sum
 from scaletrain.eval.fid import build_feature_extractor, build_fid
 from scaletrain.eval.samples import generate_samples, save_image_grid
 
@@ -78,6 +79,14 @@ def read_reference(shards: list[str], resolution: int, num_images: int, start: i
     return torch.stack([it["pixels"] for it in items[start:stop]]), [it["caption"] for it in items]
 
 
+def count_reference_images(shards: list[str], num_images: int) -> int:
+    """How many of the ``num_images`` reference images ``read_reference`` would find: decodable
+    images of the same stream, counted up to ``num_images``. Decodability does not depend on
+    the resolution, so a tiny one keeps this start-up check cheap."""
+    spec = LoaderSpec(shards=shards, resolution=8, micro_batch=1, num_workers=0, split="sample")
+    return sum(1 for _ in itertools.islice(iter_epoch_samples(spec), num_images))
+
+
 @dataclass
 class SamplingSpec:
     """What ``generate_samples`` needs besides prompts, seeds and resolution."""
@@ -103,6 +112,15 @@ class Validator:
         self.label: str = self.extractor.label
         self._fids: dict[int, Any] = {}
         self._captions: dict[int, list[str]] = {}
+        # Optional NSFW gate on the generated images (scaletrain/curate/safety.py), the last check
+        # before a model ships; its rate goes into the validation record via `metrics`.
+        self.safety = None
+        if getattr(vcfg, "safety_model", None):
+            from scaletrain.curate.safety import build_safety_classifier
+
+            self.safety = build_safety_classifier(vcfg.safety_model, nsfw_labels=vcfg.safety_nsfw_labels,
+                                                  option="validate.safety_model", device=device)
+        self.metrics: dict[str, float] = {}  # extra metrics of the last run(), e.g. validation/nsfw_flagged_rate
 
     def _reference(self, resolution: int):
         """The FID metric for ``resolution`` with this rank's reference features already in it."""
@@ -133,6 +151,7 @@ class Validator:
             num = self.cfg.num_images
             start, stop, per = rank_block(num, self.rank, self.world_size)
             fid.reset()  # generated statistics only; reset_real_features=False keeps the reference
+            flagged = 0
             for lo in range(0, per, self.cfg.batch_size):
                 hi = min(lo + self.cfg.batch_size, per)
                 # Global indices past the end are padding: any caption works, the images are dropped.
@@ -141,17 +160,29 @@ class Validator:
                 keep = min(hi, stop - start) - lo
                 if keep > 0:
                     fid.update(images[:keep], real=False)
+                    flagged += self._count_flagged(images[:keep])
             value = float(fid.compute())
+            if self.safety is not None:  # every rank has the same config, so all join this collective
+                total = all_reduce_sum([float(flagged)], self.device)[0]
+                self.metrics = {"validation/nsfw_flagged_rate": total / num}
             if grid_path is not None:
                 grid = self._generate(denoise, self.grid_prompts, self.grid_seed, resolution)
                 if self.rank == 0:
                     save_image_grid(grid, grid_path, captions=self.grid_prompts)
         return value
 
+    def _count_flagged(self, images: Tensor) -> int:
+        """Generated images (in [-1, 1]) the safety classifier flags (p(nsfw) > validate.safety_threshold)."""
+        if self.safety is None:
+            return 0
+        from scaletrain.curate.models import tensor_to_pil
+
+        return sum(p > self.cfg.safety_threshold for p in self.safety.score(tensor_to_pil(images)))
+
 
 def validation_record(step: int, label: str, value: float, seconds: float, images: int, resolution: int,
-                      ema: bool) -> dict:
-    """The metrics.jsonl record of one validation (rank 0 writes it)."""
+                      ema: bool, extra: Mapping[str, float] | None = None) -> dict:
+    """The metrics.jsonl record of one validation (rank 0 writes it); ``extra`` = ``Validator.metrics``."""
     return {"step": step, "validation": True, label: value, "val_seconds": seconds, "val_images": images,
-            "val_resolution": resolution, "val_ema": ema}
+            "val_resolution": resolution, "val_ema": ema, **(extra or {})}
 

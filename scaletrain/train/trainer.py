@@ -19,7 +19,8 @@ import torch
 
 from scaletrain.checkpoint.manager import CheckpointManager
 from scaletrain.config import RunConfig, dump_config
-from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards
+from scaletrain.data.mixing import Balance, Source
+from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards, plan_streams
 from scaletrain.diffusion.objective import (
     ObjectiveConfig,
     build_noise_scheduler,
@@ -33,6 +34,8 @@ from scaletrain.models import build_model
 from scaletrain.train.ema import build_ema
 from scaletrain.train.health import HealthGuard, HealthStop, poison, quarantine
 from scaletrain.train.comm_profile import CommProfiler
+from scaletrain.train.curriculum import planned_stage_steps, stage_length_text, stage_objective
+from scaletrain.train.data_stats import DataCounts
 from scaletrain.train.metrics import LossEMA, MetricsLogger
 from scaletrain.train.schedule import lr_at
 
@@ -62,6 +65,7 @@ class Trainer:
         self.device = dist_info.device
         self.run_dir = Path(cfg.run.dir)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.check_validation_reference()  # fail now, not at the first validation days later
         # Same seed on every rank: identical initial weights before the engine shards them.
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(
@@ -75,7 +79,10 @@ class Trainer:
             min_snr_gamma=cfg.diffusion.min_snr_gamma,
         )
         self.noise_scheduler = build_noise_scheduler(self.objective)
+        self.base_objective = self.objective  # each stage may override its noise offset (run_stage)
         self.comm_profiler = CommProfiler(cfg.engine.comm_profile_every, self.device)  # off at 0
+        self.init_note: str | None = None
+        self.prepare_denoiser()  # post-training start weights and LoRA, before the engine wraps it
         first = cfg.train.stages[0]
         self.engine = build_engine(
             cfg, self.model.denoiser, dist_info, micro_batch=first.micro_batch, grad_accum=first.grad_accum
@@ -84,12 +91,13 @@ class Trainer:
         # the checkpoint manager so a resume loads it too.
         self.ema = build_ema(self.engine, cfg.ema)
         self.shards = expand_shards(cfg.data.shards)
-        self.total_steps = sum(s.steps for s in cfg.train.stages)
+        self.stage_images_seen = 0  # of the current stage: re-plans an images-length stage on resume
         self.step = 0
         self.images_seen = 0
         self.skipped_samples = 0
         self.train_seconds = 0.0
         self.loss_ema = LossEMA(cfg.log.loss_ema_decay)
+        self.data_counts = DataCounts()  # realised samples per source/class, filter drops (checkpointed)
         self.last_loss = float("nan")
         self.resumed_from: str | None = None
         self.stage_summaries: list[dict] = []
@@ -106,6 +114,7 @@ class Trainer:
         if resumed is not None:
             self.restore(resumed)
             self.good_ckpt_step = self.attempt = self.step
+        self.total_steps = self.plan_total_steps()
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -133,6 +142,12 @@ class Trainer:
             f"({self.dist.backend}), {self.engine.full_param_numel() / 1e6:.2f}M params, "
             f"{self.engine.local_param_numel() / 1e6:.2f}M stored on rank 0, {self.total_steps} steps"
         )
+        trainable, total = self.engine.trainable_param_numel(), self.engine.full_param_numel()
+        if trainable != total:  # LoRA: only the adapters train
+            self.logger.event(f"trainable: {trainable / 1e6:.4f}M of {total / 1e6:.2f}M parameters "
+                              f"({100 * trainable / total:.2f}%)")
+        if self.init_note:
+            self.logger.event(self.init_note)
         if self.step:
             self.logger.event(f"resumed at step {self.step} (stage {self.stage_index}, "
                               f"step {self.step_in_stage} of it) from {self.resumed_from}")
@@ -170,23 +185,36 @@ class Trainer:
         batches = self.build_batches(stage.resolution, stage.micro_batch,
                                      skip=start * stage.grad_accum + self.health.data_skip.get(index, 0))
         global_batch = stage.micro_batch * stage.grad_accum * world
+        if start == 0 or self.stage_images_seen is None:  # None: a checkpoint from before this counter
+            self.stage_images_seen = start * global_batch
+        # Stage length (steps, or images re-planned from those left) and noise offset (curriculum.py).
+        steps = planned_stage_steps(cfg, index, world, steps_done=start, images_done=self.stage_images_seen)
+        self.objective = stage_objective(self.base_objective, cfg, index)
         base_lr = stage.lr or cfg.optim.lr
         warmup = cfg.optim.warmup_steps if stage.warmup_steps is None else stage.warmup_steps
-        self.logger.event(f"stage {index} '{stage.name}': {stage.resolution}px, {stage.steps} steps, "
-                          f"global batch {global_batch} = {stage.micro_batch} x {stage.grad_accum} x {world}")
+        buckets = cfg.stage_buckets(index)
+        length = stage_length_text(cfg, index, world, steps, steps_done=start, images_done=self.stage_images_seen)
+        self.logger.event(f"stage {index} '{stage.name}': {stage.resolution}px, {length}, "
+                          f"global batch {global_batch} = {stage.micro_batch} x {stage.grad_accum} x {world}, "
+                          f"noise offset {self.objective.noise_offset:g}"
+                          + (f", buckets (WxH) {' '.join(f'{w}x{h}' for w, h in buckets)}" if buckets else ""))
         stage_start, stage_images = time.perf_counter(), 0
-        for step_in_stage in range(start, stage.steps):
+        for step_in_stage in range(start, steps):
             self.comm_profiler.start(self.step + 1)  # a sampled step runs under torch.profiler
             t0 = time.perf_counter()
-            lr = lr_at(step_in_stage, total_steps=stage.steps, base_lr=base_lr, warmup_steps=warmup,
+            lr = lr_at(step_in_stage, total_steps=steps, base_lr=base_lr, warmup_steps=warmup,
                        schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio) * self.health.lr_scale
             loss_sum, wait, skipped, keys = 0.0, 0.0, 0, []
+            self.step_image_sizes: list[tuple[int, int]] = []  # (H, W) of this rank's micro-batches
             for micro in range(stage.grad_accum):
                 tw = time.perf_counter()
                 batch = next(batches)
                 wait += time.perf_counter() - tw
                 skipped += int(batch.get("skipped", 0))
+                self.data_counts.add_batch(batch)
                 keys += list(batch.get("keys", []))
+                if "pixels" in batch:  # with data.buckets the size changes from batch to batch
+                    self.step_image_sizes.append(tuple(batch["pixels"].shape[-2:]))
                 loss_sum += self.forward_backward_step(batch, is_last=micro == stage.grad_accum - 1)
             # The health guard judges the all-reduced loss and the global grad norm, so every
             # rank reaches the same verdict; a bad step is skipped by the engine on all ranks.
@@ -201,12 +229,15 @@ class Trainer:
             # One collective carries the counters and every rank's stop/save signals, so the
             # decision is the same on all ranks (a SIGTERM may reach only some of them).
             minutes_due = self.dist.is_main and self.ckpt.minutes_due()
-            skipped, sigterm, minutes_due = all_reduce_sum([skipped, self._sigterm, minutes_due], self.device)
+            skipped, sigterm, minutes_due, *counts = all_reduce_sum(
+                [skipped, self._sigterm, minutes_due, *self.data_counts.local_vector()], self.device)
+            self.data_counts.commit(counts)
             skipped = int(skipped)
             dt = time.perf_counter() - t0
             self.comm_profiler.stop()
             self.step += 1
             self.images_seen += global_batch
+            self.stage_images_seen += global_batch
             stage_images += global_batch
             self.skipped_samples += skipped
             self.train_seconds += dt
@@ -216,13 +247,14 @@ class Trainer:
             self.log_step(index, stage, loss, stats, dt, wait, skipped, global_batch)
             if verdict and verdict.bad and self.on_bad_step(index, stage, verdict, norm, keys, local_loss):
                 return True  # rolled back: train() re-enters at the checkpoint's stage and step
-            stage_end = self.step_in_stage == stage.steps
+            stage_end = self.step_in_stage == steps
             stop = bool(sigterm) or self.step == cfg.run.stop_at_step
             if stage_end:
                 elapsed = time.perf_counter() - stage_start
                 self.stage_summaries.append({"stage": stage.name, "resolution": stage.resolution,
-                                             "steps": stage.steps, "images": stage_images,
-                                             "images_per_second": stage_images / elapsed})
+                                             "steps": steps, "images": stage_images,
+                                             "images_per_second": stage_images / elapsed,
+                                             **self.data_counts.stage_summary()})
                 self.stage_index, self.step_in_stage = index + 1, 0
             if stop or minutes_due or self.ckpt.due(self.step, stage_end=stage_end):
                 self.save_checkpoint()
@@ -236,6 +268,37 @@ class Trainer:
                                   "relaunch the same command to resume")
                 return False
         return True
+
+    def plan_total_steps(self) -> int:
+        """Steps of the whole run at this launch: those before the current stage, plus the current
+        and later stages' planned steps (curriculum.planned_stage_steps; images-length stages
+        depend on the world size)."""
+        cfg, world, stages = self.cfg, self.dist.world_size, self.cfg.train.stages
+        if self.stage_index >= len(stages):
+            return self.step
+        gb = cfg.stage_global_batch(self.stage_index, world)
+        images_done = self.stage_images_seen if self.stage_images_seen is not None else self.step_in_stage * gb
+        current = planned_stage_steps(cfg, self.stage_index, world, steps_done=self.step_in_stage,
+                                      images_done=images_done)
+        later = sum(cfg.stage_steps(i, world) for i in range(self.stage_index + 1, len(stages)))
+        return self.step - self.step_in_stage + current + later
+
+    def check_validation_reference(self) -> None:
+        """Validation needs validate.num_images decodable images in its shards; count them now
+        (every rank reads the same prefix, so all fail together) rather than at the first
+        validation. Raises ConfigError (one line)."""
+        v = self.cfg.validate
+        if not (v.every_steps or v.at_end):
+            return
+        from scaletrain.config import ConfigError
+        from scaletrain.eval.validate import count_reference_images
+
+        shards = expand_shards(v.shards or self.default_shards())
+        found = count_reference_images(shards, v.num_images)
+        if found < v.num_images:
+            where = "validate.shards" if v.shards else "the training shards (validate.shards is unset)"
+            raise ConfigError(f"validate.num_images={v.num_images} but {where} hold only {found} decodable images; "
+                              f"lower validate.num_images or point validate.shards at a larger set")
 
     def save_checkpoint(self) -> None:
         for record in self.ckpt.save(self.step, self.state_dict()):
@@ -292,20 +355,42 @@ class Trainer:
             "step": self.step, "stage": self.stage_index, "step_in_stage": self.step_in_stage,
             "images_seen": self.images_seen, "skipped_samples": self.skipped_samples,
             "train_seconds": self.train_seconds, "last_loss": self.last_loss,
+            "stage_images_seen": self.stage_images_seen,
             "loss_ema": [self.loss_ema.value, self.loss_ema.count], "stage_summaries": self.stage_summaries,
-            "health": self.health.state_dict(),
+            "health": self.health.state_dict(), "data_counts": self.data_counts.state_dict(),
             "world_size": self.dist.world_size, "engine": self.engine.name, "preset": self.cfg.model.preset,
+            # what `ckpt export-lora` needs to rebuild the adapter; None for a full-parameter run
+            "lora": self.cfg.lora.model_dump(mode="json") if self.cfg.lora.enabled else None,
         }
 
     def restore(self, state: dict) -> None:
         self.step, self.stage_index, self.step_in_stage = state["step"], state["stage"], state["step_in_stage"]
         self.images_seen, self.skipped_samples = state["images_seen"], state["skipped_samples"]
         self.train_seconds, self.last_loss = state["train_seconds"], state["last_loss"]
+        self.stage_images_seen = state.get("stage_images_seen")  # None: run_stage assumes the global batch
         self.loss_ema.value, self.loss_ema.count = state["loss_ema"]
         self.stage_summaries = state["stage_summaries"]
         self.resumed_from = state["_resumed_from"]
         if "health" in state:  # LR scale, data skips and counters survive a restart
             self.health.load_state_dict(state["health"])
+        self.data_counts.load_state_dict(state.get("data_counts", {}))  # realised source/class counts
+
+    def prepare_denoiser(self) -> None:
+        """Post-training set-up of the bare denoiser, on every rank before the engine shards it:
+        start weights from ``init`` (skipped when the run resumes a checkpoint of its own, which
+        the engine loads afterwards), then LoRA adapters (``lora``; freezes the base weights)."""
+        from scaletrain.checkpoint.init import load_init_weights, own_checkpoint
+
+        cfg, denoiser = self.cfg, self.model.denoiser
+        if cfg.init.source is not None:
+            own = own_checkpoint(cfg)
+            self.init_note = (f"init: skipped ({cfg.init.source} not loaded): resuming this run's own "
+                              f"checkpoint {own.path}" if own is not None
+                              else load_init_weights(denoiser, cfg.init, cfg.model.preset))
+        if cfg.lora.enabled:
+            from scaletrain.models.lora import apply_lora
+
+            apply_lora(denoiser, cfg.lora)
 
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True  # acted on at the end of the current step, on every rank together
@@ -330,12 +415,41 @@ class Trainer:
     def build_batches(self, resolution: int, micro_batch: int, skip: int = 0) -> Iterator[dict]:
         d = self.cfg.data
         spec = LoaderSpec(
-            shards=self.shards, resolution=resolution, micro_batch=micro_batch,
+            resolution=resolution, micro_batch=micro_batch,
             caption_dropout=d.caption_dropout, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
             seed=self.cfg.run.seed, split=d.split, rank=self.dist.rank, world_size=self.dist.world_size,
-            skip_batches=skip,
+            skip_batches=skip, **self.stage_data_fields(),
+            buckets=tuple(d.buckets.sizes(resolution, self.model.preset.downsample_factor) if d.buckets.enabled else ()),
         )
-        return iter(build_loader(spec))
+        loader = build_loader(spec)
+        self.begin_data_counts(spec)
+        return iter(loader)
+
+    def stage_data_fields(self) -> dict:
+        """LoaderSpec fields for the current stage's data: shards or weighted sources, filters
+        and class balance (data.* with the stage's override, config.RunConfig.stage_data)."""
+        eff = self.cfg.stage_data(self.stage_index)
+        b = eff.balance
+        return {
+            "shards": expand_shards(eff.shards) if eff.sources is None else [],
+            "sources": tuple(Source(s.name, s.shards, s.weight, s.filters) for s in eff.sources or ()),
+            "filters": eff.filters,
+            "balance": None if b is None else Balance(b.field, b.weights if b.mode == "weights" else None),
+        }
+
+    def begin_data_counts(self, spec: LoaderSpec) -> None:
+        """Name the counters of this stage's sources and classes (the same on every rank) and reset
+        them at a stage's first step; a mid-stage restart keeps the checkpointed counts."""
+        streams = plan_streams(spec)  # the class scan is cached: the loader just ran it
+        self.data_counts.begin_stage(list(dict.fromkeys(s.source for s in streams)),
+                                     sorted({s.label for s in streams if s.label is not None}),
+                                     log_sources=bool(spec.sources), fresh=self.step_in_stage == 0)
+
+    def default_shards(self) -> str | list[str]:
+        """Validation's reference shards when validate.shards is unset: data.shards, or the first
+        source's shards when data.sources replaces them."""
+        sources = self.cfg.data.sources
+        return sources[0].shards if sources else self.cfg.data.shards
 
     # ------------------------------------------------------------------ observers
 
@@ -348,6 +462,10 @@ class Trainer:
             "skipped_samples": skipped, "skipped_step": stats.skipped,
         }
         record.update(self.comm_profiler.record(dt, wait))  # compute / exposed comm, sampled steps
+        if self.cfg.data.buckets.enabled:  # rank 0's micro-batch sizes this step, one bucket each
+            record["bucket_sizes"] = [f"{w}x{h}" for h, w in getattr(self, "step_image_sizes", [])]
+        record.update(self.data_counts.record())  # filtered_samples, source_frac/*, class_frac/*
+        record.update(self.objective_metrics())  # e.g. DPO's implicit accuracy and reward margin
         if stats.skipped or self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
             if self.dist.is_main:  # only rank 0 writes, so only it pays for the FLOP count
                 record.update(self.throughput_metrics(stage.resolution, global_batch / dt))
@@ -355,12 +473,20 @@ class Trainer:
         self.logger.progress(1, {"stage": index, "loss": f"{loss:.4f}", "ema": f"{ema:.4f}",
                                  "img/s": f"{global_batch / dt:.1f}"})
 
+    def objective_metrics(self) -> dict:
+        """Fields a post-training objective adds to this step's record. Called on every rank at
+        every step, so an override may all-reduce what its forward_backward_step accumulated."""
+        return {}
+
     def throughput_metrics(self, resolution: int, images_per_second: float) -> dict:
         """Per-device TFLOP/s and MFU from the analytic FLOP count (scaletrain.bench.flops), and
         peak memory (CUDA max allocated; process RSS on CPU) of this rank."""
         from scaletrain.bench.flops import device_peak_tflops, train_flops_per_image
 
-        flops = train_flops_per_image(self.cfg.model.preset, resolution)  # cached per (preset, resolution)
+        # Mean over this rank's micro-batches (their sizes differ under data.buckets; the FLOPs depend
+        # on the area, which the buckets keep within a few % of resolution^2 on every rank).
+        sizes = getattr(self, "step_image_sizes", None) or [(resolution, resolution)]
+        flops = sum(train_flops_per_image(self.cfg.model.preset, hw) for hw in sizes) / len(sizes)  # cached per size
         tflops = flops * images_per_second / self.dist.world_size / 1e12
         peak, _ = device_peak_tflops(self.device, self.cfg.engine.precision, self.cfg.log.peak_tflops)
         return {"tflops_per_device": tflops, "mfu": tflops / peak, "peak_memory_gib": peak_memory_gib(self.device)}
@@ -381,7 +507,7 @@ class Trainer:
                 prediction_type=self.objective.prediction_type,
             )
             self.validator = Validator(v, grid_prompts=list(self.cfg.sample.prompts), grid_seed=self.cfg.sample.seed,
-                                       default_shards=self.cfg.data.shards, sampling=sampling,
+                                       default_shards=self.default_shards(), sampling=sampling,
                                        rank=self.dist.rank, world_size=self.dist.world_size, device=self.device)
         resolution = v.resolution or resolution
         dtype, module = self.engine.input_dtype, self.engine.module
@@ -395,7 +521,8 @@ class Trainer:
             value = self.validator.run(denoise, resolution, grid)
         seconds = time.perf_counter() - t0
         label = self.validator.label
-        self.logger.log(validation_record(self.step, label, value, seconds, v.num_images, resolution, ema is not None))
+        self.logger.log(validation_record(self.step, label, value, seconds, v.num_images, resolution, ema is not None,
+                                          self.validator.metrics))
         self.logger.event(f"validation at step {self.step}: {label}={value:.4f} ({v.num_images} images at "
                           f"{resolution}px, {'EMA' if ema else 'raw'} weights, {seconds:.1f}s) -> {grid}")
         self.last_validated_step = self.step
@@ -441,9 +568,12 @@ class Trainer:
             "final_loss": self.last_loss,
             "final_loss_ema": self.loss_ema.get(),
             "skipped_samples": self.skipped_samples,
+            "filtered_samples": sum(self.data_counts.filtered_total.values()),
+            "filtered_by_rule": dict(self.data_counts.filtered_total),
             "engine": self.engine.name,
             "world_size": self.dist.world_size,
             "params_total": self.engine.full_param_numel(),
+            "params_trainable": self.engine.trainable_param_numel(),
             "params_local_rank0": self.engine.local_param_numel(),
             "peak_memory_gib_rank0": peak_memory_gib(self.device),
             "stages": self.stage_summaries,

@@ -1,0 +1,127 @@
+"""Start weights for post-training (the ``init`` config section): SFT, LoRA and DPO runs begin
+from a pre-training checkpoint or an exported diffusers model, with a fresh optimizer, step
+counter and LR schedule.
+
+Every rank loads the full weights into its own copy of the denoiser before the engine shards
+it, exactly as a fresh run builds identical random weights on every rank; the engine then
+keeps only its part. Checkpoints are consolidated by ``checkpoint.export`` (DCP shards, or
+DeepSpeed ZeRO partitions, read weights-only through ``checkpoint.safe_load``), and the EMA
+replaces the raw weights when the checkpoint has one (``init.use_ema``). A run that already
+has a checkpoint of its own never re-initialises: the relaunch resumes it (``own_checkpoint``),
+even when the init source has since been deleted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from scaletrain.checkpoint.manager import CheckpointInfo, latest_checkpoint
+
+
+_LORA_SOURCE = ("{key}={src!r} is a LoRA run (base + adapters); start from its base model "
+                "(`scaletrain ckpt export-lora {src} OUT --with-base`, then init.from_diffusers=OUT/base)")
+
+
+def own_checkpoint(cfg) -> CheckpointInfo | None:
+    """The run's own latest complete checkpoint when ``checkpoint.resume`` would load it."""
+    if cfg.checkpoint.resume == "never":
+        return None
+    return latest_checkpoint(_own_dir(cfg))
+
+
+def _own_dir(cfg) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / "checkpoints"
+
+
+def check_init_source(cfg) -> None:
+    """Config-time checks (one-line ValueErrors): the source is not this run's own checkpoints,
+    exists, and was built for ``model.preset``. Skipped when the run resumes its own checkpoint."""
+    init = cfg.init
+    key = "init.from_checkpoint" if init.from_checkpoint else "init.from_diffusers"
+    src = Path(init.source)
+    own = _own_dir(cfg).resolve()
+    if init.from_checkpoint and own in (src.resolve(), src.resolve() / "checkpoints", src.resolve().parent):
+        raise ValueError(f"{key}={init.source!r} is this run's own checkpoint folder; give the post-training "
+                         f"run its own run.dir (a relaunch resumes it without init)")
+    if own_checkpoint(cfg) is not None:
+        return  # the run resumes its own checkpoint; the source may be gone by now
+    if not src.exists():
+        raise ValueError(f"{key}={init.source!r} does not exist; point it at a scaletrain run folder "
+                         f"(from_checkpoint) or an exported diffusers model folder (from_diffusers)")
+    if init.from_checkpoint:
+        from scaletrain.checkpoint.export import resolve_checkpoint, trainer_state
+
+        try:
+            info = resolve_checkpoint(src)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+        preset = info.meta.get("preset")
+        if preset != cfg.model.preset:
+            raise ValueError(f"{key}={init.source!r} holds a {preset!r} model but model.preset={cfg.model.preset!r}; "
+                             f"set model.preset={preset}")
+        if trainer_state(info).get("lora"):
+            raise ValueError(_LORA_SOURCE.format(key=key, src=init.source))
+    else:
+        _check_diffusers_config(src, cfg.model.preset, key)
+
+
+def _check_diffusers_config(folder: Path, preset_name: str, key: str) -> None:
+    """The folder's config.json must describe the preset's network (class and every preset key)."""
+    from scaletrain.models import build_denoiser_net, get_preset
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{key}={str(folder)!r} has no config.json; give a folder written by "
+                         f"`scaletrain ckpt export` or save_pretrained")
+    saved = json.loads(config_file.read_text())
+    preset = get_preset(preset_name)
+    import torch
+
+    with torch.device("meta"):
+        cls_name = type(build_denoiser_net(preset)).__name__
+    if saved.get("_class_name") != cls_name:
+        raise ValueError(f"{key}={str(folder)!r} holds a {saved.get('_class_name')}, model.preset={preset_name!r} "
+                         f"is a {cls_name}; pick the preset the model was exported from")
+    for name, want in preset.denoiser_config.items():
+        want = json.loads(json.dumps(want))  # tuples -> lists, as config.json stores them
+        if name in saved and saved[name] != want:
+            raise ValueError(f"{key}={str(folder)!r} was built with {name}={saved[name]!r}, model.preset="
+                             f"{preset_name!r} has {want!r}; pick the preset the model was exported from")
+
+
+def load_init_weights(denoiser: nn.Module, init_cfg, preset_name: str) -> str:
+    """Load the start weights into ``denoiser`` (a ``models.Denoiser``, not yet wrapped by an
+    engine, not yet adapted by LoRA); returns a one-line description for the run log."""
+    from scaletrain.models.lora import has_lora_keys
+
+    if init_cfg.from_checkpoint:
+        from scaletrain.checkpoint.export import denoiser_state_dict, resolve_checkpoint, trainer_state
+
+        info = resolve_checkpoint(init_cfg.from_checkpoint)
+        state, which = denoiser_state_dict(info, use_ema=init_cfg.use_ema)
+        if trainer_state(info).get("lora") or has_lora_keys(state):
+            raise ValueError(_LORA_SOURCE.format(key="init.from_checkpoint", src=init_cfg.from_checkpoint))
+        _load_strict(denoiser, state, f"init.from_checkpoint={init_cfg.from_checkpoint!r}", preset_name)
+        weights = "EMA weights" if which == "ema" else "raw weights"
+        return f"init: {weights} of {info.path} (step {info.step}, {info.meta.get('engine')})"
+    folder = Path(init_cfg.from_diffusers)
+    # The diffusers class's own loader (local files only), then a strict copy into our net.
+    loaded = type(denoiser.net).from_pretrained(folder, local_files_only=True)
+    _load_strict(denoiser.net, loaded.state_dict(), f"init.from_diffusers={str(folder)!r}", preset_name)
+    return f"init: diffusers model {folder}"
+
+
+def _load_strict(module: nn.Module, state: dict, what: str, preset_name: str) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        first = (f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)}"
+                 if wrong else f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+        raise ValueError(f"{what} does not fit model.preset={preset_name!r} ({first}); "
+                         f"pick the preset it was trained with")
+    module.load_state_dict(state, strict=True)
