@@ -27,7 +27,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from scaletrain.data.filters import FilterSpec, first_failing_rule
-from scaletrain.data.pipeline import IMAGE_EXTS, _read_shard, expand_shards
+from scaletrain.data.pipeline import IMAGE_EXTS, _read_shard, expand_shards, read_meta_caption
 
 CORRUPT = "corrupt"
 
@@ -64,18 +64,10 @@ class Sample:
 def parse_sample(raw: dict[str, Any]) -> Sample | None:
     """A ``Sample``, or None when the tar was damaged, there is no image, or the json is not an object."""
     image_ext = next((ext for ext in IMAGE_EXTS if ext in raw), None)
-    if raw.get("__corrupt__") or image_ext is None:
+    parsed = None if raw.get("__corrupt__") or image_ext is None else read_meta_caption(raw)
+    if parsed is None:
         return None
-    try:
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(meta, dict):
-        return None
-    if "txt" in raw:
-        caption = raw["txt"].decode("utf-8", errors="replace").strip()
-    else:
-        caption = str(meta.get("caption") or "")
+    meta, caption = parsed
     return Sample(raw=raw, meta=meta, caption=caption, image_ext=image_ext)
 
 

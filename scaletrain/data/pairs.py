@@ -12,7 +12,6 @@ on the rank layout; ``skip_batches`` resumes exactly).
 from __future__ import annotations
 
 import itertools
-import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from scaletrain.data.filters import first_failing_rule
 from scaletrain.data.pipeline import (IMAGE_EXTS, Dropped, LoaderSpec, _epoch_raw, caption_is_dropped, decode_image,
-                                      expand_shards, resolve_split)
+                                      expand_shards, read_meta_caption, resolve_split)
 
 SIDES = ("chosen", "rejected")
 
@@ -34,19 +33,14 @@ def decode_pair(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | Non
     """``{"key", "chosen", "rejected", "caption"}``; ``Dropped`` when ``spec.filters`` rejects its
     metadata (checked before decoding); None when either image is missing or corrupt."""
     exts = [_image_ext(raw, side) for side in SIDES]
-    if raw.get("__corrupt__") or None in exts:
+    parsed = None if raw.get("__corrupt__") or None in exts else read_meta_caption(raw)
+    if parsed is None:
         return None
+    meta, caption = parsed
+    rule = first_failing_rule(meta, caption, spec.filters) if spec.filters is not None else None
+    if rule is not None:
+        return Dropped(rule)
     try:
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-        if not isinstance(meta, dict):
-            return None
-        if "txt" in raw:
-            caption = raw["txt"].decode("utf-8", errors="replace").strip()
-        else:
-            caption = str(meta.get("caption") or "")
-        rule = first_failing_rule(meta, caption, spec.filters) if spec.filters is not None else None
-        if rule is not None:
-            return Dropped(rule)
         images = [decode_image(raw[ext], spec.resolution) for ext in exts]
     except Exception:  # noqa: BLE001 - PIL raises many types on bad bytes; one bad pair must not stop a run
         return None

@@ -256,22 +256,30 @@ def _select(meta: dict, caption: str, spec: LoaderSpec, key: str) -> Dropped | N
     return Dropped(rule) if rule is not None else None
 
 
+def read_meta_caption(raw: dict) -> tuple[dict, str] | None:
+    """(metadata, caption) of a raw sample, or None when its ``.json`` is not a JSON object.
+
+    The caption is ``.txt``, else the metadata's ``caption``, else "" (still trainable).
+    Shared by the training loader, the preference-pair loader and ``scaletrain curate``."""
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    if "txt" in raw:
+        return meta, raw["txt"].decode("utf-8", errors="replace").strip()
+    return meta, str(meta.get("caption") or "")
+
+
 def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | None:
     """Decoded ``{"key", "pixels", "caption"}``; ``Dropped`` when filtered out (before the
     image is decoded, which is the expensive part); None when the sample is corrupt."""
     image_ext = next((ext for ext in IMAGE_EXTS if ext in raw), None)
-    if raw.get("__corrupt__") or image_ext is None:
+    parsed = None if raw.get("__corrupt__") or image_ext is None else read_meta_caption(raw)
+    if parsed is None:
         return None
-    try:
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-        if not isinstance(meta, dict):
-            return None
-        if "txt" in raw:
-            caption = raw["txt"].decode("utf-8", errors="replace").strip()
-        else:
-            caption = str(meta.get("caption") or "")  # missing caption -> "" (still trainable)
-    except Exception:  # noqa: BLE001 - malformed JSON
-        return None
+    meta, caption = parsed
     key = raw["__key__"]
     dropped = _select(meta, caption, spec, key)  # outside the try: a missing balance field must raise
     if dropped is not None:
