@@ -72,10 +72,12 @@ def _results() -> dict:
     return json.loads(RESULTS.read_text())
 
 
-def test_memory_calibration_against_measured_matrix():
-    """Issue 6's memory bar on the configurations benchmarked here: within +-10 % of the measured
-    peak for every cell. The fit uses only the 1-rank cells, so the 2-rank cells are out of sample."""
-    rows = calibrate(_results())
+@pytest.mark.parametrize("name", ["cpu_matrix.json", "cpu_matrix_idle.json"])
+def test_memory_calibration_against_measured_matrix(name):
+    """Issue 6's memory bar on the configurations benchmarked here (a loaded and an idle run):
+    within +-10 % of the measured peak for every cell. The fit uses only the 1-rank cells, so
+    the 2-rank cells are out of sample."""
+    rows = calibrate(json.loads((RESULTS.parent / name).read_text()))
     assert len(rows) >= 6 and any(r["world_size"] == 2 for r in rows)
     bad = [r for r in rows if abs(r["memory_error"]) > 0.10]
     assert not bad, bad
@@ -89,7 +91,8 @@ def test_throughput_calibration_against_measured_matrix():
     load, cores = results["conditions"]["loadavg_before"][0], results["hardware"]["cpu_count"]
     if load > cores:
         pytest.skip(f"{RESULTS.name} was measured at load average {load:.1f} on {cores} cores; "
-                    "rerun the matrix on an idle machine to check the +-20 % throughput bar")
+                    "the idle rerun (cpu_matrix_idle.json) misses the +-20 % bar on 3 of 6 cells because 2 ranks "
+                    "share 2 cores (benchmarks/results/README.md); check it on a host with a core or GPU per rank")
     rows = [r for r in calibrate(results) if "ips_error" in r]
     assert rows, "no 2-rank cells with a 1-rank baseline"
     bad = [r for r in rows if abs(r["ips_error"]) > 0.20]
