@@ -25,70 +25,62 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a dotted key, e.g. --set optim.lr=3e-4 (repeatable)")
 
 
-def pretrain_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pretrain", description="Pre-train a diffusion model from a YAML recipe.")
+def _launch(prog: str, description: str, argv: list[str] | None, check=None, trainer_cls: type | None = None) -> int:
+    """Every training launcher: parse --config/--set, validate once (plus the launcher's own
+    ``check(cfg)``), print a config error as one line on rank 0 (exit 2), else train."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     _add_config_args(p)
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is what we use.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if check is not None:
+            check(cfg)
     except (ConfigError, ValueError) as e:
         if _is_rank0():
             print(f"scaletrain: config error: {e}", file=sys.stderr)
         return 2
-    return run_training(cfg)
+    return run_training(cfg, trainer_cls)
 
 
-def _posttrain_main(prog: str, description: str, argv: list[str] | None, require_lora: bool) -> int:
+def pretrain_main(argv: list[str] | None = None) -> int:
+    return _launch("pretrain", "Pre-train a diffusion model from a YAML recipe.", argv)
+
+
+def _posttrain_check(prog: str, require_lora: bool):
     """SFT and LoRA: the pre-training loop from start weights (``init``), optionally with
     adapters (``lora``); the launchers only insist on what makes the run what it is named."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    _add_config_args(p)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
+
+    def check(cfg) -> None:
         if cfg.init.source is None:
             raise ConfigError(f"{prog} starts from trained weights: set init.from_checkpoint=RUN_DIR or "
                               "init.from_diffusers=EXPORTED_MODEL")
         if require_lora != cfg.lora.enabled:
             raise ConfigError("launchers/lora.py trains adapters: set lora.enabled=true" if require_lora else
                               "launchers/sft.py trains all weights: set lora.enabled=false or use launchers/lora.py")
-    except (ConfigError, ValueError) as e:
-        if _is_rank0():
-            print(f"scaletrain: config error: {e}", file=sys.stderr)
-        return 2
-    return run_training(cfg)
+
+    return check
 
 
 def sft_main(argv: list[str] | None = None) -> int:
     """Supervised fine-tuning of all weights (launchers/sft.py)."""
-    return _posttrain_main("sft", "Fine-tune all weights from a checkpoint or exported model.", argv, False)
+    return _launch("sft", "Fine-tune all weights from a checkpoint or exported model.", argv,
+                   _posttrain_check("sft", require_lora=False))
 
 
 def lora_main(argv: list[str] | None = None) -> int:
     """LoRA fine-tuning, base weights frozen (launchers/lora.py)."""
-    return _posttrain_main("lora", "Train LoRA adapters on a checkpoint or exported model.", argv, True)
+    return _launch("lora", "Train LoRA adapters on a checkpoint or exported model.", argv,
+                   _posttrain_check("lora", require_lora=True))
 
 
 def dpo_main(argv: list[str] | None = None) -> int:
     """Diffusion-DPO on preference-pair shards (launchers/dpo.py); the recipe's ``dpo`` section
     holds beta, data.shards the pairs."""
-    p = argparse.ArgumentParser(prog="dpo", description="Diffusion-DPO post-training from a YAML recipe.")
-    _add_config_args(p)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
     from scaletrain.train.dpo import DPOTrainer, check_dpo_data
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        check_dpo_data(cfg)
-    except (ConfigError, ValueError) as e:
-        if _is_rank0():
-            print(f"scaletrain: config error: {e}", file=sys.stderr)
-        return 2
-    return run_training(cfg, DPOTrainer)
+    return _launch("dpo", "Diffusion-DPO post-training from a YAML recipe.", argv, check_dpo_data, DPOTrainer)
 
 
 def run_training(cfg, trainer_cls: type | None = None) -> int:
