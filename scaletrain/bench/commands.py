@@ -29,6 +29,8 @@ def add_bench_parsers(sub) -> None:
     b.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: GPU table or measured)")
     b.add_argument("--cell-timeout", type=float, default=600.0)
     b.add_argument("--no-comm-sweep", action="store_true")
+    b.add_argument("--no-loaded", action="store_true",
+                   help="skip timing each 1-rank cell again with max(--world-sizes) copies at once")
     b.add_argument("--shards", default=None, help="default: synthetic shards written into --out")
     b.add_argument("--out", required=True, help="folder for results.json, results.md, *.png")
 
@@ -67,7 +69,8 @@ def bench_main(args: argparse.Namespace) -> int:
                       search_max=args.search_max, precision=args.precision, warmup=args.warmup, reps=args.reps,
                       num_workers=args.num_workers, max_memory_gib=args.max_memory_gib,
                       peak_tflops=args.peak_tflops, timeout_s=args.cell_timeout,
-                      comm_sweep=not args.no_comm_sweep, shards=args.shards)
+                      comm_sweep=not args.no_comm_sweep, loaded=not args.no_loaded,
+                      shards=args.shards)
     run_matrix(spec, Path(args.out))
     print(Path(args.out, "results.md").read_text())
     return 0

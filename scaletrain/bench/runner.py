@@ -45,6 +45,8 @@ class MatrixSpec:
     peak_tflops: float | None = None
     timeout_s: float = 600.0
     comm_sweep: bool = True  # time collectives at the largest world size, for the sizing model
+    # with several world sizes: also time each 1-rank cell as max(world_sizes) copies at once (launch_loaded)
+    loaded: bool = True
     shards: str | None = None  # default: synthetic shards written into the output folder
 
     def __post_init__(self) -> None:
@@ -62,8 +64,7 @@ def _stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "p25": q[0], "p75": q[2], "min": xs[0], "max": xs[-1], "n": len(xs)}
 
 
-def launch(spec: dict, world_size: int, work: Path, timeout_s: float) -> list[dict]:
-    """Run one cell under torchrun; returns the rank records (status error/timeout when none)."""
+def _start(spec: dict, world_size: int, work: Path, env_extra: dict | None = None) -> tuple[subprocess.Popen, str]:
     work.mkdir(parents=True, exist_ok=True)
     fd, path = tempfile.mkstemp(suffix=".json", dir=work)
     os.close(fd)
@@ -71,10 +72,15 @@ def launch(spec: dict, world_size: int, work: Path, timeout_s: float) -> list[di
     Path(path).write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
            "-m", "scaletrain.bench.cell", "--cell", path]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           **(env_extra or {})}
     # Own session, so a hung cell is stopped with its ranks (and only them).
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    return proc, path
+
+
+def _collect(proc: subprocess.Popen, path: str, world_size: int, timeout_s: float) -> list[dict]:
     try:
         log, _ = proc.communicate(timeout=timeout_s)
         status = "error"
@@ -90,6 +96,30 @@ def launch(spec: dict, world_size: int, work: Path, timeout_s: float) -> list[di
     if not records or (proc.returncode != 0 and not any(r["status"] == "oom" for r in records)):
         return [{"rank": 0, "status": status, "returncode": proc.returncode, "log_tail": (log or "")[-2000:]}]
     return records
+
+
+def launch(spec: dict, world_size: int, work: Path, timeout_s: float) -> list[dict]:
+    """Run one cell under torchrun; returns the rank records (status error/timeout when none)."""
+    proc, path = _start(spec, world_size, work)
+    return _collect(proc, path, world_size, timeout_s)
+
+
+def launch_loaded(spec: dict, copies: int, work: Path, timeout_s: float) -> list[dict]:
+    """Run ``copies`` independent 1-rank copies of a cell at the same time, one per device
+    (CUDA_VISIBLE_DEVICES on GPUs): 1-rank speed while every device of the host is busy.
+
+    An N-rank run loads the host N times over (CPU cores shared with the other ranks, memory
+    bandwidth, caches, PCIe, the data loaders), which an idle 1-rank run does not see; on
+    this project's 2-core machine two uncoupled copies each ran 64 px steps 1-40 % slower than
+    one alone. Predicting N ranks from this instead of the idle 1-rank time leaves the sizing
+    model's communication term as the only difference. Returns one record per copy."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    started = [_start({**spec, "run_dir": f"{spec.get('run_dir', work / 'run')}-copy{i}"}, 1, work,
+                      {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else None)
+               for i in range(copies)]
+    return [_collect(proc, path, 1, timeout_s)[0] for proc, path in started]
 
 
 def summarize_cell(records: list[dict], cell: dict) -> dict:
@@ -127,10 +157,35 @@ def summarize_cell(records: list[dict], cell: dict) -> dict:
     return out
 
 
+def add_loaded(cell: dict, records: list[dict]) -> None:
+    """Attach the loaded 1-rank measurement (``launch_loaded``) to a 1-rank cell: per
+    repetition the slowest copy's step, as an N-rank step waits for its slowest rank."""
+    bad = [r for r in records if r["status"] != "ok"]
+    if bad:
+        cell["loaded"] = {"copies": len(records), "status": bad[0]["status"],
+                          "error": bad[0].get("error") or bad[0].get("log_tail")}
+        return
+    reps = min(len(r["steps"]) for r in records)
+    step = [max(r["steps"][i]["step"] for r in records) for i in range(reps)]
+    cell["loaded"] = {"copies": len(records), "status": "ok", "step_seconds": _stats(step), "step_seconds_all": step,
+                      "phases_seconds": {p: statistics.fmean(statistics.median(s[p] for s in r["steps"]) for r in records)
+                                         for p in PHASES}}
+
+
+def solo_basis(cell: dict) -> tuple[float, dict, str]:
+    """(median step s, phase medians, which) of a 1-rank cell to predict N ranks from: the
+    loaded measurement when the matrix took one, else the idle 1-rank run."""
+    loaded = cell.get("loaded") or {}
+    if loaded.get("status") == "ok":
+        return loaded["step_seconds"]["median"], loaded.get("phases_seconds", {}), f"1 rank, {loaded['copies']} copies at once"
+    return cell["step_seconds"]["median"], cell.get("phases_seconds", {}), "1 rank alone"
+
+
 def add_exposed_comm(cells: list[dict]) -> None:
     """Exposed communication of an N-rank cell: its median step time minus the 1-rank cell's
-    at the same per-rank micro-batch (a 1-rank group moves no bytes). Also per phase, which
-    shows where it surfaced (FSDP all-gathers in forward, reduce-scatter in backward, ...)."""
+    at the same per-rank micro-batch (a 1-rank group moves no bytes), the loaded 1-rank time
+    when measured (``solo_basis``). Also per phase, which shows where it surfaced (FSDP
+    all-gathers in forward, reduce-scatter in backward, ...)."""
     solo = {(c["preset"], c["resolution"], c["engine"], c["micro_batch"]): c
             for c in cells if c["world_size"] == 1 and c["status"] == "ok"}
     for c in cells:
@@ -138,8 +193,10 @@ def add_exposed_comm(cells: list[dict]) -> None:
         if c["status"] != "ok" or base is None:
             c["exposed_comm_seconds"] = None
             continue
-        c["exposed_comm_seconds"] = c["step_seconds"]["median"] - base["step_seconds"]["median"]
-        c["exposed_comm_by_phase"] = {p: c["phases_seconds"][p] - base["phases_seconds"][p] for p in PHASES}
+        step, phases, _ = solo_basis(base)
+        c["exposed_comm_seconds"] = c["step_seconds"]["median"] - step if c["world_size"] > 1 else 0.0
+        c["exposed_comm_by_phase"] = {p: (c["phases_seconds"][p] - phases[p] if c["world_size"] > 1 else 0.0)
+                                      for p in PHASES}
 
 
 def search_micro_batch(fits: Callable[[int], bool], start: int, limit: int) -> int | None:
@@ -230,6 +287,11 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
                             mbs.append(best)
                     for mb in mbs:
                         c = measure(preset, res, engine, mb, world, spec.warmup, spec.reps)
+                        if world == 1 and spec.loaded and max(spec.world_sizes) > 1 and c["status"] == "ok":
+                            cell = {"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb,
+                                    "world_size": 1, "warmup": spec.warmup, "reps": spec.reps}
+                            add_loaded(c, launch_loaded({**base, **cell, "run_dir": str(work / "run")},
+                                                        max(spec.world_sizes), work, spec.timeout_s))
                         c["largest_fitting"] = spec.search and mb == mbs[-1] and mb not in spec.micro_batches
                         cells.append(c)
                         log(f"  {preset} {res}px {engine} x{world} mb{mb}: {c['status']}"
@@ -266,7 +328,8 @@ def markdown_table(results: dict) -> str:
              f"load average before/after {results['conditions']['loadavg_before'][0]:.1f}/"
              f"{results['conditions']['loadavg_after'][0]:.1f}", "",
              "Step time: median over the repetitions (p25-p75 spread); img/s = global batch / median step. "
-             "Phases are rank means of per-phase medians. Exposed comm = step(N ranks) - step(1 rank).", "",
+             "Phases are rank means of per-phase medians. Exposed comm = step(N ranks) - step(1 rank), the 1-rank "
+             "step taken with N copies running at once when the matrix measured that (table below).", "",
              "| preset | res | engine | ranks | micro | status | img/s | step s (p25-p75) | data | encode | fwd | bwd | "
              "opt | exposed comm | TFLOP/s/dev | MFU | peak GiB | baseline GiB |",
              "|" + "---|" * 18]
@@ -284,6 +347,17 @@ def markdown_table(results: dict) -> str:
                      + "".join(f" | {ph[p]:.3f}" for p in PHASES)
                      + f" | {'-' if ec is None else f'{ec:.3f}'} | {c['tflops_per_device']:.4f} | {c['mfu']:.1%}"
                      f" | {c['peak_memory_gib']:.3f} | {c['baseline_gib']:.3f} |")
+    loaded = [c for c in results["cells"] if (c.get("loaded") or {}).get("status") == "ok"]
+    if loaded:
+        lines += ["", "1-rank cells again with N independent copies running at once (one per device): the basis "
+                  "the sizing model predicts N ranks from.", "",
+                  "| preset | res | engine | micro | copies | step s alone | step s, N at once (p25-p75) | slowdown |",
+                  "|" + "---|" * 8]
+        for c in loaded:
+            s, solo = c["loaded"]["step_seconds"], c["step_seconds"]["median"]
+            lines.append(f"| {c['preset']} | {c['resolution']} | {c['engine']} | {c['micro_batch']} | "
+                         f"{c['loaded']['copies']} | {solo:.3f} | {s['median']:.3f} ({s['p25']:.3f}-{s['p75']:.3f}) | "
+                         f"{s['median'] / solo - 1:+.1%} |")
     lines += ["", "`*` largest micro-batch that fit (search). Memory: CUDA max allocated on GPUs, peak process RSS "
               "on CPU (baseline = RSS before the model is built: interpreter, torch, DeepSpeed, process group).", ""]
     return "\n".join(lines)

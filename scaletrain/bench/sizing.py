@@ -17,8 +17,9 @@ Memory per rank = runtime baseline + model states + frozen encoders + activation
 - the baseline is the measured memory before the model is built (CUDA context / interpreter,
   torch, DeepSpeed, process group), or an assumed value where nothing was measured.
 
-Step time at N ranks = the 1-rank step time measured at the same per-rank micro-batch + the
-exposed communication: for each collective of the engine's step, latency + bytes x factor(N) /
+Step time at N ranks = the 1-rank step time measured at the same per-rank micro-batch (taken
+with one copy per device running at once when the benchmark measured that, so host load -- shared
+cores, memory bandwidth, loaders -- is in it; ``runner.launch_loaded``) + the exposed communication: for each collective of the engine's step, latency + bytes x factor(N) /
 busbw (the nccl-tests convention; factor 2(N-1)/N all-reduce, (N-1)/N all-gather and
 reduce-scatter), times (1 - overlap). Latency and busbw come from a collective sweep
 (``scaletrain bench`` runs one, as does ``scaletrain preflight``) or are given.
@@ -32,6 +33,8 @@ import statistics
 from dataclasses import dataclass, field
 
 import torch
+
+from scaletrain.bench.runner import solo_basis
 
 # GPU memory (GiB, as torch reports the card) for the size command's --gpu.
 GPU_MEMORY_GIB = {"H100": 79.1, "H100 PCIe": 79.1, "H200": 139.8, "A100": 79.1, "A100-40GB": 39.4, "L40S": 44.4,
@@ -240,7 +243,7 @@ def calibrate(results: dict, overlap: float = 0.0) -> list[dict]:
                    above_baseline_error=(mem - c["peak_memory_gib"]) / (c["peak_memory_gib"] - c["baseline_gib"]))
         base = solo.get((c["preset"], c["resolution"], c["engine"], c["micro_batch"]))
         if c["world_size"] > 1 and base is not None and comm is not None:
-            t = predict_step_seconds(base["step_seconds"]["median"], c["engine"], c["preset"], c["world_size"], comm,
+            t = predict_step_seconds(solo_basis(base)[0], c["engine"], c["preset"], c["world_size"], comm,
                                      c.get("precision", "fp32"))
             pred = c["micro_batch"] * c["world_size"] / t
             meas = c["images_per_second"]["median"]
@@ -274,7 +277,7 @@ def _measured_solo(bench: dict | None, preset: str, res: int, engine: str, mb: i
     for c in (bench or {}).get("cells", []):
         if (c["status"] == "ok" and not c.get("search_probe") and c["world_size"] == 1 and c["preset"] == preset
                 and c["resolution"] == res and c["engine"] == engine and c["micro_batch"] == mb):
-            return c["step_seconds"]["median"]
+            return solo_basis(c)[0]
     return None
 
 

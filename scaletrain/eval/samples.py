@@ -125,13 +125,20 @@ def _to_uint8(images: Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).numpy()
 
 
-def _fit_caption(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
-    # Truncate rather than wrap so every tile keeps the same caption-band height.
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
+def _caption_lines(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, max_lines: int) -> list[str]:
+    # Word-wrap to at most `max_lines`; the last line is truncated with "..." if words remain.
+    lines, words = [], text.split()
+    while words and len(lines) < max_lines:
+        line = words.pop(0)
+        while words and draw.textlength(f"{line} {words[0]}", font=font) <= width:
+            line += " " + words.pop(0)
+        lines.append(line)
+    if words or (lines and draw.textlength(lines[-1], font=font) > width):
+        last = lines[-1] + " " + " ".join(words) if words else lines[-1]
+        while last and draw.textlength(last + "...", font=font) > width:
+            last = last[:-1]
+        lines[-1] = last.rstrip() + "..."
+    return lines
 
 
 def save_image_grid(
@@ -139,11 +146,15 @@ def save_image_grid(
     path: str | Path,
     nrow: int | None = None,
     captions: Sequence[str] | None = None,
+    min_tile: int = 128,
 ) -> Path:
     """Tile (B, C, H, W) images in [-1, 1] into a PNG with `nrow` tiles per row.
 
-    Without captions the PNG is exactly (nrow * W) x (rows * H). With captions, each
-    row gets a small text band under its tiles (PIL's default font).
+    Without captions the PNG is exactly (nrow * W) x (rows * H). With captions (the
+    validation and end-of-run grids meant for a person), tiles narrower than `min_tile`
+    are enlarged by a whole factor with nearest-neighbour (pixels stay exact, just bigger:
+    a 32 px sample is otherwise too small to judge and its caption unreadable), and each
+    row gets a two-line text band under its tiles (PIL's default font).
     """
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be (B, 1|3, H, W), got {tuple(images.shape)}")
@@ -151,21 +162,27 @@ def save_image_grid(
         raise ValueError(f"got {len(captions)} captions for {images.shape[0]} images")
     tiles = _to_uint8(images)
     count, height, width = tiles.shape[:3]
+    scale = max(1, math.ceil(min_tile / width)) if captions is not None else 1
+    height, width = height * scale, width * scale
     nrow = nrow or math.ceil(math.sqrt(count))
     rows = math.ceil(count / nrow)
     font = ImageFont.load_default()
-    band = 0
+    band, line_height, max_lines = 0, 0, 2
     if captions is not None:
         top, bottom = font.getbbox("Ag")[1::2]
-        band = bottom - top + 4
+        line_height = bottom - top + 2
+        band = max_lines * line_height + 2
     grid = Image.new("RGB", (nrow * width, rows * (height + band)), color=(0, 0, 0))
     draw = ImageDraw.Draw(grid)
     for i, tile in enumerate(tiles):
         left, top = (i % nrow) * width, (i // nrow) * (height + band)
-        grid.paste(Image.fromarray(tile), (left, top))
+        image = Image.fromarray(tile)
+        if scale > 1:
+            image = image.resize((width, height), Image.NEAREST)
+        grid.paste(image, (left, top))
         if captions is not None:
-            text = _fit_caption(draw, captions[i], font, width - 4)
-            draw.text((left + 2, top + height + 1), text, fill=(255, 255, 255), font=font)
+            for j, line in enumerate(_caption_lines(draw, captions[i], font, width - 4, max_lines)):
+                draw.text((left + 2, top + height + 1 + j * line_height), line, fill=(255, 255, 255), font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path, format="PNG")

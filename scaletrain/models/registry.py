@@ -144,6 +144,8 @@ _T5_XXL_SHALLOW = text.t5_spec(4096, layers=2, heads=64, d_kv=64, d_ff=10240)
 PRESETS: dict[str, ModelPreset] = {p.name: p for p in (
     _preset("unet-tiny", "unet", False, unet.unet_tiny_config(TINY_TEXT_DIM), _TINY_TEXT, TINY_TEXT_LEN,
             "~1M-param pixel-space UNet + 2-layer CLIP; CPU demos and tests at 32-64 px"),
+    _preset("unet-small", "unet", False, unet.unet_small_config(TINY_TEXT_DIM), _TINY_TEXT, TINY_TEXT_LEN,
+            "~1.7M-param 3-level pixel-space UNet + 2-layer CLIP; learns prompted positions (configs/quality.yaml)"),
     _preset("unet-sd15", "unet", True, unet.UNET_SD15, _CLIP_L, 77,
             "Stable Diffusion 1.5 UNet (860M) on SD VAE latents, CLIP-L text (768)"),
     _preset("unet-sd2", "unet", True, unet.UNET_SD2, _OPENCLIP_H, 77,

@@ -45,6 +45,24 @@ def unet_tiny_config(text_dim: int) -> dict[str, Any]:
     )
 
 
+def unet_small_config(text_dim: int) -> dict[str, Any]:
+    """~1.7M-parameter pixel-space UNet for the CPU sample-quality recipe (configs/quality.yaml).
+
+    unet-tiny's one down-sampling step leaves its convolutions too short a reach to find the
+    image borders, and attention has no position embedding, so it learns colour and shape but
+    barely "left" vs "right". A third level (8 x 8 at 32 px) lets the 3 x 3 convolutions see
+    the zero padding from every pixel, which is where a UNet learns absolute position (SD's
+    UNet reaches 8 x 8 latents the same way). Cross-attention at 16 and 8 px only.
+    """
+    return dict(
+        sample_size=32, in_channels=3, out_channels=3,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=(1, 2, 2),
+        norm_num_groups=8, cross_attention_dim=text_dim,
+    )
+
+
 def unet_downsample(config: dict[str, Any]) -> int:
     """Spatial factor of the UNet: every down block but the last halves the resolution."""
     return 2 ** (len(config["down_block_types"]) - 1)

@@ -27,7 +27,7 @@ from scaletrain.diffusion.objective import (
     diffusion_loss,
     prepare_training_batch,
 )
-from scaletrain.distributed import DistInfo, all_reduce_mean, all_reduce_sum
+from scaletrain.distributed import DistInfo, all_reduce_sum
 from scaletrain.engines import build_engine
 from scaletrain.eval.samples import generate_samples, save_image_grid
 from scaletrain.models import build_model
@@ -220,19 +220,23 @@ class Trainer:
             # rank reaches the same verdict; a bad step is skipped by the engine on all ranks.
             local_loss = loss_sum / stage.grad_accum
             norm = self.engine.grad_norm() if cfg.health.enabled else float("nan")
-            loss, wait, norm = all_reduce_mean([local_loss, wait, norm], self.device)
+            # One small collective a step, before the optimizer step: the loss, data wait and
+            # norm (summed, then / world: the mean) and the counters and every rank's stop/save
+            # signals (summed), so the health verdict and the stop decision are the same on all
+            # ranks (a SIGTERM may reach only some of them). Each extra collective would be
+            # one more point where every rank waits for the slowest.
+            minutes_due = self.dist.is_main and self.ckpt.minutes_due()
+            loss, wait, norm, skipped, sigterm, minutes_due, *counts = all_reduce_sum(
+                [local_loss, wait, norm, skipped, self._sigterm, minutes_due, *self.data_counts.local_vector()],
+                self.device)
+            loss, wait, norm = loss / world, wait / world, norm / world
+            self.data_counts.commit(counts)
+            skipped = int(skipped)
             verdict = self.health.check(self.attempt + 1, loss, norm) if cfg.health.enabled else None
             stats = self.engine.skip_step(lr) if verdict and verdict.bad else self.engine.step(lr)
             self.attempt += 1
             if self.ema is not None and not stats.skipped:
                 self.ema.maybe_update(self.step + 1)  # local shards only, no communication
-            # One collective carries the counters and every rank's stop/save signals, so the
-            # decision is the same on all ranks (a SIGTERM may reach only some of them).
-            minutes_due = self.dist.is_main and self.ckpt.minutes_due()
-            skipped, sigterm, minutes_due, *counts = all_reduce_sum(
-                [skipped, self._sigterm, minutes_due, *self.data_counts.local_vector()], self.device)
-            self.data_counts.commit(counts)
-            skipped = int(skipped)
             dt = time.perf_counter() - t0
             self.comm_profiler.stop()
             self.step += 1

@@ -78,7 +78,8 @@ def test_validation_logs_labelled_fid_and_grids(runs, engine):
         assert r["val_images"] == 5 and r["val_resolution"] == 32 and r["val_seconds"] > 0
         assert f"{LABEL}=" in out  # the console line names the extractor too
         grid = Image.open(d / "validation" / f"step-{r['step']:06d}.png")
-        assert grid.width == 2 * 32 and grid.height > 2 * 32  # 4 demo prompts: 2 x 2 tiles + caption bands
+        # 4 demo prompts: 2 x 2 tiles of 32 px shown at 128 px (nearest), plus caption bands
+        assert grid.width == 2 * 128 and grid.height > 2 * 128
     assert records[0][LABEL] != records[1][LABEL]  # the weights changed between the two
 
 

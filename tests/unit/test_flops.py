@@ -28,7 +28,7 @@ def _counter_flops(name: str, resolution: int) -> int:
     return fc.get_total_flops()
 
 
-@pytest.mark.parametrize("name,resolution", [("unet-tiny", 32), ("unet-tiny", 64), ("dit-tiny", 32),
+@pytest.mark.parametrize("name,resolution", [("unet-tiny", 32), ("unet-tiny", 64), ("unet-small", 32), ("dit-tiny", 32),
                                              ("unet-sd15", 256), ("pixart-xl-2", 256)])
 def test_layer_formulas_match_flop_counter(name, resolution):
     # Conv/linear/attention formulas applied per layer must equal what torch counts for the

@@ -12,7 +12,7 @@ from scaletrain.models.registry import build_vae
 TINY = ["unet-tiny", "dit-tiny"]
 # Expected denoiser params (millions) of the real-size presets: published config sizes.
 REAL_PARAMS_M = {"unet-sd15": 859.5, "unet-sd2": 865.9, "pixart-xl-2": 610.9}
-DOWNSAMPLE = {"unet-tiny": 2, "dit-tiny": 2, "unet-sd15": 64, "unet-sd2": 64, "pixart-xl-2": 16}
+DOWNSAMPLE = {"unet-tiny": 2, "unet-small": 4, "dit-tiny": 2, "unet-sd15": 64, "unet-sd2": 64, "pixart-xl-2": 16}
 
 
 @pytest.fixture(scope="module")

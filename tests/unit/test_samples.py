@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from scaletrain.diffusion.objective import ObjectiveConfig, build_noise_scheduler
-from scaletrain.eval.samples import generate_samples, save_image_grid
+from scaletrain.eval.samples import _caption_lines, generate_samples, save_image_grid
 
 PROMPTS = ["a red cube", "a blue sphere on grass"]
 CHANNELS, RES, FACTOR, STEPS = 4, 16, 4, 5
@@ -121,9 +121,25 @@ def test_save_image_grid_size_and_pixels(tmp_path: Path) -> None:
         assert img.getpixel((0, 0)) == (0, 0, 0)
         assert img.getpixel((6, 0)) == (255, 255, 255)
     captions = [f"p{i}" * 9 for i in range(5)]  # long enough to be truncated
-    captioned = save_image_grid(images, tmp_path / "cap.png", nrow=3, captions=captions)
+    captioned = save_image_grid(images, tmp_path / "cap.png", nrow=3, captions=captions, min_tile=24)
     with Image.open(captioned) as img:
-        assert img.size[0] == 3 * 6 and img.size[1] > 2 * 8
-    default = save_image_grid(images[:4], tmp_path / "sq.png")
+        # tiles enlarged 4x (nearest) to reach min_tile; each row gains a caption band
+        assert img.size[0] == 3 * 24 and img.size[1] > 2 * 32
+        assert img.getpixel((0, 0)) == img.getpixel((23, 31)) == (0, 0, 0)  # tile 0, enlarged
+        assert img.getpixel((24, 0)) == img.getpixel((47, 31)) == (255, 255, 255)  # tile 1
+    big = save_image_grid(images, tmp_path / "big.png", nrow=3, captions=captions, min_tile=6)
+    with Image.open(big) as img:
+        assert img.size[0] == 3 * 6  # already min_tile wide: not enlarged
+    default = save_image_grid(images[:4], tmp_path / "sq.png")  # no captions: never enlarged
     with Image.open(default) as img:
         assert img.size == (2 * 6, 2 * 8)
+
+
+def test_caption_lines_wrap_then_truncate() -> None:
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), ImageFont.load_default()
+    width = int(draw.textlength("a green triangle", font=font))
+    assert _caption_lines(draw, "a green triangle on the right", font, width, 2) == ["a green triangle", "on the right"]
+    lines = _caption_lines(draw, "a green triangle on the right and a red square at the top", font, width, 2)
+    assert lines[0] == "a green triangle" and lines[1].endswith("...") and len(lines) == 2
+    assert all(draw.textlength(x, font=font) <= width for x in lines)
+    assert _caption_lines(draw, "short", font, width, 2) == ["short"]
