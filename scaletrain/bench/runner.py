@@ -172,13 +172,13 @@ def add_loaded(cell: dict, records: list[dict]) -> None:
                                          for p in PHASES}}
 
 
-def solo_basis(cell: dict) -> tuple[float, dict, str]:
-    """(median step s, phase medians, which) of a 1-rank cell to predict N ranks from: the
-    loaded measurement when the matrix took one, else the idle 1-rank run."""
+def solo_basis(cell: dict) -> tuple[float, dict]:
+    """(median step s, phase medians) of a 1-rank cell to predict N ranks from: the loaded
+    measurement when the matrix took one, else the idle 1-rank run."""
     loaded = cell.get("loaded") or {}
     if loaded.get("status") == "ok":
-        return loaded["step_seconds"]["median"], loaded.get("phases_seconds", {}), f"1 rank, {loaded['copies']} copies at once"
-    return cell["step_seconds"]["median"], cell.get("phases_seconds", {}), "1 rank alone"
+        return loaded["step_seconds"]["median"], loaded.get("phases_seconds", {})
+    return cell["step_seconds"]["median"], cell.get("phases_seconds", {})
 
 
 def add_exposed_comm(cells: list[dict]) -> None:
@@ -193,7 +193,7 @@ def add_exposed_comm(cells: list[dict]) -> None:
         if c["status"] != "ok" or base is None:
             c["exposed_comm_seconds"] = None
             continue
-        step, phases, _ = solo_basis(base)
+        step, phases = solo_basis(base)
         c["exposed_comm_seconds"] = c["step_seconds"]["median"] - step if c["world_size"] > 1 else 0.0
         c["exposed_comm_by_phase"] = {p: (c["phases_seconds"][p] - phases[p] if c["world_size"] > 1 else 0.0)
                                       for p in PHASES}
@@ -261,11 +261,14 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
     base = {"precision": spec.precision, "num_workers": spec.num_workers, "shards": shards,
             "max_memory_gib": spec.max_memory_gib, "peak_tflops": spec.peak_tflops}
 
-    def measure(preset: str, res: int, engine: str, mb: int, world: int, warmup: int, reps: int) -> dict:
+    def measure(preset: str, res: int, engine: str, mb: int, world: int, warmup: int, reps: int,
+                loaded_copies: int = 0) -> dict:
         cell = {"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb, "world_size": world}
-        records = launch({**base, **cell, "warmup": warmup, "reps": reps, "run_dir": str(work / "run")},
-                         world, work, spec.timeout_s)
-        return summarize_cell(records, {**cell, "warmup": warmup, "reps": reps})
+        run = {**base, **cell, "warmup": warmup, "reps": reps, "run_dir": str(work / "run")}
+        out = summarize_cell(launch(run, world, work, spec.timeout_s), {**cell, "warmup": warmup, "reps": reps})
+        if loaded_copies and out["status"] == "ok":  # the same cell again, as N 1-rank copies at once
+            add_loaded(out, launch_loaded(run, loaded_copies, work, spec.timeout_s))
+        return out
 
     for preset in spec.presets:
         for res in spec.resolutions:
@@ -286,12 +289,9 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
                         if best is not None and best not in mbs:
                             mbs.append(best)
                     for mb in mbs:
-                        c = measure(preset, res, engine, mb, world, spec.warmup, spec.reps)
-                        if world == 1 and spec.loaded and max(spec.world_sizes) > 1 and c["status"] == "ok":
-                            cell = {"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb,
-                                    "world_size": 1, "warmup": spec.warmup, "reps": spec.reps}
-                            add_loaded(c, launch_loaded({**base, **cell, "run_dir": str(work / "run")},
-                                                        max(spec.world_sizes), work, spec.timeout_s))
+                        copies = max(spec.world_sizes) if world == 1 and spec.loaded else 0
+                        c = measure(preset, res, engine, mb, world, spec.warmup, spec.reps,
+                                    loaded_copies=copies if copies > 1 else 0)
                         c["largest_fitting"] = spec.search and mb == mbs[-1] and mb not in spec.micro_batches
                         cells.append(c)
                         log(f"  {preset} {res}px {engine} x{world} mb{mb}: {c['status']}"
