@@ -31,6 +31,9 @@ def add_bench_parsers(sub) -> None:
     b.add_argument("--no-comm-sweep", action="store_true")
     b.add_argument("--no-loaded", action="store_true",
                    help="skip timing each 1-rank cell again with max(--world-sizes) copies at once")
+    b.add_argument("--rounds", type=int, default=1,
+                   help="measure every cell this many times, a group's 1-rank, loaded and N-rank runs back to back "
+                        "in each round, and pool the repetitions (for hosts whose speed drifts between minutes)")
     b.add_argument("--shards", default=None, help="default: synthetic shards written into --out")
     b.add_argument("--out", required=True, help="folder for results.json, results.md, *.png")
 
@@ -70,7 +73,7 @@ def bench_main(args: argparse.Namespace) -> int:
                       num_workers=args.num_workers, max_memory_gib=args.max_memory_gib,
                       peak_tflops=args.peak_tflops, timeout_s=args.cell_timeout,
                       comm_sweep=not args.no_comm_sweep, loaded=not args.no_loaded,
-                      shards=args.shards)
+                      rounds=args.rounds, shards=args.shards)
     run_matrix(spec, Path(args.out))
     print(Path(args.out, "results.md").read_text())
     return 0

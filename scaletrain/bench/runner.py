@@ -47,12 +47,17 @@ class MatrixSpec:
     comm_sweep: bool = True  # time collectives at the largest world size, for the sizing model
     # with several world sizes: also time each 1-rank cell as max(world_sizes) copies at once (launch_loaded)
     loaded: bool = True
+    # measure each (preset, resolution, engine) group this many times, its 1-rank, loaded and
+    # N-rank runs back to back in every round; repetitions are pooled over the rounds
+    rounds: int = 1
     shards: str | None = None  # default: synthetic shards written into the output folder
 
     def __post_init__(self) -> None:
         bad = [e for e in self.engines if e not in ENGINE_VARIANTS]
         if bad:
             raise ValueError(f"--engines {bad[0]!r} is unknown; choose from {', '.join(ENGINE_VARIANTS)}")
+        if self.rounds < 1:
+            raise ValueError(f"--rounds {self.rounds} must be at least 1")
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -155,6 +160,29 @@ def summarize_cell(records: list[dict], cell: dict) -> dict:
     out["tflops_per_device"] = per_device / out["step_seconds"]["median"] / 1e12
     out["mfu"] = out["tflops_per_device"] / out["peak_tflops"]
     return out
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """The rank (or copy) records of several runs of one cell as one run: repetitions pooled in
+    round order, memory the highest any round reached; a round that did not finish is the result.
+    A round's median step is kept per record as ``round_step_medians``."""
+    bad = next((recs for recs in rounds if any(r["status"] != "ok" for r in recs)), None)
+    if bad is not None:
+        return bad
+    merged = []
+    for per_rank in zip(*rounds):
+        m = dict(per_rank[0])
+        m["steps"] = [s for r in per_rank for s in r["steps"]]
+        for key in ("memory", "after_build", "baseline"):
+            m[key] = max((r[key] for r in per_rank), key=lambda snap: snap["peak_gib"])
+        merged.append(m)
+    return merged
+
+
+def round_medians(step: list[float], rounds: int) -> list[float]:
+    """Median of each round's repetitions (pooled in round order by ``merge_rounds``)."""
+    n = len(step) // rounds
+    return [statistics.median(step[i * n:(i + 1) * n]) for i in range(rounds)]
 
 
 def add_loaded(cell: dict, records: list[dict]) -> None:
@@ -261,18 +289,18 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
     base = {"precision": spec.precision, "num_workers": spec.num_workers, "shards": shards,
             "max_memory_gib": spec.max_memory_gib, "peak_tflops": spec.peak_tflops}
 
-    def measure(preset: str, res: int, engine: str, mb: int, world: int, warmup: int, reps: int,
-                loaded_copies: int = 0) -> dict:
+    def run(cell: dict, warmup: int, reps: int) -> dict:
+        return {**base, **cell, "warmup": warmup, "reps": reps, "run_dir": str(work / "run")}
+
+    def measure(preset: str, res: int, engine: str, mb: int, world: int, warmup: int, reps: int) -> dict:
         cell = {"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb, "world_size": world}
-        run = {**base, **cell, "warmup": warmup, "reps": reps, "run_dir": str(work / "run")}
-        out = summarize_cell(launch(run, world, work, spec.timeout_s), {**cell, "warmup": warmup, "reps": reps})
-        if loaded_copies and out["status"] == "ok":  # the same cell again, as N 1-rank copies at once
-            add_loaded(out, launch_loaded(run, loaded_copies, work, spec.timeout_s))
-        return out
+        return summarize_cell(launch(run(cell, warmup, reps), world, work, spec.timeout_s),
+                              {**cell, "warmup": warmup, "reps": reps})
 
     for preset in spec.presets:
         for res in spec.resolutions:
             for engine in spec.engines:
+                group: list[tuple[int, int, bool]] = []  # (world, micro-batch, found by the search)
                 for world in spec.world_sizes:
                     mbs = list(spec.micro_batches)
                     if spec.search:
@@ -288,15 +316,37 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
                         cells.extend({**c, "search_probe": True} for c in probes.values())
                         if best is not None and best not in mbs:
                             mbs.append(best)
-                    for mb in mbs:
-                        copies = max(spec.world_sizes) if world == 1 and spec.loaded else 0
-                        c = measure(preset, res, engine, mb, world, spec.warmup, spec.reps,
-                                    loaded_copies=copies if copies > 1 else 0)
-                        c["largest_fitting"] = spec.search and mb == mbs[-1] and mb not in spec.micro_batches
-                        cells.append(c)
-                        log(f"  {preset} {res}px {engine} x{world} mb{mb}: {c['status']}"
-                            + (f", {c['images_per_second']['median']:.1f} img/s, peak {c['peak_memory_gib']:.2f} GiB"
-                               if c["status"] == "ok" else ""))
+                    group += [(world, mb, spec.search and mb == mbs[-1] and mb not in spec.micro_batches) for mb in mbs]
+                # Rounds: this VM's speed drifts by tens of per cent between minutes, so a 1-rank
+                # basis and the N-rank cell it predicts are measured close together, several times.
+                copies = max(spec.world_sizes) if spec.loaded else 0
+                runs: dict[tuple[int, int], list[list[dict]]] = {(w, mb): [] for w, mb, _ in group}
+                loads: dict[tuple[int, int], list[list[dict]]] = {(w, mb): [] for w, mb, _ in group}
+                for _ in range(spec.rounds):
+                    for world, mb, _ in group:
+                        cell = {"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb,
+                                "world_size": world}
+                        recs = launch(run(cell, spec.warmup, spec.reps), world, work, spec.timeout_s)
+                        runs[(world, mb)].append(recs)
+                        if world == 1 and copies > 1 and all(r["status"] == "ok" for r in recs):
+                            loads[(world, mb)].append(
+                                launch_loaded(run(cell, spec.warmup, spec.reps), copies, work, spec.timeout_s))
+                for world, mb, largest in group:
+                    cell = {"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb,
+                            "world_size": world, "warmup": spec.warmup, "reps": spec.reps}
+                    c = summarize_cell(merge_rounds(runs[(world, mb)]), cell)
+                    if loads[(world, mb)] and c["status"] == "ok":  # the same cell as N 1-rank copies at once
+                        add_loaded(c, merge_rounds(loads[(world, mb)]))
+                    c["rounds"] = len(runs[(world, mb)])
+                    if c["status"] == "ok":
+                        c["round_step_medians"] = round_medians(c["step_seconds_all"], c["rounds"])
+                        if c.get("loaded", {}).get("status") == "ok":
+                            c["loaded"]["round_step_medians"] = round_medians(c["loaded"]["step_seconds_all"], c["rounds"])
+                    c["largest_fitting"] = largest
+                    cells.append(c)
+                    log(f"  {preset} {res}px {engine} x{world} mb{mb}: {c['status']}"
+                        + (f", {c['images_per_second']['median']:.1f} img/s, peak {c['peak_memory_gib']:.2f} GiB"
+                           if c["status"] == "ok" else ""))
     timed = [c for c in cells if not c.get("search_probe")]
     add_exposed_comm(timed)
     comm = None
@@ -358,6 +408,17 @@ def markdown_table(results: dict) -> str:
             lines.append(f"| {c['preset']} | {c['resolution']} | {c['engine']} | {c['micro_batch']} | "
                          f"{c['loaded']['copies']} | {solo:.3f} | {s['median']:.3f} ({s['p25']:.3f}-{s['p75']:.3f}) | "
                          f"{s['median'] / solo - 1:+.1%} |")
+    rounds = [c for c in results["cells"] if c.get("rounds", 1) > 1 and c["status"] == "ok"]
+    if rounds:
+        lines += ["", f"Every cell ran in {rounds[0]['rounds']} rounds of {rounds[0]['reps']} repetitions, a (preset, "
+                  "resolution, engine) group's 1-rank, loaded and N-rank runs back to back in each round; the tables "
+                  "above pool the repetitions of all rounds. Median step (s) of each round:", "",
+                  "| preset | res | engine | ranks | micro | rounds | N copies at once |", "|" + "---|" * 7]
+        for c in rounds:
+            ld = (c.get("loaded") or {}).get("round_step_medians")
+            lines.append(f"| {c['preset']} | {c['resolution']} | {c['engine']} | {c['world_size']} | {c['micro_batch']} | "
+                         + " / ".join(f"{x:.3f}" for x in c["round_step_medians"]) + " | "
+                         + (" / ".join(f"{x:.3f}" for x in ld) if ld else "-") + " |")
     lines += ["", "`*` largest micro-batch that fit (search). Memory: CUDA max allocated on GPUs, peak process RSS "
               "on CPU (baseline = RSS before the model is built: interpreter, torch, DeepSpeed, process group).", ""]
     return "\n".join(lines)

@@ -35,24 +35,31 @@ def test_runner_records_repetitions_and_schema(synth_shards, tmp_path):
     assert "| unet-tiny | 16 | ddp | 2 | 2 | ok |" in (tmp_path / "results.md").read_text()
 
 
-def test_one_rank_cell_is_also_timed_with_every_device_busy(synth_shards, tmp_path):
+def test_one_rank_cell_is_also_timed_with_every_device_busy_in_rounds(synth_shards, tmp_path):
     """With world sizes 1 and 2, each 1-rank cell runs again as 2 independent copies at once:
     per repetition the slower copy's step, the basis the 2-rank prediction and the exposed
-    comm are taken from."""
+    comm are taken from. With 2 rounds, the 1-rank, loaded and 2-rank runs each happen twice
+    and their repetitions are pooled."""
     spec = MatrixSpec(presets=["unet-tiny"], resolutions=[16], engines=["ddp"], micro_batches=[2],
-                      world_sizes=[1, 2], warmup=1, reps=2, num_workers=0, comm_sweep=False,
+                      world_sizes=[1, 2], warmup=1, reps=2, num_workers=0, comm_sweep=False, rounds=2,
                       shards=shard_pattern(synth_shards))
     res = run_matrix(spec, tmp_path, log=lambda s: None)
     one, two = res["cells"]
     assert (one["world_size"], two["world_size"]) == (1, 2) and one["status"] == two["status"] == "ok"
     loaded = one["loaded"]
     assert loaded["status"] == "ok" and loaded["copies"] == 2
-    assert loaded["step_seconds"]["n"] == 2 and len(loaded["step_seconds_all"]) == 2
+    for timed in (one, two, loaded):  # 2 rounds x 2 repetitions, each round's median kept
+        assert timed["step_seconds"]["n"] == 4 and len(timed["step_seconds_all"]) == 4
+        assert len(timed["round_step_medians"]) == 2
+        assert min(timed["round_step_medians"]) >= timed["step_seconds"]["min"]
+    assert one["rounds"] == two["rounds"] == 2
     assert set(loaded["phases_seconds"]) == {"data", "encode", "forward", "backward", "optimizer"}
     assert "loaded" not in two
     assert two["exposed_comm_seconds"] == pytest.approx(two["step_seconds"]["median"] - loaded["step_seconds"]["median"])
     assert one["exposed_comm_seconds"] == 0.0
-    assert "copies running at once" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "copies running at once" in md and "Every cell ran in 2 rounds of 2 repetitions" in md
+    assert "| unet-tiny | 16 | ddp | 2 | 2 | " + " / ".join(f"{x:.3f}" for x in two["round_step_medians"]) + " | - |" in md
 
 
 def test_out_of_memory_is_a_result_not_a_crash(synth_shards, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scaletrain.bench.runner import search_micro_batch
+from scaletrain.bench.runner import merge_rounds, round_medians, search_micro_batch
 from scaletrain.bench.sizing import (
     SizeInputs, calibrate, comm_from_sweep, exposed_comm_seconds, model_facts, size_report, state_bytes,
 )
@@ -52,6 +52,26 @@ def test_micro_batch_search(threshold, start, limit, expected):
 
     assert search_micro_batch(fits, start, limit) == expected
     assert len(probes) <= 2 * limit.bit_length() + 1  # doubling then bisection, not a linear scan
+
+
+def _rank(steps, peak, status="ok"):
+    snap = {"peak_gib": peak}
+    return {"status": status, "steps": [{"step": x} for x in steps], "memory": snap, "after_build": snap,
+            "baseline": {"peak_gib": 0.3}}
+
+
+def test_rounds_pool_repetitions_per_rank_and_keep_the_highest_memory():
+    r1 = [_rank([1.0, 1.2], 0.5), _rank([1.1, 1.3], 0.6)]
+    r2 = [_rank([2.0, 2.2], 0.7), _rank([2.1, 2.3], 0.4)]
+    rank0, rank1 = merge_rounds([r1, r2])
+    assert [s["step"] for s in rank0["steps"]] == [1.0, 1.2, 2.0, 2.2]  # round order kept
+    assert [s["step"] for s in rank1["steps"]] == [1.1, 1.3, 2.1, 2.3]
+    assert rank0["memory"]["peak_gib"] == 0.7 and rank1["memory"]["peak_gib"] == 0.6
+    assert r1[0]["steps"][0]["step"] == 1.0 and len(r1[0]["steps"]) == 2  # inputs untouched
+    assert round_medians([1.0, 1.2, 2.0, 2.2], 2) == pytest.approx([1.1, 2.1])
+    # A round that did not finish is the cell's result (an OOM in any round is an OOM).
+    oom = [_rank([], 0.9, status="oom"), _rank([], 0.9, status="ok")]
+    assert merge_rounds([r1, oom]) is oom
 
 
 def test_size_report_names_measured_and_assumed_inputs():
