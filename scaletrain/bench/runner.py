@@ -164,8 +164,7 @@ def summarize_cell(records: list[dict], cell: dict) -> dict:
 
 def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
     """The rank (or copy) records of several runs of one cell as one run: repetitions pooled in
-    round order, memory the highest any round reached; a round that did not finish is the result.
-    A round's median step is kept per record as ``round_step_medians``."""
+    round order, memory the highest any round reached; a round that did not finish is the result."""
     bad = next((recs for recs in rounds if any(r["status"] != "ok" for r in recs)), None)
     if bad is not None:
         return bad
@@ -322,7 +321,7 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
                 copies = max(spec.world_sizes) if spec.loaded else 0
                 runs: dict[tuple[int, int], list[list[dict]]] = {(w, mb): [] for w, mb, _ in group}
                 loads: dict[tuple[int, int], list[list[dict]]] = {(w, mb): [] for w, mb, _ in group}
-                for _ in range(spec.rounds):
+                for k in range(spec.rounds):
                     for world, mb, _ in group:
                         cell = {"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb,
                                 "world_size": world}
@@ -331,6 +330,9 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
                         if world == 1 and copies > 1 and all(r["status"] == "ok" for r in recs):
                             loads[(world, mb)].append(
                                 launch_loaded(run(cell, spec.warmup, spec.reps), copies, work, spec.timeout_s))
+                        if spec.rounds > 1:
+                            log(f"  round {k + 1}/{spec.rounds} {preset} {res}px {engine} x{world} mb{mb}: "
+                                + ", ".join(sorted({r['status'] for r in recs})))
                 for world, mb, largest in group:
                     cell = {"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb,
                             "world_size": world, "warmup": spec.warmup, "reps": spec.reps}
