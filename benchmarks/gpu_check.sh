@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the CUDA paths (NCCL process group, FSDP2 bf16 mixed precision, DeepSpeed ZeRO-3
-# bf16, DDP autocast) on one GPU, plus one real-size measurement (unet-sd15 at 256 px, FSDP2
-# bf16). Run on a GPU node from the repo root:  bash benchmarks/gpu_check.sh OUT_DIR
+# bf16, DDP autocast) on one GPU, plus real-size measurements (unet-sd15 at 256 px, FSDP2
+# bf16, through the trainer and through `scaletrain bench`). Run on a GPU node from the repo root:  bash benchmarks/gpu_check.sh OUT_DIR
 # Wheels for packages the node lacks may be placed in .whl/ (installed to /tmp/site).
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_check}}
@@ -27,6 +27,11 @@ timeout 300 $TR --set "data.shards=/tmp/synth256/shard-{000000..000007}.tar" --s
   --set model.preset=unet-sd15 --set engine.precision=bf16 --set run.dir=$OUT/sd15 --set sample.at_end=false \
   --set "train.stages=[{name: s256, resolution: 256, steps: 25, micro_batch: 16}]" --set data.num_workers=4 > "$OUT/sd15.log" 2>&1
 echo "rc=$?"; tail -n 3 "$OUT/sd15.log"; cp "$OUT/sd15/summary.json" "$OUT/sd15.summary.json" 2>/dev/null
+echo "== scaletrain bench on 1 GPU: unet-sd15 256 px, FSDP2 and DDP, bf16, micro-batch 16"
+timeout 300 python3 -m scaletrain.cli bench --presets unet-sd15 --resolutions 256 --engines fsdp ddp --precision bf16 \
+  --micro-batches 16 --world-sizes 1 --warmup 3 --reps 5 --num-workers 4 \
+  --shards "/tmp/synth256/shard-{000000..000007}.tar" --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+echo "rc=$?"; cat "$OUT/bench/results.md" 2>/dev/null || tail -n 20 "$OUT/bench.log"
 python3 - "$OUT" <<'PY'
 import json, sys, glob, os
 for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.summary.json"))):
