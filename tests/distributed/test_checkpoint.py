@@ -64,6 +64,30 @@ def _fsdp_params(ckpt: Path) -> dict[str, torch.Tensor]:
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
+def _kill_a_rank_when(cmd: list[str], ready: Path, *, rank: int = -1, env: dict | None = None,
+                      wait_s: float = 240, exit_s: float = 300) -> tuple[int, str]:
+    """Start ``cmd`` (a torchrun launch), wait until ``ready`` exists, SIGKILL one of its rank
+    processes (a direct child of torchrun running pretrain.py, not a DataLoader worker) and wait
+    for the launcher to exit. Returns the launcher's exit code and log."""
+    import os
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **ENV, "PYTHONUNBUFFERED": "1", **(env or {})})
+    try:
+        deadline = time.time() + wait_s
+        while not ready.exists():
+            assert proc.poll() is None and time.time() < deadline, f"{ready} never appeared"
+            time.sleep(0.2)
+        workers = [c for c in psutil.Process(proc.pid).children() if "pretrain.py" in " ".join(c.cmdline())]
+        assert workers, "no worker processes found"
+        workers[rank].kill()
+        out, _ = proc.communicate(timeout=exit_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out
+
+
 @pytest.fixture(scope="module")
 def straight(synth_shards, tmp_path_factory):
     """7 steps over two stages without interruption, per engine."""
@@ -153,26 +177,13 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint(synth_shards, straight,
     """SIGKILL a rank while the step-4 save is open (shards written, not committed; a test
     hook holds it there). The step-4 folder stays .partial, the step-2 checkpoint is intact,
     and the relaunch resumes from step 2 with the uninterrupted run's losses."""
-    import os
-
     d = tmp_path / "run"
     ckpts = d / "checkpoints"
-    cmd = _torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2"))
-    env = {**os.environ, **ENV, "PYTHONUNBUFFERED": "1", "SCALETRAIN_TEST_SAVE_STALL": "4:120"}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        deadline = time.time() + 300
-        while not (ckpts / "step-00000004.partial" / "engine" / ".metadata").is_file():
-            assert proc.poll() is None and time.time() < deadline, "the step-4 save never started"
-            time.sleep(0.2)
-        workers = [c for c in psutil.Process(proc.pid).children() if "pretrain.py" in " ".join(c.cmdline())]
-        assert workers, "no worker processes found"
-        workers[0].kill()  # rank 0: the one that would commit
-        proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0
+    # rank 0: the one that would commit
+    rc, _ = _kill_a_rank_when(_torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2")),
+                              ckpts / "step-00000004.partial" / "engine" / ".metadata", rank=0,
+                              env={"SCALETRAIN_TEST_SAVE_STALL": "4:120"}, wait_s=300)
+    assert rc != 0
     assert (ckpts / "step-00000004.partial").is_dir() and not (ckpts / "step-00000004").exists()
     assert (ckpts / "step-00000002" / "meta.json").is_file()
     r = _ok(run_cmd(_torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2")), env=ENV))
@@ -188,21 +199,8 @@ def test_killed_rank_then_relaunch_resumes_from_last_complete(synth_shards, stra
     are never loaded, and are cleaned up."""
     d = tmp_path / "run"
     ckpts = d / "checkpoints"
-    cmd = _torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2"))
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**__import__("os").environ, **ENV, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.time() + 240
-        while not (ckpts / "step-00000002" / "meta.json").is_file():
-            assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.2)
-        workers = [c for c in psutil.Process(proc.pid).children() if "pretrain.py" in " ".join(c.cmdline())]
-        assert workers, "no worker processes found"
-        workers[-1].kill()  # a rank process (direct child of torchrun), not a DataLoader worker
-        proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _kill_a_rank_when(_torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2")),
+                      ckpts / "step-00000002" / "meta.json")
     # what a crash mid-save leaves behind: a .partial folder and a folder without meta.json
     (ckpts / "step-00000006.partial" / "engine").mkdir(parents=True, exist_ok=True)
     (ckpts / "step-00000005" / "engine").mkdir(parents=True, exist_ok=True)
@@ -221,29 +219,15 @@ def test_max_restarts_recovers_a_killed_rank_with_no_human_action(synth_shards, 
     checkpoint, and the one command exits 0 with the uninterrupted run's losses."""
     d = tmp_path / "run"
     ckpts = d / "checkpoints"
-    cmd = _torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2"), max_restarts=1)
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**__import__("os").environ, **ENV, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.time() + 240
-        while not (ckpts / "step-00000002" / "meta.json").is_file():
-            assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.2)
-        workers = [c for c in psutil.Process(proc.pid).children() if "pretrain.py" in " ".join(c.cmdline())]
-        assert workers, "no worker processes found"
-        first_round = {w.pid for w in workers}
-        workers[-1].kill()
-        out, _ = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out[-4000:]
+    rc, out = _kill_a_rank_when(_torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2"), max_restarts=1),
+                                ckpts / "step-00000002" / "meta.json", exit_s=400)
+    assert rc == 0, out[-4000:]
+    # only a round torchrun started after the kill can resume: the first one started fresh
     assert out.count("resumed at step") >= 1, out[-4000:]
     resumed = int(out.split("resumed at step")[1].split()[0])
     assert resumed in (2, 4, 6), resumed  # the latest complete checkpoint when the kill landed
     assert _losses(d) == _losses(straight["fsdp"])
     assert [m["step"] for m in read_metrics(d)] == list(range(1, 8))
-    assert first_round  # the restarted round ran in new processes (torchrun's, not ours)
 
 
 def test_keep_last_and_keep_every(synth_shards, tmp_path):
