@@ -1,8 +1,9 @@
 """Diffusion-DPO post-training: the pre-training loop with a preference objective.
 
-``DPOTrainer`` overrides three of the Trainer's hooks: ``build_batches`` (preference-pair
-shards, ``data.pairs``), ``forward_backward_step`` (the DPO loss, ``diffusion.dpo``) and
-``objective_metrics`` (implicit accuracy and reward margin over the global batch). Engines,
+``DPOTrainer`` overrides four of the Trainer's hooks: ``build_batches`` (preference-pair
+shards, ``data.pairs``), ``forward_backward_step`` (the DPO loss, ``diffusion.dpo``),
+``objective_local_sums`` and ``objective_metrics`` (implicit accuracy and reward margin over
+the global batch; the sums ride the trainer's one all-reduce a step). Engines,
 checkpoints, health guard, EMA and launchers are the pre-training ones.
 
 The frozen reference is the start weights, never the resumed ones:
@@ -28,7 +29,7 @@ from scaletrain.checkpoint.init import load_init_weights
 from scaletrain.data.pipeline import LoaderSpec, expand_shards
 from scaletrain.diffusion.dpo import diffusion_dpo_loss, prepare_pair_batch
 from scaletrain.diffusion.objective import diffusion_loss
-from scaletrain.distributed import DistInfo, all_reduce_sum
+from scaletrain.distributed import DistInfo
 from scaletrain.models import parallel_units
 from scaletrain.models.lora import adapters_disabled
 from scaletrain.models.registry import Denoiser, build_denoiser_net, get_preset
@@ -155,9 +156,12 @@ class DPOTrainer(Trainer):
         self._sums = [a + b for a, b in zip(self._sums, terms.sums())]
         return float(loss.detach())
 
-    def objective_metrics(self) -> dict:
-        pairs, correct, margin, chosen, rejected = all_reduce_sum(self._sums, self.device)
-        self._sums = [0.0] * 5
+    def objective_local_sums(self) -> list[float]:
+        sums, self._sums = self._sums, [0.0] * 5
+        return sums
+
+    def objective_metrics(self, sums: list[float]) -> dict:
+        pairs, correct, margin, chosen, rejected = sums
         return {"dpo_accuracy": correct / pairs, "dpo_reward_margin": margin / pairs,
                 "dpo_reward_chosen": chosen / pairs, "dpo_reward_rejected": rejected / pairs}
 

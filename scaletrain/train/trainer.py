@@ -225,11 +225,14 @@ class Trainer:
             # signals (summed), so the health verdict and the stop decision are the same on all
             # ranks (a SIGTERM may reach only some of them). Each extra collective would be
             # one more point where every rank waits for the slowest.
+            # A post-training objective's own sums (DPO's pair counts and rewards) ride along.
             minutes_due = self.dist.is_main and self.ckpt.minutes_due()
-            loss, wait, norm, skipped, sigterm, minutes_due, *counts = all_reduce_sum(
-                [local_loss, wait, norm, skipped, self._sigterm, minutes_due, *self.data_counts.local_vector()],
+            local_counts, local_objective = self.data_counts.local_vector(), self.objective_local_sums()
+            loss, wait, norm, skipped, sigterm, minutes_due, *rest = all_reduce_sum(
+                [local_loss, wait, norm, skipped, self._sigterm, minutes_due, *local_counts, *local_objective],
                 self.device)
             loss, wait, norm = loss / world, wait / world, norm / world
+            counts, objective_sums = rest[:len(local_counts)], rest[len(local_counts):]
             self.data_counts.commit(counts)
             skipped = int(skipped)
             verdict = self.health.check(self.attempt + 1, loss, norm) if cfg.health.enabled else None
@@ -248,7 +251,7 @@ class Trainer:
             if not stats.skipped:
                 self.last_loss = loss
             self.step_in_stage = step_in_stage + 1
-            self.log_step(index, stage, loss, stats, dt, wait, skipped, global_batch)
+            self.log_step(index, stage, loss, stats, dt, wait, skipped, global_batch, objective_sums)
             if verdict and verdict.bad and self.on_bad_step(index, stage, verdict, norm, keys, local_loss):
                 return True  # rolled back: train() re-enters at the checkpoint's stage and step
             stage_end = self.step_in_stage == steps
@@ -457,7 +460,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ observers
 
-    def log_step(self, index, stage, loss, stats, dt, wait, skipped, global_batch) -> None:
+    def log_step(self, index, stage, loss, stats, dt, wait, skipped, global_batch, objective_sums=()) -> None:
         ema = self.loss_ema.get() if stats.skipped else self.loss_ema.update(loss)  # a bad step stays out
         record = {
             "step": self.step, "stage": index, "resolution": stage.resolution, "loss": loss, "loss_ema": ema,
@@ -469,7 +472,7 @@ class Trainer:
         if self.cfg.data.buckets.enabled:  # rank 0's micro-batch sizes this step, one bucket each
             record["bucket_sizes"] = [f"{w}x{h}" for h, w in getattr(self, "step_image_sizes", [])]
         record.update(self.data_counts.record())  # filtered_samples, source_frac/*, class_frac/*
-        record.update(self.objective_metrics())  # e.g. DPO's implicit accuracy and reward margin
+        record.update(self.objective_metrics(objective_sums))  # e.g. DPO's implicit accuracy and reward margin
         if stats.skipped or self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
             if self.dist.is_main:  # only rank 0 writes, so only it pays for the FLOP count
                 record.update(self.throughput_metrics(stage.resolution, global_batch / dt))
@@ -477,9 +480,15 @@ class Trainer:
         self.logger.progress(1, {"stage": index, "loss": f"{loss:.4f}", "ema": f"{ema:.4f}",
                                  "img/s": f"{global_batch / dt:.1f}"})
 
-    def objective_metrics(self) -> dict:
-        """Fields a post-training objective adds to this step's record. Called on every rank at
-        every step, so an override may all-reduce what its forward_backward_step accumulated."""
+    def objective_local_sums(self) -> list[float]:
+        """This rank's sums a post-training objective accumulated over the step's micro-batches
+        (and now resets); they are summed over ranks in the step's one all-reduce and handed
+        to ``objective_metrics``. Called on every rank at every step."""
+        return []
+
+    def objective_metrics(self, sums: list[float]) -> dict:
+        """Fields a post-training objective adds to this step's record, from the global sums of
+        ``objective_local_sums``."""
         return {}
 
     def throughput_metrics(self, resolution: int, images_per_second: float) -> dict:
