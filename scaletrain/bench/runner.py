@@ -127,6 +127,16 @@ def launch_loaded(spec: dict, copies: int, work: Path, timeout_s: float) -> list
     return [_collect(proc, path, 1, timeout_s)[0] for proc, path in started]
 
 
+def _slowest_steps(records: list[dict]) -> list[float]:
+    """Per repetition, the slowest record's step: an N-rank step waits for its slowest rank."""
+    return [max(r["steps"][i]["step"] for r in records) for i in range(min(len(r["steps"]) for r in records))]
+
+
+def _phase_means(records: list[dict]) -> dict[str, float]:
+    """Per phase, the mean over records of each record's median."""
+    return {p: statistics.fmean(statistics.median(s[p] for s in r["steps"]) for r in records) for p in PHASES}
+
+
 def summarize_cell(records: list[dict], cell: dict) -> dict:
     """Merge rank records: step time per repetition is the slowest rank's; phases are rank means."""
     out = dict(cell)
@@ -137,8 +147,7 @@ def summarize_cell(records: list[dict], cell: dict) -> dict:
     if out["status"] != "ok":
         out["error"] = next((r.get("error") or r.get("log_tail") for r in records if r["status"] != "ok"), None)
         return out
-    reps = len(records[0]["steps"])
-    step = [max(r["steps"][i]["step"] for r in records) for i in range(reps)]
+    step = _slowest_steps(records)
     global_batch = cell["micro_batch"] * cell["world_size"]
     out["step_seconds"] = _stats(step)
     out["step_seconds_all"] = step
@@ -146,8 +155,7 @@ def summarize_cell(records: list[dict], cell: dict) -> dict:
     out["images_per_second"] = {"median": global_batch / st["median"], "p25": global_batch / st["p75"],
                                 "p75": global_batch / st["p25"], "min": global_batch / st["max"],
                                 "max": global_batch / st["min"], "n": st["n"]}
-    out["phases_seconds"] = {p: statistics.fmean(statistics.median(s[p] for s in r["steps"]) for r in records)
-                             for p in PHASES}
+    out["phases_seconds"] = _phase_means(records)
     r0 = records[0]
     out.update(params_total=r0["params_total"], params_local=r0["params_local"], params_frozen=r0["params_frozen"],
                after_build_gib=max(r["after_build"]["peak_gib"] for r in records),
@@ -192,11 +200,9 @@ def add_loaded(cell: dict, records: list[dict]) -> None:
         cell["loaded"] = {"copies": len(records), "status": bad[0]["status"],
                           "error": bad[0].get("error") or bad[0].get("log_tail")}
         return
-    reps = min(len(r["steps"]) for r in records)
-    step = [max(r["steps"][i]["step"] for r in records) for i in range(reps)]
+    step = _slowest_steps(records)
     cell["loaded"] = {"copies": len(records), "status": "ok", "step_seconds": _stats(step), "step_seconds_all": step,
-                      "phases_seconds": {p: statistics.fmean(statistics.median(s[p] for s in r["steps"]) for r in records)
-                                         for p in PHASES}}
+                      "phases_seconds": _phase_means(records)}
 
 
 def solo_basis(cell: dict) -> tuple[float, dict]:
@@ -299,7 +305,7 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
     for preset in spec.presets:
         for res in spec.resolutions:
             for engine in spec.engines:
-                group: list[tuple[int, int, bool]] = []  # (world, micro-batch, found by the search)
+                group: list[tuple[dict, bool]] = []  # (cell, its micro-batch found by the search)
                 for world in spec.world_sizes:
                     mbs = list(spec.micro_batches)
                     if spec.search:
@@ -315,31 +321,30 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
                         cells.extend({**c, "search_probe": True} for c in probes.values())
                         if best is not None and best not in mbs:
                             mbs.append(best)
-                    group += [(world, mb, spec.search and mb == mbs[-1] and mb not in spec.micro_batches) for mb in mbs]
+                    group += [({"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb,
+                                "world_size": world}, spec.search and mb == mbs[-1] and mb not in spec.micro_batches)
+                              for mb in mbs]
                 # Rounds: this VM's speed drifts by tens of per cent between minutes, so a 1-rank
                 # basis and the N-rank cell it predicts are measured close together, several times.
                 copies = max(spec.world_sizes) if spec.loaded else 0
-                runs: dict[tuple[int, int], list[list[dict]]] = {(w, mb): [] for w, mb, _ in group}
-                loads: dict[tuple[int, int], list[list[dict]]] = {(w, mb): [] for w, mb, _ in group}
+                runs: list[list[list[dict]]] = [[] for _ in group]  # per group cell, per round: records
+                loads: list[list[list[dict]]] = [[] for _ in group]
                 for k in range(spec.rounds):
-                    for world, mb, _ in group:
-                        cell = {"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb,
-                                "world_size": world}
+                    for i, (cell, _) in enumerate(group):
+                        world = cell["world_size"]
                         recs = launch(run(cell, spec.warmup, spec.reps), world, work, spec.timeout_s)
-                        runs[(world, mb)].append(recs)
+                        runs[i].append(recs)
                         if world == 1 and copies > 1 and all(r["status"] == "ok" for r in recs):
-                            loads[(world, mb)].append(
-                                launch_loaded(run(cell, spec.warmup, spec.reps), copies, work, spec.timeout_s))
+                            loads[i].append(launch_loaded(run(cell, spec.warmup, spec.reps), copies, work, spec.timeout_s))
                         if spec.rounds > 1:
-                            log(f"  round {k + 1}/{spec.rounds} {preset} {res}px {engine} x{world} mb{mb}: "
-                                + ", ".join(sorted({r['status'] for r in recs})))
-                for world, mb, largest in group:
-                    cell = {"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb,
-                            "world_size": world, "warmup": spec.warmup, "reps": spec.reps}
-                    c = summarize_cell(merge_rounds(runs[(world, mb)]), cell)
-                    if loads[(world, mb)] and c["status"] == "ok":  # the same cell as N 1-rank copies at once
-                        add_loaded(c, merge_rounds(loads[(world, mb)]))
-                    c["rounds"] = len(runs[(world, mb)])
+                            log(f"  round {k + 1}/{spec.rounds} {preset} {res}px {engine} x{world} "
+                                f"mb{cell['micro_batch']}: " + ", ".join(sorted({r['status'] for r in recs})))
+                for i, (cell, largest) in enumerate(group):
+                    world, mb = cell["world_size"], cell["micro_batch"]
+                    c = summarize_cell(merge_rounds(runs[i]), {**cell, "warmup": spec.warmup, "reps": spec.reps})
+                    if loads[i] and c["status"] == "ok":  # the same cell as N 1-rank copies at once
+                        add_loaded(c, merge_rounds(loads[i]))
+                    c["rounds"] = len(runs[i])
                     if c["status"] == "ok":
                         c["round_step_medians"] = round_medians(c["step_seconds_all"], c["rounds"])
                         if c.get("loaded", {}).get("status") == "ok":
