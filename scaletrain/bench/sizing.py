@@ -18,8 +18,9 @@ Memory per rank = runtime baseline + model states + frozen encoders + activation
   torch, DeepSpeed, process group), or an assumed value where nothing was measured.
 
 Step time at N ranks = the 1-rank step time measured at the same per-rank micro-batch (taken
-with one copy per device running at once when the benchmark measured that, so host load -- shared
-cores, memory bandwidth, loaders -- is in it; ``runner.launch_loaded``) + the exposed communication: for each collective of the engine's step, latency + bytes x factor(N) /
+with one copy per device running at once when the benchmark measured that, so host load --
+shared cores, memory bandwidth, loaders -- is in it; ``runner.launch_loaded``) + the exposed
+communication: for each collective of the engine's step, latency + bytes x factor(N) /
 busbw (the nccl-tests convention; factor 2(N-1)/N all-reduce, (N-1)/N all-gather and
 reduce-scatter), times (1 - overlap). Latency and busbw come from a collective sweep
 (``scaletrain bench`` runs one, as does ``scaletrain preflight``) or are given.
