@@ -33,6 +33,8 @@ def _launch(prog: str, description: str, argv: list[str] | None, check=None, tra
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is what we use.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    from scaletrain.checkpoint.safe_load import CheckpointLoadError
+
     try:
         cfg = load_config(args.config, args.overrides)
         if check is not None:
@@ -40,6 +42,10 @@ def _launch(prog: str, description: str, argv: list[str] | None, check=None, tra
     except (ConfigError, ValueError) as e:
         if _is_rank0():
             print(f"scaletrain: config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointLoadError as e:  # an init source's file refused or damaged
+        if _is_rank0():
+            print(f"scaletrain: {e}", file=sys.stderr)
         return 2
     return run_training(cfg, trainer_cls)
 
@@ -90,12 +96,16 @@ def run_training(cfg, trainer_cls: type | None = None) -> int:
 
     from scaletrain.train.health import HealthStop
 
+    from scaletrain.checkpoint.safe_load import CheckpointLoadError
+
     dist_info = init_distributed(cfg.engine.kind)
     try:
         trainer = (trainer_cls or Trainer)(cfg, dist_info)
-    except ConfigError as e:  # found at start, alike on every rank (validation shards, a resumed stage's length)
+    except (ConfigError, CheckpointLoadError) as e:  # found at start, alike on every rank (validation
+        # shards, a resumed stage's length; a refused checkpoint file is agreed across ranks)
         if dist_info.is_main:
-            print(f"scaletrain: config error: {e}", file=sys.stderr, flush=True)
+            kind = "config error: " if isinstance(e, ConfigError) else ""
+            print(f"scaletrain: {kind}{e}", file=sys.stderr, flush=True)
         shutdown_distributed()
         return 2
     rc = 0
@@ -105,6 +115,10 @@ def run_training(cfg, trainer_cls: type | None = None) -> int:
         if dist_info.is_main:
             print(f"scaletrain: {e}", file=sys.stderr, flush=True)
         rc = 3
+    except CheckpointLoadError as e:  # a rollback's checkpoint refused, on every rank together
+        if dist_info.is_main:
+            print(f"scaletrain: {e}", file=sys.stderr, flush=True)
+        rc = 2
     trainer.close()
     del trainer  # no DTensor/mesh may outlive the process group (see shutdown_distributed)
     shutdown_distributed()
@@ -149,19 +163,20 @@ def _ckpt(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from scaletrain.checkpoint.export import export_diffusers, format_listing
+    from scaletrain.checkpoint.safe_load import CheckpointLoadError
 
-    if args.ckpt_cmd == "ls":
-        run = Path(args.run)
-        print(format_listing(run / "checkpoints" if (run / "checkpoints").is_dir() else run))
-        return 0
     try:
+        if args.ckpt_cmd == "ls":
+            run = Path(args.run)
+            print(format_listing(run / "checkpoints" if (run / "checkpoints").is_dir() else run))
+            return 0
         if args.ckpt_cmd == "export-lora":
             from scaletrain.checkpoint.export import export_lora
 
             out, weights, layout = export_lora(args.src, args.out, use_ema=not args.raw, with_base=args.with_base)
         else:
             out, weights = export_diffusers(args.src, args.out, use_ema=not args.raw)
-    except ValueError as e:
+    except (ValueError, CheckpointLoadError) as e:
         print(f"scaletrain: {e}", file=sys.stderr)
         return 2
     which = "EMA weights" if weights == "ema" else "raw weights (the checkpoint has no EMA)" if not args.raw else "raw weights"

@@ -1,10 +1,11 @@
 """Turn a checkpoint into a diffusers model folder, and list a run's checkpoints.
 
 Export consolidates on one process (the one place a full gather is what the user asked
-for): DCP shards via ``dcp_to_torch_save`` then ``torch.load(weights_only=True)``;
-the EMA (``<ckpt>/ema/``, DCP on every engine) the same way, exported instead of the raw
-weights when present; DeepSpeed ZeRO partitions via DeepSpeed's ``zero_to_fp32`` reader,
-weights-only (checkpoint.safe_load). The result is written
+for): DCP shards read whole in this process with the restricted readers of
+``checkpoint.safe_load`` (no process group, no temporary file); the EMA (``<ckpt>/ema/``, DCP
+on every engine) the same way, exported instead of the raw weights when present; DeepSpeed
+ZeRO partitions scanned weights-only, then read by DeepSpeed's ``zero_to_fp32`` reader under
+the weights-only guard. The result is written
 with ``save_pretrained`` (safetensors), loadable by the diffusers class alone. A LoRA run's
 checkpoint (full model: frozen base + adapters) exports its adapter instead (``export_lora``).
 """
@@ -12,7 +13,6 @@ checkpoint (full model: frozen base + adapters) exports its adapter instead (``e
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -37,23 +37,16 @@ def resolve_checkpoint(src: str | Path) -> CheckpointInfo:
 
 def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     """Full (unsharded) model state of a checkpoint, with the Denoiser's key names."""
+    from scaletrain.checkpoint.safe_load import check_torch_files, load_dcp_full, weights_only_torch_load
+
     engine_dir = info.path / "engine"
     if info.meta.get("engine") == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from scaletrain.checkpoint.safe_load import weights_only_torch_load
-
+        check_torch_files(sorted((engine_dir / "zero").glob("*.pt")))  # one line naming a refused file
         with weights_only_torch_load():  # DeepSpeed's reader would unpickle anything
             return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag="zero")
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "full.pt"
-        from scaletrain.checkpoint.safe_load import weights_only_torch_load
-
-        with weights_only_torch_load():
-            dcp_to_torch_save(str(engine_dir), str(out))
-        return torch.load(out, weights_only=True, map_location="cpu")["model"]
+    return load_dcp_full(engine_dir)["model"]
 
 
 def ema_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor] | None:
@@ -62,16 +55,9 @@ def ema_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor] | None:
     ema_dir = info.path / "ema"
     if not ema_dir.is_dir():
         return None
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from scaletrain.checkpoint.safe_load import load_dcp_full
 
-    # DCP -> one file without a process group, like the model above.
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "ema.pt"
-        from scaletrain.checkpoint.safe_load import weights_only_torch_load
-
-        with weights_only_torch_load():
-            dcp_to_torch_save(str(ema_dir), str(out))
-        return torch.load(out, weights_only=True, map_location="cpu")["params"]
+    return load_dcp_full(ema_dir)["params"]  # without a process group, like the model above
 
 
 def export_diffusers(src: str | Path, out: str | Path, *, use_ema: bool = True) -> tuple[Path, str]:
@@ -104,8 +90,10 @@ def checkpoint_preset(info: CheckpointInfo) -> str:
 
 
 def trainer_state(info: CheckpointInfo) -> dict:
+    from scaletrain.checkpoint.safe_load import read_json
+
     f = info.path / "trainer_state.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    return read_json(f) if f.is_file() else {}
 
 
 def denoiser_state_dict(info: CheckpointInfo, *, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:

@@ -107,9 +107,21 @@ def load_init_weights(denoiser: nn.Module, init_cfg, preset_name: str) -> str:
         _load_strict(denoiser, state, f"init.from_checkpoint={init_cfg.from_checkpoint!r}", preset_name)
         weights = "EMA weights" if which == "ema" else "raw weights"
         return f"init: {weights} of {info.path} (step {info.step}, {info.meta.get('engine')})"
+    from scaletrain.checkpoint.safe_load import CheckpointLoadError, weights_only_torch_load
+
     folder = Path(init_cfg.from_diffusers)
     # The diffusers class's own loader (local files only), then a strict copy into our net.
-    loaded = type(denoiser.net).from_pretrained(folder, local_files_only=True)
+    # safetensors cannot carry code; a pickled .bin is forced weights-only like checkpoints.
+    try:
+        with weights_only_torch_load():
+            loaded = type(denoiser.net).from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # diffusers re-raises a refused .bin as a generic OSError
+        cause = e
+        while cause is not None and not isinstance(cause, CheckpointLoadError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
     _load_strict(denoiser.net, loaded.state_dict(), f"init.from_diffusers={str(folder)!r}", preset_name)
     return f"init: diffusers model {folder}"
 

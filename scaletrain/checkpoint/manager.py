@@ -15,9 +15,11 @@ either no ``step-N`` or a complete one, and the previous checkpoint untouched.
 ``latest_checkpoint`` only considers committed folders with ``meta.json``; stale
 ``.partial`` folders are removed when the next run starts.
 
-Safe loading: tensors come from DCP (tensor metadata), safetensors, or DeepSpeed's engine
-loader forced to ``weights_only=True`` (checkpoint.safe_load); trainer counters from JSON.
-Nothing in a checkpoint is unpickled beyond plain tensors and containers.
+Safe loading: every file is read by a restricted reader (checkpoint.safe_load): DCP metadata
+by an unpickler that admits only DCP's metadata types, DCP entries and DeepSpeed's files
+weights-only, RNG from safetensors, counters from JSON. Nothing in a checkpoint is
+unpickled beyond plain tensors, containers and those types; a refused or damaged file fails
+the load with one line naming it (``CheckpointLoadError``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from scaletrain.checkpoint.safe_load import CheckpointLoadError, raise_agreed, read_json, read_safetensors
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -66,7 +70,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[CheckpointInfo]:
             continue
         meta_file = d / "meta.json"
         complete = not d.name.endswith(".partial") and meta_file.is_file()
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        meta = read_json(meta_file) if meta_file.is_file() else {}
         out.append(CheckpointInfo(d, int(m.group(1)), complete, meta))
     return sorted(out, key=lambda c: (c.step, c.complete))
 
@@ -217,16 +221,24 @@ class CheckpointManager:
 
     def load(self, info: CheckpointInfo) -> dict:
         """Collective. Load one checkpoint into the engine, extra states and RNG; returns the
-        trainer state."""
-        self.engine.load_state(info.path / "engine")
-        for name, state in self.extra_states.items():
-            state.load(info.path / name if (info.path / name).is_dir() else None)
+        trainer state. A file that is refused or unreadable on any rank raises
+        ``CheckpointLoadError`` on every rank (one line naming the file)."""
         rng_file = info.path / f"rng-rank{self.dist.rank}.safetensors"
         # At another world size a rank may have no RNG file of its own; rank-local RNG only
         # drives dropout-like noise inside models, never the objective's noise (keyed per sample).
-        if rng_file.is_file() and info.meta.get("world_size") == self.dist.world_size:
-            _set_rng_state(load_file(str(rng_file)), self.dist.device)
-        state = json.loads((info.path / "trainer_state.json").read_text())
+        rng, error = None, None
+        try:  # the small files first, agreed across ranks, before any collective load
+            state = read_json(info.path / "trainer_state.json")
+            if rng_file.is_file() and info.meta.get("world_size") == self.dist.world_size:
+                rng = read_safetensors(rng_file)
+        except CheckpointLoadError as e:
+            error = e
+        raise_agreed(error)
+        self.engine.load_state(info.path / "engine")
+        for name, extra in self.extra_states.items():
+            extra.load(info.path / name if (info.path / name).is_dir() else None)
+        if rng is not None:
+            _set_rng_state(rng, self.dist.device)
         state["_resumed_from"] = str(info.path)
         state["_resumed_world_size"] = info.meta.get("world_size")
         return state

@@ -185,7 +185,8 @@ class DeepSpeedEngine(Engine):
         ``torch.load`` inside runs weights-only (see checkpoint.safe_load)."""
         import torch.distributed as dist
 
-        from scaletrain.checkpoint.safe_load import (convert_to_universal, weights_only_torch_load,
+        from scaletrain.checkpoint.safe_load import (CheckpointLoadError, agreed_check_torch_files,
+                                                     convert_to_universal, weights_only_torch_load,
                                                      zero_dp_world_size)
 
         saved = zero_dp_world_size(path / "zero")
@@ -201,7 +202,10 @@ class DeepSpeedEngine(Engine):
             errors = [error]
             dist.broadcast_object_list(errors, src=0)
             if errors[0]:
-                raise RuntimeError(errors[0])
+                raise CheckpointLoadError(errors[0])
+        # Every file DeepSpeed will read, scanned weights-only and agreed across ranks first:
+        # a rank refusing a file inside load_checkpoint would leave the others in a collective.
+        agreed_check_torch_files(list((path / tag).rglob("*.pt")))
         self.ds._config.load_universal_checkpoint = universal
         try:
             with weights_only_torch_load():

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from scaletrain.checkpoint.safe_load import weights_only_torch_load
+from scaletrain.checkpoint.safe_load import load_dcp
 from scaletrain.engines.base import (Engine, LocalShard, StepStats, clip_with_norm, norm_value,
                                       replicated_param_shards, set_lr, total_grad_norm, world_mesh)
 
@@ -38,8 +38,7 @@ def load_dcp_state(module: nn.Module, optimizer, path: Path) -> None:
     # The current state is the template: DCP fills it in place, each rank reading its shards.
     model_sd, optim_sd = get_state_dict(module, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with weights_only_torch_load():  # DCP's planner would unpickle non-tensor entries freely
-        dcp.load(state, checkpoint_id=str(path))
+    load_dcp(state, path)  # restricted readers: DCP's own would unpickle .metadata freely
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 

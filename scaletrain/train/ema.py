@@ -163,7 +163,10 @@ class ShardedEMA:
         if path is None:
             self.reset()
             return
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        from scaletrain.checkpoint.safe_load import SafeFileSystemReader, load_dcp
+
+        reader = SafeFileSystemReader(str(path))
+        saved = reader.read_metadata().state_dict_metadata  # a refusal: the same file on every rank
         state: dict = {"params": {}, "num_updates": torch.tensor(0)}
         mismatched = {}
         for name, ema in self.averages.items():
@@ -177,10 +180,7 @@ class ShardedEMA:
                 state["params"][name] = mismatched[name] = torch.empty(size, dtype=torch.float32)
             else:
                 raise ValueError(f"{path}: saved EMA {name!r} has shape {tuple(size)}, the model {tuple(ema.shape)}")
-        from scaletrain.checkpoint.safe_load import weights_only_torch_load
-
-        with weights_only_torch_load():  # DCP's planner would unpickle non-tensor entries freely
-            dcp.load(state, checkpoint_id=str(path))
+        load_dcp(state, path, reader)
         with torch.no_grad():
             for name, full in mismatched.items():
                 ema = self.averages[name]

@@ -1,7 +1,8 @@
 """Checkpoints: bit-exact resume (FSDP2, DeepSpeed ZeRO-3), resharding 2 -> 1 and 1 -> 2 ranks
 (FSDP2 through DCP, DeepSpeed through its universal checkpoint), a rank SIGKILLed during
 training and during a save, partial checkpoints that are never loaded, async save, SIGTERM,
-retention, export and listing."""
+retention, export and listing; tampered checkpoint files refused (one line, nothing runs) on
+resume, rollback, export and init, on both engines."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_cmd, shard_pattern
-from tests.distributed.util import free_port, read_metrics
+import tests.distributed.util as tests_util
+from tests.distributed.util import (free_port, one_error_line, read_metrics, tamper_dcp_metadata,
+                                    tamper_torch_file)
 
 pytestmark = pytest.mark.dist
 
@@ -334,3 +337,126 @@ def test_sigterm_on_one_rank_saves_and_stops_all(synth_shards, straight, tmp_pat
     assert (d / "checkpoints" / f"step-{stopped['steps']:08d}" / "meta.json").is_file()
     _ok(run_cmd(_torchrun(*_sets(synth_shards, d)), env=ENV))
     assert _losses(d) == _losses(straight["fsdp"])
+
+
+# ---------------------------------------------------------------- no load runs code
+
+
+def _copy_checkpoints(run: Path, dst: Path, *steps: int) -> Path:
+    import shutil
+
+    for c in sorted((run / "checkpoints").glob("step-????????")):  # not the .pt files other tests write
+        if c.is_dir() and (not steps or int(c.name.split("-")[1]) in steps):
+            shutil.copytree(c, dst / "checkpoints" / c.name)
+    return dst
+
+
+def _refused(r, needle: str, marker: Path) -> str:
+    assert r.returncode != 0, r.stdout[-2000:]
+    line = one_error_line(r.stderr, needle)
+    assert not marker.exists(), "the payload ran"
+    return line
+
+
+@pytest.mark.parametrize("engine,kind", [("fsdp", "metadata"), ("fsdp", "rng"), ("deepspeed", "partition")])
+def test_tampered_file_fails_resume_in_one_line(synth_shards, straight, tmp_path, engine, kind):
+    """A crafted pickle in the checkpoint a relaunch resumes: DCP's .metadata (torch's reader
+    would run it, then load normally), a rank-1 RNG file, or rank 1's ZeRO-3 optimizer
+    partition (only rank 1 reads it: the refusal must reach rank 0 too, or it would hang in
+    DeepSpeed's load). Both ranks stop; one line names the file; the payload never runs."""
+    import pickle
+
+    d = _copy_checkpoints(straight[engine], tmp_path / "run")
+    ckpt = d / "checkpoints" / "step-00000007"
+    marker = tmp_path / "ran"
+    if kind == "metadata":
+        f = tamper_dcp_metadata(ckpt / "engine", marker)
+        needle = f"{f}: refusing to unpickle posix.system"
+    elif kind == "rng":
+        f = ckpt / "rng-rank1.safetensors"
+        f.write_bytes(pickle.dumps(tests_util.Payload(marker)))
+        needle = f"{f}: not a readable safetensors file"
+    else:
+        f = next((ckpt / "engine" / "zero").glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+        tamper_torch_file(f, marker)
+        needle = f"{f}: refusing to unpickle posix.system"
+    r = run_cmd(_torchrun(*_sets(synth_shards, d, f"engine.kind={engine}")), env=ENV, timeout=300)
+    _refused(r, needle, marker)
+    # the planted payload is live: an unrestricted reader runs it
+    pickle.loads(f.read_bytes()) if kind != "partition" else torch.load(f, weights_only=False)
+    assert marker.exists()
+
+
+def test_tampered_checkpoint_fails_rollback_in_one_line(synth_shards, tmp_path):
+    """The health guard's rollback reads the checkpoint through the same restricted readers. The
+    step-2 save is held open by the test hook while the test plants the payload in its DCP
+    metadata; NaNs at steps 3-4 then roll back to it: refused on both ranks, one line."""
+    import os
+
+    d = tmp_path / "run"
+    marker = tmp_path / "ran"
+    meta = d / "checkpoints" / "step-00000002.partial" / "engine" / ".metadata"
+    cmd = _torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2", "health.inject_nan_steps=[3,4]",
+                           "health.window=2", "health.max_bad_in_window=2"))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ENV, "PYTHONUNBUFFERED": "1", "SCALETRAIN_TEST_SAVE_STALL": "2:15"})
+    try:
+        deadline = time.time() + 240
+        while not meta.exists():
+            assert proc.poll() is None and time.time() < deadline, "the step-2 save never started"
+            time.sleep(0.1)
+        time.sleep(0.5)  # DCP renames .metadata into place; nothing writes it after that
+        tamper_dcp_metadata(meta.parent, marker)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    final = d / "checkpoints" / "step-00000002" / "engine" / ".metadata"
+    _refused(subprocess.CompletedProcess(cmd, proc.returncode, out, err),
+             f"{final}: refusing to unpickle posix.system", marker)
+    assert "health guard" not in err  # it failed loading, not by giving up
+    assert [m["step"] for m in read_metrics(d)] == [1, 2, 3, 4]  # no step after the failed rollback
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_tampered_checkpoint_fails_export_and_init_in_one_line(synth_shards, straight, tmp_path, engine):
+    """`scaletrain ckpt export` and a post-training run's init.from_checkpoint consolidate the
+    checkpoint in one process: the same restricted readers, the same one line."""
+    d = _copy_checkpoints(straight[engine], tmp_path / "run", 7)
+    ckpt = d / "checkpoints" / "step-00000007"
+    marker = tmp_path / "ran"
+    if engine == "fsdp":
+        f = tamper_dcp_metadata(ckpt / "engine", marker)
+    else:
+        f = tamper_torch_file(next((ckpt / "engine" / "zero").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt")),
+                              marker)
+    needle = f"{f}: refusing to unpickle posix.system"
+    r = run_cmd([sys.executable, "-m", "scaletrain.cli", "ckpt", "export", str(d), str(tmp_path / "out")])
+    assert r.returncode == 2
+    _refused(r, needle, marker)
+    if engine == "fsdp":  # init reads through the same consolidation; one launch suffices
+        sets = [f"data.shards={shard_pattern(synth_shards)}", f"run.dir={tmp_path / 'sft'}", "log.wandb=disabled",
+                "train.stages.0.global_batch=4", f"init.from_checkpoint={d}"]
+        r = run_cmd([sys.executable, "launchers/sft.py", "--config", "configs/sft.yaml",
+                     *[x for p in sets for x in ("--set", p)]], env=ENV, timeout=300)
+        assert r.returncode == 2
+        _refused(r, needle, marker)
+
+
+def test_tampered_universal_checkpoint_fails_in_one_line(synth_shards, straight, tmp_path):
+    """Resuming a ZeRO checkpoint at another world size reads DeepSpeed's universal files, and
+    converting reads the ZeRO partitions: both refuse a crafted pickle, naming it."""
+    from scaletrain.checkpoint.safe_load import CheckpointLoadError, convert_to_universal
+
+    d = _copy_checkpoints(straight["deepspeed"], tmp_path / "run", 4)
+    engine = d / "checkpoints" / "step-00000004" / "engine"
+    marker = tmp_path / "ran"
+    convert_to_universal(engine / "zero", engine / "zero_universal")
+    f = tamper_torch_file(sorted((engine / "zero_universal").rglob("fp32.pt"))[0], marker)
+    one = ["train.stages.0.grad_accum=2", "train.stages.1.grad_accum=2"]
+    r = run_cmd(_single(*_sets(synth_shards, d, "engine.kind=deepspeed", *one)), env=ENV, timeout=300)
+    _refused(r, f"{f}: refusing to unpickle posix.system", marker)
+    zero = tamper_torch_file(next((engine / "zero").glob("*model_states.pt")), marker)
+    with pytest.raises(CheckpointLoadError, match=f"{zero}: refusing to unpickle posix.system"):
+        convert_to_universal(engine / "zero", tmp_path / "universal")
+    assert not marker.exists() and not (tmp_path / "universal").exists()

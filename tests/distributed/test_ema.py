@@ -6,7 +6,8 @@
   a ZeRO-3 EMA loads an FSDP2 one (_ema_worker.py).
 - Through the trainer: checkpoints hold the EMA; a run stopped and resumed ends with the same
   EMA bit for bit as one never interrupted; `scaletrain ckpt export` writes the EMA weights
-  (raw with --raw), also from a ZeRO-3 checkpoint whose EMA is stored flat.
+  (raw with --raw), also from a ZeRO-3 checkpoint whose EMA is stored flat; a crafted EMA
+  .metadata is refused by resume and export with one line, its payload never run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from tests.conftest import BIN, REPO, run_cmd, shard_pattern
-from tests.distributed.util import free_port
+from tests.distributed.util import free_port, one_error_line, tamper_dcp_metadata
 
 pytestmark = pytest.mark.dist
 
@@ -138,3 +139,20 @@ def test_export_writes_ema_weights_zero3(synth_shards, tmp_path) -> None:
     d = tmp_path / "run"
     _train(synth_shards, d, "engine.kind=deepspeed")
     _check_export(d, tmp_path)
+
+
+def test_tampered_ema_metadata_is_refused_by_resume_and_export(synth_shards, straight, tmp_path) -> None:
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(_final(straight), _final(d))
+    marker = tmp_path / "ran"
+    f = tamper_dcp_metadata(_final(d) / "ema", marker)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "launchers/pretrain.py", "--config", "configs/demo.yaml",
+           *_sets(synth_shards, d)]
+    for r in (run_cmd(cmd, env=ENV, timeout=300),
+              run_cmd([str(BIN / "scaletrain"), "ckpt", "export", str(d), str(tmp_path / "out")])):
+        assert r.returncode != 0
+        one_error_line(r.stderr, f"{f}: refusing to unpickle posix.system")
+    assert not marker.exists()

@@ -15,3 +15,48 @@ def read_metrics(run_dir: Path, *, steps_only: bool = True) -> list[dict]:
     """metrics.jsonl records; by default only the per-step ones (not checkpoint timings)."""
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
     return [r for r in records if "loss" in r] if steps_only else records
+
+
+class Payload:
+    """What an attacker plants in a checkpoint: unpickling it runs ``touch MARKER``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def tamper_dcp_metadata(folder: Path, marker: Path) -> Path:
+    """Rewrite ``folder/.metadata`` (a DCP checkpoint) with a payload in an attribute DCP never
+    reads: torch's own reader would run it and then load normally. Returns the file."""
+    import pickle
+
+    path = Path(folder) / ".metadata"
+    with open(path, "rb") as f:
+        metadata = pickle.load(f)  # the test's own, untampered file
+    metadata.__dict__["note"] = Payload(marker)
+    path.write_bytes(pickle.dumps(metadata))
+    return path
+
+
+def tamper_torch_file(path: Path, marker: Path) -> Path:
+    """Rewrite a ``torch.save`` file (a DeepSpeed partition) with the payload beside its content."""
+    import torch
+
+    state = torch.load(path, weights_only=False, map_location="cpu")  # the test's own file
+    torch.save({**state, "note": Payload(marker)} if isinstance(state, dict) else Payload(marker), path)
+    return path
+
+
+def one_error_line(stderr: str, needle: str) -> str:
+    """The single ``scaletrain:`` line of a failed launch, which must contain ``needle``; no
+    traceback through scaletrain's code (torchrun's own failure report may follow)."""
+    import re
+
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("scaletrain: ")]
+    assert len(lines) == 1 and needle in lines[0], stderr[-4000:]
+    assert not re.search(r'File "[^"]*(scaletrain|launchers)/[^"]*\.py", line', stderr), stderr[-4000:]
+    return lines[0]
