@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# GPU check of the CUDA paths (NCCL process group, FSDP2 bf16 mixed precision, DeepSpeed ZeRO-3
-# bf16, DDP autocast) on one GPU, plus real-size measurements (unet-sd15 at 256 px, FSDP2
-# bf16, through the trainer and through `scaletrain bench`). Run on a GPU node from the repo root:  bash benchmarks/gpu_check.sh OUT_DIR
+# GPU check, one call on one GPU (about 8 minutes; every part has its own timeout):
+#  1. (TINY=1, +2 min) the CUDA paths of every engine (NCCL, FSDP2 bf16, DeepSpeed ZeRO-3 bf16,
+#     DDP autocast) on the tiny demo recipe, with activation checkpointing on;
+#  2. real-size throughput and memory with `scaletrain bench` (bf16, one rank): unet-sd2 at 256 and
+#     512 px and pixart-xl-2 (DiT-XL/2 size) at 256 px, activation checkpointing off and on,
+#     regional compile on unet-sd2 256 px (EXTRA=1, +8 min: a micro-batch sweep, DiT compile and
+#     the FSDP2 offload); img/s, TFLOP/s, MFU, peak memory and its split by category per cell;
+#  3. a profile of one unet-sd2 256 px step (top CUDA kernels, exposed host time).
+# Writes OUT/gpu_<device>.md (the table to commit as benchmarks/results/gpu_<device>.md with the
+# bench JSON files beside it). Run from the repo root:  bash benchmarks/gpu_check.sh OUT_DIR
 # Wheels for packages the node lacks may be placed in .whl/ (installed to /tmp/site).
+# Note: the VAE and text encoder still run every step (precomputed latents are not built yet):
+# the bench's "encode" phase shows their share; step time minus it is the denoiser's.
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUT"
@@ -13,28 +22,43 @@ fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 nvidia-smi -L | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m scaletrain.cli data synth --out /tmp/synth64 --num-samples 512 --per-shard 64 --resolution 64
-python3 -m scaletrain.cli data synth --out /tmp/synth256 --num-samples 512 --per-shard 64 --resolution 256
-TR="python3 -m torch.distributed.run --standalone --nproc_per_node 1 launchers/pretrain.py --config configs/demo.yaml"
-COMMON="--set data.shards=/tmp/synth64/shard-{000000..000007}.tar --set log.wandb=disabled --set log.progress=false --set train.stages.0.global_batch=null --set train.stages.1.global_batch=null --set train.stages.0.steps=40 --set train.stages.1.steps=20"
-for e in ${ENGINES-fsdp ddp deepspeed}; do
-  echo "== tiny demo recipe, $e bf16, 1 GPU"
-  timeout 240 $TR $COMMON --set engine.kind=$e --set engine.precision=bf16 --set run.dir=$OUT/tiny-$e > "$OUT/tiny-$e.log" 2>&1
-  echo "rc=$?"; tail -n 2 "$OUT/tiny-$e.log"; cp "$OUT/tiny-$e/summary.json" "$OUT/tiny-$e.summary.json" 2>/dev/null
-done
-echo "== unet-sd15 256px (latent 32x32), FSDP2 bf16, micro-batch 16, 1 GPU"
-timeout 300 $TR --set "data.shards=/tmp/synth256/shard-{000000..000007}.tar" --set log.wandb=disabled --set log.progress=false \
-  --set model.preset=unet-sd15 --set engine.precision=bf16 --set run.dir=$OUT/sd15 --set sample.at_end=false \
-  --set "train.stages=[{name: s256, resolution: 256, steps: 25, micro_batch: 16}]" --set data.num_workers=4 > "$OUT/sd15.log" 2>&1
-echo "rc=$?"; tail -n 3 "$OUT/sd15.log"; cp "$OUT/sd15/summary.json" "$OUT/sd15.summary.json" 2>/dev/null
-echo "== scaletrain bench on 1 GPU: unet-sd15 256 px, FSDP2 and DDP, bf16, micro-batch 16"
-timeout 300 python3 -m scaletrain.cli bench --presets unet-sd15 --resolutions 256 --engines fsdp ddp --precision bf16 \
-  --micro-batches 16 --world-sizes 1 --warmup 3 --reps 5 --num-workers 4 \
-  --shards "/tmp/synth256/shard-{000000..000007}.tar" --out "$OUT/bench" > "$OUT/bench.log" 2>&1
-echo "rc=$?"; cat "$OUT/bench/results.md" 2>/dev/null || tail -n 20 "$OUT/bench.log"
-python3 - "$OUT" <<'PY'
-import json, sys, glob, os
-for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.summary.json"))):
-    s = json.load(open(f))
-    print(os.path.basename(f), {k: s[k] for k in ("engine", "steps", "images_per_second", "final_loss", "peak_memory_gib_rank0")})
-PY
+python3 -m scaletrain.cli data synth --out /tmp/synth64 --num-samples 512 --per-shard 64 --resolution 64 > /dev/null
+python3 -m scaletrain.cli data synth --out /tmp/synth512 --num-samples 512 --per-shard 64 --resolution 512 > /dev/null
+
+# 1. (TINY=1) CUDA paths of every engine (tiny recipe, 30 steps, activation checkpointing on)
+if [ "${TINY-0}" = 1 ]; then
+  TR="python3 -m torch.distributed.run --standalone --nproc_per_node 1 launchers/pretrain.py --config configs/demo.yaml"
+  COMMON="--set data.shards=/tmp/synth64/shard-{000000..000007}.tar --set log.wandb=disabled --set log.progress=false --set train.stages.0.global_batch=null --set train.stages.1.global_batch=null --set train.stages.0.steps=20 --set train.stages.1.steps=10 --set validate.every_steps=0 --set model.activation_checkpointing=full"
+  for e in ${ENGINES-fsdp ddp deepspeed}; do
+    echo "== tiny demo recipe, $e bf16, activation checkpointing, 1 GPU"
+    timeout 150 $TR $COMMON --set engine.kind=$e --set engine.precision=bf16 --set run.dir=$OUT/tiny-$e > "$OUT/tiny-$e.log" 2>&1
+    echo "rc=$?"; tail -n 2 "$OUT/tiny-$e.log"; cp "$OUT/tiny-$e/summary.json" "$OUT/tiny-$e.summary.json" 2>/dev/null
+  done
+fi
+
+# 2. real-size bench cells: one `scaletrain bench` call per lever setting (each records its levers)
+SH="/tmp/synth512/shard-{000000..000007}.tar"
+bench() {  # NAME TIMEOUT ARGS...
+  local name=$1 limit=$2; shift 2
+  echo "== bench $name: $*"
+  timeout "$limit" python3 -m scaletrain.cli bench --precision bf16 --world-sizes 1 --warmup 3 --reps 6 --num-workers 6 \
+    --no-loaded --no-comm-sweep --shards "$SH" --out "$OUT/bench-$name" "$@" > "$OUT/bench-$name.log" 2>&1
+  echo "rc=$?"; grep -E "^\| (unet|pixart)" "$OUT/bench-$name/results.md" 2>/dev/null | head -n 8 || tail -n 5 "$OUT/bench-$name.log"
+}
+bench sd2-eager 120 --presets unet-sd2 --resolutions 256 512 --engines fsdp --micro-batches 32
+bench sd2-ac 120 --presets unet-sd2 --resolutions 256 512 --engines fsdp --micro-batches 32 --activation-checkpointing full
+bench sd2-compile 150 --presets unet-sd2 --resolutions 256 --engines fsdp --micro-batches 32 --compile
+bench pixart-eager 90 --presets pixart-xl-2 --resolutions 256 --engines fsdp --micro-batches 32
+if [ "${EXTRA-0}" = 1 ]; then  # past the 8-minute budget: micro-batch sweep, DiT compile, offload
+  bench sd2-sweep 200 --presets unet-sd2 --resolutions 256 --engines ddp --micro-batches 64 128 --activation-checkpointing full
+  bench pixart-compile 200 --presets pixart-xl-2 --resolutions 256 --engines fsdp --micro-batches 32 --compile
+  bench sd2-offload 120 --presets unet-sd2 --resolutions 256 --engines fsdp-offload --micro-batches 32
+fi
+
+# 3. where one step's time goes
+echo "== profile: unet-sd2 256 px, micro-batch 32, DDP bf16"
+timeout 120 python3 benchmarks/profile_step.py --preset unet-sd2 --resolution 256 --micro-batch 32 \
+  --out "$OUT/profile_unet-sd2_256.txt" > "$OUT/profile.log" 2>&1
+echo "rc=$?"; head -n 30 "$OUT/profile_unet-sd2_256.txt" 2>/dev/null || tail -n 5 "$OUT/profile.log"
+
+python3 benchmarks/gpu_report.py "$OUT" | tee "$OUT/gpu_report.log"

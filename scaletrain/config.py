@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from scaletrain.data.buckets import BucketSpec
 from scaletrain.data.filters import FilterSpec
@@ -58,6 +58,12 @@ class ModelSection(_Section):
     preset: str = "unet-tiny"
     text_encoder_path: str | None = None
     vae_path: str | None = None
+    # Memory and speed levers, applied per parallel unit on every engine (models/parallelize.py).
+    # full: every unit recomputes its activations in backward; selective: every
+    # activation_checkpointing_every-th unit does.
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing_every: int = Field(2, ge=2)
+    compile: bool = False  # regional: each unit's forward compiled (torch.compile), not the whole graph
 
 
 DEFAULT_SHARDS = "data/synth/shard-{000000..000007}.tar"
@@ -201,6 +207,19 @@ class FSDPSection(_Section):
     # (a node) and all-reducing across replicas. Both None = shard over all ranks (plain FSDP).
     shard_size: int | None = Field(None, gt=0)
     replicate_size: int | None = Field(None, gt=0)
+    # params: FSDP2's CPUOffloadPolicy keeps sharded parameters, gradients and AdamW state in
+    # host memory (the optimizer steps on the CPU); units are copied to the device per forward.
+    # "optimizer" alone is not an FSDP2 mode: the validator below says what to use instead.
+    offload: Literal["none", "optimizer", "params"] = "none"
+
+    @field_validator("offload")
+    @classmethod
+    def _offload_mode(cls, v: str) -> str:
+        if v == "optimizer":
+            raise ValueError("engine.fsdp.offload=optimizer: FSDP2 offloads parameters, gradients and optimizer "
+                             "state together; use engine.fsdp.offload=params, or DeepSpeed with "
+                             "ds_configs/zero3_offload.json (optimizer only)")
+        return v
 
     def mesh_shape(self, world: int) -> tuple[int, int] | None:
         """(replicate, shard) for HSDP, or None for a 1-D mesh over all ranks; raises on a mismatch."""

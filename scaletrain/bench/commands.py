@@ -21,6 +21,9 @@ def add_bench_parsers(sub) -> None:
     b.add_argument("--search", action="store_true", help="also find the largest micro-batch that fits")
     b.add_argument("--search-max", type=int, default=64)
     b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    b.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="none",
+                   help="model.activation_checkpointing for every cell")
+    b.add_argument("--compile", action="store_true", help="model.compile (regional) for every cell")
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--num-workers", type=int, default=1)
@@ -70,6 +73,7 @@ def bench_main(args: argparse.Namespace) -> int:
     spec = MatrixSpec(presets=args.presets, resolutions=resolutions or [32, 64], engines=args.engines,
                       micro_batches=args.micro_batches, world_sizes=args.world_sizes, search=args.search,
                       search_max=args.search_max, precision=args.precision, warmup=args.warmup, reps=args.reps,
+                      activation_checkpointing=args.activation_checkpointing, compile=args.compile,
                       num_workers=args.num_workers, max_memory_gib=args.max_memory_gib,
                       peak_tflops=args.peak_tflops, timeout_s=args.cell_timeout,
                       comm_sweep=not args.no_comm_sweep, loaded=not args.no_loaded,

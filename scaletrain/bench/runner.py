@@ -38,6 +38,9 @@ class MatrixSpec:
     search: bool = False  # also find the largest micro-batch that fits, per (preset, res, engine, world)
     search_max: int = 64
     precision: str = "fp32"
+    # memory/speed levers (model section, models/parallelize.py), the same for every cell
+    activation_checkpointing: str = "none"
+    compile: bool = False
     warmup: int = 2
     reps: int = 5
     num_workers: int = 1
@@ -162,6 +165,9 @@ def summarize_cell(records: list[dict], cell: dict) -> dict:
                peak_tflops=r0["peak_tflops"], peak_source=r0["peak_source"], threads=r0["threads"])
     if "reserved_gib" in r0["memory"]:
         out["peak_reserved_gib"] = max(r["memory"]["reserved_gib"] for r in records)
+    splits = [r["memory_split_mib"] for r in records if r.get("memory_split_mib")]
+    if splits:  # per category, the highest rank (ranks differ by their shard sizes)
+        out["memory_split_mib"] = {k: max(s[k] for s in splits) for k in splits[0]}
     from scaletrain.bench.flops import train_flops_per_image
 
     per_device = train_flops_per_image(cell["preset"], cell["resolution"]) * cell["micro_batch"]
@@ -291,7 +297,8 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
     load_before = os.getloadavg()
     t_start = time.time()
     cells: list[dict] = []
-    base = {"precision": spec.precision, "num_workers": spec.num_workers, "shards": shards,
+    base = {"precision": spec.precision, "activation_checkpointing": spec.activation_checkpointing,
+            "compile": spec.compile, "num_workers": spec.num_workers, "shards": shards,
             "max_memory_gib": spec.max_memory_gib, "peak_tflops": spec.peak_tflops}
 
     def run(cell: dict, warmup: int, reps: int) -> dict:
@@ -384,6 +391,9 @@ def markdown_table(results: dict) -> str:
              + f"; torch {results['versions']['torch']}, deepspeed {results['versions']['deepspeed']}; "
              f"load average before/after {results['conditions']['loadavg_before'][0]:.1f}/"
              f"{results['conditions']['loadavg_after'][0]:.1f}", "",
+             f"Levers: precision {results['spec']['precision']}, activation checkpointing "
+             f"{results['spec'].get('activation_checkpointing', 'none')}, compile "
+             f"{'on' if results['spec'].get('compile') else 'off'}.", "",
              "Step time: median over the repetitions (p25-p75 spread); img/s = global batch / median step. "
              "Phases are rank means of per-phase medians. Exposed comm = step(N ranks) - step(1 rank), the 1-rank "
              "step taken with N copies running at once when the matrix measured that (table below).", "",
@@ -404,6 +414,18 @@ def markdown_table(results: dict) -> str:
                      + "".join(f" | {ph[p]:.3f}" for p in PHASES)
                      + f" | {'-' if ec is None else f'{ec:.3f}'} | {c['tflops_per_device']:.4f} | {c['mfu']:.1%}"
                      f" | {c['peak_memory_gib']:.3f} | {c['baseline_gib']:.3f} |")
+    split = [c for c in results["cells"] if c.get("memory_split_mib") and not c.get("search_probe")]
+    if split:
+        lines += ["", "Tensor memory per rank at the step's peak, by category (MiB; torch's memory tracker, one extra "
+                  "step after the timed ones; activations include a checkpointed unit's recomputed ones). DeepSpeed "
+                  "cells have none: its ZeRO partitions and buckets live outside the tracker's categories.", "",
+                  "| preset | res | engine | ranks | micro | params | grads | optimizer | activations | comm buffers "
+                  "| total |", "|" + "---|" * 11]
+        for c in split:
+            m = c["memory_split_mib"]
+            lines.append(f"| {c['preset']} | {c['resolution']} | {c['engine']} | {c['world_size']} | "
+                         f"{c['micro_batch']} | " + " | ".join(f"{m[k]:.1f}" for k in
+                         ("params", "grads", "optimizer", "activations", "comm_buffers", "total")) + " |")
     loaded = [c for c in results["cells"] if (c.get("loaded") or {}).get("status") == "ok"]
     if loaded:
         lines += ["", "1-rank cells again with N independent copies running at once (one per device): the basis "

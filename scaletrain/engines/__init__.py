@@ -17,11 +17,15 @@ def build_engine(cfg, denoiser: nn.Module, dist_info, *, micro_batch: int, grad_
         engine: Engine = FSDPEngine(denoiser, parallel_units(denoiser), cfg, dist_info)
     elif kind == "ddp":
         from scaletrain.engines.ddp import DDPEngine
+        from scaletrain.models.parallelize import parallelize
 
+        parallelize(denoiser, cfg.model)  # checkpointing and compile; DDP replicates, no sharding
         engine = DDPEngine(denoiser, cfg, dist_info)
     elif kind == "deepspeed":
         from scaletrain.engines.deepspeed import DeepSpeedEngine
+        from scaletrain.models.parallelize import parallelize
 
+        parallelize(denoiser, cfg.model)  # checkpointing and compile; ZeRO partitions on its own
         engine = DeepSpeedEngine(denoiser, cfg, dist_info, micro_batch, grad_accum)
     else:  # config validation makes this unreachable
         raise ValueError(f"engine.kind={kind!r} is unknown; use fsdp, deepspeed or ddp")

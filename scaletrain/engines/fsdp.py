@@ -1,4 +1,4 @@
-"""FSDP2 engine: ``fully_shard`` on each unit of the model family's parallel plan, then the root."""
+"""FSDP2 engine: the model family's parallel plan (models/parallelize.py) with ``fully_shard`` per unit, then the root."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import contextlib
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from scaletrain.engines.base import LocalShard, build_adamw, replicated_param_shards, world_mesh
 from scaletrain.engines.torch_engine import TorchOptimizerEngine
+from scaletrain.models.parallelize import parallelize_units
 
 
 class FSDPEngine(TorchOptimizerEngine):
@@ -24,11 +25,13 @@ class FSDPEngine(TorchOptimizerEngine):
         knobs = cfg.engine.fsdp
         mesh = build_fsdp_mesh(dist_info.device.type, dist_info.world_size, knobs.mesh_shape(dist_info.world_size))
         reshard = knobs.reshard_after_forward
-        for unit in units:
-            fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-        # The root is resharded too: its own parameters (embeddings, in/out convs) are small,
-        # and keeping them gathered would break the "about 1/world per rank" storage promise.
-        fully_shard(denoiser, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        # Checkpointing and compile per unit, then fully_shard per unit, then the root. The root
+        # is resharded too: its own parameters (embeddings, in/out convs) are small, and keeping
+        # them gathered would break the "about 1/world per rank" storage promise.
+        offload = offload_policy(knobs.offload, dist_info.device)
+        parallelize_units(denoiser, units, cfg.model,
+                          lambda m: fully_shard(m, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard,
+                                                offload_policy=offload))
         apply_prefetch(denoiser, units, forward=knobs.forward_prefetch, backward=knobs.backward_prefetch)
         self.module = self.state_module = denoiser
         self.optimizer = build_adamw(denoiser.parameters(), cfg.optim)
@@ -70,6 +73,14 @@ class FSDPEngine(TorchOptimizerEngine):
         if plain:
             out += replicated_param_shards(plain, world_mesh(self, plain[0][1].device.type))
         return out
+
+
+def offload_policy(mode: str, device: torch.device) -> OffloadPolicy:
+    """``engine.fsdp.offload``: params -> CPUOffloadPolicy (pinned host memory on CUDA, so the
+    per-unit host-to-device copies are asynchronous); none -> FSDP2's default (no offload)."""
+    if mode == "params":
+        return CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    return OffloadPolicy()
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:

@@ -8,6 +8,7 @@ from scaletrain.models.registry import (
     build_denoiser_net,
     build_model,
     count_params,
+    frozen_dtype,
     get_preset,
     parallel_units,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "DiffusionModel",
     "ModelPreset",
     "build_denoiser_net",
+    "frozen_dtype",
     "build_model",
     "count_params",
     "get_preset",

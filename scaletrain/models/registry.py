@@ -200,6 +200,13 @@ def build_model(preset: ModelPreset | str, *, text_encoder_path: str | None = No
     return DiffusionModel(preset, denoiser, encoder, tokenizer, vae)
 
 
+def frozen_dtype(precision: str) -> torch.dtype:
+    """dtype of the frozen text encoder and VAE for ``engine.precision``: the training precision
+    (they only run inference, so bf16 halves their memory and time; their outputs are cast to
+    float32 before the objective), never fp32 by default on a bf16 run."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def build_denoiser_net(preset: ModelPreset | str) -> nn.Module:
     """The bare diffusers network of a preset (random init), e.g. to load exported weights into."""
     if isinstance(preset, str):

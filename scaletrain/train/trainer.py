@@ -30,7 +30,7 @@ from scaletrain.diffusion.objective import (
 from scaletrain.distributed import DistInfo, all_reduce_sum
 from scaletrain.engines import build_engine
 from scaletrain.eval.samples import generate_samples, save_image_grid
-from scaletrain.models import build_model
+from scaletrain.models import build_model, frozen_dtype
 from scaletrain.train.ema import build_ema
 from scaletrain.train.health import HealthGuard, HealthStop, poison, quarantine
 from scaletrain.train.comm_profile import CommProfiler
@@ -69,7 +69,8 @@ class Trainer:
         # Same seed on every rank: identical initial weights before the engine shards them.
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(
-            cfg.model.preset, text_encoder_path=cfg.model.text_encoder_path, vae_path=cfg.model.vae_path
+            cfg.model.preset, text_encoder_path=cfg.model.text_encoder_path, vae_path=cfg.model.vae_path,
+            dtype=frozen_dtype(cfg.engine.precision),
         ).to(self.device)
         self.objective = ObjectiveConfig(
             prediction_type=cfg.diffusion.prediction_type,

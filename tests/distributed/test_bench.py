@@ -33,6 +33,15 @@ def test_runner_records_repetitions_and_schema(synth_shards, tmp_path):
     assert 0 < cell["mfu"] and cell["peak_source"].startswith("measured")
     assert cell["images_per_second"]["median"] == pytest.approx(4 / cell["step_seconds"]["median"])
     assert "| unet-tiny | 16 | ddp | 2 | 2 | ok |" in (tmp_path / "results.md").read_text()
+    # measured memory split (torch's tracker, one extra step): the replicated fp32 weights and
+    # AdamW's two moments are what the model's size says; activations are there; parts sum to total
+    split = cell["memory_split_mib"]
+    weights = cell["params_total"] * 4 / 2**20
+    assert split["params"] == pytest.approx(weights, rel=0.05) and split["optimizer"] == pytest.approx(2 * weights, rel=0.05)
+    assert split["activations"] > 0
+    parts = sum(split[k] for k in ("params", "grads", "optimizer", "activations", "comm_buffers", "other"))
+    assert parts == pytest.approx(split["total"], rel=0.02)
+    assert "| unet-tiny | 16 | ddp | 2 | 2 | " + f"{split['params']:.1f} |" in (tmp_path / "results.md").read_text()
 
 
 def test_one_rank_cell_is_also_timed_with_every_device_busy_in_rounds(synth_shards, tmp_path):

@@ -141,3 +141,17 @@ def test_latent_encode_decode_roundtrip_shapes(tmp_path, tiny_models: dict[str, 
     assert z.shape == (1, 4, 16, 16)
     px = latent_model.decode(z)
     assert px.shape == (1, 3, 32, 32) and px.abs().max() <= 1
+
+
+def test_frozen_encoders_run_in_the_training_precision() -> None:
+    """engine.precision=bf16 builds the text encoder (and a latent preset's VAE) in bf16, never
+    fp32; their outputs reach the objective as float32."""
+    from scaletrain.models import frozen_dtype
+
+    assert frozen_dtype("bf16") == torch.bfloat16 and frozen_dtype("fp32") == torch.float32
+    torch.manual_seed(0)
+    model = build_model("unet-tiny", dtype=frozen_dtype("bf16"))
+    assert {p.dtype for p in model.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.denoiser.parameters()} == {torch.float32}  # engines own the denoiser's precision
+    emb, _ = model.encode_text(["a red circle"], "cpu")
+    assert emb.dtype == torch.float32

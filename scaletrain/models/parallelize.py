@@ -1,0 +1,75 @@
+"""Apply a model family's parallel plan, in torchtitan's fixed order: activation checkpointing
+→ regional compile → ``fully_shard`` per unit → root (``parallelize``).
+
+The units are the family's (``registry.parallel_units``): the blocks FSDP2 shards one by one
+are also the regions that are checkpointed and compiled, so one list serves all three levers
+on every engine. FSDP2 passes its ``shard`` function; DDP and DeepSpeed call this without one
+before they wrap the module, so they get the same checkpointing and compile.
+
+Both levers replace the unit's ``forward`` (a bound method on the instance), not the module
+tree: state-dict keys, DCP/DeepSpeed checkpoints, EMA names, LoRA targets and export stay
+exactly as without them (torch's ``checkpoint_wrapper`` and ``torch.compile(module)`` insert a
+wrapper module and rename every key beneath it). The engine's hooks (FSDP2 all-gather,
+DeepSpeed ZeRO-3 fetch, DDP) stay around the unit's ``__call__``, outside the compiled region.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from scaletrain.models.registry import parallel_units
+
+
+def checkpointed_units(units: list[nn.Module], mode: str, every: int) -> list[nn.Module]:
+    """The units ``model.activation_checkpointing`` recomputes: none, all of them (full), or
+    every ``every``-th one (selective: 1 in ``every`` units keeps no activations, a memory/
+    compute trade between none and full)."""
+    if mode == "full":
+        return list(units)
+    if mode == "selective":
+        return [u for i, u in enumerate(units) if i % every == every - 1]
+    return []
+
+
+def _replace_forward(unit: nn.Module, *, recompute: bool, compile: bool) -> None:
+    base = type(unit).forward  # the class's forward; FSDP2's per-instance subclass inherits it
+
+    if recompute:
+        def forward(self, *args, **kwargs):
+            # Non-reentrant: works with keyword arguments, FSDP2/ZeRO-3 parameter hooks and
+            # DDP; preserves the RNG state so dropout recomputes identically.
+            return checkpoint(base, self, *args, use_reentrant=False, **kwargs)
+    else:
+        forward = base
+    if compile:
+        # Regional compile of the unit's forward: repeated blocks of one class share a code
+        # object, so dynamo reuses the graph across them (diffusers' compile_repeated_blocks
+        # compiles per block the same way).
+        forward = torch.compile(forward)
+    unit.forward = types.MethodType(forward, unit)
+
+
+def parallelize(denoiser: nn.Module, model_cfg, shard: Callable[[nn.Module], None] | None = None) -> list[nn.Module]:
+    """Apply activation checkpointing and compile to the family's units, then ``shard`` each
+    unit and the root (FSDP2). Returns the units in forward order (FSDP2 prefetch uses them)."""
+    return parallelize_units(denoiser, parallel_units(denoiser), model_cfg, shard)
+
+
+def parallelize_units(root: nn.Module, units: list[nn.Module], model_cfg,
+                      shard: Callable[[nn.Module], None] | None = None) -> list[nn.Module]:
+    """``parallelize`` with the units given (engines' tests shard plain modules this way)."""
+    recompute = {id(u) for u in checkpointed_units(units, model_cfg.activation_checkpointing,
+                                                   model_cfg.activation_checkpointing_every)}
+    for unit in units:
+        if id(unit) in recompute or model_cfg.compile:
+            _replace_forward(unit, recompute=id(unit) in recompute, compile=model_cfg.compile)
+    if shard is not None:
+        for unit in units:
+            shard(unit)
+        shard(root)
+    return units
