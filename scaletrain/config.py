@@ -59,9 +59,12 @@ class ModelSection(_Section):
     text_encoder_path: str | None = None
     vae_path: str | None = None
     # Memory and speed levers, applied per parallel unit on every engine (models/parallelize.py).
-    # full: every unit recomputes its activations in backward; selective: every
-    # activation_checkpointing_every-th unit does.
+    # full: every unit recomputes its activations in backward; selective: the units
+    # activation_checkpointing_selective picks do: every activation_checkpointing_every-th
+    # one, or those holding attention (a UNet's cross-attention blocks, where activations scale
+    # with tokens^2; its plain ResNet blocks keep theirs).
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing_selective: Literal["every", "attention"] = "every"
     activation_checkpointing_every: int = Field(2, ge=2)
     compile: bool = False  # regional: each unit's forward compiled (torch.compile), not the whole graph
 

@@ -25,12 +25,17 @@ from torch.utils.checkpoint import checkpoint
 from scaletrain.models.registry import parallel_units
 
 
-def checkpointed_units(units: list[nn.Module], mode: str, every: int) -> list[nn.Module]:
+def checkpointed_units(units: list[nn.Module], mode: str, every: int, select: str = "every") -> list[nn.Module]:
     """The units ``model.activation_checkpointing`` recomputes: none, all of them (full), or
-    every ``every``-th one (selective: 1 in ``every`` units keeps no activations, a memory/
-    compute trade between none and full)."""
+    (selective) every ``every``-th one (1 in ``every`` units keeps no activations, a memory/
+    compute trade between none and full) or, with ``select="attention"``, the units holding
+    an attention layer."""
     if mode == "full":
         return list(units)
+    if mode == "selective" and select == "attention":
+        from diffusers.models.attention_processor import Attention
+
+        return [u for u in units if any(isinstance(m, Attention) for m in u.modules())]
     if mode == "selective":
         return [u for i, u in enumerate(units) if i % every == every - 1]
     return []
@@ -64,7 +69,8 @@ def parallelize_units(root: nn.Module, units: list[nn.Module], model_cfg,
                       shard: Callable[[nn.Module], None] | None = None) -> list[nn.Module]:
     """``parallelize`` with the units given (engines' tests shard plain modules this way)."""
     recompute = {id(u) for u in checkpointed_units(units, model_cfg.activation_checkpointing,
-                                                   model_cfg.activation_checkpointing_every)}
+                                                   model_cfg.activation_checkpointing_every,
+                                                   model_cfg.activation_checkpointing_selective)}
     for unit in units:
         if id(unit) in recompute or model_cfg.compile:
             _replace_forward(unit, recompute=id(unit) in recompute, compile=model_cfg.compile)

@@ -14,8 +14,9 @@ from scaletrain.models import build_model, parallel_units
 from scaletrain.models.parallelize import checkpointed_units, parallelize
 
 
-def _levers(ac: str = "none", every: int = 2, compile: bool = False) -> SimpleNamespace:
-    return SimpleNamespace(activation_checkpointing=ac, activation_checkpointing_every=every, compile=compile)
+def _levers(ac: str = "none", every: int = 2, compile: bool = False, select: str = "every") -> SimpleNamespace:
+    return SimpleNamespace(activation_checkpointing=ac, activation_checkpointing_every=every, compile=compile,
+                           activation_checkpointing_selective=select)
 
 
 def _loss_and_grads(name: str, levers: SimpleNamespace, res: int = 32) -> tuple[torch.Tensor, dict, list[str]]:
@@ -32,10 +33,10 @@ def _loss_and_grads(name: str, levers: SimpleNamespace, res: int = 32) -> tuple[
 
 
 @pytest.mark.parametrize("name", ["unet-tiny", "dit-tiny"])
-@pytest.mark.parametrize("mode", ["full", "selective"])
-def test_activation_checkpointing_changes_nothing_numerically(name: str, mode: str) -> None:
+@pytest.mark.parametrize("mode,select", [("full", "every"), ("selective", "every"), ("selective", "attention")])
+def test_activation_checkpointing_changes_nothing_numerically(name: str, mode: str, select: str) -> None:
     ref_loss, ref_grads, ref_keys = _loss_and_grads(name, _levers())
-    loss, grads, keys = _loss_and_grads(name, _levers(mode))
+    loss, grads, keys = _loss_and_grads(name, _levers(mode, select=select))
     assert keys == ref_keys  # checkpoints, EMA, LoRA and export see the same names
     assert torch.equal(loss, ref_loss)
     assert grads.keys() == ref_grads.keys()
@@ -53,6 +54,10 @@ def test_checkpointing_really_recomputes() -> None:
     assert checkpointed_units(units, "full", 2) == units
     assert checkpointed_units(units, "selective", 2) == units[1::2]
     assert checkpointed_units(units, "selective", 3) == units[2::3]
+    # attention: the UNet's cross-attention blocks (mid block included), not its plain ResNet blocks
+    attention = checkpointed_units(units, "selective", 2, "attention")
+    assert [type(u).__name__ for u in attention] == [type(u).__name__ for u in units if "CrossAttn" in type(u).__name__]
+    assert 0 < len(attention) < len(units)
     parallelize(model.denoiser, _levers("selective", 2))
     calls = [0] * len(units)
     for i, u in enumerate(units):
