@@ -184,5 +184,5 @@ def format_listing(ckpt_dir: Path) -> str:
         m = c.meta
         rows.append(f"{c.step:<9} {str(m.get('stage', '-')):<6} {str(m.get('engine', '-')):<10} "
                     f"{str(m.get('world_size', '-')):<6} {c.size_bytes / 2**20:<8.2f} "
-                    f"{'complete' if c.complete else 'partial':<9} {c.path}")
+                    f"{'complete' if c.complete else 'unreadable' if c.error else 'partial':<9} {c.path}")
     return "\n".join(rows)

@@ -9,9 +9,11 @@ Layout of one checkpoint (a shared filesystem visible to every rank is assumed):
         trainer_state.json           step, stage, images seen, data position, loss EMA, ...
         meta.json                    written last, before the rename: engine, world size, sizes
 
-Atomicity: every rank writes into ``step-N.partial``; after a barrier rank 0 writes
-``meta.json`` and renames the folder. A rename is atomic, so a crash at any point leaves
-either no ``step-N`` or a complete one, and the previous checkpoint untouched.
+Atomicity: every rank writes into ``step-N.partial`` and fsyncs the files and folders in
+it; after a barrier rank 0 writes and fsyncs ``meta.json``, renames the folder and fsyncs
+the parent. A rename is atomic and comes after the data is durable, so a crash or power loss
+at any point leaves either no ``step-N`` or a complete one, and the previous checkpoint
+untouched.
 ``latest_checkpoint`` only considers committed folders with ``meta.json``; stale
 ``.partial`` folders are removed when the next run starts.
 
@@ -28,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +50,9 @@ class CheckpointInfo:
     step: int
     complete: bool
     meta: dict
+    # why a committed folder cannot be used (its meta.json unreadable); such a folder is
+    # neither loaded nor deleted as a stale partial: it is reported and kept for inspection
+    error: str | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -70,8 +76,13 @@ def list_checkpoints(ckpt_dir: Path) -> list[CheckpointInfo]:
             continue
         meta_file = d / "meta.json"
         complete = not d.name.endswith(".partial") and meta_file.is_file()
-        meta = read_json(meta_file) if meta_file.is_file() else {}
-        out.append(CheckpointInfo(d, int(m.group(1)), complete, meta))
+        meta, error = {}, None
+        if meta_file.is_file():
+            try:
+                meta = read_json(meta_file)
+            except CheckpointLoadError as e:
+                complete, error = False, str(e)
+        out.append(CheckpointInfo(d, int(m.group(1)), complete, meta, error))
     return sorted(out, key=lambda c: (c.step, c.complete))
 
 
@@ -116,7 +127,7 @@ class CheckpointManager:
             self.dir.mkdir(parents=True, exist_ok=True)
             # A .partial folder is a save that never committed (crash, kill): never loadable.
             for c in list_checkpoints(self.dir):
-                if not c.complete:
+                if not c.complete and c.error is None:
                     shutil.rmtree(c.path, ignore_errors=True)
         _barrier()
 
@@ -188,12 +199,18 @@ class CheckpointManager:
         return [{"checkpoint_committed_step": step, "checkpoint_write_seconds": write_seconds}]
 
     def _commit(self, tmp: Path, final: Path, step: int, trainer_state: dict) -> None:
+        # Durable before visible: a rename can reach the disk before the data it names, so a
+        # power loss could leave a "complete" checkpoint of empty files. Every rank flushes what
+        # is in the folder (its own files among them: on a shared filesystem only the writer's
+        # fsync counts; a clean file's fsync costs a syscall), then meta.json, then the rename,
+        # then the parent folder.
+        _fsync_tree(tmp)
         _barrier()  # every rank's shards are on disk
         if self.dist.is_main:
             meta = {"step": step, "engine": self.engine.name, "world_size": self.dist.world_size,
                     "stage": trainer_state.get("stage"), "preset": trainer_state.get("preset"),
                     "time": time.time()}
-            (tmp / "meta.json").write_text(json.dumps(meta))
+            _write_durably(tmp / "meta.json", json.dumps(meta))
             _fsync_dir(tmp)
             if final.exists():  # re-saving the same step (e.g. stage end == interval)
                 shutil.rmtree(final)
@@ -203,13 +220,34 @@ class CheckpointManager:
         _barrier()
         self._last_save_time = time.monotonic()
 
-    def load_latest(self) -> dict | None:
-        """Collective. Loads the newest complete checkpoint into the engine and RNG; returns
-        the trainer state (None when there is nothing to resume)."""
+    def load_latest(self, report=None) -> dict | None:
+        """Collective. Loads the newest complete checkpoint that loads into the engine and RNG;
+        returns the trainer state (None when there is nothing to resume).
+
+        Self-healing: a checkpoint whose meta.json is unreadable, or whose load fails
+        (``CheckpointLoadError``: a damaged or refused file, agreed across ranks), is
+        reported in one line (``report``, on rank 0) and the previous complete one is tried;
+        nothing is deleted. When checkpoints exist but none loads, raises
+        ``CheckpointLoadError`` listing each one's failure: never a silent fresh start."""
         if self.cfg.resume == "never":
             return None
-        info = latest_checkpoint(self.dir)
-        return None if info is None else self.load(info)
+        report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+        found = list_checkpoints(self.dir)
+        failures = [c.error for c in found if c.error is not None]  # each names its meta.json
+        for line in failures:
+            if self.dist.is_main:
+                report(f"scaletrain: skipping checkpoint {line}")
+        for info in reversed([c for c in found if c.complete]):
+            try:
+                return self.load(info)
+            except CheckpointLoadError as e:
+                failures.append(str(e))
+                if self.dist.is_main:
+                    report(f"scaletrain: skipping checkpoint {info.path} (trying the previous one): {e}")
+        if failures:
+            raise CheckpointLoadError(f"no checkpoint under {self.dir} loads ({len(failures)} tried): "
+                                      + " | ".join(failures))
+        return None
 
     def load_step(self, step: int) -> dict:
         """Collective. Load the committed checkpoint of ``step`` (the health guard's rollback),
@@ -261,6 +299,32 @@ def _test_stall(step: int) -> None:
         at, _, seconds = spec.partition(":")
         if int(at) == step:
             time.sleep(float(seconds))
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file under ``path``, then every folder, deepest first."""
+    entries = sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+    for p in entries:
+        if p.is_file() and not p.is_symlink():
+            _fsync_file(p)
+    for p in entries + [path]:
+        if p.is_dir() and not p.is_symlink():
+            _fsync_dir(p)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

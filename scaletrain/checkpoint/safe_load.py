@@ -169,19 +169,22 @@ class SafeEmptyStateDictLoadPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanne
     """Planner that builds the whole state dict from the metadata (consolidation, export)."""
 
 
-def _dcp_failure(e: BaseException) -> BaseException:
+def _dcp_failure(e: BaseException, path: Path) -> BaseException:
     """The first load error inside DCP's ``CheckpointException`` (it gathers every rank's
-    failure into one multi-line message); other exceptions as they are."""
+    failure into one multi-line message), as a one-line ``CheckpointLoadError`` naming the
+    folder when it is not one already (a truncated or missing shard file); other exceptions
+    (KeyboardInterrupt, a shape mismatch raised outside DCP) as they are."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    if isinstance(e, CheckpointException):
-        found = [exc for exc, _ in e.failures.values()]
-        for exc in found:
-            if isinstance(exc, CheckpointLoadError):
-                return exc
-        if found:
-            return found[0]
-    return e
+    if not isinstance(e, CheckpointException):
+        return e
+    found = [exc for exc, _ in e.failures.values()]
+    for exc in found:
+        if isinstance(exc, CheckpointLoadError):
+            return exc
+    first = found[0] if found else e
+    line = (str(first).strip().splitlines() or [""])[0]
+    return CheckpointLoadError(f"{path}: unreadable DCP checkpoint ({type(first).__name__}: {line})")
 
 
 def load_dcp(state: dict, path: Path, reader: SafeFileSystemReader | None = None) -> None:
@@ -200,7 +203,7 @@ def load_dcp(state: dict, path: Path, reader: SafeFileSystemReader | None = None
     try:
         dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(path))
     except BaseException as e:  # CheckpointException derives from BaseException
-        inner = _dcp_failure(e)
+        inner = _dcp_failure(e, path)
         if inner is e:
             raise
         raise inner from None
@@ -218,7 +221,7 @@ def load_dcp_full(path: Path) -> dict:
         _load_state_dict(state, storage_reader=reader,
                          planner=SafeEmptyStateDictLoadPlanner(path), no_dist=True)
     except BaseException as e:
-        inner = _dcp_failure(e)
+        inner = _dcp_failure(e, path)
         if inner is e:
             raise
         raise inner from None

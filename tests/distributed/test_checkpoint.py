@@ -1,8 +1,9 @@
 """Checkpoints: bit-exact resume (FSDP2, DeepSpeed ZeRO-3), resharding 2 -> 1 and 1 -> 2 ranks
 (FSDP2 through DCP, DeepSpeed through its universal checkpoint), a rank SIGKILLed during
 training and during a save, partial checkpoints that are never loaded, async save, SIGTERM,
-retention, export and listing; tampered checkpoint files refused (one line, nothing runs) on
-resume, rollback, export and init, on both engines."""
+retention, export and listing; durable self-healing resume: a tampered or damaged newest
+checkpoint is skipped (one line, nothing runs) for the previous one, none loadable is exit 2
+with the list; tampered files refused on rollback, export and init, on both engines."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import torch
 
 from tests.conftest import REPO, run_cmd, shard_pattern
 import tests.distributed.util as tests_util
-from tests.distributed.util import (free_port, one_error_line, read_metrics, tamper_dcp_metadata,
-                                    tamper_torch_file)
+from tests.distributed.util import (free_port, no_checkpoint_loads, one_error_line, read_metrics,
+                                    tamper_dcp_metadata, tamper_torch_file)
 
 pytestmark = pytest.mark.dist
 
@@ -358,12 +359,16 @@ def _refused(r, needle: str, marker: Path) -> str:
     return line
 
 
-@pytest.mark.parametrize("engine,kind", [("fsdp", "metadata"), ("fsdp", "rng"), ("deepspeed", "partition")])
-def test_tampered_file_fails_resume_in_one_line(synth_shards, straight, tmp_path, engine, kind):
-    """A crafted pickle in the checkpoint a relaunch resumes: DCP's .metadata (torch's reader
-    would run it, then load normally), a rank-1 RNG file, or rank 1's ZeRO-3 optimizer
-    partition (only rank 1 reads it: the refusal must reach rank 0 too, or it would hang in
-    DeepSpeed's load). Both ranks stop; one line names the file; the payload never runs."""
+@pytest.mark.parametrize("engine,kind", [("fsdp", "metadata"), ("fsdp", "meta.json"), ("fsdp", "distcp"),
+                                         ("deepspeed", "partition")])
+def test_bad_latest_checkpoint_is_skipped_for_the_previous_one(synth_shards, straight, tmp_path, engine, kind):
+    """The relaunch's newest checkpoint (step 7) holds a crafted pickle in DCP's .metadata
+    (torch's reader would run it, then load normally) or in rank 1's ZeRO-3 optimizer
+    partition (only rank 1 reads it: the verdict must reach rank 0, or it would hang in
+    DeepSpeed's load), or it is damaged (meta.json truncated, a DCP shard file truncated).
+    Both ranks skip it with one line naming the file and resume from step 4: the losses of
+    steps 5-7 equal the uninterrupted run's; the payload never runs."""
+    import io
     import pickle
 
     d = _copy_checkpoints(straight[engine], tmp_path / "run")
@@ -372,19 +377,46 @@ def test_tampered_file_fails_resume_in_one_line(synth_shards, straight, tmp_path
     if kind == "metadata":
         f = tamper_dcp_metadata(ckpt / "engine", marker)
         needle = f"{f}: refusing to unpickle posix.system"
-    elif kind == "rng":
-        f = ckpt / "rng-rank1.safetensors"
-        f.write_bytes(pickle.dumps(tests_util.Payload(marker)))
-        needle = f"{f}: not a readable safetensors file"
+    elif kind == "meta.json":
+        f = ckpt / "meta.json"
+        f.write_text(f.read_text()[:20])
+        needle = f"{f}: unreadable"
+    elif kind == "distcp":
+        f = sorted((ckpt / "engine").glob("*.distcp"))[-1]
+        f.write_bytes(f.read_bytes()[:64])
+        needle = f"{ckpt / 'engine'}: unreadable DCP checkpoint"
     else:
         f = next((ckpt / "engine" / "zero").glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt"))
         tamper_torch_file(f, marker)
         needle = f"{f}: refusing to unpickle posix.system"
-    r = run_cmd(_torchrun(*_sets(synth_shards, d, f"engine.kind={engine}")), env=ENV, timeout=300)
-    _refused(r, needle, marker)
-    # the planted payload is live: an unrestricted reader runs it
-    pickle.loads(f.read_bytes()) if kind != "partition" else torch.load(f, weights_only=False)
-    assert marker.exists()
+    planted = f.read_bytes()  # the run re-saves step 7 over it
+    r = _ok(run_cmd(_torchrun(*_sets(synth_shards, d, f"engine.kind={engine}")), env=ENV, timeout=300))
+    skipped = [ln for ln in r.stderr.splitlines() if ln.startswith("scaletrain: skipping checkpoint")]
+    assert len(skipped) == 1 and needle in skipped[0] and str(ckpt) in skipped[0], r.stderr[-3000:]
+    assert "resumed at step 4" in r.stdout + r.stderr
+    assert _losses(d) == _losses(straight[engine])[4:]
+    assert not marker.exists(), "the payload ran"
+    if kind in ("metadata", "partition"):  # the planted payload is live: an unrestricted reader runs it
+        pickle.loads(planted) if kind == "metadata" else torch.load(io.BytesIO(planted), weights_only=False)
+        assert marker.exists()
+
+
+def test_no_loadable_checkpoint_stops_with_the_list(synth_shards, straight, tmp_path):
+    """Checkpoints exist but none loads (here the only one has a crafted pickle in a rank-1
+    RNG file): exit 2 listing each failure, never a silent fresh start."""
+    import pickle
+
+    d = _copy_checkpoints(straight["fsdp"], tmp_path / "run", 7)
+    marker = tmp_path / "ran"
+    f = d / "checkpoints" / "step-00000007" / "rng-rank1.safetensors"
+    f.write_bytes(pickle.dumps(tests_util.Payload(marker)))
+    r = run_cmd(_torchrun(*_sets(synth_shards, d)), env=ENV, timeout=300)
+    assert r.returncode != 0 and "exitcode  : 2" in r.stderr + r.stdout
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("scaletrain: ")]
+    assert len(lines) == 2 and lines[0].startswith("scaletrain: skipping checkpoint"), r.stderr[-3000:]
+    assert lines[1].startswith(f"scaletrain: no checkpoint under {d / 'checkpoints'} loads (1 tried): ")
+    assert f"{f}: not a readable safetensors file" in lines[1]
+    assert not marker.exists() and not (d / "metrics.jsonl").exists()
 
 
 def test_tampered_checkpoint_fails_rollback_in_one_line(synth_shards, tmp_path):
@@ -455,7 +487,9 @@ def test_tampered_universal_checkpoint_fails_in_one_line(synth_shards, straight,
     f = tamper_torch_file(sorted((engine / "zero_universal").rglob("fp32.pt"))[0], marker)
     one = ["train.stages.0.grad_accum=2", "train.stages.1.grad_accum=2"]
     r = run_cmd(_single(*_sets(synth_shards, d, "engine.kind=deepspeed", *one)), env=ENV, timeout=300)
-    _refused(r, f"{f}: refusing to unpickle posix.system", marker)
+    assert r.returncode == 2
+    no_checkpoint_loads(r.stderr, f"{f}: refusing to unpickle posix.system")
+    assert not marker.exists()
     zero = tamper_torch_file(next((engine / "zero").glob("*model_states.pt")), marker)
     with pytest.raises(CheckpointLoadError, match=f"{zero}: refusing to unpickle posix.system"):
         convert_to_universal(engine / "zero", tmp_path / "universal")

@@ -60,3 +60,15 @@ def one_error_line(stderr: str, needle: str) -> str:
     assert len(lines) == 1 and needle in lines[0], stderr[-4000:]
     assert not re.search(r'File "[^"]*(scaletrain|launchers)/[^"]*\.py", line', stderr), stderr[-4000:]
     return lines[0]
+
+
+def no_checkpoint_loads(stderr: str, needle: str) -> None:
+    """A resume whose only checkpoint fails: one line skipping it, one saying none loads (exit
+    2); both name the failure; no traceback through scaletrain's code."""
+    import re
+
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("scaletrain: ")]
+    assert len(lines) == 2, stderr[-4000:]
+    assert lines[0].startswith("scaletrain: skipping checkpoint") and needle in lines[0], lines
+    assert " loads (1 tried): " in lines[1] and needle in lines[1], lines
+    assert not re.search(r'File "[^"]*(scaletrain|launchers)/[^"]*\.py", line', stderr), stderr[-4000:]

@@ -4,6 +4,7 @@ clock, step intervals, and the weights-only guard around DeepSpeed's loaders."""
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -69,3 +70,39 @@ def test_zero_dp_world_size_counts_partitions(tmp_path):
         (tmp_path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").touch()
         (tmp_path / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").touch()
     assert zero_dp_world_size(tmp_path) == 3
+
+
+def test_every_file_is_durable_before_the_commit_rename(tmp_path, monkeypatch):
+    """The commit fsyncs every file and folder of the checkpoint (engine shards, RNG, trainer
+    state, meta.json) before the rename makes it visible, and the parent folder after it."""
+    import os
+
+    class _Engine:
+        name = "fake"
+
+        def save_state(self, path):
+            path.mkdir(parents=True)
+            (path / "shard-0.bin").write_bytes(b"x" * 10)
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", str(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(manager_mod.os, "fsync", fsync)
+    monkeypatch.setattr(manager_mod.os, "rename", rename)
+    m = _manager(tmp_path)
+    m.engine = _Engine()
+    m.save(3, {"stage": 0, "preset": "unet-tiny"})
+    final = tmp_path / "checkpoints" / "step-00000003"
+    at = next(i for i, e in enumerate(events) if e == ("rename", str(final)))
+    before = {Path(p).relative_to(final.with_name(final.name + ".partial")).as_posix()
+              for kind, p in events[:at] if kind == "fsync"}
+    assert {"meta.json", "trainer_state.json", "rng-rank0.safetensors", "engine/shard-0.bin", "engine", "."} <= before
+    assert ("fsync", str(tmp_path / "checkpoints")) in events[at + 1:]

@@ -122,3 +122,16 @@ def test_init_from_diffusers_pickled_weights_are_weights_only(tmp_path):
         load_init_weights(denoiser, init, "unet-tiny")
     _one_line(e, weights, "refusing to unpickle posix.system")
     assert not marker.exists()
+
+
+def test_truncated_dcp_shard_fails_naming_the_folder(tmp_path):
+    """A damaged data file is a one-line CheckpointLoadError (what resume's fallback to the
+    previous checkpoint catches), not DCP's multi-rank traceback."""
+    m, opt = _model_and_optimizer(0)
+    save_dcp_state(m, opt, tmp_path / "ck")
+    f = next((tmp_path / "ck").glob("*.distcp"))
+    f.write_bytes(f.read_bytes()[:100])
+    for load in (lambda: load_dcp_state(m, opt, tmp_path / "ck"), lambda: load_dcp_full(tmp_path / "ck")):
+        with pytest.raises(CheckpointLoadError) as e:
+            load()
+        _one_line(e, tmp_path / "ck", "unreadable DCP checkpoint")
