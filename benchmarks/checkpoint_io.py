@@ -97,7 +97,7 @@ def main() -> int:
     model = build_model(args.preset).to(info.device)
     engine = build_engine(cfg, model.denoiser, info, micro_batch=1, grad_accum=1)
     # one real optimizer step so the checkpoint holds Adam moments, as in training
-    c, r = model.preset.in_channels, args.resolution // (8 if model.preset.latent else 1)
+    c, r = model.preset.in_channels, args.resolution // model.preset.vae_factor
     emb, mask = model.encode_text(["a red circle"], info.device)
     with engine.micro_step(is_last=True):
         out = engine.module(torch.randn(1, c, r, r, dtype=engine.input_dtype), torch.tensor([500]),

@@ -28,18 +28,19 @@ def rows(out: Path) -> list[dict]:
             if c.get("search_probe"):
                 continue
             found.append({"run": f.parent.name.removeprefix("bench-"), "cell": c, "precision": spec["precision"],
-                          "ac": spec.get("activation_checkpointing", "none"), "compile": spec.get("compile", False)})
+                          "ac": spec.get("activation_checkpointing", "none"), "compile": spec.get("compile", False),
+                          "latents": "precomputed" if c.get("precomputed") else "online"})
     return found
 
 
 def table(found: list[dict]) -> list[str]:
-    lines = ["| run | preset | res | engine | micro | precision | act. ckpt | compile | status | img/s | TFLOP/s | MFU "
-             "| peak GiB | activations MiB | encode s/step | goal |", "|" + "---|" * 16]
+    lines = ["| run | preset | res | engine | micro | precision | latents | act. ckpt | compile | status | img/s | TFLOP/s "
+             "| MFU | peak GiB | activations MiB | encode s/step | goal |", "|" + "---|" * 17]
     for r in found:
         c = r["cell"]
         goal = GOALS.get((c["preset"], c["resolution"]))
         head = (f"| {r['run']} | {c['preset']} | {c['resolution']} | {c['engine']} | {c['micro_batch']} | "
-                f"{r['precision']} | {r['ac']} | {'on' if r['compile'] else 'off'} | {c['status']} |")
+                f"{r['precision']} | {r['latents']} | {r['ac']} | {'on' if r['compile'] else 'off'} | {c['status']} |")
         if c["status"] != "ok":
             lines.append(head + " |" * 7)
             continue
@@ -64,9 +65,10 @@ def main(argv: list[str]) -> int:
     lines = [f"# GPU check: {gpu.splitlines()[0] if gpu else device}", "",
              "Command: `bash benchmarks/gpu_check.sh OUT` (then `python3 benchmarks/gpu_report.py OUT`).", "",
              "```", gpu.strip(), "```", "",
-             "One rank, bf16, the VAE and text encoder run every step in bf16 (their share is the encode column; "
-             "precomputed latents are not built yet). Activations: tensor memory of that category at the step's "
-             "peak (torch's memory tracker).", ""] + table(found)
+             "One rank, bf16. Latents: precomputed (`scaletrain data encode` ran first; the encode column is the "
+             "posterior sample and noise) or online (the VAE and text encoder run every step in bf16, inside the "
+             "encode column). Activations: tensor memory of that category at the step's peak (torch's memory "
+             "tracker).", ""] + table(found)
     prof = sorted(out.glob("profile_*.txt"))
     for f in prof:
         lines += ["", f"Profile ({f.name}):", "", "```", *f.read_text().splitlines()[:40], "```"]

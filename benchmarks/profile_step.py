@@ -51,7 +51,7 @@ def main() -> int:
     torch.manual_seed(0)
     model = build_model(args.preset, dtype=frozen_dtype(cfg.engine.precision)).to(dist_info.device)
     engine = build_engine(cfg, model.denoiser, dist_info, micro_batch=args.micro_batch, grad_accum=1)
-    side = args.resolution // 8 if model.preset.latent else args.resolution  # the VAE's factor 8
+    side = args.resolution // model.preset.vae_factor
     x = torch.randn(args.micro_batch, model.preset.in_channels, side, side, device=dist_info.device)
     emb, mask = model.encode_text(["a photo"] * args.micro_batch, dist_info.device)
     ts = torch.randint(0, 1000, (args.micro_batch,), device=dist_info.device)

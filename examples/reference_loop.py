@@ -30,7 +30,7 @@ from scaletrain.train.schedule import lr_at  # noqa: E402
 
 def train(args: argparse.Namespace) -> list[float]:
     torch.manual_seed(args.seed)
-    model = build_model(args.preset)
+    model = build_model(args.preset, encoder_seed=args.seed)  # random-init encoders: their own seed, as the trainer
     net = model.denoiser
     objective = ObjectiveConfig(prediction_type=args.prediction_type, min_snr_gamma=args.min_snr_gamma)
     scheduler = build_noise_scheduler(objective)

@@ -149,6 +149,41 @@ def _synth_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode(args: argparse.Namespace) -> int:
+    """``scaletrain data encode``: as one process or under torchrun (each rank its share of shards)."""
+    import torch
+
+    from scaletrain.distributed import init_distributed, shutdown_distributed
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank0 = _is_rank0()
+    if world > 1:
+        init_distributed("ddp")
+    rc = 0
+    try:
+        from scaletrain.data.latents import encode_dataset
+
+        cfg = load_config(args.config, args.overrides, check_paths=False)
+        shards = args.shards if args.shards is not None else cfg.data.shards
+        resolutions = args.resolution or sorted({s.resolution for s in cfg.train.stages})
+        device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available()
+                  else torch.device("cpu"))
+        summary = encode_dataset(cfg, shards, args.out, resolutions, batch_size=args.batch_size, device=device,
+                                 progress=not args.no_progress)
+        if rank0:
+            for r, e in summary["resolutions"].items():
+                print(f"data encode {r}px: {e['samples_written']} samples written in {e['shards_written']} shards "
+                      f"({e['shards_resumed']} already done), corrupt={e['corrupt']} -> {e['folder']}")
+            print(f"train on them with --set data.shards={args.out} (data.precomputed is detected)")
+    except (ConfigError, ValueError) as e:
+        if rank0:
+            print(f"scaletrain: {e}", file=sys.stderr)
+        rc = 2
+    if world > 1:
+        shutdown_distributed()
+    return rc
+
+
 def _config_check(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides, world_size=args.world_size)
@@ -237,6 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--format", choices=["jpg", "png"], default="jpg")
 
+    enc = data.add_parser("encode", help="precompute VAE latents (posterior mean, logvar) and text-encoder "
+                          "outputs into shards, per stage resolution (torchrun: each rank its share)")
+    _add_config_args(enc)
+    enc.add_argument("--out", required=True, help="output folder: OUT/<R>px/ per resolution; a rerun resumes")
+    enc.add_argument("--shards", default=None, help="image shards to encode (default: the recipe's data.shards)")
+    enc.add_argument("--resolution", type=int, action="append", default=None,
+                     help="resolution to encode at (repeatable; default: every stage resolution of the recipe)")
+    enc.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
+    enc.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     cc = sub.add_parser("config", help="config tools").add_subparsers(dest="config_cmd", required=True)
     chk = cc.add_parser("check", help="validate a recipe and print it resolved")
     _add_config_args(chk)
@@ -284,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         return entry(["--config", args.config] + [x for o in args.overrides for x in ("--set", o)])
     if args.cmd == "dpo":
         return dpo_main(["--config", args.config] + [x for o in args.overrides for x in ("--set", o)])
+    if args.cmd == "data" and args.data_cmd == "encode":
+        return _encode(args)
     if args.cmd == "data" and args.data_cmd == "synth-pairs":
         return _synth_pairs(args)
     if args.cmd == "data":

@@ -130,6 +130,9 @@ class DataSection(_Section):
     balance: BalanceSection | None = None
     # Aspect-ratio buckets per stage resolution (data/buckets.py); off = square center crops.
     buckets: BucketSpec = BucketSpec()
+    # Train on VAE latents + text embeddings written by `scaletrain data encode` (data/latents.py):
+    # no VAE or text encoder is built. null = detect from the shards; true/false = assert it.
+    precomputed: bool | None = None
 
     @model_validator(mode="after")
     def _sources(self) -> "DataSection":
@@ -280,7 +283,11 @@ class DeepSpeedSection(_Section):
 
 class EngineSection(_Section):
     kind: Literal["fsdp", "deepspeed", "ddp"] = "fsdp"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # fp16 (V100/T4-class GPUs, no bf16): autocast / FSDP2 param dtype fp16 with dynamic loss
+    # scaling (torch GradScaler, FSDP2 ShardedGradScaler, DeepSpeed's own); an overflowed step is
+    # skipped by the engine and the scale halved (logged as loss_scale), not counted as bad.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    fp16_initial_scale: float = Field(2.0**16, gt=0.0)  # the loss scale fp16 starts from
     deepspeed_config: str = "ds_configs/zero3.json"
     fsdp: FSDPSection = FSDPSection()
     ddp: DDPSection = DDPSection()
@@ -451,6 +458,9 @@ class RunConfig(_Section):
         _check_init(self, check_paths=ctx.get("check_paths", True))
         if ctx.get("check_paths", True):
             _check_shards(self)
+            from scaletrain.data.latents import check_precomputed
+
+            check_precomputed(self)
             if self.engine.kind == "deepspeed":
                 _check_deepspeed_json(self, world)
         return self
@@ -481,6 +491,15 @@ class RunConfig(_Section):
             return []
         factor = get_preset(self.model.preset).downsample_factor
         return self.data.buckets.sizes(self.train.stages[index].resolution, factor)
+
+    def stage_shard_sets(self, index: int) -> list[tuple[str, str | list[str]]]:
+        """(config key, shards) of every shard set stage ``index`` reads: its data.shards, or each
+        of its sources; the key names where to fix it."""
+        eff, o = self.stage_data(index), self.train.stages[index].data
+        where = f"train.stages.{index}.data" if o is not None and (o.shards or o.sources) else "data"
+        if eff.sources is None:
+            return [(f"{where}.shards", eff.shards)]
+        return [(f"{where}.sources {s.name!r}", s.shards) for s in eff.sources]
 
     def stage_data(self, index: int) -> StageDataSection:
         """Stage ``index``'s effective shards or sources, filters and balance: data.* with the
@@ -614,6 +633,9 @@ def _check_engine_knobs(cfg: RunConfig, world: int) -> None:
     e = cfg.engine
     if e.kind == "fsdp":
         e.fsdp.mesh_shape(world)
+    if e.precision == "fp16" and e.kind == "deepspeed" and not torch.cuda.is_available():
+        raise ValueError("engine.precision=fp16 under DeepSpeed needs CUDA GPUs (DeepSpeed's CPU accelerator runs "
+                         "fp32 and bf16 only); use engine.precision=bf16, or engine.kind=fsdp/ddp for fp16")
     if e.kind == "ddp" and e.ddp.comm_hook == "bf16" and not torch.cuda.is_available():
         raise ValueError("engine.ddp.comm_hook='bf16' needs CUDA GPUs with NCCL (torch refuses it on gloo); "
                          "use fp16 or powersgd on this machine")
@@ -656,40 +678,23 @@ def _check_lora(cfg: RunConfig) -> None:
 
 
 def _check_shards(cfg: RunConfig) -> None:
-    from scaletrain.data.pipeline import expand_shards, missing_local_shards
+    """Every stage's effective shards (data.shards, data.sources, stage overrides) exist; a folder
+    written by `scaletrain data encode` stands for its subfolder at the stage's resolution."""
+    from scaletrain.data.latents import resolve_shards
+    from scaletrain.data.pipeline import missing_local_shards
 
-    if cfg.data.sources is not None or any(st.data is not None for st in cfg.train.stages):
-        _check_source_shards(cfg)
-        return
-    urls = expand_shards(cfg.data.shards)
-    if not urls:
-        raise ValueError(f"data.shards={cfg.data.shards!r} matches no shard; point it at .tar files")
-    missing = missing_local_shards(urls)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(
-            f"data.shards: {missing[0]!r}{more} does not exist; write shards with "
-            f"`scaletrain data synth --out DIR` or fix the path"
-        )
-
-
-def _check_source_shards(cfg: RunConfig) -> None:
-    """Every stage's effective shards (data.shards, data.sources, stage overrides) exist."""
-    from scaletrain.data.pipeline import expand_shards, missing_local_shards
-
-    for i in range(len(cfg.train.stages)):
-        eff = cfg.stage_data(i)
-        o = cfg.train.stages[i].data
-        where = f"train.stages.{i}.data" if o is not None and (o.shards or o.sources) else "data"
-        pairs = [(f"{where}.shards", eff.shards)] if eff.sources is None else [
-            (f"{where}.sources {s.name!r}", s.shards) for s in eff.sources]
-        for key, shards in pairs:
+    for i, stage in enumerate(cfg.train.stages):
+        for key, shards in cfg.stage_shard_sets(i):
             try:
-                missing = missing_local_shards(expand_shards(shards))
-            except ValueError:
+                urls, _ = resolve_shards(shards, stage.resolution, key)
+            except ValueError as e:
+                if "matched no .tar" not in str(e):
+                    raise
                 raise ValueError(f"{key}: shards={shards!r} matched no .tar files; point it at .tar files") from None
+            missing = missing_local_shards(urls)
             if missing:
-                raise ValueError(f"{key}: {missing[0]!r} does not exist; write shards with "
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise ValueError(f"{key}: {missing[0]!r}{more} does not exist; write shards with "
                                  "`scaletrain data synth --out DIR` or fix the path")
 
 

@@ -120,9 +120,10 @@ def memory_split(engine, step_fn: Callable[[contextlib.AbstractContextManager], 
 
 def run_cell(spec: dict, dist_info) -> dict:
     """Build, warm up, time ``reps`` steps; returns this rank's record."""
-    from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards
+    from scaletrain.data.latents import resolve_shards
+    from scaletrain.data.pipeline import LoaderSpec, build_loader
     from scaletrain.diffusion.objective import (
-        ObjectiveConfig, build_noise_scheduler, diffusion_loss, prepare_training_batch,
+        ObjectiveConfig, build_noise_scheduler, diffusion_loss, posterior_generators, prepare_training_batch,
     )
     from scaletrain.engines import build_engine
     from scaletrain.models import build_model, frozen_dtype
@@ -134,16 +135,21 @@ def run_cell(spec: dict, dist_info) -> dict:
         if limit is not None and memory_snapshot(device)["peak_gib"] > limit:
             raise MemoryLimitExceeded(f"peak memory above max_memory_gib={limit}")
 
+    # Shards written by `scaletrain data encode` (a folder with <R>px/ inside): the cell trains on
+    # the stored posterior and text outputs and builds neither encoder, as the trainer does.
+    urls, encoding = resolve_shards(spec["shards"], spec["resolution"], "bench --shards")
     torch.manual_seed(0)
-    model = build_model(spec["preset"], dtype=frozen_dtype(cfg.engine.precision)).to(device)
+    model = build_model(spec["preset"], dtype=frozen_dtype(cfg.engine.precision),
+                        encoders=encoding is None).to(device)
     engine = build_engine(cfg, model.denoiser, dist_info, micro_batch=spec["micro_batch"], grad_accum=1)
     guard()
     after_build = memory_snapshot(device)
     objective = ObjectiveConfig()
     scheduler = build_noise_scheduler(objective)
-    loader = LoaderSpec(shards=expand_shards(spec["shards"]), resolution=spec["resolution"],
-                        micro_batch=spec["micro_batch"], num_workers=cfg.data.num_workers, seed=0,
-                        rank=dist_info.rank, world_size=dist_info.world_size)
+    loader = LoaderSpec(shards=urls, resolution=spec["resolution"], micro_batch=spec["micro_batch"],
+                        num_workers=cfg.data.num_workers, seed=0, rank=dist_info.rank,
+                        world_size=dist_info.world_size, precomputed=encoding is not None,
+                        pin_memory=device.type == "cuda")
     batches = iter(build_loader(loader))
     steps = []
 
@@ -159,8 +165,15 @@ def run_cell(spec: dict, dist_info) -> dict:
         t = time.perf_counter()
         batch = next(batches)
         t = mark("data", t)
-        x0 = model.encode_images(batch["pixels"].to(device))
-        emb, mask = model.encode_text(batch["captions"], device)
+        gens = posterior_generators(0, step, batch["keys"]) if model.preset.latent else None
+        if encoding is not None:
+            mean, logvar = batch["latents"].to(device, non_blocking=True).chunk(2, dim=1)
+            x0 = model.latents_from_posterior(mean, logvar, gens, scaling=encoding.scaling)
+            emb = batch["text_emb"].to(device, non_blocking=True).float()
+            mask = batch["text_mask"].to(device, non_blocking=True)
+        else:
+            x0 = model.encode_images(batch["pixels"].to(device, non_blocking=True), gens)
+            emb, mask = model.encode_text(batch["captions"], device)
         noisy, ts, target = prepare_training_batch(x0, batch["keys"], step=step, seed=0,
                                                    scheduler=scheduler, cfg=objective)
         t = mark("encode", t)
@@ -192,7 +205,8 @@ def run_cell(spec: dict, dist_info) -> dict:
         "rank": dist_info.rank, "status": "ok", "steps": steps,
         "params_total": engine.full_param_numel(), "params_local": engine.local_param_numel(),
         "params_frozen": sum(p.numel() for m in (model.text_encoder, model.vae) if m is not None
-                             for p in m.parameters()),
+                             for p in m.parameters()) if model.encoders_built else 0,
+        "precomputed": encoding is not None,
         "after_build": after_build, "memory": memory_snapshot(device), "memory_split_mib": split,
     }
     engine.close()

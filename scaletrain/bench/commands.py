@@ -20,7 +20,7 @@ def add_bench_parsers(sub) -> None:
     b.add_argument("--world-sizes", nargs="+", type=int, default=[1, 2])
     b.add_argument("--search", action="store_true", help="also find the largest micro-batch that fits")
     b.add_argument("--search-max", type=int, default=64)
-    b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     b.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="none",
                    help="model.activation_checkpointing for every cell")
     b.add_argument("--compile", action="store_true", help="model.compile (regional) for every cell")
@@ -50,7 +50,7 @@ def add_bench_parsers(sub) -> None:
     s.add_argument("--price", type=float, required=True, help="USD per GPU-hour")
     s.add_argument("--nodes", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     s.add_argument("--engines", nargs="+", default=["ddp", "fsdp", "zero2", "zero3"])
-    s.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    s.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     s.add_argument("--bench", default=None, help="results.json of `scaletrain bench` on this GPU type")
     s.add_argument("--comm", default=None, help="a `scaletrain preflight --json` report or bench results.json")
     s.add_argument("--busbw-gbps", type=float, default=None, help="given bus bandwidth between nodes")

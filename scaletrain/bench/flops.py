@@ -27,16 +27,19 @@ from torch import nn
 # substring of torch.cuda.get_device_name(), most specific first. fp32 is plain FP32 (torch
 # does not use TF32 for matmuls unless asked).
 GPU_PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
-    ("H100 PCIe", "NVIDIA H100 PCIe", {"bf16": 756.0, "fp32": 51.2}),
-    ("H100 NVL", "NVIDIA H100 NVL", {"bf16": 835.0, "fp32": 60.0}),
-    ("H100", "NVIDIA H100 SXM", {"bf16": 989.4, "fp32": 66.9}),
-    ("H200", "NVIDIA H200", {"bf16": 989.4, "fp32": 66.9}),
-    ("H800", "NVIDIA H800 SXM", {"bf16": 989.4, "fp32": 66.9}),
-    ("B200", "NVIDIA B200", {"bf16": 2250.0, "fp32": 75.0}),
-    ("A100", "NVIDIA A100", {"bf16": 312.0, "fp32": 19.5}),
-    ("L40S", "NVIDIA L40S", {"bf16": 362.1, "fp32": 91.6}),
-    ("L4", "NVIDIA L4", {"bf16": 121.0, "fp32": 30.3}),
-    ("A10", "NVIDIA A10", {"bf16": 125.0, "fp32": 31.2}),
+    ("H100 PCIe", "NVIDIA H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2}),
+    ("H100 NVL", "NVIDIA H100 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
+    ("H100", "NVIDIA H100 SXM", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
+    ("H200", "NVIDIA H200", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
+    ("H800", "NVIDIA H800 SXM", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
+    ("B200", "NVIDIA B200", {"bf16": 2250.0, "fp16": 2250.0, "fp32": 75.0}),
+    ("A100", "NVIDIA A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("L40S", "NVIDIA L40S", {"bf16": 362.1, "fp16": 362.1, "fp32": 91.6}),
+    ("L4", "NVIDIA L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
+    ("A10", "NVIDIA A10", {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
+    # fp16-only tensor cores (no bf16): what engine.precision=fp16 is for
+    ("V100", "NVIDIA V100 SXM2", {"fp16": 125.0, "fp32": 15.7}),
+    ("T4", "NVIDIA T4", {"fp16": 65.0, "fp32": 8.1}),
 ]
 
 
@@ -44,6 +47,8 @@ def gpu_peak_tflops(device_name: str, precision: str) -> tuple[float, str] | Non
     """(peak, label) for a known GPU name, else None."""
     for key, label, peaks in GPU_PEAK_TFLOPS:
         if key.lower() in device_name.lower():
+            if precision not in peaks:
+                return None  # e.g. bf16 on a V100: no data-sheet figure, measure instead
             return peaks[precision], f"table: {label} {precision} dense"
     return None
 
@@ -56,7 +61,7 @@ def measured_matmul_tflops(precision: str, size: int = 1024, reps: int = 5) -> f
     the cloud gave us", and under torchrun each rank gets OMP_NUM_THREADS=1, so the
     per-rank peak is what that rank can actually reach.
     """
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(size, size, dtype=dtype, device=dev)
     b = torch.randn(size, size, dtype=dtype, device=dev)
@@ -95,8 +100,8 @@ def _text_dims(preset) -> tuple[int, int]:
 
 
 def denoiser_input_size(preset, resolution: int) -> int:
-    """Side of the tensor the denoiser sees: pixels, or latents (VAE factor 8)."""
-    return resolution // 8 if preset.latent else resolution
+    """Side of the tensor the denoiser sees: pixels, or latents (the VAE's factor: 8 for SD's)."""
+    return resolution // preset.vae_factor
 
 
 # An image size: the side of a square, or (height, width) for aspect-ratio buckets.

@@ -161,6 +161,7 @@ def summarize_cell(records: list[dict], cell: dict) -> dict:
     out["phases_seconds"] = _phase_means(records)
     r0 = records[0]
     out.update(params_total=r0["params_total"], params_local=r0["params_local"], params_frozen=r0["params_frozen"],
+               precomputed=r0.get("precomputed", False),
                after_build_gib=max(r["after_build"]["peak_gib"] for r in records),
                peak_tflops=r0["peak_tflops"], peak_source=r0["peak_source"], threads=r0["threads"])
     if "reserved_gib" in r0["memory"]:
@@ -393,7 +394,9 @@ def markdown_table(results: dict) -> str:
              f"{results['conditions']['loadavg_after'][0]:.1f}", "",
              f"Levers: precision {results['spec']['precision']}, activation checkpointing "
              f"{results['spec'].get('activation_checkpointing', 'none')}, compile "
-             f"{'on' if results['spec'].get('compile') else 'off'}.", "",
+             f"{'on' if results['spec'].get('compile') else 'off'}; latents "
+             f"{'precomputed (scaletrain data encode: no VAE or text encoder in the step)' if any(c.get('precomputed') for c in results['cells']) else 'online (the VAE and text encoder run in the encode phase)'}.",
+             "",
              "Step time: median over the repetitions (p25-p75 spread); img/s = global batch / median step. "
              "Phases are rank means of per-phase medians. Exposed comm = step(N ranks) - step(1 rank), the 1-rank "
              "step taken with N copies running at once when the matrix measured that (table below).", "",

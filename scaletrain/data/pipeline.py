@@ -104,6 +104,11 @@ class LoaderSpec:
     # Aspect-ratio buckets (width, height) for this resolution (data/buckets.py): each image
     # goes to the nearest-aspect bucket and batches hold one bucket. () = square R x R crops.
     buckets: tuple[tuple[int, int], ...] = ()
+    # Shards written by `scaletrain data encode` (data/latents.py): batches carry "latents",
+    # "text_emb", "text_mask" instead of "pixels"; a dropped caption takes `empty_text`.
+    precomputed: bool = False
+    empty_text: tuple[torch.Tensor, torch.Tensor] | None = None
+    pin_memory: bool = False  # page-locked batches, for non-blocking host-to-GPU copies
 
     def __post_init__(self) -> None:
         checks = [
@@ -122,6 +127,9 @@ class LoaderSpec:
         for ok, name, value, fix in checks:
             if not ok:
                 raise ValueError(f"data.{name}={value!r} is invalid; {fix}")
+        if self.precomputed and self.caption_dropout > 0 and self.empty_text is None:
+            raise ValueError("data.caption_dropout > 0 on precomputed shards needs their empty-caption embedding "
+                             "(empty_caption.safetensors beside encoding.json); rerun `scaletrain data encode`")
 
     @property
     def workers_per_rank(self) -> int:
@@ -273,10 +281,16 @@ def read_meta_caption(raw: dict) -> tuple[dict, str] | None:
 
 
 def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | None:
-    """Decoded ``{"key", "pixels", "caption"}``; ``Dropped`` when filtered out (before the
-    image is decoded, which is the expensive part); None when the sample is corrupt."""
-    image_ext = next((ext for ext in IMAGE_EXTS if ext in raw), None)
-    parsed = None if raw.get("__corrupt__") or image_ext is None else read_meta_caption(raw)
+    """Decoded ``{"key", "caption", "pixels"}`` (precomputed shards: ``"latents"``, ``"text_emb"``,
+    ``"text_mask"`` instead of ``"pixels"``); ``Dropped`` when filtered out (before the image is
+    decoded, which is the expensive part); None when the sample is corrupt."""
+    if spec.precomputed:
+        from scaletrain.data.latents import MEMBER
+
+        payload = MEMBER if MEMBER in raw else None
+    else:
+        payload = next((ext for ext in IMAGE_EXTS if ext in raw), None)
+    parsed = None if raw.get("__corrupt__") or payload is None else read_meta_caption(raw)
     if parsed is None:
         return None
     meta, caption = parsed
@@ -284,13 +298,25 @@ def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | 
     dropped = _select(meta, caption, spec, key)  # outside the try: a missing balance field must raise
     if dropped is not None:
         return dropped
+    drop_caption = caption_is_dropped(spec.seed, key, epoch, spec.caption_dropout)
+    if spec.precomputed:
+        from scaletrain.data.latents import read_sample
+
+        tensors = read_sample(raw)
+        if tensors is None:
+            return None
+        if drop_caption:
+            tensors["text_emb"], tensors["text_mask"] = spec.empty_text
+        return {"key": key, "caption": "" if drop_caption else caption, **tensors}
     try:
-        pixels = decode_image(raw[image_ext], spec.resolution, spec.buckets)
+        pixels = decode_image(raw[payload], spec.resolution, spec.buckets)
     except Exception:  # noqa: BLE001 - PIL raises many types (SyntaxError, struct.error...) on bad bytes
         return None
-    if caption_is_dropped(spec.seed, key, epoch, spec.caption_dropout):
-        caption = ""
-    return {"key": key, "pixels": pixels, "caption": caption}
+    return {"key": key, "pixels": pixels, "caption": "" if drop_caption else caption}
+
+
+# The per-sample tensors a batch stacks; the first one present sets the batch's shape bucket.
+_TENSOR_FIELDS = ("pixels", "latents", "text_emb", "text_mask")
 
 
 # -------------------------------------------------------------- splitting
@@ -459,7 +485,7 @@ def _batches(spec: LoaderSpec, streams: list[Stream], worker: int) -> Iterator[d
     # Samples waiting for their micro-batch, per image shape: one entry without buckets; with
     # buckets a batch is emitted when its bucket fills, so every batch holds one bucket. The
     # emission order depends only on the slot's stream, so skip_batches stays exact.
-    pending: dict[tuple[int, ...], tuple[list[torch.Tensor], list[str], list[str], list[Stream]]] = {}
+    pending: dict[tuple[int, ...], tuple[list[dict], list[Stream]]] = {}
     skipped, filtered = 0, Counter()
     for n in itertools.count():
         # Slot s's n-th sample is global sample n * slots + s (as in split="sample"), so the leaf
@@ -474,18 +500,18 @@ def _batches(spec: LoaderSpec, streams: list[Stream], worker: int) -> Iterator[d
                     filtered[item.rule] += 1
             else:
                 break
-        shape = tuple(item["pixels"].shape)
-        pixels, captions, keys, provenance = pending.setdefault(shape, ([], [], [], []))
-        pixels.append(item["pixels"])
-        captions.append(item["caption"])
-        keys.append(item["key"])
+        fields = [f for f in _TENSOR_FIELDS if f in item]
+        shape = tuple(item[fields[0]].shape)
+        items, provenance = pending.setdefault(shape, ([], []))
+        items.append(item)
         provenance.append(streams[i])
-        if len(keys) == spec.micro_batch:
+        if len(items) == spec.micro_batch:
             if to_skip:
                 to_skip -= 1
             else:
-                batch = {"pixels": torch.stack(pixels), "captions": captions, "keys": keys, "skipped": skipped,
-                         "filtered": dict(filtered), "sources": [st.source for st in provenance]}
+                batch = {f: torch.stack([it[f] for it in items]) for f in fields}
+                batch.update(captions=[it["caption"] for it in items], keys=[it["key"] for it in items],
+                             skipped=skipped, filtered=dict(filtered), sources=[st.source for st in provenance])
                 if spec.balance is not None:
                     batch["labels"] = [st.label for st in provenance]
                 yield batch
@@ -510,9 +536,12 @@ def build_loader(spec: LoaderSpec) -> Iterable[dict]:
     Batch: ``{"pixels": (B,3,R,R) (or (B,3,H,W) of one bucket) float32 in [-1,1], "captions": list[str],
     "keys": list[str], "skipped": int, "filtered": {rule: int}, "sources": list[str]}``
     (+ ``"labels": list[str]`` under ``spec.balance``); sum "skipped" for the corrupt total
-    and "filtered" for the samples data.filters dropped.
+    and "filtered" for the samples data.filters dropped. Precomputed shards give ``"latents"``
+    (B, 2C, h, w: posterior mean and logvar), ``"text_emb"`` (B, L, D), ``"text_mask"`` (B, L)
+    instead of ``"pixels"``.
     """
     streams = plan_streams(spec)
     # batch_size=None: workers emit whole batches themselves, so "skipped" can
     # be attributed per batch and no batch ever mixes workers or comes out short.
-    return DataLoader(_SlotDataset(spec, streams), batch_size=None, num_workers=spec.num_workers)
+    return DataLoader(_SlotDataset(spec, streams), batch_size=None, num_workers=spec.num_workers,
+                      pin_memory=spec.pin_memory)

@@ -132,6 +132,13 @@ def per_sample_generators(seed: int, step: int, keys: Sequence[str]) -> list[tor
     return gens
 
 
+def posterior_generators(seed: int, step: int, keys: Sequence[str]) -> list[torch.Generator]:
+    """Per-sample generators for the VAE posterior draw: keyed like the diffusion noise but a
+    separate stream, so the online path (VAE every step) and the precomputed one (stored mean
+    and logvar) draw the same latents, on any rank layout."""
+    return per_sample_generators(seed, step, [f"posterior\x1f{key}" for key in keys])
+
+
 def _check_batch(shape: Sequence[int], generators: Sequence[torch.Generator]) -> None:
     if len(generators) != shape[0]:
         raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")

@@ -33,7 +33,8 @@ from torch import nn
 class StepStats:
     grad_norm: float
     lr: float
-    skipped: bool = False  # the optimizer did not step (health guard)
+    skipped: bool = False  # the optimizer did not step (health guard, or an fp16 overflow)
+    loss_scale: float | None = None  # fp16: the dynamic loss scale after this step
 
 
 @dataclass
@@ -103,6 +104,9 @@ class Engine(ABC):
     name: str = "base"
     module: nn.Module  # call this for the forward pass
     input_dtype: torch.dtype = torch.float32  # dtype the wrapped module expects for float inputs
+    # fp16 scales the loss dynamically: a non-finite gradient norm with a finite loss is then an
+    # expected overflow that the engine's own step skips (and lowers the scale), not a bad step.
+    dynamic_loss_scale: bool = False
 
     def __init__(self) -> None:
         self.grad_accum = 1

@@ -31,14 +31,17 @@ class DDPEngine(TorchOptimizerEngine):
         self.comm_hook_state = apply_comm_hook(self.module, knobs)
         self.state_module = denoiser
         self.optimizer = build_adamw(self.module.parameters(), cfg.optim)
+        if cfg.engine.precision == "fp16":  # autocast fp16 + dynamic loss scaling
+            self.scaler = torch.amp.GradScaler(self.device_type, init_scale=cfg.engine.fp16_initial_scale)
 
     def _sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
         # no_sync must wrap the forward too: DDP decides in forward whether to all-reduce.
         return contextlib.nullcontext() if is_last else self.module.no_sync()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.engine.precision == "bf16":
-            return torch.autocast(self.device_type, dtype=torch.bfloat16)
+        if self.cfg.engine.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.cfg.engine.precision == "bf16" else torch.float16
+            return torch.autocast(self.device_type, dtype=dtype)
         return contextlib.nullcontext()
 
     def local_param_numel(self) -> int:

@@ -50,7 +50,8 @@ class DeepSpeedEngine(Engine):
             config=ds_cfg,
         )
         self.module = self.ds
-        self.input_dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision, torch.float32)
+        self.dynamic_loss_scale = cfg.engine.precision == "fp16"  # DeepSpeed's own loss scaler
         self.configure_stage(micro_batch, grad_accum)
 
     def configure_stage(self, micro_batch: int, grad_accum: int) -> None:
@@ -91,7 +92,8 @@ class DeepSpeedEngine(Engine):
                 if p.requires_grad and p.ds_tensor.numel():
                     sq += safe_get_local_grad(p).float().pow(2).sum()
             dist.all_reduce(sq, group=opt.dp_process_group)
-            self._pending_norm = float(sq.sqrt())
+            # fp16 partitions hold scaled gradients (the loss scale is 1 in fp32/bf16)
+            self._pending_norm = float(sq.sqrt()) / float(getattr(opt, "loss_scale", 1.0))
         elif self.zero_stage in (1, 2):
             # The ZeRO-1/2 optimizer's own routine (the one ds.step() clips with); collective.
             # It reports a non-finite norm as +inf.
@@ -107,7 +109,11 @@ class DeepSpeedEngine(Engine):
             group["lr"] = lr
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
-        return StepStats(grad_norm=float("nan") if norm is None else float(norm), lr=lr)
+        opt = self.ds.optimizer
+        fp16 = self.dynamic_loss_scale
+        return StepStats(grad_norm=float("nan") if norm is None else float(norm), lr=lr,
+                         skipped=fp16 and bool(getattr(opt, "overflow", False)),
+                         loss_scale=float(getattr(opt, "loss_scale", 0.0)) if fp16 else None)
 
     def skip_step(self, lr: float) -> StepStats:
         """Skip through DeepSpeed's own overflow path: mark this rank's gradients invalid (NaN),

@@ -10,6 +10,7 @@ DeepSpeed so config validation stays cheap and runs before any process group.
 from __future__ import annotations
 
 import copy
+import math
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,7 +93,11 @@ def fill_deepspeed_config(
     bf16 = ds.setdefault("bf16", {})
     _fill(bf16, "enabled", cfg.engine.precision == "bf16", "bf16.enabled", "engine.precision")
     fp16 = ds.setdefault("fp16", {})
-    _fill(fp16, "enabled", False, "fp16.enabled", "engine.precision (fp16 is not supported; use bf16)")
+    _fill(fp16, "enabled", cfg.engine.precision == "fp16", "fp16.enabled", "engine.precision")
+    if cfg.engine.precision == "fp16":  # dynamic loss scaling from engine.fp16_initial_scale
+        _fill(fp16, "loss_scale", 0, "fp16.loss_scale", "engine.precision=fp16 (0 = dynamic)")
+        _fill(fp16, "initial_scale_power", round(math.log2(cfg.engine.fp16_initial_scale)), "fp16.initial_scale_power",
+              "engine.fp16_initial_scale")
     _fill_zero_knobs(ds, cfg)
     if "optimizer" in ds:
         params = ds["optimizer"].setdefault("params", {})

@@ -35,6 +35,12 @@ class FSDPEngine(TorchOptimizerEngine):
         apply_prefetch(denoiser, units, forward=knobs.forward_prefetch, backward=knobs.backward_prefetch)
         self.module = self.state_module = denoiser
         self.optimizer = build_adamw(denoiser.parameters(), cfg.optim)
+        if cfg.engine.precision == "fp16":
+            # ShardedGradScaler: unscale_ works on the DTensor gradient shards and all-reduces
+            # "found inf", so every rank skips an overflowed step together.
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler(dist_info.device.type, init_scale=cfg.engine.fp16_initial_scale)
 
     def _sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
         return _gradient_sync(self.module, is_last)
@@ -84,10 +90,11 @@ def offload_policy(mode: str, device: torch.device) -> OffloadPolicy:
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
-    # Parameters are stored in fp32; bf16 is the compute dtype and gradients are reduced
-    # in fp32 so the all-reduce does not lose the small per-rank contributions.
-    if precision == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # Parameters are stored in fp32; bf16/fp16 is the compute dtype and gradients are reduced
+    # in fp32 so the all-reduce does not lose the small per-rank contributions (nor overflow fp16).
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
 

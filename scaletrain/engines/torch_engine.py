@@ -7,6 +7,7 @@ engine or world size loads into another: DCP reshards on load.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -20,26 +21,29 @@ from scaletrain.engines.base import (Engine, LocalShard, StepStats, clip_with_no
                                       replicated_param_shards, set_lr, total_grad_norm, world_mesh)
 
 
-def save_dcp_state(module: nn.Module, optimizer, path: Path) -> None:
+def save_dcp_state(module: nn.Module, optimizer, path: Path, extra: dict | None = None) -> None:
     model_sd, optim_sd = get_state_dict(module, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    dcp.save({"model": model_sd, "optim": optim_sd, **(extra or {})}, checkpoint_id=str(path))
 
 
-def async_save_dcp_state(module: nn.Module, optimizer, path: Path, process_group) -> Future:
+def async_save_dcp_state(module: nn.Module, optimizer, path: Path, process_group, extra: dict | None = None) -> Future:
     """Stage to CPU now (the caller may step the optimizer as soon as this returns), write in
     a background thread. ``process_group`` must be a separate gloo group: the background
     thread's collectives must not interleave with the training loop's on the default group."""
     model_sd, optim_sd = get_state_dict(module, optimizer)
-    return dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path),
+    return dcp.async_save({"model": model_sd, "optim": optim_sd, **(extra or {})}, checkpoint_id=str(path),
                           process_group=process_group)
 
 
-def load_dcp_state(module: nn.Module, optimizer, path: Path) -> None:
+def load_dcp_state(module: nn.Module, optimizer, path: Path, extra: dict | None = None) -> dict:
+    """Load model + optimizer (+ ``extra`` entries, e.g. the fp16 loss scaler, filled in place
+    and returned)."""
     # The current state is the template: DCP fills it in place, each rank reading its shards.
     model_sd, optim_sd = get_state_dict(module, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = {"model": model_sd, "optim": optim_sd, **(extra or {})}
     load_dcp(state, path)  # restricted readers: DCP's own would unpickle .metadata freely
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return state
 
 
 class TorchOptimizerEngine(Engine):
@@ -52,15 +56,26 @@ class TorchOptimizerEngine(Engine):
 
     optimizer: torch.optim.Optimizer
     state_module: nn.Module
+    # fp16: torch's dynamic loss scaler (GradScaler for DDP, ShardedGradScaler for FSDP2, whose
+    # unscale_ agrees on an overflow across ranks); None in fp32/bf16, which need no scaling.
+    scaler: torch.amp.GradScaler | None = None
+
+    @property
+    def dynamic_loss_scale(self) -> bool:
+        return self.scaler is not None
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.grad_accum).backward()
+        loss = loss / self.grad_accum
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     _pending_norm: tuple[torch.Tensor, float] | None = None  # grad_norm() result, used by step()
 
     def grad_norm(self) -> float:
         # FSDP2: the norm of the sharded grads is all-reduced over the mesh; DDP: grads are
-        # already all-reduced. Either way every rank holds the same value.
+        # already all-reduced. Either way every rank holds the same value. fp16: of the
+        # unscaled gradients (unscale_ once per step; inf when the scaled ones overflowed).
+        if self.scaler is not None and self._pending_norm is None:
+            self.scaler.unscale_(self.optimizer)
         norm = total_grad_norm(list(self.module.parameters()))
         self._pending_norm = (norm, norm_value(norm))
         return self._pending_norm[1]
@@ -71,25 +86,42 @@ class TorchOptimizerEngine(Engine):
         (norm, value), self._pending_norm = self._pending_norm, None
         set_lr(self.optimizer, lr)
         clip_with_norm(list(self.module.parameters()), self.cfg.optim.grad_clip, norm)
-        self.optimizer.step()
+        skipped, scale = False, None
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when unscale_ found an inf/NaN gradient
+            skipped = not math.isfinite(value)
+            self.scaler.update()  # halves the scale after an overflow, grows it after a clean stretch
+            scale = float(self.scaler.get_scale())
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(grad_norm=value, lr=lr)
+        return StepStats(grad_norm=value, lr=lr, skipped=skipped, loss_scale=scale)
 
     def skip_step(self, lr: float) -> StepStats:
         # No optimizer.step(): AdamW's moments and step count stay as they were.
         value = self._pending_norm[1] if self._pending_norm is not None else self.grad_norm()
         self._pending_norm = None
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(grad_norm=value, lr=lr, skipped=True)
+        scale = None
+        if self.scaler is not None:  # close the scaler's step (its unscale_ ran in grad_norm)
+            self.scaler.update()
+            scale = float(self.scaler.get_scale())
+        return StepStats(grad_norm=value, lr=lr, skipped=True, loss_scale=scale)
+
+    def _extra_state(self) -> dict:
+        # The loss scale resumes where it was (a fresh 2^16 would overflow again for a few steps).
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
     def save_state(self, path: Path) -> None:
-        save_dcp_state(self.state_module, self.optimizer, path)
+        save_dcp_state(self.state_module, self.optimizer, path, self._extra_state())
 
     def async_save_state(self, path: Path, process_group) -> Future:
-        return async_save_dcp_state(self.state_module, self.optimizer, path, process_group)
+        return async_save_dcp_state(self.state_module, self.optimizer, path, process_group, self._extra_state())
 
     def load_state(self, path: Path) -> None:
-        load_dcp_state(self.state_module, self.optimizer, path)
+        extra = load_dcp_state(self.state_module, self.optimizer, path, self._extra_state())
+        if self.scaler is not None:
+            self.scaler.load_state_dict(extra["scaler"])
 
     def unwrapped_parameters(self) -> list[nn.Parameter]:
         return list(self.state_module.parameters())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import signal
 import time
 from pathlib import Path
@@ -20,11 +21,13 @@ import torch
 from scaletrain.checkpoint.manager import CheckpointManager
 from scaletrain.config import RunConfig, dump_config
 from scaletrain.data.mixing import Balance, Source
+from scaletrain.data.latents import check_precomputed, resolve_shards
 from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards, plan_streams
 from scaletrain.diffusion.objective import (
     ObjectiveConfig,
     build_noise_scheduler,
     diffusion_loss,
+    posterior_generators,
     prepare_training_batch,
 )
 from scaletrain.distributed import DistInfo, all_reduce_sum
@@ -68,9 +71,12 @@ class Trainer:
         self.check_validation_reference()  # fail now, not at the first validation days later
         # Same seed on every rank: identical initial weights before the engine shards them.
         torch.manual_seed(cfg.run.seed)
+        # Precomputed latents (scaletrain data encode): no VAE or text encoder is built for training;
+        # a sample grid or validation builds them on first use (the same weights: own seed).
+        self.encoding = check_precomputed(cfg)
         self.model = build_model(
             cfg.model.preset, text_encoder_path=cfg.model.text_encoder_path, vae_path=cfg.model.vae_path,
-            dtype=frozen_dtype(cfg.engine.precision),
+            dtype=frozen_dtype(cfg.engine.precision), encoders=self.encoding is None, encoder_seed=cfg.run.seed,
         ).to(self.device)
         self.objective = ObjectiveConfig(
             prediction_type=cfg.diffusion.prediction_type,
@@ -91,7 +97,6 @@ class Trainer:
         # Sharded EMA beside the engine's shards (None when ema.enabled is false); built before
         # the checkpoint manager so a resume loads it too.
         self.ema = build_ema(self.engine, cfg.ema)
-        self.shards = expand_shards(cfg.data.shards)
         self.stage_images_seen = 0  # of the current stage: re-plans an images-length stage on resume
         self.step = 0
         self.images_seen = 0
@@ -134,6 +139,10 @@ class Trainer:
             progress=cfg.log.progress,
             run_name=cfg.run.name,
         )
+        if self.encoding is not None:
+            built = "built" if self.model.encoders_built else "not built"
+            self.logger.event(f"training on precomputed latents ({self.encoding.folder.parent}): VAE and text "
+                              f"encoder {built}")
 
     # ------------------------------------------------------------------ the loop
 
@@ -216,6 +225,9 @@ class Trainer:
                 keys += list(batch.get("keys", []))
                 if "pixels" in batch:  # with data.buckets the size changes from batch to batch
                     self.step_image_sizes.append(tuple(batch["pixels"].shape[-2:]))
+                elif "latents" in batch:
+                    f = self.model.preset.vae_factor
+                    self.step_image_sizes.append(tuple(n * f for n in batch["latents"].shape[-2:]))
                 loss_sum += self.forward_backward_step(batch, is_last=micro == stage.grad_accum - 1)
             # The health guard judges the all-reduced loss and the global grad norm, so every
             # rank reaches the same verdict; a bad step is skipped by the engine on all ranks.
@@ -236,7 +248,10 @@ class Trainer:
             counts, objective_sums = rest[:len(local_counts)], rest[len(local_counts):]
             self.data_counts.commit(counts)
             skipped = int(skipped)
-            verdict = self.health.check(self.attempt + 1, loss, norm) if cfg.health.enabled else None
+            # fp16: an overflow (non-finite gradient norm, finite loss) is the loss scaler's business:
+            # the engine's step skips it and lowers the scale, and the guard does not count it.
+            overflow = self.engine.dynamic_loss_scale and not math.isfinite(norm) and math.isfinite(loss)
+            verdict = self.health.check(self.attempt + 1, loss, norm) if cfg.health.enabled and not overflow else None
             stats = self.engine.skip_step(lr) if verdict and verdict.bad else self.engine.step(lr)
             self.attempt += 1
             if self.ema is not None and not stats.skipped:
@@ -405,8 +420,7 @@ class Trainer:
 
     def forward_backward_step(self, batch: dict, *, is_last: bool) -> float:
         """One micro-batch: encode, noise, predict, weighted loss, backward. Returns the loss."""
-        x0 = self.model.encode_images(batch["pixels"].to(self.device))
-        emb, mask = self.model.encode_text(batch["captions"], self.device)
+        x0, emb, mask = self.model_inputs(batch)
         noisy, timesteps, target = prepare_training_batch(
             x0, batch["keys"], step=self.step, seed=self.cfg.run.seed,
             scheduler=self.noise_scheduler, cfg=self.objective,
@@ -420,27 +434,51 @@ class Trainer:
             self.engine.backward(loss)
         return float(loss.detach())
 
+    def model_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0 in the denoiser's space, text emb, text mask) of a batch, float32 on the device: from
+        the precomputed posterior and text outputs, or by running the frozen encoders. A latent
+        preset draws its posterior sample from per-key generators on both paths."""
+        dev = self.device
+        gens = (posterior_generators(self.cfg.run.seed, self.step, batch["keys"])
+                if self.model.preset.latent else None)
+        if "latents" in batch:
+            mean, logvar = batch["latents"].to(dev, non_blocking=True).chunk(2, dim=1)
+            x0 = self.model.latents_from_posterior(mean, logvar, gens, scaling=self.encoding.scaling)
+            emb = batch["text_emb"].to(dev, non_blocking=True).float()
+            return x0, emb, batch["text_mask"].to(dev, non_blocking=True)
+        x0 = self.model.encode_images(batch["pixels"].to(dev, non_blocking=True), gens)
+        emb, mask = self.model.encode_text(batch["captions"], dev)
+        return x0, emb, mask
+
     def build_batches(self, resolution: int, micro_batch: int, skip: int = 0) -> Iterator[dict]:
         d = self.cfg.data
         spec = LoaderSpec(
             resolution=resolution, micro_batch=micro_batch,
             caption_dropout=d.caption_dropout, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
             seed=self.cfg.run.seed, split=d.split, rank=self.dist.rank, world_size=self.dist.world_size,
-            skip_batches=skip, **self.stage_data_fields(),
+            skip_batches=skip, **self.stage_data_fields(resolution),
             buckets=tuple(d.buckets.sizes(resolution, self.model.preset.downsample_factor) if d.buckets.enabled else ()),
+            precomputed=self.encoding is not None, pin_memory=self.device.type == "cuda",
+            empty_text=self.encoding.empty_caption() if self.encoding is not None else None,
         )
         loader = build_loader(spec)
         self.begin_data_counts(spec)
         return iter(loader)
 
-    def stage_data_fields(self) -> dict:
+    def stage_data_fields(self, resolution: int) -> dict:
         """LoaderSpec fields for the current stage's data: shards or weighted sources, filters
-        and class balance (data.* with the stage's override, config.RunConfig.stage_data)."""
+        and class balance (data.* with the stage's override, config.RunConfig.stage_data); an
+        encoded folder stands for its subfolder at ``resolution`` (data/latents.py)."""
         eff = self.cfg.stage_data(self.stage_index)
         b = eff.balance
+
+        def urls(shards, where: str) -> list[str]:
+            return resolve_shards(shards, resolution, where)[0]
+
         return {
-            "shards": expand_shards(eff.shards) if eff.sources is None else [],
-            "sources": tuple(Source(s.name, s.shards, s.weight, s.filters) for s in eff.sources or ()),
+            "shards": urls(eff.shards, "data.shards") if eff.sources is None else [],
+            "sources": tuple(Source(s.name, tuple(urls(s.shards, f"data.sources {s.name!r}")), s.weight, s.filters)
+                             for s in eff.sources or ()),
             "filters": eff.filters,
             "balance": None if b is None else Balance(b.field, b.weights if b.mode == "weights" else None),
         }
@@ -469,6 +507,8 @@ class Trainer:
             "images_per_second": global_batch / dt, "step_seconds": dt, "data_wait_seconds": wait,
             "skipped_samples": skipped, "skipped_step": stats.skipped,
         }
+        if stats.loss_scale is not None:  # fp16: the dynamic loss scale after this step
+            record["loss_scale"] = stats.loss_scale
         record.update(self.comm_profiler.record(dt, wait))  # compute / exposed comm, sampled steps
         if self.cfg.data.buckets.enabled:  # rank 0's micro-batch sizes this step, one bucket each
             record["bucket_sizes"] = [f"{w}x{h}" for h, w in getattr(self, "step_image_sizes", [])]
@@ -516,7 +556,7 @@ class Trainer:
             sampling = SamplingSpec(
                 encode_text=lambda captions: self.model.encode_text(captions, self.device),
                 decode=self.model.decode, in_channels=self.model.preset.in_channels,
-                latent_factor=8 if self.model.preset.latent else 1,
+                latent_factor=self.model.preset.vae_factor,
                 noise_scheduler_config=dict(self.noise_scheduler.config),
                 prediction_type=self.objective.prediction_type,
             )
@@ -562,7 +602,7 @@ class Trainer:
                 prompts=list(s.prompts),
                 resolution=resolution,
                 in_channels=self.model.preset.in_channels,
-                latent_factor=8 if self.model.preset.latent else 1,
+                latent_factor=self.model.preset.vae_factor,
                 noise_scheduler_config=dict(self.noise_scheduler.config),
                 prediction_type=self.objective.prediction_type,
                 num_inference_steps=s.steps,

@@ -9,10 +9,10 @@ from diffusers import AutoencoderKL
 from scaletrain.models import PRESETS, DiffusionModel, build_model, count_params, get_preset, parallel_units
 from scaletrain.models.registry import build_vae
 
-TINY = ["unet-tiny", "dit-tiny"]
+TINY = ["unet-tiny", "dit-tiny", "unet-tiny-latent"]
 # Expected denoiser params (millions) of the real-size presets: published config sizes.
 REAL_PARAMS_M = {"unet-sd15": 859.5, "unet-sd2": 865.9, "pixart-xl-2": 610.9}
-DOWNSAMPLE = {"unet-tiny": 2, "unet-small": 4, "dit-tiny": 2, "unet-sd15": 64, "unet-sd2": 64, "pixart-xl-2": 16}
+DOWNSAMPLE = {"unet-tiny": 2, "unet-tiny-latent": 8, "unet-small": 4, "dit-tiny": 2, "unet-sd15": 64, "unet-sd2": 64, "pixart-xl-2": 16}
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +128,17 @@ def test_bad_paths_raise_value_error(tmp_path) -> None:
 
 
 def test_latent_encode_decode_roundtrip_shapes(tmp_path, tiny_models: dict[str, DiffusionModel]) -> None:
-    # A small VAE saved locally stands in for the SD VAE (same code path as vae_path=...).
-    small = dict(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                 up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                 scaling_factor=0.18215)
-    AutoencoderKL(**small).save_pretrained(tmp_path / "vae")
-    vae = build_vae(small, str(tmp_path), torch.float32)
+    # A VAE saved locally (the code path of model.vae_path=...) in the tiny latent preset's layout.
+    from scaletrain.models.registry import TINY_VAE
+
+    torch.manual_seed(1)
+    AutoencoderKL(**TINY_VAE).save_pretrained(tmp_path / "vae")
+    vae = build_vae(TINY_VAE, str(tmp_path), torch.float32)
     assert not any(p.requires_grad for p in vae.parameters())
-    model = tiny_models["unet-tiny"]
-    latent_model = DiffusionModel(model.preset, model.denoiser, model.text_encoder, model.tokenizer, vae)
+    latent_model = build_model("unet-tiny-latent", vae_path=str(tmp_path))
+    assert torch.equal(latent_model.vae.encoder.conv_in.weight, vae.encoder.conv_in.weight)
     z = latent_model.encode_images(torch.zeros(1, 3, 32, 32))
-    assert z.shape == (1, 4, 16, 16)
+    assert z.shape == (1, 4, 8, 8)
     px = latent_model.decode(z)
     assert px.shape == (1, 3, 32, 32) and px.abs().max() <= 1
 

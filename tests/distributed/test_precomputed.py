@@ -1,0 +1,85 @@
+"""Precomputed latents on 2 ranks, run as a user runs them: `data encode` under torchrun (each rank
+its share of shards), then the latent recipe (configs/latent.yaml) on FSDP2 and DeepSpeed ZeRO-3,
+online (VAE + text encoder every step) and from the encoded shards (neither built): the same
+per-step losses (fp32, rtol 1e-5), caption dropout on."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.conftest import run_cmd, shard_pattern
+from tests.distributed.util import free_port, read_metrics
+
+pytestmark = pytest.mark.dist
+
+STEPS = 4
+RTOL = 1e-5  # as test_engine_equivalence: summation-order noise only
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), *args]
+
+
+def _sets(*pairs: str) -> list[str]:
+    return [x for p in pairs for x in ("--set", p)]
+
+
+@pytest.fixture(scope="module")
+def runs(synth_shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("precomputed")
+    enc = tmp / "enc"
+    common = _sets(
+        "data.split=sample", "data.shuffle_buffer=0", "data.num_workers=0", "data.caption_dropout=0.25",
+        "log.wandb=disabled", "log.progress=false", "sample.at_end=false", "optim.warmup_steps=0",
+        f"train.stages=[{{name: s0, resolution: 32, steps: {STEPS}, micro_batch: 4, grad_accum: 1, global_batch: 8}}]",
+    )
+    encode = run_cmd(_torchrun("-m", "scaletrain.cli", "data", "encode", "--config", "configs/latent.yaml",
+                               "--shards", shard_pattern(synth_shards), "--out", str(enc), "--no-progress", *common))
+    assert encode.returncode == 0, encode.stderr[-3000:]
+    out = {"encode": encode, "enc": enc}
+    engines = {"fsdp": ["engine.kind=fsdp"],
+               "zero3": ["engine.kind=deepspeed", "engine.deepspeed_config=ds_configs/zero3.json"]}
+    for name, engine in engines.items():
+        for path, shards in (("online", shard_pattern(synth_shards)), ("precomputed", str(enc))):
+            run_dir = tmp / f"{name}-{path}"
+            proc = run_cmd(_torchrun("launchers/pretrain.py", "--config", "configs/latent.yaml", *common,
+                                     *_sets(f"data.shards={shards}", f"run.dir={run_dir}", *engine)))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            out[name, path] = (proc, read_metrics(run_dir))
+    return out
+
+
+def test_encode_under_torchrun_splits_shards_and_keeps_every_sample(runs) -> None:
+    enc = runs["enc"]
+    manifest = json.loads((enc / "32px" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["samples_written"] == 256 and manifest["corrupt"] == 0
+    assert manifest["shards_written"] == 8 and len(list((enc / "32px").glob("*.tar"))) == 8
+    assert "data encode 32px: 256 samples written in 8 shards" in runs["encode"].stdout
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_precomputed_losses_equal_online(runs, engine: str) -> None:
+    (online_proc, online), (pre_proc, pre) = runs[engine, "online"], runs[engine, "precomputed"]
+    assert [r["step"] for r in online] == [r["step"] for r in pre] == list(range(1, STEPS + 1))
+    for a, b in zip(online, pre):
+        assert b["loss"] == pytest.approx(a["loss"], rel=RTOL), (engine, a["step"], a["loss"], b["loss"])
+    # The losses move (so equality is not two constant curves) and the encoders were never built.
+    assert len({round(r["loss"], 6) for r in online}) == STEPS
+    assert "VAE and text encoder not built" in pre_proc.stdout
+    assert "training on precomputed latents" not in online_proc.stdout
+
+
+def test_bench_cell_trains_on_the_encoded_shards(runs, tmp_path) -> None:
+    """`scaletrain bench --shards ENCODED`: the cell reads the stored latents and builds no encoder."""
+    from scaletrain.bench.runner import MatrixSpec, run_matrix
+
+    spec = MatrixSpec(presets=["unet-tiny-latent"], resolutions=[32], engines=["ddp"], micro_batches=[4],
+                      world_sizes=[1], warmup=1, reps=2, num_workers=0, comm_sweep=False, shards=str(runs["enc"]))
+    (cell,) = run_matrix(spec, tmp_path, log=lambda s: None)["cells"]
+    assert cell["status"] == "ok", cell.get("error")
+    assert cell["precomputed"] is True and cell["params_frozen"] == 0
+    assert "latents precomputed" in (tmp_path / "results.md").read_text()
