@@ -52,6 +52,10 @@ class CheckpointSection(_Section):
     # after the state is staged to CPU memory; the checkpoint commits at the next save or at
     # the end of the run. DeepSpeed engines save synchronously.
     async_save: bool = False
+    # A save that fails (disk full, any OSError, or too little free space for a checkpoint the
+    # size of the last one) is agreed across ranks, its .partial removed and reported; then
+    # training goes on (continue: the next save tries again) or every rank stops (stop, exit 3).
+    on_save_error: Literal["continue", "stop"] = "continue"
 
 
 class ModelSection(_Section):
@@ -454,9 +458,11 @@ class RunConfig(_Section):
         _check_engine_knobs(self, world)
         for i in range(len(self.train.stages)):
             self.stage_data(i)  # raises on a bad per-stage data override
+        _check_levers(self)
         _check_lora(self)
         _check_init(self, check_paths=ctx.get("check_paths", True))
         if ctx.get("check_paths", True):
+            _check_run_dir(self)
             _check_shards(self)
             from scaletrain.data.latents import check_precomputed
 
@@ -639,6 +645,9 @@ def _check_engine_knobs(cfg: RunConfig, world: int) -> None:
     if e.kind == "ddp" and e.ddp.comm_hook == "bf16" and not torch.cuda.is_available():
         raise ValueError("engine.ddp.comm_hook='bf16' needs CUDA GPUs with NCCL (torch refuses it on gloo); "
                          "use fp16 or powersgd on this machine")
+    if e.kind == "deepspeed" and cfg.checkpoint.async_save:
+        raise ValueError("checkpoint.async_save=true is for FSDP2/DDP (dcp.async_save); DeepSpeed writes its ZeRO "
+                         "files synchronously: set checkpoint.async_save=false under engine.kind=deepspeed")
     if e.kind == "deepspeed":
         ds = e.deepspeed
         for key in ("zero_quantized_weights", "zero_quantized_gradients"):
@@ -661,6 +670,32 @@ def _check_init(cfg: RunConfig, *, check_paths: bool) -> None:
         check_init_source(cfg)
 
 
+def _check_levers(cfg: RunConfig) -> None:
+    """model.activation_checkpointing / model.compile act on the family's parallel units: the
+    preset must have some, and a selective setting must select at least one (meta-device build)."""
+    m = cfg.model
+    if m.activation_checkpointing == "none" and not m.compile:
+        return
+    import torch
+
+    from scaletrain.models.parallelize import checkpointed_units
+    from scaletrain.models.registry import Denoiser, build_denoiser_net, get_preset, parallel_units
+
+    preset = get_preset(m.preset)
+    with torch.device("meta"):
+        units = parallel_units(Denoiser(build_denoiser_net(preset), preset.family, use_text_mask=False))
+    levers = "model.activation_checkpointing and model.compile"
+    if not units:
+        raise ValueError(f"model.preset={preset.name!r} (family {preset.family}) has no parallel units for {levers} "
+                         "to act on; set model.activation_checkpointing=none and model.compile=false")
+    if m.activation_checkpointing == "selective" and not checkpointed_units(
+            units, "selective", m.activation_checkpointing_every, m.activation_checkpointing_selective):
+        what = ("no unit holds attention" if m.activation_checkpointing_selective == "attention" else
+                f"activation_checkpointing_every={m.activation_checkpointing_every} but it has {len(units)} units")
+        raise ValueError(f"model.activation_checkpointing=selective selects no unit of model.preset={preset.name!r} "
+                         f"({what}); use full, a smaller activation_checkpointing_every, or none")
+
+
 def _check_lora(cfg: RunConfig) -> None:
     """Configured lora.target_modules must name layers of the preset (built on the meta device)."""
     if not cfg.lora.enabled or cfg.lora.target_modules is None:
@@ -675,6 +710,23 @@ def _check_lora(cfg: RunConfig) -> None:
     if not matching_modules(net, cfg.lora.target_modules):
         raise ValueError(f"lora.target_modules={cfg.lora.target_modules} matches no Linear/Conv2d layer of "
                          f"model.preset={cfg.model.preset!r}; use suffixes such as to_q, to_k, to_v, to_out.0")
+
+
+def _check_run_dir(cfg: RunConfig) -> None:
+    """run.dir (and checkpoint.dir) must be a folder this process can create and write, found
+    before any model is built."""
+    import os
+
+    for key, value in (("run.dir", cfg.run.dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+        if value is None:
+            continue
+        path = Path(value)
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ValueError(f"{key}={value!r}: {existing} exists and is not a folder; choose another {key}")
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"{key}={value!r}: {existing} is not writable by this user; choose another {key} or "
+                             "fix its permissions")
 
 
 def _check_shards(cfg: RunConfig) -> None:

@@ -10,9 +10,11 @@ Memory per rank = runtime baseline + model states + frozen encoders + activation
   ``zero2``: 4 P weights + 16 P / N (grads, master, Adam) + one reduce bucket (4 min(P, 5e7));
   ``zero3``: 20 P / N + the largest module gathered; ``zero3-offload`` keeps master + Adam in host
   memory (counted only where host and device are the same memory, i.e. on CPU);
-- frozen encoders (text encoder, VAE) are whole on every rank (4 bytes per parameter);
+- frozen encoders (text encoder, VAE) are whole on every rank, in the training precision (4 or 2
+  bytes per parameter), and absent when the cell trains on precomputed latents;
 - activations are ``a x micro_batch x S^2`` (S = side of the denoiser input: memory-efficient
-  attention keeps activations linear in tokens), with ``a`` fitted per preset from measured cells,
+  attention keeps activations linear in tokens), with ``a`` taken from the measured memory split
+  (torch's tracker) where cells carry one, else fitted per preset from the cells' residual memory,
   plus a fitted constant per engine (its buffers beyond the analytic states, allocator slack);
 - the baseline is the measured memory before the model is built (CUDA context / interpreter,
   torch, DeepSpeed, process group), or an assumed value where nothing was measured.
@@ -106,6 +108,7 @@ class ActivationFit:
     per_elem: dict[str, float] = field(default_factory=dict)  # preset -> bytes per (image x S^2)
     engine_bytes: dict[str, float] = field(default_factory=dict)  # engine -> constant bytes
     points: dict[str, int] = field(default_factory=dict)
+    from_split: set[str] = field(default_factory=set)  # presets whose ``a`` is the measured split
 
     def bytes(self, preset: str, micro_batch: int, resolution: int, engine: str | None = None) -> float | None:
         if preset not in self.per_elem:
@@ -114,25 +117,55 @@ class ActivationFit:
             self.engine_bytes.get(engine, 0.0)
 
 
+def frozen_bytes(cell: dict, facts: ModelFacts) -> float:
+    """Frozen encoders held on each rank: none when the cell trained on precomputed latents, else
+    every text-encoder and VAE parameter in the training precision (models.frozen_dtype)."""
+    if cell.get("precomputed"):
+        return 0.0
+    per_param = 2 if cell.get("precision", "fp32") in ("bf16", "fp16") else 4
+    return per_param * cell.get("params_frozen", facts.frozen)
+
+
 def fit_activations(cells: list[dict], host_is_device: bool = True) -> ActivationFit:
     """Fit from measured cells: residual = peak - baseline - states - frozen encoders
     = a[preset] x micro_batch x S^2 + c[engine]. An engine constant is only fitted where its
-    cells span at least two activation sizes (otherwise it is not separable from the slope)."""
+    cells span at least two activation sizes (otherwise it is not separable from the slope).
+
+    Cells that carry a measured memory split (``memory_split_mib``: torch's tracker, tensor by
+    tensor) give ``a`` directly: their activation bytes (activations + temporaries), not a
+    residual that also holds allocator slack. Their engine constant is then what the residual
+    keeps beyond those activations. Presets without such cells use the joint residual fit."""
     import numpy as np
 
-    rows = []
+    rows, measured = [], []
     for c in cells:
         if c["status"] != "ok" or c.get("search_probe"):
             continue
         facts = model_facts(c["preset"])
         rest = (c["peak_memory_gib"] - c["baseline_gib"]) * 2**30 - state_bytes(
-            c["engine"], facts, c["world_size"], c.get("precision", "fp32"), host_is_device) - 4 * facts.frozen
-        rows.append((c["preset"], c["engine"], c["micro_batch"] * denoiser_side(c["preset"], c["resolution"]) ** 2, rest))
+            c["engine"], facts, c["world_size"], c.get("precision", "fp32"), host_is_device) - frozen_bytes(c, facts)
+        x = c["micro_batch"] * denoiser_side(c["preset"], c["resolution"]) ** 2
+        split = c.get("memory_split_mib")
+        if split and split.get("activations") is not None:
+            measured.append((c["preset"], c["engine"], x, split["activations"] * 2**20, rest))
+        else:
+            rows.append((c["preset"], c["engine"], x, rest))
     fit = ActivationFit()
+    for preset in sorted({m[0] for m in measured}):
+        mine = [m for m in measured if m[0] == preset]
+        # least squares through the origin: activations are proportional to images x S^2
+        fit.per_elem[preset] = max(0.0, sum(x * act for _, _, x, act, _ in mine) / sum(x * x for _, _, x, _, _ in mine))
+        fit.points[preset] = len(mine)
+        fit.from_split.add(preset)
+    for engine in sorted({m[1] for m in measured}):
+        left = [rest - fit.per_elem[p] * x for p, e, x, _, rest in measured if e == engine]
+        fit.engine_bytes[engine] = float(np.mean(left))
+    rows = [r for r in rows if r[0] not in fit.per_elem]
     if not rows:
         return fit
     presets = sorted({r[0] for r in rows})
-    engines = sorted(e for e in {r[1] for r in rows} if len({r[2] for r in rows if r[1] == e}) >= 2)
+    engines = sorted(e for e in {r[1] for r in rows} if len({r[2] for r in rows if r[1] == e}) >= 2
+                     and e not in fit.engine_bytes)
     cols = presets + engines
     a = np.zeros((len(rows), len(cols)))
     for i, (preset, engine, x, _) in enumerate(rows):
@@ -155,7 +188,7 @@ def predict_memory_gib(cell: dict, fit: ActivationFit, baseline_gib: float, host
     if act is None:
         return None
     states = state_bytes(cell["engine"], facts, cell["world_size"], cell.get("precision", "fp32"), host_is_device)
-    return baseline_gib + (states + 4 * facts.frozen + act) / 2**30
+    return baseline_gib + (states + frozen_bytes(cell, facts) + act) / 2**30
 
 
 # ----------------------------------------------------------------------------- communication
@@ -272,6 +305,7 @@ class SizeInputs:
     assumed_mfu: float = 0.35
     assumed_baseline_gib: float = 1.5
     memory_headroom: float = 0.9  # plan to fill at most this fraction of the card
+    precomputed: bool = False  # train on precomputed latents: no encoders on the GPUs
 
 
 def _measured_solo(bench: dict | None, preset: str, res: int, engine: str, mb: int) -> float | None:
@@ -297,7 +331,8 @@ def size_report(inp: SizeInputs) -> str:
     bench_cells = [c for c in (inp.bench or {}).get("cells", []) if c["status"] == "ok"]
     fit = fit_activations([c for c in bench_cells if c["world_size"] == 1], host_is_device=False)
     if inp.preset in fit.per_elem:
-        notes.append(f"activations: fitted from {fit.points[inp.preset]} measured cells (bench results)")
+        how = "measured memory split (torch's tracker)" if inp.preset in fit.from_split else "residual fit"
+        notes.append(f"activations: from {fit.points[inp.preset]} measured cells (bench results, {how})")
     elif inp.act_gib_per_image:
         gib, res = inp.act_gib_per_image
         fit.per_elem[inp.preset] = gib * 2**30 / denoiser_side(inp.preset, res) ** 2
@@ -311,7 +346,9 @@ def size_report(inp: SizeInputs) -> str:
     comm = inp.comm or comm_given(25.0, 50.0, 0.0)
     notes.append(f"communication: {comm.source}, overlap {comm.overlap:.0%} assumed"
                  + ("" if inp.comm else " (DEFAULT, assumed: pass --busbw-gbps or --comm PREFLIGHT.json)"))
-    notes.append(f"params: {facts.params / 1e6:.1f}M trainable, {facts.frozen / 1e6:.1f}M frozen (counted from the preset)")
+    notes.append(f"params: {facts.params / 1e6:.1f}M trainable, {facts.frozen / 1e6:.1f}M frozen (counted from the preset"
+                 + ("; not on the GPUs: precomputed latents)" if inp.precomputed else
+                    f", held in {inp.precision} on every GPU)"))
     lines = [f"scaletrain size: {inp.preset}, {inp.gpu} x{inp.gpus_per_node} per node, {inp.precision}, "
              f"${inp.price_per_gpu_hour}/GPU-hour", ""]
     total: dict[tuple[str, int], list[float]] = {}
@@ -321,12 +358,13 @@ def size_report(inp: SizeInputs) -> str:
             f"{f'{n} node img/s':>15}{'hours':>8}{'$':>10}" for n in inp.nodes))
         flops = train_flops_per_image(inp.preset, res) * mb
         for engine in inp.engines:
-            cell = {"preset": inp.preset, "resolution": res, "engine": engine, "micro_batch": mb, "precision": inp.precision}
+            cell = {"preset": inp.preset, "resolution": res, "engine": engine, "micro_batch": mb, "precision": inp.precision,
+                    "precomputed": inp.precomputed}
             def mem(nodes: int) -> float:
                 m = predict_memory_gib({**cell, "world_size": nodes * inp.gpus_per_node}, fit, base, host_is_device=False)
                 if m is None:
                     m = base + (state_bytes(engine, facts, nodes * inp.gpus_per_node, inp.precision, False)
-                                + 4 * facts.frozen) / 2**30
+                                + frozen_bytes(cell, facts)) / 2**30
                 return m
             min_nodes = next((n for n in range(1, 4097) if mem(n) <= inp.memory_headroom * gpu_mem), None)
             solo = _measured_solo(inp.bench, inp.preset, res, engine, mb)

@@ -109,6 +109,33 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank (raised on every rank together); the message is one line."""
+
+
+def _attempt(fn) -> str | None:
+    """Run ``fn``; a filesystem failure becomes its one-line description (None on success).
+    DCP wraps a rank's write error in its own exception, raised on every rank together."""
+    try:
+        fn()
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - DCP's CheckpointException and DeepSpeed's wrappers
+        if _has_oserror(e):
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        raise
+    return None
+
+
+def _has_oserror(e: BaseException) -> bool:
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) or "No space left" in str(e) or "OSError" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 class CheckpointManager:
     def __init__(self, cfg, run_dir: Path, engine, dist_info, extra_states: dict | None = None) -> None:
         self.cfg = cfg  # the `checkpoint` config section
@@ -119,6 +146,7 @@ class CheckpointManager:
         # load(path | None); None = this checkpoint predates it.
         self.extra_states = dict(extra_states or {})
         self._last_save_time = time.monotonic()
+        self._last_size: int | None = None  # bytes of the last committed checkpoint (free-space check)
         self._pending = None
         # Async writes run their collectives from a background thread: give them their own
         # gloo group so they never interleave with the training loop's collectives.
@@ -154,28 +182,38 @@ class CheckpointManager:
         Synchronous: returns once the checkpoint is committed. Async (checkpoint.async_save on
         an engine that supports it): returns once the state is staged in CPU memory; the
         write goes on in a background thread and commits at the next save or ``finalize``.
+
+        A save that cannot complete -- too little free space for a checkpoint the size of the
+        last one, or an ``OSError`` (ENOSPC, EIO, a permission) on any rank while writing or
+        committing -- raises ``CheckpointSaveError`` on every rank together, after its
+        ``.partial`` folder is removed; the previous checkpoints are untouched. Each phase ends
+        in an agreement (a small all-gather that also serves as the barrier), so a rank that
+        failed never leaves the others waiting in a collective.
         """
         records = self.finalize()
         t0 = time.perf_counter()
         final = self.dir / f"step-{step:08d}"
         tmp = final.with_name(final.name + ".partial")
+        error = None
         if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
-        save_file(_rng_state(self.dist.device), str(tmp / f"rng-rank{self.dist.rank}.safetensors"))
-        if self.dist.is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+            error = self._space_error()
+            if error is None:
+                error = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+        self._agree(error, step, tmp)
+        self._agree(_attempt(lambda: self._write_small(tmp, trainer_state)), step, tmp)
         # Extra states are written synchronously, also when the engine's write is async: a
         # second async DCP write would need its own process group to stay ordered. The EMA is
         # 1/world of the fp32 weights per rank, a third of what the weights + AdamW moments write.
         for name, state in self.extra_states.items():
-            state.save(tmp / name)
+            self._agree(_attempt(lambda: state.save(tmp / name)), step, tmp)
         future = None
         if self._async_group is not None:
-            future = self.engine.async_save_state(tmp / "engine", self._async_group)
+            box: list = []
+            self._agree(_attempt(lambda: box.append(self.engine.async_save_state(tmp / "engine", self._async_group))),
+                        step, tmp)
+            future = box[0] if box else None
         if future is None:
-            self.engine.save_state(tmp / "engine")
+            self._agree(_attempt(lambda: self.engine.save_state(tmp / "engine")), step, tmp)
             _test_stall(step)
             self._commit(tmp, final, step, trainer_state)
             records.append({"checkpoint_step": step, "checkpoint_seconds": time.perf_counter() - t0})
@@ -187,13 +225,53 @@ class CheckpointManager:
         records.append({"checkpoint_step": step, "checkpoint_stall_seconds": stall})
         return records
 
+    def _write_small(self, tmp: Path, trainer_state: dict) -> None:
+        save_file(_rng_state(self.dist.device), str(tmp / f"rng-rank{self.dist.rank}.safetensors"))
+        if self.dist.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+
+    def _space_error(self) -> str | None:
+        """Rank 0, before a save: the free space must hold another checkpoint the size of the
+        last one (or, before the first, the engine's fp32 weights + AdamW moments + EMA)."""
+        if self._last_size is None:
+            last = latest_checkpoint(self.dir)
+            self._last_size = _dir_size(last.path) if last is not None else None
+        numel = getattr(self.engine, "full_param_numel", lambda: 0)()
+        need = self._last_size or numel * 16
+        try:
+            free = shutil.disk_usage(self.dir).free
+        except OSError as e:
+            return f"cannot read the free space of {self.dir}: {e}"
+        if free < need:
+            return (f"{free / 2**20:.1f} MiB free under {self.dir} but a checkpoint needs about "
+                    f"{need / 2**20:.1f} MiB (the size of the last one); free space or lower checkpoint.keep_last")
+        return None
+
+    def _agree(self, error: str | None, step: int, tmp: Path) -> None:
+        """Collective, on every rank at the same point: if any rank failed, remove the partial
+        folder and raise ``CheckpointSaveError`` everywhere (rank 0's message first)."""
+        errors: list = [None] * self.dist.world_size
+        if dist.is_initialized() and self.dist.world_size > 1:
+            dist.all_gather_object(errors, error)
+        else:
+            errors = [error]
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if not failed:
+            return
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        rank, why = failed[0]
+        raise CheckpointSaveError(f"checkpoint at step {step} failed on rank {rank}: {why}; removed {tmp.name}")
+
     def finalize(self) -> list[dict]:
         """Collective. Wait for a pending async write and commit it (no-op when none)."""
         if self._pending is None:
             return []
         future, done_at, t0, tmp, final, step, trainer_state = self._pending
         self._pending = None
-        future.result()  # re-raises a failed background write: the checkpoint stays .partial
+        # A failed background write (re-raised by result()) is agreed like a synchronous one.
+        self._agree(_attempt(future.result), step, tmp)
         write_seconds = (done_at[0] if done_at else time.perf_counter()) - t0
         self._commit(tmp, final, step, trainer_state)
         return [{"checkpoint_committed_step": step, "checkpoint_write_seconds": write_seconds}]
@@ -204,20 +282,26 @@ class CheckpointManager:
         # is in the folder (its own files among them: on a shared filesystem only the writer's
         # fsync counts; a clean file's fsync costs a syscall), then meta.json, then the rename,
         # then the parent folder.
-        _fsync_tree(tmp)
-        _barrier()  # every rank's shards are on disk
+        self._agree(_attempt(lambda: _fsync_tree(tmp)), step, tmp)  # every rank's shards are on disk
+        error = None
         if self.dist.is_main:
             meta = {"step": step, "engine": self.engine.name, "world_size": self.dist.world_size,
                     "stage": trainer_state.get("stage"), "preset": trainer_state.get("preset"),
                     "time": time.time()}
-            _write_durably(tmp / "meta.json", json.dumps(meta))
-            _fsync_dir(tmp)
-            if final.exists():  # re-saving the same step (e.g. stage end == interval)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.dir)
-            self._prune()
-        _barrier()
+
+            def publish() -> None:
+                _write_durably(tmp / "meta.json", json.dumps(meta))
+                _fsync_dir(tmp)
+                if final.exists():  # re-saving the same step (e.g. stage end == interval)
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                _fsync_dir(self.dir)
+
+            error = _attempt(publish)
+            if error is None:
+                self._last_size = _dir_size(final)
+                self._prune()
+        self._agree(error, step, tmp)
         self._last_save_time = time.monotonic()
 
     def load_latest(self, report=None) -> dict | None:

@@ -12,13 +12,14 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from scaletrain.checkpoint.manager import CheckpointManager
+from scaletrain.checkpoint.manager import CheckpointManager, CheckpointSaveError, latest_checkpoint
 from scaletrain.config import RunConfig, dump_config
 from scaletrain.data.mixing import Balance, Source
 from scaletrain.data.latents import check_precomputed, resolve_shards
@@ -109,6 +110,7 @@ class Trainer:
         self.stage_summaries: list[dict] = []
         self.stage_index, self.step_in_stage = 0, 0  # where the loop (re)starts
         self.stopped_early = False
+        self.save_failures = 0  # checkpoints that could not be written (reported, run went on)
         self._sigterm = False
         self.health = HealthGuard(cfg.health)
         # Optimizer-step attempts, never rewound by a rollback (the test hook counts these).
@@ -167,8 +169,7 @@ class Trainer:
             if not self.run_stage(index, stages[index]):
                 break
             index = self.stage_index  # the next stage, or after a rollback the checkpoint's
-        for record in self.ckpt.finalize():  # commit a pending async checkpoint
-            self.logger.log({"step": self.step, **record})
+        self.finalize_checkpoint()  # commit a pending async checkpoint
         if self.cfg.validate.at_end and not self.stopped_early and self.last_validated_step != self.step:
             self.validate(self.cfg.train.stages[-1].resolution)
         if self.cfg.sample.at_end and not self.stopped_early:
@@ -231,7 +232,7 @@ class Trainer:
                 loss_sum += self.forward_backward_step(batch, is_last=micro == stage.grad_accum - 1)
             # The health guard judges the all-reduced loss and the global grad norm, so every
             # rank reaches the same verdict; a bad step is skipped by the engine on all ranks.
-            local_loss = loss_sum / stage.grad_accum
+            local_loss = float(loss_sum) / stage.grad_accum  # the step's one device-to-host copy of the loss
             norm = self.engine.grad_norm() if cfg.health.enabled else float("nan")
             # One small collective a step, before the optimizer step: the loss, data wait and
             # norm (summed, then / world: the mean) and the counters and every rank's stop/save
@@ -324,9 +325,33 @@ class Trainer:
                               f"lower validate.num_images or point validate.shards at a larger set")
 
     def save_checkpoint(self) -> None:
-        for record in self.ckpt.save(self.step, self.state_dict()):
+        if self._checkpoint_records(lambda: self.ckpt.save(self.step, self.state_dict())):
+            self.good_ckpt_step = self.step  # skipped steps leave weights untouched: still good
+
+    def finalize_checkpoint(self) -> None:
+        """Commit a pending async checkpoint (its failure is handled like a failed save)."""
+        self._checkpoint_records(self.ckpt.finalize)
+
+    def _checkpoint_records(self, fn) -> bool:
+        """Run a collective save/finalize and log its records; a failed save (CheckpointSaveError,
+        agreed on every rank) is reported and either skipped or turned into a clean stop."""
+        try:
+            records = fn()
+        except CheckpointSaveError as e:  # agreed: raised on every rank together, .partial removed
+            self.save_failures += 1
+            last = latest_checkpoint(self.ckpt.dir)  # an async save counted good may be the one lost
+            self.good_ckpt_step = last.step if last is not None else None
+            self.logger.log({"step": self.step, "checkpoint_failed_step": self.step})
+            if self.cfg.checkpoint.on_save_error == "stop":
+                raise HealthStop(f"{e}; stopping (checkpoint.on_save_error=stop): resume from the last complete "
+                                 "checkpoint once there is room") from None
+            if self.dist.is_main:
+                print(f"scaletrain: {e}; training continues (checkpoint.on_save_error=continue), the next save "
+                      "tries again", file=sys.stderr, flush=True)
+            return False
+        for record in records:
             self.logger.log({"step": self.step, **record})
-        self.good_ckpt_step = self.step  # skipped steps leave weights untouched: still good
+        return True
 
     def on_bad_step(self, index: int, stage, verdict, norm: float, keys: list[str], local_loss: float) -> bool:
         """Collective (every rank has the same verdict): quarantine the step's batch keys, and
@@ -345,8 +370,7 @@ class Trainer:
         if not self.health.can_roll_back:
             raise HealthStop(f"health guard stopped the run after {self.health.rollbacks} rollback(s) "
                              f"(health.max_rollbacks={h.max_rollbacks}): {why}")
-        for record in self.ckpt.finalize():  # a pending async save is the newest good state
-            self.logger.log({"step": self.step, **record})
+        self.finalize_checkpoint()  # a pending async save is the newest good state
         if self.good_ckpt_step is None:
             raise HealthStop(f"health guard found no checkpoint to roll back to: {why}; "
                              f"set checkpoint.every_steps")
@@ -418,8 +442,9 @@ class Trainer:
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True  # acted on at the end of the current step, on every rank together
 
-    def forward_backward_step(self, batch: dict, *, is_last: bool) -> float:
-        """One micro-batch: encode, noise, predict, weighted loss, backward. Returns the loss."""
+    def forward_backward_step(self, batch: dict, *, is_last: bool) -> float | torch.Tensor:
+        """One micro-batch: encode, noise, predict, weighted loss, backward. Returns the loss as a
+        detached 0-dim tensor (no host sync per micro-batch; the loop reads it once per step)."""
         x0, emb, mask = self.model_inputs(batch)
         noisy, timesteps, target = prepare_training_batch(
             x0, batch["keys"], step=self.step, seed=self.cfg.run.seed,
@@ -432,7 +457,7 @@ class Trainer:
             if self.health.inject_nan(self.attempt + 1, self.dist.rank):  # test hook, one rank only
                 loss = poison(loss)
             self.engine.backward(loss)
-        return float(loss.detach())
+        return loss.detach()
 
     def model_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x0 in the denoiser's space, text emb, text mask) of a batch, float32 on the device: from
@@ -633,6 +658,7 @@ class Trainer:
             "stages": self.stage_summaries,
             "stopped_early": self.stopped_early,
             "bad_steps": self.health.bad_steps,
+            "checkpoint_save_failures": self.save_failures,
             "rollbacks": self.health.rollbacks,
             "lr_scale": self.health.lr_scale,
         }

@@ -38,8 +38,8 @@ RTOL = 1e-5
 BF16_RUNS = ("fsdp", "zero3", "ddp")
 BF16_RTOL, BF16_FIRST_RTOL, BF16_NORM_RTOL = 5e-3, 1e-4, 3e-2
 
-# full on FSDP2, ZeRO-3 and DDP; selective (every 2nd unit) on ZeRO-2
-AC_RUNS = {"fsdp": "full", "zero3": "full", "zero2": "selective", "ddp": "full"}
+# full on FSDP2, ZeRO-1, ZeRO-3 and DDP; selective (every 2nd unit) on ZeRO-2
+AC_RUNS = {"fsdp": "full", "zero3": "full", "zero2": "selective", "zero1": "full", "ddp": "full"}
 
 
 def _common(synth_shards, run_dir, micro: int, accum: int) -> list[str]:

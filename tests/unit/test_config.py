@@ -48,6 +48,11 @@ BAD_INPUTS = [
     (["engine.kind=megatron"], 2, "engine.kind='megatron'"),
     (["train.stages.7.steps=1"], 2, "'7' is not an index of a list of 2 items"),
     (["optim.lr"], 2, "is not KEY=VALUE"),
+    (["model.activation_checkpointing=selective", "model.activation_checkpointing_every=9"], 2,
+     "model.activation_checkpointing=selective selects no unit of model.preset='unet-tiny' "
+     "(activation_checkpointing_every=9 but it has 5 units)"),
+    (["engine.kind=deepspeed", "engine.precision=fp16"], 2, "engine.precision=fp16 under DeepSpeed needs CUDA GPUs"),
+    (["engine.kind=deepspeed", "checkpoint.async_save=true"], 2, "checkpoint.async_save=true is for FSDP2/DDP"),
 ]
 
 

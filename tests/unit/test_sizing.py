@@ -149,3 +149,30 @@ def test_committed_throughput_matrix_has_every_two_rank_cell():
     assert results["spec"]["rounds"] == 3 and all(c["rounds"] == 3 for c in results["cells"])
     assert {(r["resolution"], r["engine"]) for r in _two_rank_rows()} == \
         {(res, e) for res in (32, 64) for e in ("ddp", "fsdp", "zero2")}
+
+
+def test_activation_fit_uses_the_measured_split_and_the_encoders_a_cell_really_held():
+    """Cells with a measured memory split give the activation slope from the tracker's activation
+    bytes (not the residual, which here also holds 300 MiB of allocator slack: the engine constant);
+    a precomputed cell holds no encoders, a bf16 cell holds them in 2 bytes per parameter."""
+    from scaletrain.bench.sizing import fit_activations, frozen_bytes, predict_memory_gib
+
+    facts = model_facts("unet-tiny")
+    a, slack, base = 3000.0, 300 * 2**20, 0.5
+    cells = []
+    for mb, precomputed in ((2, False), (4, True), (8, False)):
+        x = mb * 32 ** 2
+        act = a * x
+        cell = {"status": "ok", "preset": "unet-tiny", "engine": "fsdp", "world_size": 1, "resolution": 32,
+                "micro_batch": mb, "precision": "bf16", "baseline_gib": base, "precomputed": precomputed,
+                "params_frozen": facts.frozen, "memory_split_mib": {"activations": act / 2**20}}
+        frozen = 0 if precomputed else 2 * facts.frozen
+        cell["peak_memory_gib"] = base + (state_bytes("fsdp", facts, 1, "bf16") + frozen + act + slack) / 2**30
+        cells.append(cell)
+    fit = fit_activations(cells)
+    assert fit.per_elem["unet-tiny"] == pytest.approx(a) and "unet-tiny" in fit.from_split
+    assert fit.engine_bytes["fsdp"] == pytest.approx(slack)
+    for c in cells:  # the fit reproduces every cell, encoders counted as each held them
+        assert predict_memory_gib(c, fit, base) == pytest.approx(c["peak_memory_gib"])
+    assert frozen_bytes({"precomputed": True}, facts) == 0
+    assert frozen_bytes({"precision": "fp32"}, facts) == 4 * facts.frozen
