@@ -134,6 +134,15 @@ class DataSection(_Section):
     balance: BalanceSection | None = None
     # Aspect-ratio buckets per stage resolution (data/buckets.py); off = square center crops.
     buckets: BucketSpec = BucketSpec()
+    # Bad data is counted per kind (metrics data_issues/*, summary data_issues), never raised: a
+    # missing or non-UTF-8 caption trains as "" (empty) or is dropped (skip); images above
+    # max_image_pixels (from the header, before decoding; PIL's own bomb limit is 179M) and tar
+    # members above max_member_bytes (never read) drop their sample.
+    bad_captions: Literal["empty", "skip"] = "empty"
+    max_image_pixels: int = Field(64_000_000, gt=0)
+    max_member_bytes: int = Field(64 * 2**20, gt=0)
+    # `pipe:CMD` shard URLs run CMD in a shell (webdataset's gopen): refused unless set.
+    allow_pipe_shards: bool = False
     # Train on VAE latents + text embeddings written by `scaletrain data encode` (data/latents.py):
     # no VAE or text encoder is built. null = detect from the shards; true/false = assert it.
     precomputed: bool | None = None
@@ -733,10 +742,14 @@ def _check_shards(cfg: RunConfig) -> None:
     """Every stage's effective shards (data.shards, data.sources, stage overrides) exist; a folder
     written by `scaletrain data encode` stands for its subfolder at the stage's resolution."""
     from scaletrain.data.latents import resolve_shards
-    from scaletrain.data.pipeline import missing_local_shards
+    from scaletrain.data.pipeline import check_pipe_shards, expand_shards, missing_local_shards
 
+    if cfg.validate.shards is not None:
+        check_pipe_shards(expand_shards(cfg.validate.shards), cfg.data.allow_pipe_shards, "validate.shards")
     for i, stage in enumerate(cfg.train.stages):
         for key, shards in cfg.stage_shard_sets(i):
+            raw = [shards] if isinstance(shards, str) else list(shards)
+            check_pipe_shards([str(x) for x in raw], cfg.data.allow_pipe_shards, key)
             try:
                 urls, _ = resolve_shards(shards, stage.resolution, key)
             except ValueError as e:

@@ -21,6 +21,7 @@ import itertools
 import json
 import random
 import re
+import sys
 import tarfile
 from collections import Counter
 from collections.abc import Generator, Iterable, Iterator
@@ -39,6 +40,8 @@ from scaletrain.data.filters import FilterSpec, first_failing_rule
 from scaletrain.data.mixing import Balance, Source, class_value, cumulative, pick_leaf, plan_leaves
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Kinds of bad data the loader counts (batch["issues"]) instead of raising; each named in the metrics.
+ISSUES = ("bad_caption", "image_too_large", "member_too_large")
 _URL_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "gcs://")
 _SPLITS = ("shard", "sample", "auto")
 # Same key/extension rule as webdataset: key = path up to the first dot of the basename.
@@ -69,6 +72,14 @@ def expand_shards(shards: str | Path | list[str]) -> list[str]:
             "'data/shard-{000000..000007}.tar', or a directory holding *.tar"
         )
     return out
+
+
+def check_pipe_shards(urls: list[str], allowed: bool, where: str = "data.shards") -> None:
+    """``pipe:CMD`` URLs make webdataset run CMD in a shell: only when the recipe says so."""
+    pipes = [u for u in urls if u.startswith("pipe:")]
+    if pipes and not allowed:
+        raise ValueError(f"{where}: {pipes[0]!r} runs a shell command to read the shard; set "
+                         "data.allow_pipe_shards: true if you wrote that command, else use a path or an http(s) URL")
 
 
 def missing_local_shards(urls: list[str]) -> list[str]:
@@ -109,6 +120,14 @@ class LoaderSpec:
     precomputed: bool = False
     empty_text: tuple[torch.Tensor, torch.Tensor] | None = None
     pin_memory: bool = False  # page-locked batches, for non-blocking host-to-GPU copies
+    # Bad data, counted per kind in batch["issues"] (ISSUES) and never raised: a missing or
+    # non-UTF-8 caption trains as "" (empty) or is dropped (skip); an image above max_image_pixels
+    # (read from its header, before decoding) and a tar member above max_member_bytes (skipped
+    # unread) drop their sample; pipe: shard URLs run a shell command and need allow_pipe_shards.
+    bad_captions: str = "empty"
+    max_image_pixels: int = 64_000_000
+    max_member_bytes: int = 64 * 2**20
+    allow_pipe_shards: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -123,6 +142,7 @@ class LoaderSpec:
             (self.skip_batches >= 0, "skip_batches", self.skip_batches, "use >= 0"),
             (0 <= self.rank < self.world_size, "rank", self.rank,
              f"use 0 <= rank < world_size={self.world_size}"),
+            (self.bad_captions in ("empty", "skip"), "bad_captions", self.bad_captions, "use 'empty' or 'skip'"),
         ]
         for ok, name, value, fix in checks:
             if not ok:
@@ -167,16 +187,22 @@ def caption_is_dropped(seed: int, key: str, epoch: int, p: float) -> bool:
 # ---------------------------------------------------------------- reading
 
 
-def _read_shard(url: str) -> Iterator[dict]:
+_REPORTED_SHARDS: set[str] = set()  # damaged shards already named on this process's stderr
+
+
+def _read_shard(url: str, max_member_bytes: int | None = None) -> Iterator[dict]:
     """Raw samples ``{"__key__", ext: bytes}`` grouped by key, streamed.
 
     A truncated/corrupt tar yields the complete samples before the damage plus
     one ``{"__corrupt__"}`` marker instead of raising: one bad shard must not
-    kill a week-long run. (A tar cut exactly at a header boundary looks like a
-    normal end of archive to tarfile and cannot be detected.)
+    kill a week-long run; the shard is named once on stderr. (A tar cut exactly at a
+    header boundary looks like a normal end of archive to tarfile and cannot be detected.)
+    A member larger than ``max_member_bytes`` is not read (its sample gets
+    ``"__issue__": "member_too_large"``): a hostile shard cannot make a worker allocate it.
     """
     stream = gopen(url)
     current: dict | None = None
+    count = 0
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
@@ -185,9 +211,13 @@ def _read_shard(url: str) -> Iterator[dict]:
                     continue
                 key, ext = match.group(1), match.group(2).lower()
                 if current is not None and current["__key__"] != key:
+                    count += 1
                     yield current
                     current = None
                 current = current or {"__key__": key}
+                if max_member_bytes is not None and member.size > max_member_bytes:
+                    current["__issue__"] = "member_too_large"  # stream mode skips its data unread
+                    continue
                 # Stream-mode tarfile returns short data on truncation instead of raising.
                 current[ext] = tar.extractfile(member).read()
                 if len(current[ext]) != member.size:
@@ -195,6 +225,10 @@ def _read_shard(url: str) -> Iterator[dict]:
     except (tarfile.TarError, EOFError, OSError) as err:
         if isinstance(err, FileNotFoundError):
             raise
+        if url not in _REPORTED_SHARDS:
+            _REPORTED_SHARDS.add(url)
+            print(f"scaletrain: data: shard {url} is damaged after {count} samples ({type(err).__name__}: {err}); "
+                  "the rest of it is skipped and counted in skipped_samples", file=sys.stderr, flush=True)
         current = {"__key__": f"{url}#corrupt", "__corrupt__": True}  # drops the partial sample
     finally:
         stream.close()
@@ -218,11 +252,19 @@ def _shuffled(samples: Iterable[dict], buffer: int, rng: random.Random) -> Itera
 # --------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, resolution: int, buckets: tuple[tuple[int, int], ...] = ()) -> torch.Tensor:
+class ImageTooLarge(ValueError):
+    """The image header declares more pixels than allowed (checked before decoding)."""
+
+
+def decode_image(data: bytes, resolution: int, buckets: tuple[tuple[int, int], ...] = (),
+                 max_pixels: int | None = None) -> torch.Tensor:
     """Bytes -> float32 (3, H, W) in [-1, 1]: resized (bicubic) to cover the target and
     center-cropped to it. The target is R x R, or with ``buckets`` the (W, H) bucket whose
-    aspect ratio is nearest the image's."""
+    aspect ratio is nearest the image's. ``max_pixels``: raise ``ImageTooLarge`` from the header
+    (PIL opens lazily), before any pixel is decoded."""
     with Image.open(io.BytesIO(data)) as img:
+        if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
+            raise ImageTooLarge(f"{img.size[0]}x{img.size[1]} pixels")
         img = img.convert("RGB")
     w, h = img.size
     tw, th = buckets[nearest_bucket(w, h, buckets)] if buckets else (resolution, resolution)
@@ -240,9 +282,27 @@ def decode_image(data: bytes, resolution: int, buckets: tuple[tuple[int, int], .
 @dataclass(frozen=True)
 class Dropped:
     """A sample the stream does not train on: ``rule`` is the filter rule it failed, or None
-    when it belongs to another class's stream under data.balance (not counted anywhere)."""
+    when it belongs to another class's stream under data.balance (not counted anywhere);
+    ``issue`` (one of ISSUES) when bad data dropped it."""
 
     rule: str | None
+    issue: str | None = None
+
+
+def caption_problem(raw: dict) -> str | None:
+    """Why a raw sample's caption is unusable: "missing" (no .txt, no caption in its .json) or
+    "invalid utf-8"; None when it is fine (an empty .txt is a caption, e.g. for unconditional data)."""
+    if "txt" in raw:
+        try:
+            raw["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            return "invalid utf-8"
+        return None
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except (ValueError, UnicodeDecodeError):
+        return "missing"
+    return None if isinstance(meta, dict) and meta.get("caption") else "missing"
 
 
 def _sample_class(meta: dict, spec: LoaderSpec, key: str) -> str:
@@ -282,8 +342,11 @@ def read_meta_caption(raw: dict) -> tuple[dict, str] | None:
 
 def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | None:
     """Decoded ``{"key", "caption", "pixels"}`` (precomputed shards: ``"latents"``, ``"text_emb"``,
-    ``"text_mask"`` instead of ``"pixels"``); ``Dropped`` when filtered out (before the image is
-    decoded, which is the expensive part); None when the sample is corrupt."""
+    ``"text_mask"`` instead of ``"pixels"``; ``"issue"`` when bad data was trained around);
+    ``Dropped`` when filtered out (before the image is decoded, which is the expensive part) or
+    dropped for bad data; None when the sample is corrupt."""
+    if raw.get("__issue__"):
+        return Dropped(None, raw["__issue__"])
     if spec.precomputed:
         from scaletrain.data.latents import MEMBER
 
@@ -295,6 +358,11 @@ def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | 
         return None
     meta, caption = parsed
     key = raw["__key__"]
+    issue = "bad_caption" if caption_problem(raw) is not None else None
+    if issue is not None:
+        if spec.bad_captions == "skip":
+            return Dropped(None, issue)
+        caption = ""  # data.bad_captions=empty: train it unconditionally, counted
     dropped = _select(meta, caption, spec, key)  # outside the try: a missing balance field must raise
     if dropped is not None:
         return dropped
@@ -305,14 +373,16 @@ def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | 
         tensors = read_sample(raw)
         if tensors is None:
             return None
-        if drop_caption:
+        if drop_caption or issue is not None:
             tensors["text_emb"], tensors["text_mask"] = spec.empty_text
-        return {"key": key, "caption": "" if drop_caption else caption, **tensors}
+        return {"key": key, "caption": "" if drop_caption else caption, "issue": issue, **tensors}
     try:
-        pixels = decode_image(raw[payload], spec.resolution, spec.buckets)
+        pixels = decode_image(raw[payload], spec.resolution, spec.buckets, spec.max_image_pixels)
+    except ImageTooLarge:
+        return Dropped(None, "image_too_large")
     except Exception:  # noqa: BLE001 - PIL raises many types (SyntaxError, struct.error...) on bad bytes
         return None
-    return {"key": key, "pixels": pixels, "caption": "" if drop_caption else caption}
+    return {"key": key, "pixels": pixels, "caption": "" if drop_caption else caption, "issue": issue}
 
 
 # The per-sample tensors a batch stacks; the first one present sets the batch's shape bucket.
@@ -336,7 +406,7 @@ def _epoch_raw(
         rng = random.Random(_stable_int("shuffle", spec.seed, epoch, spec.rank, worker))
         if spec.shuffle_buffer > 0:
             rng.shuffle(mine)
-        stream = itertools.chain.from_iterable(_read_shard(s) for s in mine)
+        stream = itertools.chain.from_iterable(_read_shard(s, spec.max_member_bytes) for s in mine)
         if spec.shuffle_buffer > 0:
             stream = _shuffled(stream, spec.shuffle_buffer, rng)
         count = 0
@@ -349,7 +419,7 @@ def _epoch_raw(
     # j % slots == slot. `offset` continues the index across epochs, which keeps
     # rank r's n-th sample == global sample n*world + r even when the dataset
     # size is not a multiple of world_size.
-    stream = itertools.chain.from_iterable(_read_shard(s) for s in shards)
+    stream = itertools.chain.from_iterable(_read_shard(s, spec.max_member_bytes) for s in shards)
     if spec.shuffle_buffer > 0:
         rng = random.Random(_stable_int("shuffle", spec.seed, epoch))
         stream = _shuffled(stream, spec.shuffle_buffer, rng)
@@ -486,7 +556,7 @@ def _batches(spec: LoaderSpec, streams: list[Stream], worker: int) -> Iterator[d
     # buckets a batch is emitted when its bucket fills, so every batch holds one bucket. The
     # emission order depends only on the slot's stream, so skip_batches stays exact.
     pending: dict[tuple[int, ...], tuple[list[dict], list[Stream]]] = {}
-    skipped, filtered = 0, Counter()
+    skipped, filtered, issues = 0, Counter(), Counter()
     for n in itertools.count():
         # Slot s's n-th sample is global sample n * slots + s (as in split="sample"), so the leaf
         # picks are the same for any rank layout and for a resumed run.
@@ -498,8 +568,12 @@ def _batches(spec: LoaderSpec, streams: list[Stream], worker: int) -> Iterator[d
             elif isinstance(item, Dropped):
                 if item.rule is not None:
                     filtered[item.rule] += 1
+                if item.issue is not None:
+                    issues[item.issue] += 1
             else:
                 break
+        if item.get("issue"):  # bad data trained around (a caption replaced by "")
+            issues[item["issue"]] += 1
         fields = [f for f in _TENSOR_FIELDS if f in item]
         shape = tuple(item[fields[0]].shape)
         items, provenance = pending.setdefault(shape, ([], []))
@@ -511,12 +585,13 @@ def _batches(spec: LoaderSpec, streams: list[Stream], worker: int) -> Iterator[d
             else:
                 batch = {f: torch.stack([it[f] for it in items]) for f in fields}
                 batch.update(captions=[it["caption"] for it in items], keys=[it["key"] for it in items],
-                             skipped=skipped, filtered=dict(filtered), sources=[st.source for st in provenance])
+                             skipped=skipped, filtered=dict(filtered), issues=dict(issues),
+                             sources=[st.source for st in provenance])
                 if spec.balance is not None:
                     batch["labels"] = [st.label for st in provenance]
                 yield batch
             del pending[shape]
-            skipped, filtered = 0, Counter()
+            skipped, filtered, issues = 0, Counter(), Counter()
 
 
 class _SlotDataset(IterableDataset):
@@ -534,13 +609,15 @@ def build_loader(spec: LoaderSpec) -> Iterable[dict]:
     """Infinite iterable of whole micro-batches for ``spec.rank``.
 
     Batch: ``{"pixels": (B,3,R,R) (or (B,3,H,W) of one bucket) float32 in [-1,1], "captions": list[str],
-    "keys": list[str], "skipped": int, "filtered": {rule: int}, "sources": list[str]}``
+    "keys": list[str], "skipped": int, "filtered": {rule: int}, "issues": {kind: int}, "sources": list[str]}``
     (+ ``"labels": list[str]`` under ``spec.balance``); sum "skipped" for the corrupt total
     and "filtered" for the samples data.filters dropped. Precomputed shards give ``"latents"``
     (B, 2C, h, w: posterior mean and logvar), ``"text_emb"`` (B, L, D), ``"text_mask"`` (B, L)
     instead of ``"pixels"``.
     """
     streams = plan_streams(spec)
+    for st in streams:
+        check_pipe_shards(st.shards, spec.allow_pipe_shards, st.spec.stream_name)
     # batch_size=None: workers emit whole batches themselves, so "skipped" can
     # be attributed per batch and no batch ever mixes workers or comes out short.
     return DataLoader(_SlotDataset(spec, streams), batch_size=None, num_workers=spec.num_workers,

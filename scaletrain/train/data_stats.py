@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 
 from scaletrain.data.filters import RULES
+from scaletrain.data.pipeline import ISSUES
 
 
 class DataCounts:
@@ -22,15 +23,17 @@ class DataCounts:
         self.log_sources = False
         self.stage: Counter = Counter()  # cumulative over the current stage, all ranks
         self.filtered_total: Counter = Counter()  # whole run, per rule, all ranks
+        self.issues_total: Counter = Counter()  # whole run, per kind of bad data (pipeline.ISSUES)
         self.step_filtered = 0
+        self.step_issues: dict[str, int] = {}
         self._local: Counter = Counter()
 
     @property
     def keys(self) -> list[str]:
         """The fixed order of the all-reduced vector: the same on every rank (from the config
         and the deterministic class scan), never from what a rank happened to see."""
-        return ([f"filtered/{r}" for r in RULES] + [f"source/{s}" for s in self.sources]
-                + [f"class/{c}" for c in self.classes])
+        return ([f"filtered/{r}" for r in RULES] + [f"issue/{i}" for i in ISSUES]
+                + [f"source/{s}" for s in self.sources] + [f"class/{c}" for c in self.classes])
 
     def begin_stage(self, sources: list[str], classes: list[str], *, log_sources: bool, fresh: bool) -> None:
         """A stage (re)starts: ``fresh`` from its first step (counts reset), else mid-stage after a
@@ -44,6 +47,7 @@ class DataCounts:
         self._local.update(f"source/{s}" for s in batch.get("sources", ()))
         self._local.update(f"class/{c}" for c in batch.get("labels", ()) or ())
         self._local.update({f"filtered/{r}": n for r, n in (batch.get("filtered") or {}).items()})
+        self._local.update({f"issue/{i}": n for i, n in (batch.get("issues") or {}).items()})
 
     def local_vector(self) -> list[float]:
         vec = [float(self._local.get(k, 0)) for k in self.keys]
@@ -56,7 +60,9 @@ class DataCounts:
         self.step_filtered = sum(v for k, v in step.items() if k.startswith("filtered/"))
         self.filtered_total.update({k.removeprefix("filtered/"): v for k, v in step.items()
                                     if k.startswith("filtered/")})
-        self.stage.update({k: v for k, v in step.items() if not k.startswith("filtered/")})
+        self.step_issues = {k.removeprefix("issue/"): v for k, v in step.items() if k.startswith("issue/")}
+        self.issues_total.update(self.step_issues)
+        self.stage.update({k: v for k, v in step.items() if not k.startswith(("filtered/", "issue/"))})
 
     def _fractions(self, prefix: str, names: list[str], label: str) -> dict:
         counts = {n: self.stage.get(f"{prefix}/{n}", 0) for n in names}
@@ -68,6 +74,7 @@ class DataCounts:
     def record(self) -> dict:
         """This step's metrics fields: filter drops, and the stage's realised fractions so far."""
         out: dict = {"filtered_samples": self.step_filtered}
+        out.update({f"data_issues/{k}": v for k, v in self.step_issues.items()})  # only kinds seen this step
         if self.log_sources:
             out.update(self._fractions("source", self.sources, "source"))
         if self.classes:
@@ -84,8 +91,10 @@ class DataCounts:
         return out
 
     def state_dict(self) -> dict:
-        return {"stage": dict(self.stage), "filtered_total": dict(self.filtered_total)}
+        return {"stage": dict(self.stage), "filtered_total": dict(self.filtered_total),
+                "issues_total": dict(self.issues_total)}
 
     def load_state_dict(self, state: dict) -> None:
         self.stage = Counter(state.get("stage", {}))
         self.filtered_total = Counter(state.get("filtered_total", {}))
+        self.issues_total = Counter(state.get("issues_total", {}))

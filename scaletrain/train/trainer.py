@@ -484,6 +484,8 @@ class Trainer:
             skip_batches=skip, **self.stage_data_fields(resolution),
             buckets=tuple(d.buckets.sizes(resolution, self.model.preset.downsample_factor) if d.buckets.enabled else ()),
             precomputed=self.encoding is not None, pin_memory=self.device.type == "cuda",
+            bad_captions=d.bad_captions, max_image_pixels=d.max_image_pixels, max_member_bytes=d.max_member_bytes,
+            allow_pipe_shards=d.allow_pipe_shards,
             empty_text=self.encoding.empty_caption() if self.encoding is not None else None,
         )
         loader = build_loader(spec)
@@ -649,6 +651,7 @@ class Trainer:
             "skipped_samples": self.skipped_samples,
             "filtered_samples": sum(self.data_counts.filtered_total.values()),
             "filtered_by_rule": dict(self.data_counts.filtered_total),
+            "data_issues": dict(self.data_counts.issues_total),  # bad data counted per kind (not raised)
             "engine": self.engine.name,
             "world_size": self.dist.world_size,
             "params_total": self.engine.full_param_numel(),

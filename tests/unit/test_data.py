@@ -141,7 +141,69 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     assert all(b["captions"][0] for b in batches)
 
 
-def test_truncated_shard_does_not_crash(tmp_path: Path) -> None:
+def _bad_data_shard(path: Path) -> None:
+    """8 samples: 0 good, 1 no caption anywhere, 2 a non-UTF-8 caption, 3 an empty .txt (a valid
+    unconditional caption), 4 a 2000x2000 image, 5 a 2 MiB extra member, 6-7 good."""
+    samples = [make_synthetic_sample(i, 0, 32) for i in range(8)]
+    del samples[1]["txt"]
+    samples[1]["json"] = json.dumps({k: v for k, v in json.loads(samples[1]["json"]).items() if k != "caption"})
+    samples[2]["txt"] = b"caf\xe9 au lait"  # latin-1, not UTF-8
+    samples[3]["txt"] = ""
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 2000), (200, 10, 10)).save(buf, format="PNG")
+    del samples[4]["jpg"]
+    samples[4]["png"] = buf.getvalue()
+    samples[5]["extra.bin"] = b"\0" * (2 * 2**20)
+    write_tar_shard(path, samples)
+
+
+@pytest.mark.parametrize("mode", ["empty", "skip"])
+def test_bad_data_is_counted_by_kind_and_the_run_goes_on(tmp_path: Path, mode: str) -> None:
+    _bad_data_shard(tmp_path / "bad.tar")
+    spec = LoaderSpec(shards=[str(tmp_path / "bad.tar")], resolution=32, micro_batch=1, num_workers=0,
+                      bad_captions=mode, max_image_pixels=1_000_000, max_member_bytes=2**20)
+    kept = ["000000000", "000000001", "000000002", "000000003", "000000006", "000000007"]
+    if mode == "skip":
+        kept = [k for k in kept if k not in ("000000001", "000000002")]
+    batches = _take(build_loader(spec), len(kept))
+    assert [b["keys"][0] for b in batches] == kept
+    captions = {b["keys"][0]: b["captions"][0] for b in batches}
+    assert captions["000000003"] == "" and captions["000000000"]
+    issues: dict[str, int] = {}
+    for b in batches:
+        for kind, n in b["issues"].items():
+            issues[kind] = issues.get(kind, 0) + n
+    assert issues == {"bad_caption": 2, "image_too_large": 1, "member_too_large": 1}
+    if mode == "empty":
+        assert captions["000000001"] == captions["000000002"] == ""
+
+
+def test_image_too_large_is_refused_from_its_header(monkeypatch) -> None:
+    from scaletrain.data.pipeline import ImageTooLarge
+
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 1000)).save(buf, format="PNG")
+    monkeypatch.setattr(Image.Image, "convert", lambda *a, **k: pytest.fail("decoded a refused image"))
+    with pytest.raises(ImageTooLarge, match="3000x1000 pixels"):
+        decode_image(buf.getvalue(), 32, max_pixels=2_999_999)
+
+
+def test_pipe_shards_need_an_explicit_yes(tmp_path: Path, synth_shards) -> None:
+    from scaletrain.config import ConfigError, load_config
+    from tests.conftest import shard_pattern
+
+    spec = LoaderSpec(shards=["pipe:cat /dev/null"], resolution=32, micro_batch=1, num_workers=0)
+    with pytest.raises(ValueError, match=r"'pipe:cat /dev/null' runs a shell command .* data.allow_pipe_shards: true"):
+        build_loader(spec)
+    sets = ["train.stages.0.global_batch=null", "train.stages.1.global_batch=null"]
+    with pytest.raises(ConfigError, match=r"data.shards: 'pipe:curl -s http://x/a.tar' runs a shell command"):
+        load_config("configs/demo.yaml", ["data.shards=pipe:curl -s http://x/a.tar", *sets])
+    with pytest.raises(ConfigError, match=r"validate.shards: 'pipe:cat v.tar' runs a shell command"):
+        load_config("configs/demo.yaml", [f"data.shards={shard_pattern(synth_shards)}", "validate.shards=pipe:cat v.tar",
+                                          *sets])
+
+
+def test_truncated_shard_does_not_crash(tmp_path: Path, capsys) -> None:
     paths = _write_uneven(tmp_path, [4, 4])
     with tarfile.open(paths[1]) as tar:
         cut = tar.getmember("000000006.jpg")
@@ -153,6 +215,9 @@ def test_truncated_shard_does_not_crash(tmp_path: Path) -> None:
     assert keys == [f"{i:09d}" for i in range(6)] * 2 + keys[:2]
     # One marker per epoch; epoch 1's lands in the batch after its last sample.
     assert [b["skipped"] for b in batches] == [0, 0, 0, 1, 0, 0, 1]
+    # the damaged shard is named once, with how many samples came before the damage
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("scaletrain: data: shard")]
+    assert len(err) == 1 and paths[1] in err[0] and "damaged after 2 samples" in err[0]
 
 
 # ---------------------------------------------------------------- shards
