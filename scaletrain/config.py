@@ -394,6 +394,7 @@ class HealthSection(_Section):
     # Test hook: make the loss NaN on rank inject_nan_rank at these steps (counted without
     # rollbacks: a step re-run after a rollback keeps counting up). Leave empty in real runs.
     inject_nan_steps: list[int] = []
+    inject_spike_steps: list[int] = []  # likewise: the loss x 1000 on that rank (a spike, finite)
     inject_nan_rank: int = Field(1, ge=0)
 
 
@@ -616,7 +617,7 @@ def _check_health(cfg: RunConfig, world: int) -> None:
         if 0 < value <= 1:
             raise ValueError(f"health.{name}={value} would flag ordinary steps (a factor of the EMA); "
                              f"use a value above 1, e.g. 3, or 0 to disable")
-    if h.inject_nan_steps and h.inject_nan_rank >= world:
+    if (h.inject_nan_steps or h.inject_spike_steps) and h.inject_nan_rank >= world:
         raise ValueError(f"health.inject_nan_rank={h.inject_nan_rank} but the world size is {world}; "
                          f"use a rank below {world}")
     if any(s < 1 for s in h.inject_nan_steps):

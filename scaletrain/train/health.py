@@ -78,6 +78,10 @@ class HealthGuard:
         self.data_skip[stage] = self.data_skip.get(stage, 0) + skip_batches
         self._bad.clear()
 
+    def inject_spike(self, attempt: int, rank: int) -> bool:
+        """Test hook (health.inject_spike_steps): multiply this rank's loss by 1000 at this step."""
+        return rank == self.cfg.inject_nan_rank and attempt in self.cfg.inject_spike_steps
+
     def inject_nan(self, attempt: int, rank: int) -> bool:
         """Test hook (health.inject_nan_steps): poison this rank's loss at this step."""
         return rank == self.cfg.inject_nan_rank and attempt in self.cfg.inject_nan_steps

@@ -327,6 +327,18 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self._checkpoint_records(lambda: self.ckpt.save(self.step, self.state_dict())):
             self.good_ckpt_step = self.step  # skipped steps leave weights untouched: still good
+            if self.cfg.health.enabled:  # what a rollback to this checkpoint must bring back
+                self.logger.log({"step": self.step, "checkpoint_weights_fingerprint": self.weights_fingerprint()})
+
+    def weights_fingerprint(self) -> float:
+        """Collective: sum over every rank's parameter shards of sum(w^2 + w) in float64. Changes
+        with any update, and is equal after loading the same weights on the same layout; the
+        rollback record shows both, so a rollback that did not really reload is visible."""
+        total = torch.zeros((), dtype=torch.float64)
+        for shard in self.engine.local_param_shards():
+            x = shard.local.detach().to("cpu", torch.float64)
+            total += (x * x + x).sum()
+        return all_reduce_sum([float(total)], self.device)[0]
 
     def finalize_checkpoint(self) -> None:
         """Commit a pending async checkpoint (its failure is handled like a failed save)."""
@@ -384,14 +396,17 @@ class Trainer:
         steps see new data rather than the batches that went bad."""
         from_step, consumed = self.step, self.step_in_stage
         live = self.health.state_dict()
+        before = self.weights_fingerprint()
         state = self.ckpt.load_step(self.good_ckpt_step)
         self.restore(state)
+        after = self.weights_fingerprint()
         self.health.load_state_dict(live)
         back = state["step_in_stage"] if state["stage"] == index else 0
         skip = (consumed - back) * stage.grad_accum
         self.health.begin_rollback(index, skip)
         self.logger.log({"step": from_step, "rollback": True, "to_step": self.step, "lr_scale": self.health.lr_scale,
-                         "skipped_micro_batches": skip, "stage": index})
+                         "skipped_micro_batches": skip, "stage": index,
+                         "weights_fingerprint_before": before, "weights_fingerprint_after": after})
         self.logger.event(f"health: rollback {self.health.rollbacks} from step {from_step} to the checkpoint at "
                           f"step {self.step}; LR scale {self.health.lr_scale:g}; stage {index}'s data moves on "
                           f"past {skip} micro-batches per rank")
@@ -456,6 +471,8 @@ class Trainer:
             loss, _ = diffusion_loss(pred.float(), target, timesteps, self.noise_scheduler, self.objective)
             if self.health.inject_nan(self.attempt + 1, self.dist.rank):  # test hook, one rank only
                 loss = poison(loss)
+            if self.health.inject_spike(self.attempt + 1, self.dist.rank):  # test hook: loss x 1000, one rank
+                loss = loss * 1000.0
             self.engine.backward(loss)
         return loss.detach()
 

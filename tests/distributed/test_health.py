@@ -57,21 +57,27 @@ def test_skip_leaves_weights_and_optimizer_bit_identical(kinds):
 
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])  # deepspeed: ds_configs/zero3.json
 def test_nan_on_one_rank_is_skipped_then_repeated_nans_roll_back(synth_shards, tmp_path, engine):
-    """NaN at step 3 (rank 1): skipped. NaN at steps 5 and 6: 2 bad within the window -> back
-    to the step-4 checkpoint, LR halved, data moved past the bad stretch, run completes."""
+    """NaN at step 3 (rank 1): skipped. Step 5 trains; NaN at steps 6 and 7: 2 bad within the
+    window -> back to the step-4 checkpoint, LR halved, data moved past the bad stretch, run
+    completes. The rollback really reloads: the weights before it (step 5 applied) differ from
+    the checkpoint's, and after it equal them bit for bit."""
     d = tmp_path / "run"
-    r = _train(synth_shards, d, engine, "checkpoint.every_steps=4", "health.inject_nan_steps=[3,5,6]",
+    r = _train(synth_shards, d, engine, "checkpoint.every_steps=4", "health.inject_nan_steps=[3,6,7]",
                "health.window=2", "health.max_bad_in_window=2")
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     records = read_metrics(d, steps_only=False)
     steps = [m for m in records if "loss" in m]
-    # attempts 1-6 are steps 1-6; the rollback returns to step 4; attempts 7-10 are steps 5-8
-    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
-    assert [m["skipped_step"] for m in steps] == [False, False, True, False, True, True, False, False, False, False]
+    # attempts 1-7 are steps 1-7; the rollback returns to step 4; attempts 8-11 are steps 5-8
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6, 7, 5, 6, 7, 8]
+    assert [m["skipped_step"] for m in steps] == [False, False, True, False, False, True, True] + [False] * 4
     rollbacks = [m for m in records if m.get("rollback")]
-    assert rollbacks == [{"step": 6, "rollback": True, "to_step": 4, "lr_scale": 0.5,
-                          "skipped_micro_batches": 2, "stage": 0}]
-    assert [m["lr"] for m in steps] == pytest.approx([LR] * 6 + [LR / 2] * 4)
+    prints = [{k: m.pop(k) for k in ("weights_fingerprint_before", "weights_fingerprint_after")} for m in rollbacks]
+    assert rollbacks == [{"step": 7, "rollback": True, "to_step": 4, "lr_scale": 0.5,
+                          "skipped_micro_batches": 3, "stage": 0}]
+    saved = {m["step"]: m["checkpoint_weights_fingerprint"] for m in records if "checkpoint_weights_fingerprint" in m}
+    assert prints[0]["weights_fingerprint_after"] == saved[4]
+    assert prints[0]["weights_fingerprint_before"] != saved[4]
+    assert [m["lr"] for m in steps] == pytest.approx([LR] * 7 + [LR / 2] * 4)
     assert all(math.isfinite(m["loss"]) for m in steps if not m["skipped_step"])
     assert all(not math.isfinite(m["grad_norm"]) for m in steps if m["skipped_step"])
     summary = json.loads((d / "summary.json").read_text())
@@ -79,13 +85,34 @@ def test_nan_on_one_rank_is_skipped_then_repeated_nans_roll_back(synth_shards, t
     assert math.isfinite(summary["final_loss"])
     # quarantine: one line per rank per bad step; rank 1 had the NaN, rank 0 a finite loss
     q = _quarantine(d)
-    assert [(x["step"], x["rank"]) for x in q] == [(3, 0), (3, 1), (5, 0), (5, 1), (6, 0), (6, 1)]
+    assert [(x["step"], x["rank"]) for x in q] == [(3, 0), (3, 1), (6, 0), (6, 1), (7, 0), (7, 1)]
     assert all(len(x["keys"]) == 2 and "not finite" in x["reason"] for x in q)
     assert all(math.isnan(x["loss"]) == (x["rank"] == 1) for x in q)
     assert len({k for x in q for k in x["keys"]}) == 12  # each bad step's own, distinct samples
     # the final checkpoint carries the LR scale and the data skip, so a relaunch keeps both
     state = json.loads((d / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())
-    assert state["health"]["lr_scale"] == 0.5 and state["health"]["data_skip"] == {"0": 2}
+    assert state["health"]["lr_scale"] == 0.5 and state["health"]["data_skip"] == {"0": 3}
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_loss_spike_on_one_rank_is_skipped_on_every_rank(synth_shards, tmp_path, engine):
+    """End to end: rank 1's loss x 1000 at steps 5 and 7 (finite, so only the spike check can
+    catch it). The all-reduced loss exceeds 3 x its EMA: both steps are skipped on both ranks
+    (quarantine has each rank's line), no rollback (2 bad < max_bad_in_window 3), the run ends."""
+    d = tmp_path / "run"
+    r = _train(synth_shards, d, engine, "health.inject_spike_steps=[5,7]", "health.min_steps=2",
+               "health.window=8", "health.max_bad_in_window=3")
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    steps = read_metrics(d)
+    assert [m["step"] for m in steps] == list(range(1, 9))
+    assert [m["step"] for m in steps if m["skipped_step"]] == [5, 7]
+    assert all(math.isfinite(m["loss"]) for m in steps)
+    assert steps[4]["loss"] > 100 * steps[3]["loss"]  # the spike reached the guard (rank mean)
+    q = _quarantine(d)
+    assert [(x["step"], x["rank"]) for x in q] == [(5, 0), (5, 1), (7, 0), (7, 1)]
+    assert all("loss=" in x["reason"] and "x its EMA" in x["reason"] for x in q)
+    summary = json.loads((d / "summary.json").read_text())
+    assert (summary["bad_steps"], summary["rollbacks"]) == (2, 0)
 
 
 def test_endless_nans_stop_after_max_rollbacks(synth_shards, tmp_path):
