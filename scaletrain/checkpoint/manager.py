@@ -6,6 +6,7 @@ Layout of one checkpoint (a shared filesystem visible to every rank is assumed):
         engine/                      model + optimizer (DCP shards, or DeepSpeed ZeRO partitions)
         ema/                         the sharded EMA (DCP on every engine), when ema.enabled
         rng-rank{r}.safetensors      each rank's torch (and CUDA) RNG state
+        state-rank{r}.json           each rank's own counters: its data stream position per slot
         trainer_state.json           step, stage, images seen, data position, loss EMA, ...
         meta.json                    written last, before the rename: engine, world size, sizes
 
@@ -176,7 +177,7 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save / load
 
-    def save(self, step: int, trainer_state: dict) -> list[dict]:
+    def save(self, step: int, trainer_state: dict, rank_state: dict | None = None) -> list[dict]:
         """Collective. Returns records for the metrics log (timings of this and earlier saves).
 
         Synchronous: returns once the checkpoint is committed. Async (checkpoint.async_save on
@@ -200,7 +201,7 @@ class CheckpointManager:
             if error is None:
                 error = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
         self._agree(error, step, tmp)
-        self._agree(_attempt(lambda: self._write_small(tmp, trainer_state)), step, tmp)
+        self._agree(_attempt(lambda: self._write_small(tmp, trainer_state, rank_state)), step, tmp)
         # Extra states are written synchronously, also when the engine's write is async: a
         # second async DCP write would need its own process group to stay ordered. The EMA is
         # 1/world of the fp32 weights per rank, a third of what the weights + AdamW moments write.
@@ -225,8 +226,10 @@ class CheckpointManager:
         records.append({"checkpoint_step": step, "checkpoint_stall_seconds": stall})
         return records
 
-    def _write_small(self, tmp: Path, trainer_state: dict) -> None:
+    def _write_small(self, tmp: Path, trainer_state: dict, rank_state: dict | None) -> None:
         save_file(_rng_state(self.dist.device), str(tmp / f"rng-rank{self.dist.rank}.safetensors"))
+        if rank_state is not None:  # this rank's own counters (its data stream position)
+            (tmp / f"state-rank{self.dist.rank}.json").write_text(json.dumps(rank_state))
         if self.dist.is_main:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
 
@@ -348,11 +351,14 @@ class CheckpointManager:
         rng_file = info.path / f"rng-rank{self.dist.rank}.safetensors"
         # At another world size a rank may have no RNG file of its own; rank-local RNG only
         # drives dropout-like noise inside models, never the objective's noise (keyed per sample).
-        rng, error = None, None
+        rank_file = info.path / f"state-rank{self.dist.rank}.json"
+        rng, rank_state, error = None, {}, None
         try:  # the small files first, agreed across ranks, before any collective load
             state = read_json(info.path / "trainer_state.json")
             if rng_file.is_file() and info.meta.get("world_size") == self.dist.world_size:
                 rng = read_safetensors(rng_file)
+            if rank_file.is_file() and info.meta.get("world_size") == self.dist.world_size:
+                rank_state = read_json(rank_file)
         except CheckpointLoadError as e:
             error = e
         raise_agreed(error)
@@ -361,6 +367,7 @@ class CheckpointManager:
             extra.load(info.path / name if (info.path / name).is_dir() else None)
         if rng is not None:
             _set_rng_state(rng, self.dist.device)
+        state["_rank_state"] = rank_state  # {} at another world size: rank-local state does not carry over
         state["_resumed_from"] = str(info.path)
         state["_resumed_world_size"] = info.meta.get("world_size")
         return state

@@ -120,6 +120,9 @@ class LoaderSpec:
     precomputed: bool = False
     empty_text: tuple[torch.Tensor, torch.Tensor] | None = None
     pin_memory: bool = False  # page-locked batches, for non-blocking host-to-GPU copies
+    # Per-slot positions ({str(worker): batch["position"] minus "slot"}) to continue from instead of
+    # replaying the stage from its start (see _batches); skip_batches still counts from the start.
+    resume: dict | None = None
     # Bad data, counted per kind in batch["issues"] (ISSUES) and never raised: a missing or
     # non-UTF-8 caption trains as "" (empty) or is dropped (skip); an image above max_image_pixels
     # (read from its header, before decoding) and a tar member above max_member_bytes (skipped
@@ -190,8 +193,29 @@ def caption_is_dropped(seed: int, key: str, epoch: int, p: float) -> bool:
 _REPORTED_SHARDS: set[str] = set()  # damaged shards already named on this process's stderr
 
 
-def _read_shard(url: str, max_member_bytes: int | None = None) -> Iterator[dict]:
-    """Raw samples ``{"__key__", ext: bytes}`` grouped by key, streamed.
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZ", b"\xfd7zXZ")  # gzip, bzip2, xz: offsets are not file offsets
+
+
+def _open_at(url: str, start: int | None):
+    """(stream, base, skip_below): the shard opened at byte ``start`` when it is a seekable,
+    uncompressed file (then ``base`` = start); otherwise from its beginning, and samples that
+    begin below ``skip_below`` are to be passed over (their members are read, never decoded)."""
+    stream = gopen(url)
+    if not start:
+        return stream, 0, 0
+    if getattr(stream, "seekable", lambda: False)():
+        head = stream.read(6)
+        if not any(head.startswith(m) for m in _COMPRESSED_MAGIC):
+            stream.seek(start)
+            return stream, start, 0
+        stream.seek(0)
+    return stream, 0, start
+
+
+def _read_shard(url: str, max_member_bytes: int | None = None, start: int | None = None) -> Iterator[dict]:
+    """Raw samples ``{"__key__", "__pos__", ext: bytes}`` grouped by key, streamed; ``__pos__`` is
+    the byte offset of the sample's first tar header, and ``start`` (such an offset) begins there
+    (a seek in a local uncompressed shard: nothing before it is read).
 
     A truncated/corrupt tar yields the complete samples before the damage plus
     one ``{"__corrupt__"}`` marker instead of raising: one bad shard must not
@@ -200,7 +224,7 @@ def _read_shard(url: str, max_member_bytes: int | None = None) -> Iterator[dict]
     A member larger than ``max_member_bytes`` is not read (its sample gets
     ``"__issue__": "member_too_large"``): a hostile shard cannot make a worker allocate it.
     """
-    stream = gopen(url)
+    stream, base, skip_below = _open_at(url, start)
     current: dict | None = None
     count = 0
     try:
@@ -212,12 +236,15 @@ def _read_shard(url: str, max_member_bytes: int | None = None) -> Iterator[dict]
                 key, ext = match.group(1), match.group(2).lower()
                 if current is not None and current["__key__"] != key:
                     count += 1
-                    yield current
+                    if current["__pos__"] >= skip_below:
+                        yield current
                     current = None
-                current = current or {"__key__": key}
+                current = current or {"__key__": key, "__pos__": base + member.offset}
                 if max_member_bytes is not None and member.size > max_member_bytes:
                     current["__issue__"] = "member_too_large"  # stream mode skips its data unread
                     continue
+                if current["__pos__"] < skip_below:
+                    continue  # passing over to ``start``: the data is skipped by the stream, not kept
                 # Stream-mode tarfile returns short data on truncation instead of raising.
                 current[ext] = tar.extractfile(member).read()
                 if len(current[ext]) != member.size:
@@ -232,21 +259,8 @@ def _read_shard(url: str, max_member_bytes: int | None = None) -> Iterator[dict]
         current = {"__key__": f"{url}#corrupt", "__corrupt__": True}  # drops the partial sample
     finally:
         stream.close()
-    if current is not None:
+    if current is not None and (current.get("__corrupt__") or current["__pos__"] >= skip_below):
         yield current
-
-
-def _shuffled(samples: Iterable[dict], buffer: int, rng: random.Random) -> Iterator[dict]:
-    """Shuffle-buffer: memory-bounded shuffle of a stream (as in webdataset)."""
-    pool: list[dict] = []
-    for sample in samples:
-        pool.append(sample)
-        if len(pool) >= buffer:
-            i = rng.randrange(len(pool))
-            pool[i], pool[-1] = pool[-1], pool[i]
-            yield pool.pop()
-    rng.shuffle(pool)
-    yield from pool
 
 
 # --------------------------------------------------------------- decoding
@@ -392,42 +406,125 @@ _TENSOR_FIELDS = ("pixels", "latents", "text_emb", "text_mask")
 # -------------------------------------------------------------- splitting
 
 
+def _raw_ref(raw: dict) -> list:
+    """Where a raw sample can be read again: [shard url, byte offset], or a damaged shard's marker."""
+    if raw.get("__corrupt__"):
+        return ["#corrupt", raw["__key__"]]
+    return [raw["__shard__"], raw["__pos__"]]
+
+
+def _reread(ref: list, max_member_bytes: int | None) -> dict:
+    if ref[0] == "#corrupt":
+        return {"__key__": ref[1], "__corrupt__": True}
+    raw = next(_read_shard(ref[0], max_member_bytes, start=ref[1]))
+    raw["__shard__"] = ref[0]
+    return raw
+
+
+def _rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+class _RawEpoch:
+    """Raw samples of one epoch for slot (rank, worker), resumable without decoding anything:
+    ``state()`` after any sample, and ``_RawEpoch(..., state=)`` continues from there by seeking
+    in the shard (by the byte offset of the last sample read) and re-reading only the samples a
+    shuffle buffer held (their offsets are in the state, with the shuffle RNG's state).
+
+    Slot = worker * world_size + rank. "shard": shard i goes to slot i % slots (as
+    ``wds.split_by_node`` then ``split_by_worker``), in an order shuffled per (seed, epoch, rank,
+    worker) with a shuffle buffer. "sample": every slot reads the same stream, shuffled by (seed,
+    epoch) only so all slots agree, and keeps index j iff (offset + j) % slots == slot: `offset`
+    continues the index across epochs, so rank r's n-th sample is global sample n*world + r even
+    when the dataset size is not a multiple of world_size. ``count`` is the number of samples
+    of that (shuffled) stream consumed; at the end of the epoch it is the epoch's raw count.
+    """
+
+    def __init__(self, spec: LoaderSpec, shards: list[str], mode: str, epoch: int, worker: int, offset: int,
+                 state: dict | None = None) -> None:
+        self.spec, self.mode, self.offset = spec, mode, offset
+        self.slots, self.slot = spec.num_slots, worker * spec.world_size + spec.rank
+        shuffle = spec.shuffle_buffer > 0
+        if mode == "shard":
+            order = shards[self.slot::self.slots]
+            rng = random.Random(_stable_int("shuffle", spec.seed, epoch, spec.rank, worker))
+            if shuffle:
+                rng.shuffle(order)
+        else:
+            order = list(shards)
+            rng = random.Random(_stable_int("shuffle", spec.seed, epoch))
+        self.order, self.rng = order, rng if shuffle else None
+        self.count, self.pool, self.flushing = 0, [], False
+        self.cursor: tuple[int, int | str | None] = (0, None)  # (shard index, offset of the last sample read)
+        if state is not None:
+            self.count, self.flushing = state["count"], state["flushing"]
+            self.cursor = (state["cursor"][0], state["cursor"][1])
+            self.pool = [_reread(ref, spec.max_member_bytes) for ref in state["pool"]]
+            if self.rng is not None:
+                version, internal, gauss = state["rng"]
+                self.rng.setstate((version, tuple(internal), gauss))
+        self._reader = self._read_from(self.cursor)
+
+    def state(self) -> dict:
+        return {"count": self.count, "flushing": self.flushing, "cursor": list(self.cursor),
+                "pool": [_raw_ref(r) for r in self.pool],
+                "rng": _rng_state(self.rng) if self.rng is not None else None}
+
+    def _read_from(self, cursor: tuple[int, int | str | None]) -> Iterator[dict]:
+        index, last = cursor
+        while index < len(self.order):
+            url = self.order[index]
+            if last != "end":
+                skip_first = last is not None  # the sample at ``last`` was read before the state was taken
+                for raw in _read_shard(url, self.spec.max_member_bytes, start=last):
+                    if skip_first:
+                        skip_first = False
+                        continue
+                    raw["__shard__"] = url
+                    self.cursor = (index, "end" if raw.get("__corrupt__") else raw["__pos__"])
+                    yield raw
+            index, last = index + 1, None
+            self.cursor = (index, None)
+
+    def _next_shuffled(self) -> dict:
+        if self.rng is None:
+            return next(self._reader)
+        # A shuffle buffer as webdataset's: fill, then emit a random element per sample read;
+        # at the end shuffle what is left and emit it in order (popped from the reversed list).
+        if not self.flushing:
+            for raw in self._reader:
+                self.pool.append(raw)
+                if len(self.pool) >= self.spec.shuffle_buffer:
+                    i = self.rng.randrange(len(self.pool))
+                    self.pool[i], self.pool[-1] = self.pool[-1], self.pool[i]
+                    return self.pool.pop()
+            self.rng.shuffle(self.pool)
+            self.pool.reverse()
+            self.flushing = True
+        if self.pool:
+            return self.pool.pop()
+        raise StopIteration
+
+    def __iter__(self) -> "_RawEpoch":
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            raw = self._next_shuffled()
+            self.count += 1
+            if self.mode == "shard" or (self.offset + self.count - 1) % self.slots == self.slot:
+                return raw
+
+
 def _epoch_raw(
     spec: LoaderSpec, shards: list[str], mode: str, epoch: int, worker: int, offset: int
 ) -> Generator[dict, None, int]:
-    """Raw samples of one epoch for slot (rank, worker); returns the epoch's global raw count.
-
-    Slot = worker * world_size + rank, so shard i goes to rank i % world_size
-    (same as ``wds.split_by_node`` then ``split_by_worker``).
-    """
-    slots, slot = spec.num_slots, worker * spec.world_size + spec.rank
-    if mode == "shard":
-        mine = shards[slot::slots]
-        rng = random.Random(_stable_int("shuffle", spec.seed, epoch, spec.rank, worker))
-        if spec.shuffle_buffer > 0:
-            rng.shuffle(mine)
-        stream = itertools.chain.from_iterable(_read_shard(s, spec.max_member_bytes) for s in mine)
-        if spec.shuffle_buffer > 0:
-            stream = _shuffled(stream, spec.shuffle_buffer, rng)
-        count = 0
-        for raw in stream:
-            count += 1
-            yield raw
-        return count
-    # "sample": every slot reads the same stream; the shuffle is seeded by
-    # (seed, epoch) only so all slots agree on it and then keep index j iff
-    # j % slots == slot. `offset` continues the index across epochs, which keeps
-    # rank r's n-th sample == global sample n*world + r even when the dataset
-    # size is not a multiple of world_size.
-    stream = itertools.chain.from_iterable(_read_shard(s, spec.max_member_bytes) for s in shards)
-    if spec.shuffle_buffer > 0:
-        rng = random.Random(_stable_int("shuffle", spec.seed, epoch))
-        stream = _shuffled(stream, spec.shuffle_buffer, rng)
-    count = 0
-    for count, raw in enumerate(stream, start=1):
-        if (offset + count - 1) % slots == slot:
-            yield raw
-    return count
+    """Raw samples of one epoch for slot (rank, worker); returns the epoch's global raw count
+    (see ``_RawEpoch``)."""
+    raws = _RawEpoch(spec, shards, mode, epoch, worker, offset)
+    yield from raws
+    return raws.count
 
 
 def _decoded_epoch(
@@ -435,13 +532,9 @@ def _decoded_epoch(
 ) -> Generator[dict | Dropped | None, None, tuple[int, int, Counter]]:
     """Decoded samples (None = corrupt, Dropped = filtered) of one epoch; returns
     (global raw count, good count, filtered count per rule)."""
-    raw_stream = _epoch_raw(spec, shards, mode, epoch, worker, offset)
+    raws = _RawEpoch(spec, shards, mode, epoch, worker, offset)
     good, filtered = 0, Counter()
-    while True:
-        try:
-            raw = next(raw_stream)
-        except StopIteration as stop:  # the generator's return value is the raw count
-            return stop.value, good, filtered
+    for raw in raws:
         item = _decode_sample(raw, spec, epoch)
         if isinstance(item, Dropped):
             if item.rule is not None:
@@ -449,18 +542,54 @@ def _decoded_epoch(
         else:
             good += item is not None
         yield item
+    return raws.count, good, filtered
 
 
-def _slot_items(spec: LoaderSpec, shards: list[str], mode: str, worker: int) -> Iterator[dict | Dropped | None]:
-    """Infinite stream of decoded samples (None = corrupt, Dropped = filtered) for one slot."""
-    offset = 0
-    for epoch in itertools.count():
-        raw_count, good, filtered = yield from _decoded_epoch(spec, shards, mode, epoch, worker, offset)
-        offset += raw_count
-        if good == 0:
+class _LeafStream:
+    """Infinite stream of decoded samples (None = corrupt, Dropped = filtered) for one slot of
+    one leaf, epoch after epoch; ``state()`` / ``state=`` resume it exactly (``_RawEpoch``).
+    Each decoded sample carries ``"__ref__"`` (where to re-read it, and its epoch) so a batch
+    still being filled can be rebuilt at a resume."""
+
+    def __init__(self, spec: LoaderSpec, shards: list[str], mode: str, worker: int, state: dict | None = None) -> None:
+        self.spec, self.shards, self.mode, self.worker = spec, shards, mode, worker
+        self.epoch, self.offset, self.good, self.filtered = 0, 0, 0, Counter()
+        raw_state = None
+        if state is not None:
+            self.epoch, self.offset, self.good = state["epoch"], state["offset"], state["good"]
+            self.filtered, raw_state = Counter(state["filtered"]), state["raw"]
+        self.raws = _RawEpoch(spec, shards, mode, self.epoch, worker, self.offset, raw_state)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "good": self.good, "filtered": dict(self.filtered),
+                "raw": self.raws.state()}
+
+    def __iter__(self) -> "_LeafStream":
+        return self
+
+    def __next__(self) -> dict | Dropped | None:
+        while True:
+            try:
+                raw = next(self.raws)
+            except StopIteration:
+                self._next_epoch()
+                continue
+            item = _decode_sample(raw, self.spec, self.epoch)
+            if isinstance(item, Dropped):
+                if item.rule is not None:
+                    self.filtered[item.rule] += 1
+            elif item is not None:
+                self.good += 1
+                item["__ref__"] = [*_raw_ref(raw), self.epoch]
+            return item
+
+    def _next_epoch(self) -> None:
+        spec, mode, epoch = self.spec, self.mode, self.epoch
+        if self.good == 0:
             # Without this an empty slot would spin forever and hang the job.
-            where = (f"rank {spec.rank} worker {worker} got no decodable samples from {spec.stream_name} in "
-                     f"epoch {epoch} (split={mode!r}, {len(shards)} shards, {spec.num_slots} slots)")
+            where = (f"rank {spec.rank} worker {self.worker} got no decodable samples from {spec.stream_name} in "
+                     f"epoch {epoch} (split={mode!r}, {len(self.shards)} shards, {spec.num_slots} slots)")
+            filtered = self.filtered
             if sum(filtered.values()):
                 rules = ", ".join(f"{rule}: {n}" for rule, n in sorted(filtered.items()) if n)
                 raise RuntimeError(f"{where}: data.filters dropped all {sum(filtered.values())} it read "
@@ -469,6 +598,10 @@ def _slot_items(spec: LoaderSpec, shards: list[str], mode: str, worker: int) -> 
                 raise RuntimeError(f"{where}: no sample has {spec.balance.field}={spec.only_class!r}; "
                                    "fix data.balance.weights or write more shards")
             raise RuntimeError(f"{where}; check the shards or use fewer workers/ranks")
+        self.offset += self.raws.count
+        self.epoch += 1
+        self.good, self.filtered = 0, Counter()
+        self.raws = _RawEpoch(spec, self.shards, mode, self.epoch, self.worker, self.offset)
 
 
 def iter_epoch_samples(
@@ -545,19 +678,51 @@ def plan_streams(spec: LoaderSpec) -> list[Stream]:
     return streams
 
 
-def _batches(spec: LoaderSpec, streams: list[Stream], worker: int) -> Iterator[dict]:
-    # The DataLoader takes batch i from worker i % W, so of the first skip_batches batches
-    # this worker produced len(range(worker, skip_batches, W)).
-    to_skip = len(range(worker, spec.skip_batches, spec.workers_per_rank))
+def _batches(spec: LoaderSpec, streams: list[Stream], worker_id: int) -> Iterator[dict]:
+    """Whole micro-batches of one slot, each with ``"position"``: the slot's state right after
+    it (``{"slot", "done", "state"}``), which ``LoaderSpec.resume`` takes back.
+
+    The DataLoader takes its batch j from worker j % W, and this loader's batch j is the stage
+    stream's batch ``skip_batches + j``; so worker ``worker_id`` plays slot (worker_id +
+    skip_batches) % W, whose batches are the stream's batches b with b % W == slot. Without a
+    resume position the slot replays from the stage start and drops its batches below
+    ``skip_batches`` (decoded, then dropped: O(data seen)); with one it continues from its state
+    (O(1): nothing before it is decoded) and drops only those between that state and
+    ``skip_batches`` (a health rollback's stretch)."""
+    workers = spec.workers_per_rank
+    worker = (worker_id + spec.skip_batches) % workers
+    resume = (spec.resume or {}).get(str(worker))
+    done = resume["done"] if resume else 0
+    to_skip = len(range(worker, spec.skip_batches, workers)) - done
+    if to_skip < 0:
+        raise ValueError(f"the resume position of slot {worker} ({done} batches) is past skip_batches="
+                         f"{spec.skip_batches}; it belongs to a later point of this stage")
+    state = resume["state"] if resume else None
     slots, slot = spec.num_slots, worker * spec.world_size + spec.rank
-    leaves = [_slot_items(st.spec, st.shards, st.mode, worker) for st in streams]
+    leaves = [_LeafStream(st.spec, st.shards, st.mode, worker, state["leaves"][i] if state else None)
+              for i, st in enumerate(streams)]
     cum = cumulative([st.prob for st in streams])
     # Samples waiting for their micro-batch, per image shape: one entry without buckets; with
     # buckets a batch is emitted when its bucket fills, so every batch holds one bucket. The
     # emission order depends only on the slot's stream, so skip_batches stays exact.
-    pending: dict[tuple[int, ...], tuple[list[dict], list[Stream]]] = {}
+    pending: dict[tuple[int, ...], tuple[list[dict], list[int]]] = {}
+
+    def add(item: dict, leaf: int) -> tuple[int, ...]:
+        shape = tuple(item[next(f for f in _TENSOR_FIELDS if f in item)].shape)
+        items, from_leaf = pending.setdefault(shape, ([], []))
+        items.append(item)
+        from_leaf.append(leaf)
+        return shape
+
+    start = 0
+    if state is not None:
+        start = state["n"]
+        for leaf, *ref in state["pending"]:  # a bucket still being filled: re-read and decode its samples
+            item = _decode_sample(_reread(ref[:2], spec.max_member_bytes), streams[leaf].spec, ref[2])
+            item["__ref__"] = ref
+            add(item, leaf)
     skipped, filtered, issues = 0, Counter(), Counter()
-    for n in itertools.count():
+    for n in itertools.count(start):
         # Slot s's n-th sample is global sample n * slots + s (as in split="sample"), so the leaf
         # picks are the same for any rank layout and for a resumed run.
         i = pick_leaf(spec.seed, n * slots + slot, cum) if len(streams) > 1 else 0
@@ -574,23 +739,25 @@ def _batches(spec: LoaderSpec, streams: list[Stream], worker: int) -> Iterator[d
                 break
         if item.get("issue"):  # bad data trained around (a caption replaced by "")
             issues[item["issue"]] += 1
-        fields = [f for f in _TENSOR_FIELDS if f in item]
-        shape = tuple(item[fields[0]].shape)
-        items, provenance = pending.setdefault(shape, ([], []))
-        items.append(item)
-        provenance.append(streams[i])
+        shape = add(item, i)
+        items, from_leaf = pending[shape]
         if len(items) == spec.micro_batch:
+            del pending[shape]
+            done += 1
             if to_skip:
                 to_skip -= 1
             else:
+                fields = [f for f in _TENSOR_FIELDS if f in items[0]]
                 batch = {f: torch.stack([it[f] for it in items]) for f in fields}
                 batch.update(captions=[it["caption"] for it in items], keys=[it["key"] for it in items],
                              skipped=skipped, filtered=dict(filtered), issues=dict(issues),
-                             sources=[st.source for st in provenance])
+                             sources=[streams[j].source for j in from_leaf])
                 if spec.balance is not None:
-                    batch["labels"] = [st.label for st in provenance]
+                    batch["labels"] = [streams[j].label for j in from_leaf]
+                batch["position"] = {"slot": worker, "done": done, "state": {
+                    "n": n + 1, "leaves": [leaf.state() for leaf in leaves],
+                    "pending": [[j, *it["__ref__"]] for its, js in pending.values() for it, j in zip(its, js)]}}
                 yield batch
-            del pending[shape]
             skipped, filtered, issues = 0, Counter(), Counter()
 
 
@@ -605,11 +772,24 @@ class _SlotDataset(IterableDataset):
         return _batches(self.spec, self.streams, info.id if info else 0)
 
 
+_NOT_IDENTITY = ("skip_batches", "resume", "pin_memory", "empty_text", "allow_pipe_shards")
+
+
+def loader_identity(spec: LoaderSpec) -> str:
+    """A hash of everything that decides a slot's stream; a stored position is only used by a
+    loader with the same identity (the same data, split, layout and batch size)."""
+    from dataclasses import fields
+
+    parts = [(f.name, getattr(spec, f.name)) for f in fields(spec) if f.name not in _NOT_IDENTITY]
+    return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
+
+
 def build_loader(spec: LoaderSpec) -> Iterable[dict]:
     """Infinite iterable of whole micro-batches for ``spec.rank``.
 
     Batch: ``{"pixels": (B,3,R,R) (or (B,3,H,W) of one bucket) float32 in [-1,1], "captions": list[str],
-    "keys": list[str], "skipped": int, "filtered": {rule: int}, "issues": {kind: int}, "sources": list[str]}``
+    "keys": list[str], "skipped": int, "filtered": {rule: int}, "issues": {kind: int}, "sources": list[str],
+    "position": {"slot", "done", "state"}}`` (the slot's resumable state after this batch: ``LoaderSpec.resume``)
     (+ ``"labels": list[str]`` under ``spec.balance``); sum "skipped" for the corrupt total
     and "filtered" for the samples data.filters dropped. Precomputed shards give ``"latents"``
     (B, 2C, h, w: posterior mean and logvar), ``"text_emb"`` (B, L, D), ``"text_mask"`` (B, L)

@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +24,7 @@ from scaletrain.checkpoint.manager import CheckpointManager, CheckpointSaveError
 from scaletrain.config import RunConfig, dump_config
 from scaletrain.data.mixing import Balance, Source
 from scaletrain.data.latents import check_precomputed, resolve_shards
-from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards, plan_streams
+from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards, loader_identity, plan_streams
 from scaletrain.diffusion.objective import (
     ObjectiveConfig,
     build_noise_scheduler,
@@ -109,6 +110,11 @@ class Trainer:
         self.resumed_from: str | None = None
         self.stage_summaries: list[dict] = []
         self.stage_index, self.step_in_stage = 0, 0  # where the loop (re)starts
+        # This rank's data stream position per loader slot (batch["position"]), saved per rank in
+        # each checkpoint; a resume continues from it instead of replaying the stage.
+        self.data_position: dict = {}
+        self.data_identity: str | None = None
+        self._resume_position: dict | None = None
         self.stopped_early = False
         self.save_failures = 0  # checkpoints that could not be written (reported, run went on)
         self._sigterm = False
@@ -221,6 +227,9 @@ class Trainer:
                 tw = time.perf_counter()
                 batch = next(batches)
                 wait += time.perf_counter() - tw
+                pos = batch.pop("position", None)
+                if pos is not None:
+                    self.data_position[str(pos["slot"])] = {"done": pos["done"], "state": pos["state"]}
                 skipped += int(batch.get("skipped", 0))
                 self.data_counts.add_batch(batch)
                 keys += list(batch.get("keys", []))
@@ -325,7 +334,9 @@ class Trainer:
                               f"lower validate.num_images or point validate.shards at a larger set")
 
     def save_checkpoint(self) -> None:
-        if self._checkpoint_records(lambda: self.ckpt.save(self.step, self.state_dict())):
+        rank_state = {"data_position": {"stage": self.stage_index, "identity": self.data_identity,
+                                        "slots": self.data_position}}
+        if self._checkpoint_records(lambda: self.ckpt.save(self.step, self.state_dict(), rank_state)):
             self.good_ckpt_step = self.step  # skipped steps leave weights untouched: still good
             if self.cfg.health.enabled:  # what a rollback to this checkpoint must bring back
                 self.logger.log({"step": self.step, "checkpoint_weights_fingerprint": self.weights_fingerprint()})
@@ -436,6 +447,7 @@ class Trainer:
         if "health" in state:  # LR scale, data skips and counters survive a restart
             self.health.load_state_dict(state["health"])
         self.data_counts.load_state_dict(state.get("data_counts", {}))  # realised source/class counts
+        self._resume_position = (state.get("_rank_state") or {}).get("data_position")
 
     def prepare_denoiser(self) -> None:
         """Post-training set-up of the bare denoiser, on every rank before the engine shards it:
@@ -505,7 +517,24 @@ class Trainer:
             allow_pipe_shards=d.allow_pipe_shards,
             empty_text=self.encoding.empty_caption() if self.encoding is not None else None,
         )
-        loader = build_loader(spec)
+        # Resume from the stream position the checkpoint stored for this rank (O(1): nothing read
+        # before it is decoded), when it belongs to this stage and the same stream; else replay.
+        self.data_identity = loader_identity(spec)
+        position, self._resume_position = self._resume_position, None
+        usable = bool(position) and position.get("stage") == self.stage_index and \
+            position.get("identity") == self.data_identity
+        resume = position["slots"] if usable else None
+        self.data_position = dict(resume or {})
+        if skip:
+            if usable:
+                self.logger.event(f"data: stage {self.stage_index} continues at its checkpointed stream position "
+                                  f"({skip} micro-batches per rank in; none replayed)")
+            else:
+                why = ("the checkpoint stored none for this rank" if not position else
+                       "the data, split, batch or layout differ from the checkpoint's")
+                self.logger.event(f"data: stage {self.stage_index} replays {skip} micro-batches per rank to resume "
+                                  f"({why})")
+        loader = build_loader(replace(spec, resume=resume))
         self.begin_data_counts(spec)
         return iter(loader)
 

@@ -111,6 +111,9 @@ def test_resume_is_bit_exact(synth_shards, straight, tmp_path, engine):
     assert json.loads((d / "summary.json").read_text())["stopped_early"] is True
     second = _ok(run_cmd(_torchrun(*_sets(synth_shards, d, f"engine.kind={engine}")), env=ENV))
     assert "resumed at step 2" in second.stdout + second.stderr
+    # the data stream continued at the stored position (O(1) of the data seen), nothing replayed
+    assert "data: stage 0 continues at its checkpointed stream position (2 micro-batches per rank in; none replayed)" \
+        in second.stdout, second.stdout
     # identical losses, step for step, including the stage change at step 5
     assert _losses(d) == _losses(straight[engine])
     assert [m["step"] for m in read_metrics(d) if "loss" in m] == list(range(1, 8))
