@@ -263,17 +263,6 @@ def read_sample(raw: dict[str, Any]) -> dict[str, Tensor] | None:
 # ----------------------------------------------------------------------------- encoding
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -286,17 +275,6 @@ class _Counts:
     corrupt: int = 0
     shards_written: int = 0
     shards_resumed: int = 0
-
-
-def _batches(shard: str, batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for raw in _read_shard(shard):
-        batch.append(raw)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 class Encoder:
@@ -374,7 +352,7 @@ def encode_dataset(cfg: "RunConfig", shards: str | list[str], out: str | Path, r
                    batch_size: int = 32, device: torch.device | None = None, progress: bool = True) -> dict[str, Any]:
     """Collective under a process group: encode ``shards`` at each resolution into ``out/<R>px``.
     Resumable: finished shards are kept and skipped. Returns the summary (on every rank)."""
-    from scaletrain.curate.shards import _TarOut
+    from scaletrain.curate.shards import _barrier, _batched, _rank_world, _TarOut
 
     rank, world = _rank_world()
     device = device or torch.device("cpu")
@@ -421,7 +399,7 @@ def encode_dataset(cfg: "RunConfig", shards: str | list[str], out: str | Path, r
                 continue
             partial = folder / (names[i] + ".partial")
             writer = _TarOut(partial)
-            for raws in _batches(urls[i], batch_size):
+            for raws in _batched(_read_shard(urls[i]), batch_size):
                 encoded, bad = encoder.encode_batch(raws, r, buckets)
                 counts.corrupt += bad
                 for sample in encoded:
