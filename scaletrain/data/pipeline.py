@@ -212,6 +212,34 @@ def _open_at(url: str, start: int | None):
     return stream, 0, start
 
 
+def _expected_samples(url: str) -> int | None:
+    """How many samples a local shard should hold, from what wrote it: img2dataset's
+    ``NAME_stats.json`` ("successes"), or a ``manifest.json`` beside it (``scaletrain data synth``
+    and ``curate``: "shards" + "samples_per_shard", an int or a list). None when neither says."""
+    if _is_url(url):
+        return None
+    path = Path(url.removeprefix("file:"))
+    try:
+        stats = path.with_name(path.name.removesuffix(".tar") + "_stats.json")
+        if stats.is_file():
+            value = json.loads(stats.read_text()).get("successes")
+            return int(value) if isinstance(value, int) else None
+        manifest = path.parent / "manifest.json"
+        if manifest.is_file():
+            m = json.loads(manifest.read_text())
+            names, per = m.get("shards") or [], m.get("samples_per_shard")
+            if path.name not in names:
+                return None
+            i = names.index(path.name)
+            if isinstance(per, list):
+                return int(per[i])
+            if isinstance(per, int) and isinstance(m.get("num_samples"), int):
+                return min(per, m["num_samples"] - i * per)
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
+    return None
+
+
 def _read_shard(url: str, max_member_bytes: int | None = None, start: int | None = None) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__pos__", ext: bytes}`` grouped by key, streamed; ``__pos__`` is
     the byte offset of the sample's first tar header, and ``start`` (such an offset) begins there
@@ -252,11 +280,15 @@ def _read_shard(url: str, max_member_bytes: int | None = None, start: int | None
     except (tarfile.TarError, EOFError, OSError) as err:
         if isinstance(err, FileNotFoundError):
             raise
+        expected = _expected_samples(url)
+        lost = max(1, expected - count) if expected is not None else 1
         if url not in _REPORTED_SHARDS:
             _REPORTED_SHARDS.add(url)
+            known = f"{lost} of its {expected} samples lost" if expected is not None else "its size is unknown"
             print(f"scaletrain: data: shard {url} is damaged after {count} samples ({type(err).__name__}: {err}); "
-                  "the rest of it is skipped and counted in skipped_samples", file=sys.stderr, flush=True)
-        current = {"__key__": f"{url}#corrupt", "__corrupt__": True}  # drops the partial sample
+                  f"the rest of it is skipped and counted in skipped_samples ({known})", file=sys.stderr, flush=True)
+        # drops the partial sample; counts what the shard's manifest says was lost (else 1)
+        current = {"__key__": f"{url}#corrupt", "__corrupt__": True, "__lost__": lost}
     finally:
         stream.close()
     if current is not None and (current.get("__corrupt__") or current["__pos__"] >= skip_below):
@@ -301,6 +333,14 @@ class Dropped:
 
     rule: str | None
     issue: str | None = None
+
+
+@dataclass(frozen=True)
+class Lost:
+    """A damaged shard's marker when its manifest says how many samples it lost: counted as that
+    many corrupt samples (a plain corrupt sample is None, counted once)."""
+
+    count: int
 
 
 def caption_problem(raw: dict) -> str | None:
@@ -361,6 +401,8 @@ def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | 
     dropped for bad data; None when the sample is corrupt."""
     if raw.get("__issue__"):
         return Dropped(None, raw["__issue__"])
+    if raw.get("__lost__", 1) > 1:  # a damaged shard's marker: the samples it lost, all corrupt
+        return Lost(raw["__lost__"])
     if spec.precomputed:
         from scaletrain.data.latents import MEMBER
 
@@ -540,7 +582,7 @@ def _decoded_epoch(
             if item.rule is not None:
                 filtered[item.rule] += 1
         else:
-            good += item is not None
+            good += isinstance(item, dict)
         yield item
     return raws.count, good, filtered
 
@@ -578,7 +620,7 @@ class _LeafStream:
             if isinstance(item, Dropped):
                 if item.rule is not None:
                     self.filtered[item.rule] += 1
-            elif item is not None:
+            elif isinstance(item, dict):
                 self.good += 1
                 item["__ref__"] = [*_raw_ref(raw), self.epoch]
             return item
@@ -730,6 +772,8 @@ def _batches(spec: LoaderSpec, streams: list[Stream], worker_id: int) -> Iterato
             item = next(leaves[i])
             if item is None:
                 skipped += 1
+            elif isinstance(item, Lost):
+                skipped += item.count
             elif isinstance(item, Dropped):
                 if item.rule is not None:
                     filtered[item.rule] += 1

@@ -158,6 +158,22 @@ def _bad_data_shard(path: Path) -> None:
     write_tar_shard(path, samples)
 
 
+def test_truncated_shard_counts_the_samples_its_manifest_says_it_lost(tmp_path: Path, capsys) -> None:
+    """A synthetic set (manifest.json: 10 per shard) with shard 1 cut inside its 4th image: 3
+    samples read, 7 lost; the epoch's skipped count is 7, not 1."""
+    shards = write_synthetic_shards(tmp_path, num_samples=20, samples_per_shard=10, resolution=32, seed=0)
+    with tarfile.open(shards[1]) as tar:
+        cut = tar.getmember("000000013.jpg")
+    data = Path(shards[1]).read_bytes()
+    Path(shards[1]).write_bytes(data[: cut.offset_data + cut.size // 2])
+    spec = LoaderSpec(shards=shards, resolution=32, micro_batch=1, num_workers=0)
+    batches = _take(build_loader(spec), 14)  # epoch 0: 13 good samples; the 14th batch is epoch 1's first
+    assert [b["keys"][0] for b in batches[:13]] == [f"{i:09d}" for i in range(13)]
+    assert sum(b["skipped"] for b in batches) == 7
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("scaletrain: data: shard")]
+    assert len(err) == 1 and "damaged after 3 samples" in err[0] and "7 of its 10 samples lost" in err[0]
+
+
 @pytest.mark.parametrize("mode", ["empty", "skip"])
 def test_bad_data_is_counted_by_kind_and_the_run_goes_on(tmp_path: Path, mode: str) -> None:
     _bad_data_shard(tmp_path / "bad.tar")
