@@ -54,12 +54,13 @@ def build(kind: str, dist_info, out: Path):
         # the bias and the scale persist, the two weights are partitioned.
         ds_json = json.loads((REPO / "ds_configs/zero3.json").read_text())
         ds_json["zero_optimization"]["stage3_param_persistence_threshold"] = 10
-        (out / "zero3_persist.json").write_text(json.dumps(ds_json))
+        # One file per rank: two ranks writing one path race (a reader saw it empty in CI).
+        (out / f"zero3_persist_rank{dist_info.rank}.json").write_text(json.dumps(ds_json))
     torch.manual_seed(0)  # same init on every rank and for every engine
     model = Tiny()
     engine_cfg = {"fsdp": {"kind": "fsdp"}, "ddp": {"kind": "ddp"},
                   "zero3": {"kind": "deepspeed", "deepspeed_config": "ds_configs/zero3.json"},
-                  "zero3-bf16": {"kind": "deepspeed", "deepspeed_config": str(out / "zero3_persist.json"),
+                  "zero3-bf16": {"kind": "deepspeed", "deepspeed_config": str(out / f"zero3_persist_rank{dist_info.rank}.json"),
                                  "precision": "bf16"}}[kind]
     cfg = validate_config({"train": {"stages": [{"name": "s", "resolution": 32, "steps": STEPS, "micro_batch": 2}]},
                            "engine": engine_cfg, "optim": {"lr": LR, "grad_clip": 0.0, "weight_decay": 0.0}},
