@@ -26,6 +26,14 @@ PIXART_XL_2: dict[str, Any] = dict(
     attention_bias=True,
 )
 
+# DiT-B/2 size (Peebles & Xie: 12 x 768, 12 heads, patch 2) in PixArt's block layout (cross-
+# attention to the text): a mid-size model, ~1.6 GB of fp32 weights + AdamW state, for
+# checkpoint I/O and scaling measurements between the tiny and the billion-parameter presets.
+DIT_B_2: dict[str, Any] = dict(
+    PIXART_XL_2, num_attention_heads=12, attention_head_dim=64, num_layers=12, out_channels=4,
+    caption_channels=768, cross_attention_dim=768, sample_size=32,
+)
+
 
 def dit_tiny_config(text_dim: int) -> dict[str, Any]:
     """~0.3M-parameter pixel-space PixArt: 4 layers x 64 hidden, patch 2, no learned sigma."""

@@ -237,6 +237,8 @@ PRESETS: dict[str, ModelPreset] = {p.name: p for p in (
             "Stable Diffusion 2.x UNet (866M) on SD VAE latents, OpenCLIP-H text (1024)"),
     _preset("dit-tiny", "dit", None, dit.dit_tiny_config(TINY_TEXT_DIM), _TINY_TEXT, TINY_TEXT_LEN,
             "~0.3M-param pixel-space PixArt DiT (patch 2) + 2-layer CLIP; CPU demos and tests"),
+    _preset("dit-b-2", "dit", SD_VAE, dit.DIT_B_2, _CLIP_L, 77,
+            "DiT-B/2 size (12 x 768, patch 2; 119M) in PixArt's layout on SD VAE latents, CLIP-L text (768)"),
     _preset("pixart-xl-2", "dit", SD_VAE, dit.PIXART_XL_2, _T5_XXL_SHALLOW, 120,
             "PixArt-alpha XL/2 (611M, 28 x 1152, patch 2) on SD VAE latents, T5-XXL-width text (4096)"),
 )}

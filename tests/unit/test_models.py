@@ -11,8 +11,8 @@ from scaletrain.models.registry import build_vae
 
 TINY = ["unet-tiny", "dit-tiny", "unet-tiny-latent"]
 # Expected denoiser params (millions) of the real-size presets: published config sizes.
-REAL_PARAMS_M = {"unet-sd15": 859.5, "unet-sd2": 865.9, "pixart-xl-2": 610.9}
-DOWNSAMPLE = {"unet-tiny": 2, "unet-tiny-latent": 8, "unet-small": 4, "dit-tiny": 2, "unet-sd15": 64, "unet-sd2": 64, "pixart-xl-2": 16}
+REAL_PARAMS_M = {"dit-b-2": 119.0, "unet-sd15": 859.5, "unet-sd2": 865.9, "pixart-xl-2": 610.9}
+DOWNSAMPLE = {"unet-tiny": 2, "unet-tiny-latent": 8, "unet-small": 4, "dit-tiny": 2, "dit-b-2": 16, "unet-sd15": 64, "unet-sd2": 64, "pixart-xl-2": 16}
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,9 @@ def test_real_presets_build_on_meta_with_published_size(name: str) -> None:
     n = count_params(model.denoiser) / 1e6
     assert abs(n - REAL_PARAMS_M[name]) / REAL_PARAMS_M[name] < 0.05, n
     assert model.vae is not None and 80 < count_params(model.vae) / 1e6 < 90
-    width = model.text_encoder.config.hidden_size if name.startswith("unet") else model.text_encoder.config.d_model
-    assert width == {"unet-sd15": 768, "unet-sd2": 1024, "pixart-xl-2": 4096}[name]
+    config = model.text_encoder.config
+    width = config.d_model if config.model_type == "t5" else config.hidden_size
+    assert width == {"dit-b-2": 768, "unet-sd15": 768, "unet-sd2": 1024, "pixart-xl-2": 4096}[name]
     assert parallel_units(model.denoiser)
 
 
