@@ -48,10 +48,16 @@ class CheckpointSection(_Section):
     at_stage_end: bool = True
     on_sigterm: bool = True  # pre-emption: save, then exit
     resume: Literal["auto", "never"] = "auto"  # auto: continue from the latest complete checkpoint
-    # Write shards in a background thread (FSDP2/DDP via dcp.async_save): training continues
-    # after the state is staged to CPU memory; the checkpoint commits at the next save or at
-    # the end of the run. DeepSpeed engines save synchronously.
+    # Copy the state to CPU memory and write it in background threads (FSDP2/DDP: dcp.async_save
+    # with DCP's stager; DeepSpeed: scaletrain's writer for its ZeRO files): training waits only
+    # if the copy is not done by the next optimizer step; the checkpoint commits at the next
+    # save or at the end of the run.
     async_save: bool = False
+    # FSDP2/DDP: threads (and files) per rank that DCP writes with (its FileSystemWriter's
+    # thread_count). Serializing tensors is CPU work that more threads overlap with the disk
+    # writes; on the 2-core CPU VM a 1.4 GB save took the same time with 1 and 2 on a settled
+    # disk (benchmarks/results/checkpoint_io.md), so DCP's default stays.
+    writer_threads: int = Field(1, ge=1, le=64)
     # A save that fails (disk full, any OSError, or too little free space for a checkpoint the
     # size of the last one) is agreed across ranks, its .partial removed and reported; then
     # training goes on (continue: the next save tries again) or every rank stops (stop, exit 3).
@@ -655,9 +661,6 @@ def _check_engine_knobs(cfg: RunConfig, world: int) -> None:
     if e.kind == "ddp" and e.ddp.comm_hook == "bf16" and not torch.cuda.is_available():
         raise ValueError("engine.ddp.comm_hook='bf16' needs CUDA GPUs with NCCL (torch refuses it on gloo); "
                          "use fp16 or powersgd on this machine")
-    if e.kind == "deepspeed" and cfg.checkpoint.async_save:
-        raise ValueError("checkpoint.async_save=true is for FSDP2/DDP (dcp.async_save); DeepSpeed writes its ZeRO "
-                         "files synchronously: set checkpoint.async_save=false under engine.kind=deepspeed")
     if e.kind == "deepspeed":
         ds = e.deepspeed
         for key in ("zero_quantized_weights", "zero_quantized_gradients"):

@@ -12,6 +12,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# The suite proves the CPU paths (2 ranks on gloo). On a host with a GPU it must not pick it up
+# half-way (two ranks on one GPU, or rank 1 on a device that does not exist): hide GPUs from this
+# process and every launch it starts, before anything initializes CUDA. The GPU paths are
+# checked by benchmarks/gpu_check.sh.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["DS_ACCELERATOR"] = "cpu"
+
 
 @pytest.fixture(scope="session")
 def synth_shards(tmp_path_factory) -> Path:

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,9 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+_DELETING = ".deleting"  # suffix of a pruned checkpoint folder being removed
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -112,6 +116,10 @@ def _barrier() -> None:
 
 class CheckpointSaveError(RuntimeError):
     """A save failed on some rank (raised on every rank together); the message is one line."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step  # the step whose checkpoint failed (an async one: an earlier step)
 
 
 def _attempt(fn) -> str | None:
@@ -149,6 +157,7 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self._last_size: int | None = None  # bytes of the last committed checkpoint (free-space check)
         self._pending = None
+        self._pruner: threading.Thread | None = None
         # Async writes run their collectives from a background thread: give them their own
         # gloo group so they never interleave with the training loop's collectives.
         self._async_group = dist.new_group(backend="gloo") if cfg.async_save and dist.is_initialized() else None
@@ -158,6 +167,8 @@ class CheckpointManager:
             for c in list_checkpoints(self.dir):
                 if not c.complete and c.error is None:
                     shutil.rmtree(c.path, ignore_errors=True)
+            for leftover in self.dir.glob(f"step-*{_DELETING}"):  # a prune cut short by a kill
+                shutil.rmtree(leftover, ignore_errors=True)
         _barrier()
 
     # ------------------------------------------------------------------ policy
@@ -191,12 +202,14 @@ class CheckpointManager:
         in an agreement (a small all-gather that also serves as the barrier), so a rank that
         failed never leaves the others waiting in a collective.
         """
-        records = self.finalize()
+        records = self.finalize()  # the caller finalizes first (Trainer.save_checkpoint): a failed
+        # earlier async write is reported on its own, and this save still runs
         t0 = time.perf_counter()
         final = self.dir / f"step-{step:08d}"
         tmp = final.with_name(final.name + ".partial")
         error = None
         if self.dist.is_main:
+            self.join_prune()  # the room it frees counts in the space check
             error = self._space_error()
             if error is None:
                 error = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
@@ -221,9 +234,9 @@ class CheckpointManager:
             return records
         done_at: list[float] = []
         future.add_done_callback(lambda _: done_at.append(time.perf_counter()))
-        stall = time.perf_counter() - t0
-        self._pending = (future, done_at, t0, tmp, final, step, trainer_state)
-        records.append({"checkpoint_step": step, "checkpoint_stall_seconds": stall})
+        self.engine.pop_staging_wait()
+        self._pending = (future, done_at, t0, time.perf_counter() - t0, tmp, final, step, trainer_state)
+        records.append({"checkpoint_step": step})
         return records
 
     def _write_small(self, tmp: Path, trainer_state: dict, rank_state: dict | None) -> None:
@@ -265,19 +278,27 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         rank, why = failed[0]
-        raise CheckpointSaveError(f"checkpoint at step {step} failed on rank {rank}: {why}; removed {tmp.name}")
+        raise CheckpointSaveError(f"checkpoint at step {step} failed on rank {rank}: {why}; removed {tmp.name}", step)
 
     def finalize(self) -> list[dict]:
         """Collective. Wait for a pending async write and commit it (no-op when none)."""
         if self._pending is None:
             return []
-        future, done_at, t0, tmp, final, step, trainer_state = self._pending
+        future, done_at, t0, call_seconds, tmp, final, step, trainer_state = self._pending
         self._pending = None
+        # The stall is what training waited for: the save call, plus any wait for the staging
+        # copy before the next optimizer step (the engine times it).
+        stall = call_seconds + self.engine.pop_staging_wait()
         # A failed background write (re-raised by result()) is agreed like a synchronous one.
+        # Waiting here is time the write took beyond the save interval: reported on its own.
+        t_wait = time.perf_counter()
         self._agree(_attempt(future.result), step, tmp)
         write_seconds = (done_at[0] if done_at else time.perf_counter()) - t0
+        behind = max(0.0, (done_at[0] if done_at else time.perf_counter()) - t_wait)
+        _test_stall(step)
         self._commit(tmp, final, step, trainer_state)
-        return [{"checkpoint_committed_step": step, "checkpoint_write_seconds": write_seconds}]
+        return [{"checkpoint_committed_step": step, "checkpoint_stall_seconds": stall,
+                 "checkpoint_write_seconds": write_seconds, "checkpoint_write_behind_seconds": behind}]
 
     def _commit(self, tmp: Path, final: Path, step: int, trainer_state: dict) -> None:
         # Durable before visible: a rename can reach the disk before the data it names, so a
@@ -373,18 +394,39 @@ class CheckpointManager:
         return state
 
     def _prune(self) -> None:
-        """Keep the last K committed checkpoints, plus every keep_every-th step forever."""
+        """Keep the last K committed checkpoints, plus every keep_every-th step forever.
+
+        Each old folder is renamed to ``<name>.deleting`` (atomic: it stops being a checkpoint
+        at once) and removed in a background thread: unlinking a GB-sized checkpoint takes a
+        noticeable part of a save, and training need not wait for it. The next save (whose
+        free-space check needs the room) joins the thread; a start-up removes leftovers."""
         complete = [c for c in list_checkpoints(self.dir) if c.complete]
         keep_every = self.cfg.keep_every
+        doomed = []
         for c in complete[: max(0, len(complete) - self.cfg.keep_last)]:
             if not (keep_every and c.step % keep_every == 0):
-                shutil.rmtree(c.path, ignore_errors=True)
+                target = c.path.with_name(c.path.name + _DELETING)
+                try:
+                    os.rename(c.path, target)
+                except OSError:
+                    continue  # removed by hand meanwhile; the next prune sees it again otherwise
+                doomed.append(target)
+        if doomed:
+            self._pruner = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
+                                            name="scaletrain-prune")
+            self._pruner.start()
+
+    def join_prune(self) -> None:
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None
 
 
 def _test_stall(step: int) -> None:
-    """Test hook for the kill-mid-save fault test: SCALETRAIN_TEST_SAVE_STALL="STEP:SECONDS"
-    holds the save of STEP open (shards written, not yet committed) so a test can kill a rank
-    inside it deterministically. Unset in normal runs."""
+    """Test hook for the kill-mid-save fault tests: SCALETRAIN_TEST_SAVE_STALL="STEP:SECONDS"
+    holds the save of STEP open (shards written, not yet committed; for an async save, when it
+    is about to commit) so a test can kill a rank inside it deterministically. Unset in normal
+    runs."""
     spec = os.environ.get("SCALETRAIN_TEST_SAVE_STALL")
     if spec:
         at, _, seconds = spec.partition(":")

@@ -20,7 +20,10 @@ the pre-clip global gradient norm.
 from __future__ import annotations
 
 import contextlib
+import time
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -107,11 +110,34 @@ class Engine(ABC):
     # fp16 scales the loss dynamically: a non-finite gradient norm with a finite loss is then an
     # expected overflow that the engine's own step skips (and lowers the scale), not a bad step.
     dynamic_loss_scale: bool = False
+    _staging: Future | None = None
+    _staging_wait: float = 0.0
 
     def __init__(self) -> None:
         self.grad_accum = 1
         self.micro_batch = 1
         self._is_last_micro = True
+        self._staging: Future | None = None
+        self._staging_wait = 0.0
+
+    # An async save copies the state to CPU memory in a background thread while the next
+    # forward and backward run (they read parameters and optimizer state, never write them).
+    # Whatever writes them -- the optimizer step, a load, close -- calls wait_staged() first.
+    def hold_until_staged(self, future: Future | None) -> None:
+        self._staging = future
+
+    def wait_staged(self) -> None:
+        if self._staging is None:
+            return
+        t0 = time.perf_counter()
+        wait_futures([self._staging])  # a staging error surfaces through the save's own future
+        self._staging_wait += time.perf_counter() - t0
+        self._staging = None
+
+    def pop_staging_wait(self) -> float:
+        """Seconds training waited for async-save staging since the last call."""
+        seconds, self._staging_wait = self._staging_wait, 0.0
+        return seconds
 
     def configure_stage(self, micro_batch: int, grad_accum: int) -> None:
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
@@ -173,7 +199,8 @@ class Engine(ABC):
         """Collective: write model + optimizer state under ``path`` (each rank its own part)."""
 
     def async_save_state(self, path: Path, process_group):
-        """Like save_state but returns a Future once the state is staged; None = not supported."""
+        """Like save_state but returns at once with a Future of the write (None = not supported);
+        the state is copied in the background (``hold_until_staged``) before anything changes it."""
         return None
 
     @abstractmethod
@@ -194,6 +221,7 @@ class Engine(ABC):
 
     def close(self) -> None:
         """Drop references to wrapped modules and optimizer state before the process group goes."""
+        self.wait_staged()
         for attr in ("module", "optimizer", "ds", "_shard_mesh"):
             if hasattr(self, attr):
                 setattr(self, attr, None)

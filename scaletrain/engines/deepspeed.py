@@ -50,6 +50,7 @@ class DeepSpeedEngine(Engine):
             config=ds_cfg,
         )
         self.module = self.ds
+        self._install_writer()
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision, torch.float32)
         self.dynamic_loss_scale = cfg.engine.precision == "fp16"  # DeepSpeed's own loss scaler
         self.configure_stage(micro_batch, grad_accum)
@@ -104,6 +105,7 @@ class DeepSpeedEngine(Engine):
                            "set zero_optimization.stage in engine.deepspeed_config or health.enabled=false")
 
     def step(self, lr: float) -> StepStats:
+        self.wait_staged()
         self._pending_norm = None
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
@@ -121,6 +123,7 @@ class DeepSpeedEngine(Engine):
         buffers without an optimizer step, counts ``skipped_steps`` and keeps its micro-step
         and boundary counters consistent -- the path fp16 overflows take, and with fp32 or
         bf16 (``check_grad_overflow``, default true) the one a NaN gradient takes anyway."""
+        self.wait_staged()
         norm = self._pending_norm if self._pending_norm is not None else self.grad_norm()
         self._pending_norm = None
         opt = self.ds.optimizer
@@ -179,10 +182,41 @@ class DeepSpeedEngine(Engine):
                                   p.ds_shape, master=master))
         return out
 
+    def _install_writer(self) -> None:
+        """DeepSpeed plans the files, scaletrain's writer writes them (see engines.ds_writer):
+        errors recorded per rank instead of raised between DeepSpeed's barriers, fsync per
+        file, and for an async save the copy and write off the training thread."""
+        from scaletrain.engines.ds_writer import RecordingCheckpointEngine
+
+        self._writer = RecordingCheckpointEngine()
+        self.ds.checkpoint_engine = self._writer
+        copy_script = self.ds._copy_recovery_script  # rank 0 copies zero_to_fp32.py beside the files
+
+        def copy_recovery_script(save_path):
+            try:
+                copy_script(save_path)
+            except OSError as e:
+                self._writer.errors.append(f"{type(e).__name__}: {e}")
+
+        self.ds._copy_recovery_script = copy_recovery_script
+
     def save_state(self, path: Path) -> None:
         # DeepSpeed's own format: each rank writes its ZeRO partition of parameters and
         # optimizer state. The trainer keeps its own counters, so no client_state here.
+        self.wait_staged()
+        self._writer.background = False
         self.ds.save_checkpoint(str(path), tag="zero", save_latest=False)
+        self._writer.finish().result()  # this rank's first write error, after DeepSpeed's barriers
+
+    def async_save_state(self, path: Path, process_group):
+        """``save_checkpoint`` returns once DeepSpeed has handed every file's state to the
+        writer's thread; the copy to CPU and the writes run there (no collectives: the
+        process group is not needed)."""
+        self.wait_staged()
+        self._writer.background = True
+        self.ds.save_checkpoint(str(path), tag="zero", save_latest=False)
+        self.hold_until_staged(self._writer.staged())
+        return self._writer.finish()
 
     def load_state(self, path: Path) -> None:
         """Same data-parallel size: DeepSpeed's ZeRO loader. Another size: ZeRO partitions do not
@@ -195,6 +229,7 @@ class DeepSpeedEngine(Engine):
                                                      convert_to_universal, weights_only_torch_load,
                                                      zero_dp_world_size)
 
+        self.wait_staged()
         saved = zero_dp_world_size(path / "zero")
         tag, universal = "zero", saved not in (0, self.world_size)
         if universal:
@@ -249,6 +284,9 @@ class DeepSpeedEngine(Engine):
         return frozen
 
     def close(self) -> None:
+        self.wait_staged()
+        if getattr(self, "_writer", None) is not None:
+            self._writer.close()  # finishes queued writes
         for frozen in self._frozen:
             frozen.destroy()
         self._frozen = []

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
 import torch
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -21,18 +23,37 @@ from scaletrain.engines.base import (Engine, LocalShard, StepStats, clip_with_no
                                       replicated_param_shards, set_lr, total_grad_norm, world_mesh)
 
 
-def save_dcp_state(module: nn.Module, optimizer, path: Path, extra: dict | None = None) -> None:
-    model_sd, optim_sd = get_state_dict(module, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, **(extra or {})}, checkpoint_id=str(path))
+def dcp_writer(path: Path, threads: int) -> FileSystemWriter:
+    """DCP's file writer: each rank's items split over ``threads`` files written in parallel
+    (per-tensor serialization is CPU work that overlaps the disk writes), each fsynced."""
+    return FileSystemWriter(str(path), thread_count=threads, sync_files=True)
 
 
-def async_save_dcp_state(module: nn.Module, optimizer, path: Path, process_group, extra: dict | None = None) -> Future:
-    """Stage to CPU now (the caller may step the optimizer as soon as this returns), write in
-    a background thread. ``process_group`` must be a separate gloo group: the background
-    thread's collectives must not interleave with the training loop's on the default group."""
+def save_dcp_state(module: nn.Module, optimizer, path: Path, extra: dict | None = None, threads: int = 1) -> None:
     model_sd, optim_sd = get_state_dict(module, optimizer)
-    return dcp.async_save({"model": model_sd, "optim": optim_sd, **(extra or {})}, checkpoint_id=str(path),
-                          process_group=process_group)
+    dcp.save({"model": model_sd, "optim": optim_sd, **(extra or {})}, storage_writer=dcp_writer(path, threads))
+
+
+def dcp_stager() -> DefaultStager:
+    """DCP's stager, kept for the run: it copies the state to CPU in its own thread (pinned and
+    on a side stream with CUDA) and reuses its buffers from one save to the next, so a save
+    neither allocates nor blocks the training thread; the caller waits for the copy only
+    before it next changes the state (``Engine.wait_staged``)."""
+    cuda = torch.cuda.is_available()
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                        use_async_staging=True, use_non_blocking_copy=cuda))
+
+
+def async_save_dcp_state(module: nn.Module, optimizer, path: Path, process_group, stager: DefaultStager,
+                         extra: dict | None = None, threads: int = 1) -> tuple[Future, Future]:
+    """(staging future, write future). Staging copies to CPU in the stager's thread; the write
+    follows in DCP's background thread. ``process_group`` must be a separate gloo group: the
+    background thread's collectives must not interleave with the training loop's."""
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    response = dcp.async_save({"model": model_sd, "optim": optim_sd, **(extra or {})},
+                              storage_writer=dcp_writer(path, threads), process_group=process_group,
+                              async_stager=stager)
+    return response.staging_completion, response.upload_completion
 
 
 def load_dcp_state(module: nn.Module, optimizer, path: Path, extra: dict | None = None) -> dict:
@@ -81,6 +102,7 @@ class TorchOptimizerEngine(Engine):
         return self._pending_norm[1]
 
     def step(self, lr: float) -> StepStats:
+        self.wait_staged()
         if self._pending_norm is None:
             self.grad_norm()
         (norm, value), self._pending_norm = self._pending_norm, None
@@ -99,6 +121,7 @@ class TorchOptimizerEngine(Engine):
 
     def skip_step(self, lr: float) -> StepStats:
         # No optimizer.step(): AdamW's moments and step count stay as they were.
+        self.wait_staged()
         value = self._pending_norm[1] if self._pending_norm is not None else self.grad_norm()
         self._pending_norm = None
         self.optimizer.zero_grad(set_to_none=True)
@@ -113,12 +136,23 @@ class TorchOptimizerEngine(Engine):
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
     def save_state(self, path: Path) -> None:
-        save_dcp_state(self.state_module, self.optimizer, path, self._extra_state())
+        save_dcp_state(self.state_module, self.optimizer, path, self._extra_state(), self._writer_threads())
+
+    _stager: DefaultStager | None = None
+
+    def _writer_threads(self) -> int:
+        return self.cfg.checkpoint.writer_threads
 
     def async_save_state(self, path: Path, process_group) -> Future:
-        return async_save_dcp_state(self.state_module, self.optimizer, path, process_group, self._extra_state())
+        if self._stager is None:
+            self._stager = dcp_stager()
+        staged, written = async_save_dcp_state(self.state_module, self.optimizer, path, process_group,
+                                               self._stager, self._extra_state(), self._writer_threads())
+        self.hold_until_staged(staged)
+        return written
 
     def load_state(self, path: Path) -> None:
+        self.wait_staged()
         extra = load_dcp_state(self.state_module, self.optimizer, path, self._extra_state())
         if self.scaler is not None:
             self.scaler.load_state_dict(extra["scaler"])
@@ -133,5 +167,8 @@ class TorchOptimizerEngine(Engine):
         return replicated_param_shards(params, mesh)
 
     def close(self) -> None:
+        super().close()  # waits for a staging copy first
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
         self.state_module = None
-        super().close()

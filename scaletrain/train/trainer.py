@@ -336,6 +336,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         rank_state = {"data_position": {"stage": self.stage_index, "identity": self.data_identity,
                                         "slots": self.data_position}}
+        # A pending async write commits (or fails, reported with its own step) before this save.
+        self._checkpoint_records(self.ckpt.finalize)
         if self._checkpoint_records(lambda: self.ckpt.save(self.step, self.state_dict(), rank_state)):
             self.good_ckpt_step = self.step  # skipped steps leave weights untouched: still good
             if self.cfg.health.enabled:  # what a rollback to this checkpoint must bring back
@@ -364,7 +366,8 @@ class Trainer:
             self.save_failures += 1
             last = latest_checkpoint(self.ckpt.dir)  # an async save counted good may be the one lost
             self.good_ckpt_step = last.step if last is not None else None
-            self.logger.log({"step": self.step, "checkpoint_failed_step": self.step})
+            failed = e.step if e.step is not None else self.step
+            self.logger.log({"step": self.step, "checkpoint_failed_step": failed})
             if self.cfg.checkpoint.on_save_error == "stop":
                 raise HealthStop(f"{e}; stopping (checkpoint.on_save_error=stop): resume from the last complete "
                                  "checkpoint once there is room") from None

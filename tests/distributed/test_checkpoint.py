@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cmd, shard_pattern
+from tests.conftest import BIN, REPO, run_cmd, shard_pattern
 import tests.distributed.util as tests_util
 from tests.distributed.util import (free_port, no_checkpoint_loads, one_error_line, read_metrics,
                                     tamper_dcp_metadata, tamper_torch_file)
@@ -68,11 +68,21 @@ def _fsdp_params(ckpt: Path) -> dict[str, torch.Tensor]:
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
+def _torchrun_ranks(launcher: psutil.Process) -> list[psutil.Process]:
+    # direct children of torchrun running pretrain.py (not DataLoader workers, their children)
+    return [c for c in launcher.children() if "pretrain.py" in " ".join(c.cmdline())]
+
+
+def _deepspeed_ranks(launcher: psutil.Process) -> list[psutil.Process]:
+    # runner -> deepspeed.launcher.launch -> one pretrain.py per rank
+    return [c for p in launcher.children(recursive=True) if "deepspeed.launcher.launch" in " ".join(p.cmdline())
+            for c in p.children() if "pretrain.py" in " ".join(c.cmdline())]
+
+
 def _kill_a_rank_when(cmd: list[str], ready: Path, *, rank: int = -1, env: dict | None = None,
-                      wait_s: float = 240, exit_s: float = 300) -> tuple[int, str]:
-    """Start ``cmd`` (a torchrun launch), wait until ``ready`` exists, SIGKILL one of its rank
-    processes (a direct child of torchrun running pretrain.py, not a DataLoader worker) and wait
-    for the launcher to exit. Returns the launcher's exit code and log."""
+                      wait_s: float = 240, exit_s: float = 300, ranks=_torchrun_ranks) -> tuple[int, str]:
+    """Start ``cmd`` (a torchrun or deepspeed launch), wait until ``ready`` exists, SIGKILL one of
+    its rank processes and wait for the launcher to exit. Returns the launcher's exit code and log."""
     import os
 
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -82,7 +92,7 @@ def _kill_a_rank_when(cmd: list[str], ready: Path, *, rank: int = -1, env: dict 
         while not ready.exists():
             assert proc.poll() is None and time.time() < deadline, f"{ready} never appeared"
             time.sleep(0.2)
-        workers = [c for c in psutil.Process(proc.pid).children() if "pretrain.py" in " ".join(c.cmdline())]
+        workers = ranks(psutil.Process(proc.pid))
         assert workers, "no worker processes found"
         workers[rank].kill()
         out, _ = proc.communicate(timeout=exit_s)
@@ -180,22 +190,28 @@ def test_reshard_deepspeed_two_to_one_and_one_to_two(synth_shards, straight, tmp
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
-def test_rank_killed_mid_save_leaves_previous_checkpoint(synth_shards, straight, tmp_path):
-    """SIGKILL a rank while the step-4 save is open (shards written, not committed; a test
-    hook holds it there). The step-4 folder stays .partial, the step-2 checkpoint is intact,
-    and the relaunch resumes from step 2 with the uninterrupted run's losses."""
+@pytest.mark.parametrize("engine,mode", [("fsdp", "sync"), ("fsdp", "async"), ("deepspeed", "async")])
+def test_rank_killed_mid_save_leaves_previous_checkpoint(synth_shards, straight, tmp_path, engine, mode):
+    """SIGKILL a rank while the step-4 save is open. Sync: its shards are written and a test
+    hook holds the commit. Async: the kill lands as soon as the save has started (DCP's
+    metadata, or DeepSpeed's folder, exists) -- while the background thread copies or writes,
+    or while training runs on before the commit, which the hook also holds. Either way the
+    step-4 folder stays .partial, the step-2 checkpoint is intact, and the relaunch resumes
+    from step 2 with the uninterrupted run's losses."""
     d = tmp_path / "run"
     ckpts = d / "checkpoints"
+    sets = _sets(synth_shards, d, "checkpoint.every_steps=2", f"engine.kind={engine}",
+                 f"checkpoint.async_save={str(mode == 'async').lower()}")
+    marker = ckpts / "step-00000004.partial" / "engine" / (".metadata" if engine == "fsdp" else "zero")
     # rank 0: the one that would commit
-    rc, _ = _kill_a_rank_when(_torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2")),
-                              ckpts / "step-00000004.partial" / "engine" / ".metadata", rank=0,
-                              env={"SCALETRAIN_TEST_SAVE_STALL": "4:120"}, wait_s=300)
-    assert rc != 0
+    rc, out = _kill_a_rank_when(_torchrun(*sets), marker, rank=0, env={"SCALETRAIN_TEST_SAVE_STALL": "4:120"},
+                                wait_s=300)
+    assert rc != 0 and "done:" not in out, out[-3000:]
     assert (ckpts / "step-00000004.partial").is_dir() and not (ckpts / "step-00000004").exists()
     assert (ckpts / "step-00000002" / "meta.json").is_file()
-    r = _ok(run_cmd(_torchrun(*_sets(synth_shards, d, "checkpoint.every_steps=2")), env=ENV))
+    r = _ok(run_cmd(_torchrun(*sets), env=ENV))
     assert "resumed at step 2" in r.stdout + r.stderr
-    assert _losses(d) == _losses(straight["fsdp"])
+    assert _losses(d) == _losses(straight[engine])
     assert not any(p.name.endswith(".partial") for p in ckpts.iterdir())
 
 
@@ -221,6 +237,32 @@ def test_killed_rank_then_relaunch_resumes_from_last_complete(synth_shards, stra
     assert _losses(d) == _losses(straight["fsdp"])
     assert [m["step"] for m in read_metrics(d)] == list(range(1, 8))
     assert not any(p.name.endswith(".partial") for p in ckpts.iterdir())
+
+
+def test_killed_rank_under_the_deepspeed_launcher_then_relaunch_resumes(synth_shards, straight, tmp_path):
+    """`deepspeed --hostfile hosts launchers/pretrain.py ...`, ZeRO-3: SIGKILL one rank after the
+    step-2 checkpoint. DeepSpeed's launcher stops the other rank and exits non-zero (no hang);
+    the same command again resumes from the latest complete checkpoint and ends with the
+    uninterrupted run's losses."""
+    d = tmp_path / "run"
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=2\n")
+    env = {"PATH": f"{BIN}:{__import__('os').environ.get('PATH', '')}"}
+
+    def launch() -> list[str]:
+        return [str(BIN / "deepspeed"), "--hostfile", str(hosts), "--no_ssh_check", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port()), "launchers/pretrain.py", "--config", "configs/demo.yaml",
+                *_sets(synth_shards, d, "engine.kind=deepspeed", "checkpoint.every_steps=2")]
+
+    rc, out = _kill_a_rank_when(launch(), d / "checkpoints" / "step-00000002" / "meta.json", ranks=_deepspeed_ranks,
+                                env=env)
+    assert rc != 0 and "done:" not in out and not (d / "summary.json").exists(), out[-3000:]
+    assert max(m["step"] for m in read_metrics(d)) < 7
+    r = _ok(run_cmd(launch(), env=ENV))
+    resumed = int((r.stdout + r.stderr).split("resumed at step")[1].split()[0])
+    assert resumed in (2, 4, 6), resumed
+    assert _losses(d) == _losses(straight["deepspeed"])
+    assert [m["step"] for m in read_metrics(d)] == list(range(1, 8))
 
 
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
@@ -303,15 +345,18 @@ def test_ckpt_ls_lists_complete_and_partial(straight, tmp_path):
     assert any(ln.startswith("99 ") and "partial" in ln for ln in lines), r.stdout
 
 
-def test_async_save_resume_is_bit_exact(synth_shards, straight, tmp_path):
-    """dcp.async_save: training continues while shards are written; every step saves, so the
-    optimizer updates parameters while earlier writes are in flight. The state was staged
-    before the update, so resuming still reproduces the uninterrupted run exactly."""
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_async_save_resume_is_bit_exact(synth_shards, straight, tmp_path, engine):
+    """Async save (FSDP2: dcp.async_save with DCP's stager; ZeRO-3: scaletrain's background
+    writer): training continues while the state is copied and written; every step saves, so
+    the next forward runs during the copy and the optimizer steps while earlier writes are in
+    flight. The copy completes before the optimizer changes the state, so resuming still
+    reproduces the uninterrupted run exactly."""
     d = tmp_path / "run"
-    extra = ["checkpoint.async_save=true", "checkpoint.every_steps=1"]
+    extra = ["checkpoint.async_save=true", "checkpoint.every_steps=1", f"engine.kind={engine}"]
     _ok(run_cmd(_torchrun(*_sets(synth_shards, d, *extra, "run.stop_at_step=3")), env=ENV))
     _ok(run_cmd(_torchrun(*_sets(synth_shards, d, *extra)), env=ENV))
-    assert _losses(d) == _losses(straight["fsdp"])
+    assert _losses(d) == _losses(straight[engine])
     records = read_metrics(d, steps_only=False)
     stalls = [m["checkpoint_stall_seconds"] for m in records if "checkpoint_stall_seconds" in m]
     writes = [m["checkpoint_write_seconds"] for m in records if "checkpoint_write_seconds" in m]

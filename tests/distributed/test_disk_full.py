@@ -3,7 +3,8 @@ a save without room for another checkpoint is refused by the free-space check on
 ZeRO-3 alike, reported in one line per save, its .partial removed, and training goes on; a disk
 that fills during a save (ENOSPC while committing) is agreed on every rank, and with
 checkpoint.on_save_error=stop every rank stops together (exit 3) and the run resumes from the
-last complete checkpoint once there is room again. An unwritable or non-folder run.dir is a
+last complete checkpoint once there is room again. A write error on one rank only (ZeRO-3, sync
+and async) is agreed the same way, never a hang. An unwritable or non-folder run.dir is a
 config-time error."""
 
 from __future__ import annotations
@@ -108,6 +109,28 @@ def test_disk_filling_during_a_save_stops_every_rank_and_resumes_later(synth_sha
         assert "resumed at step 1" in r.stdout + r.stderr
         assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
         assert _steps(ckpt) == ["step-00000004"]
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_deepspeed_write_error_on_one_rank_is_agreed_and_training_goes_on(synth_shards, tmp_path, async_save):
+    """ZeRO-3: rank 1's write of its step-2 optimizer file fails with ENOSPC (injected: the one
+    rank whose disk filled), rank 0's writes succeed. DeepSpeed's own writer would raise between
+    its barriers and leave rank 0 waiting there; scaletrain's writer records the error, every rank
+    reaches the end of the save, and the failure is agreed: one line naming rank 1, the partial
+    folder removed, training goes on, and the next saves succeed. Async: the same error surfaces
+    from the background write and is agreed at the commit."""
+    run_dir, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    cmd = _cmd(synth_shards, run_dir, ckpt, 4, "engine.kind=deepspeed", "engine.deepspeed_config=ds_configs/zero3.json",
+               f"checkpoint.async_save={str(async_save).lower()}")
+    r = run_cmd(cmd, timeout=600, env={"SCALETRAIN_TEST_WRITE_ERROR": "1:step-00000002.partial/engine/zero/zero_pp_rank_1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("scaletrain: checkpoint at step")]
+    assert len(lines) == 1 and "checkpoint at step 2 failed on rank 1: " in lines[0], r.stderr[-3000:]
+    assert "No space left on device" in lines[0] and "zero_pp_rank_1" in lines[0], lines[0]
+    assert _steps(ckpt) == ["step-00000001", "step-00000003", "step-00000004"]
+    records = read_metrics(run_dir, steps_only=False)
+    assert [m["checkpoint_failed_step"] for m in records if "checkpoint_failed_step" in m] == [2]
+    assert [m["step"] for m in records if "loss" in m] == [1, 2, 3, 4]
 
 
 def test_unwritable_or_non_folder_run_dir_is_a_config_error(synth_shards, tmp_path):

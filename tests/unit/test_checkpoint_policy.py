@@ -106,3 +106,14 @@ def test_every_file_is_durable_before_the_commit_rename(tmp_path, monkeypatch):
               for kind, p in events[:at] if kind == "fsync"}
     assert {"meta.json", "trainer_state.json", "rng-rank0.safetensors", "engine/shard-0.bin", "engine", "."} <= before
     assert ("fsync", str(tmp_path / "checkpoints")) in events[at + 1:]
+
+
+def test_launches_from_the_suite_see_no_gpu():
+    """tests/conftest.py hides GPUs from every launch (a one-GPU host must not put two ranks on it)."""
+    import sys
+
+    from tests.conftest import run_cmd
+
+    r = run_cmd([sys.executable, "-c", "import os, torch; print(repr(os.environ['CUDA_VISIBLE_DEVICES']), "
+                 "os.environ['DS_ACCELERATOR'], torch.cuda.device_count())"], timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["''", "cpu", "0"], (r.stdout, r.stderr)

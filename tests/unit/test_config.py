@@ -52,7 +52,6 @@ BAD_INPUTS = [
      "model.activation_checkpointing=selective selects no unit of model.preset='unet-tiny' "
      "(activation_checkpointing_every=9 but it has 5 units)"),
     (["engine.kind=deepspeed", "engine.precision=fp16"], 2, "engine.precision=fp16 under DeepSpeed needs CUDA GPUs"),
-    (["engine.kind=deepspeed", "checkpoint.async_save=true"], 2, "checkpoint.async_save=true is for FSDP2/DDP"),
 ]
 
 
