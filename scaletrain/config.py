@@ -177,12 +177,44 @@ class StageDataSection(_Section):
     balance: BalanceSection | None = None
 
 
-class DiffusionSection(_Section):
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    num_train_timesteps: int = Field(1000, gt=1)
-    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
-    noise_offset: float = Field(0.0, ge=0.0)
-    min_snr_gamma: float | None = Field(5.0, ge=0.0)
+def objective_keys(objective: str, section: dict[str, Any], where: str) -> dict[str, Any]:
+    """The keys ``objective`` reads from a diffusion mapping: its own subsection (``ddpm:
+    {...}``, ``flow_matching: {...}``), then its flat keys over them (``--set diffusion.KEY=``). Every subsection is checked
+    against its objective, the flat keys against ``objective``; one line names a bad key."""
+    from scaletrain.diffusion import OBJECTIVES, objective_params
+
+    flat = {k: v for k, v in section.items() if k not in OBJECTIVES}
+    for name in OBJECTIVES:
+        sub = section.get(name)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            raise ValueError(f"{where}.{name} must be a mapping of {name}'s keys, got {sub!r}")
+        objective_params(name, sub, where=f"{where}.{name}")
+    merged = {**dict(section.get(objective) or {}), **flat}
+    objective_params(objective, merged, where=where)
+    return merged
+
+
+class DiffusionSection(BaseModel):
+    """``objective`` names a registered training objective (scaletrain/diffusion: ddpm,
+    flow_matching). Its keys sit flat in this section or in a subsection named after it; each
+    objective checks its own (its Params model), so an objective brings its keys in its own
+    file, and a recipe can hold settings for several and switch with
+    ``--set diffusion.objective=...``. DDPM: prediction_type, betas, noise_offset,
+    min_snr_gamma; flow matching: timestep_sampling, shift, dynamic_shift, weighting, ..."""
+
+    model_config = ConfigDict(extra="allow")
+    objective: str = "ddpm"
+
+    @model_validator(mode="after")
+    def _objective_keys(self) -> "DiffusionSection":
+        self.params()
+        return self
+
+    def params(self) -> dict[str, Any]:
+        """The selected objective's keys (validated)."""
+        return objective_keys(self.objective, dict(self.model_extra or {}), "diffusion")
 
 
 class OptimSection(_Section):
@@ -211,6 +243,9 @@ class StageSection(_Section):
     warmup_steps: int | None = Field(None, ge=0)
     data: StageDataSection | None = None  # this stage's shards/sources/filters/balance
     noise_offset: float | None = Field(None, ge=0.0)  # None = diffusion.noise_offset
+    # This stage's changes to the objective's keys, flat or under the objective's name (e.g.
+    # {flow_matching: {shift: 3.0}} for a higher resolution), checked like diffusion's own.
+    diffusion: dict[str, Any] | None = None
 
 
 class TrainSection(_Section):
@@ -462,11 +497,27 @@ class RunConfig(_Section):
     init: InitSection = InitSection()  # post-training start weights
     lora: LoraSection = LoraSection()
 
+    def stage_objective_params(self, index: int) -> dict[str, Any]:
+        """Stage ``index``'s changes to the objective's keys (its noise_offset, its diffusion
+        mapping), checked against the objective together with diffusion's own keys."""
+        stage = self.train.stages[index]
+        where = f"train.stages.{index}.diffusion"
+        changes = objective_keys(self.diffusion.objective, dict(stage.diffusion or {}), where) if stage.diffusion else {}
+        if stage.noise_offset is not None:
+            changes.setdefault("noise_offset", stage.noise_offset)
+        if changes:
+            from scaletrain.diffusion import objective_params
+
+            objective_params(self.diffusion.objective, {**self.diffusion.params(), **changes}, where=where)
+        return changes
+
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> "RunConfig":
         ctx = info.context or {}
         world = int(ctx.get("world_size", 1))
         _check_stage_lengths(self)
+        for i in range(len(self.train.stages)):
+            self.stage_objective_params(i)  # raises on a stage change the objective does not take
         _check_preset_and_resolutions(self)
         _check_batch_identity(self, world)
         _check_health(self, world)

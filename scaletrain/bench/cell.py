@@ -122,9 +122,8 @@ def run_cell(spec: dict, dist_info) -> dict:
     """Build, warm up, time ``reps`` steps; returns this rank's record."""
     from scaletrain.data.latents import resolve_shards
     from scaletrain.data.pipeline import LoaderSpec, build_loader
-    from scaletrain.diffusion.objective import (
-        ObjectiveConfig, build_noise_scheduler, diffusion_loss, posterior_generators, prepare_training_batch,
-    )
+    from scaletrain.diffusion import build_objective
+    from scaletrain.diffusion.objective import posterior_generators
     from scaletrain.engines import build_engine
     from scaletrain.models import build_model, frozen_dtype
 
@@ -144,8 +143,7 @@ def run_cell(spec: dict, dist_info) -> dict:
     engine = build_engine(cfg, model.denoiser, dist_info, micro_batch=spec["micro_batch"], grad_accum=1)
     guard()
     after_build = memory_snapshot(device)
-    objective = ObjectiveConfig()
-    scheduler = build_noise_scheduler(objective)
+    objective = build_objective(cfg.diffusion.objective, cfg.diffusion.params())
     loader = LoaderSpec(shards=urls, resolution=spec["resolution"], micro_batch=spec["micro_batch"],
                         num_workers=cfg.data.num_workers, seed=0, rank=dist_info.rank,
                         world_size=dist_info.world_size, precomputed=encoding is not None,
@@ -174,14 +172,13 @@ def run_cell(spec: dict, dist_info) -> dict:
         else:
             x0 = model.encode_images(batch["pixels"].to(device, non_blocking=True), gens)
             emb, mask = model.encode_text(batch["captions"], device)
-        noisy, ts, target = prepare_training_batch(x0, batch["keys"], step=step, seed=0,
-                                                   scheduler=scheduler, cfg=objective)
+        tb = objective.training_batch(x0, batch["keys"], step=step, seed=0)
         t = mark("encode", t)
         dtype = engine.input_dtype
         with around or contextlib.nullcontext():
             with engine.micro_step(is_last=True):
-                pred = engine.module(noisy.to(dtype), ts, emb.to(dtype), mask)
-                loss, _ = diffusion_loss(pred.float(), target, ts, scheduler, objective)
+                pred = engine.module(tb.noisy.to(dtype), tb.timesteps, emb.to(dtype), mask)
+                loss, _ = objective.loss(pred.float(), tb)
                 t = mark("forward", t)
                 engine.backward(loss)
                 t = mark("backward", t)

@@ -1,5 +1,8 @@
-"""Diffusion objective: noise schedule, targets, Min-SNR weighting, per-sample RNG."""
+"""Training objectives behind one seam (``base.Objective``): DDPM (``ddpm.py``, its tensor math
+in ``objective.py``) and flow matching (``flow.py``), each registered by importing its file."""
 
+from scaletrain.diffusion import ddpm, flow  # noqa: F401  (register the built-in objectives)
+from scaletrain.diffusion.base import OBJECTIVES, Objective, TrainingBatch, build_objective, objective_params
 from scaletrain.diffusion.objective import (
     PREDICTION_TYPES,
     ObjectiveConfig,
@@ -16,6 +19,11 @@ from scaletrain.diffusion.objective import (
 )
 
 __all__ = [
+    "OBJECTIVES",
+    "Objective",
+    "TrainingBatch",
+    "build_objective",
+    "objective_params",
     "PREDICTION_TYPES",
     "ObjectiveConfig",
     "add_noise",

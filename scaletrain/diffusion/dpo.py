@@ -28,10 +28,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from torch import Tensor
 
-from scaletrain.diffusion.objective import ObjectiveConfig, prepare_training_batch
+from scaletrain.diffusion.base import Objective, TrainingBatch
 
 
 @dataclass
@@ -75,10 +74,10 @@ def prepare_pair_batch(
     *,
     step: int,
     seed: int,
-    scheduler: DDPMScheduler,
-    cfg: ObjectiveConfig,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(noisy, timesteps, target) for the 2B batch [chosen; rejected]. Pair i's two images get
+    objective: Objective,
+) -> TrainingBatch:
+    """The objective's training batch for the 2B batch [chosen; rejected] (DDPM: epsilon/v
+    targets; flow matching: velocities, as Flow-DPO). Pair i's two images get
     the same noise and timestep (the DPO comparison is between images, not noise draws), drawn
     from the generator keyed by (seed, step, pair key): the same on any rank layout."""
     if x0_chosen.shape != x0_rejected.shape or x0_chosen.shape[0] != len(keys):
@@ -86,5 +85,4 @@ def prepare_pair_batch(
                          f"and hold one image per key ({len(keys)} keys)")
     keys = list(keys)
     # Each key appears twice; per_sample_generators seeds both rows alike, so they draw alike.
-    return prepare_training_batch(torch.cat([x0_chosen, x0_rejected]), keys + keys, step=step, seed=seed,
-                                  scheduler=scheduler, cfg=cfg)
+    return objective.training_batch(torch.cat([x0_chosen, x0_rejected]), keys + keys, step=step, seed=seed)

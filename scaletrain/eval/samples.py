@@ -1,4 +1,4 @@
-"""Validation sample grids: deterministic DDIM sampling with classifier-free guidance.
+"""Validation sample grids: deterministic sampling (the objective's sampler) with classifier-free guidance.
 
 Every rank calls `generate_samples` with the same prompts because the denoiser may be
 sharded (FSDP2) or wrapped (DeepSpeed) and its forwards are collectives. So the loop
@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from scaletrain.diffusion import Objective
 
 Denoiser = Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
 TextEncoder = Callable[[list[str]], tuple[Tensor, Tensor | None]]
@@ -43,17 +44,6 @@ def _initial_latents(
     gens = [torch.Generator().manual_seed(seed + i) for i in range(num)]
     rows = [torch.randn(shape, generator=gen) for gen in gens]
     return torch.stack(rows).to(device)
-
-
-def _build_inference_scheduler(
-    noise_scheduler_config: Mapping[str, Any], prediction_type: str, num_inference_steps: int,
-    device: torch.device,
-) -> DDIMScheduler:
-    # Same betas as training; DDIM with eta=0 (Song et al. 2021) needs no RNG at all.
-    config = {k: v for k, v in dict(noise_scheduler_config).items() if not k.startswith("_")}
-    scheduler = DDIMScheduler.from_config(config, prediction_type=prediction_type)
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    return scheduler
 
 
 def _guided_prediction(
@@ -81,8 +71,7 @@ def generate_samples(
     resolution: int,
     in_channels: int,
     latent_factor: int,
-    noise_scheduler_config: Mapping[str, Any],
-    prediction_type: str,
+    objective: Objective,
     num_inference_steps: int = 25,
     guidance_scale: float = 3.0,
     seed: int = 0,
@@ -102,9 +91,9 @@ def generate_samples(
     use_cfg = guidance_scale != 1.0
     side = resolution // latent_factor
     with _preserve_global_rng(device):
-        scheduler = _build_inference_scheduler(
-            noise_scheduler_config, prediction_type, num_inference_steps, device
-        )
+        # The objective's own sampler (DDIM with eta=0 for DDPM, flow Euler for flow
+        # matching): deterministic, no RNG after the initial latents.
+        scheduler = objective.sampler(num_inference_steps, device, latent_shape=(in_channels, side, side))
         # One text-encoder call for both halves keeps the batch (and any collectives) fixed.
         texts = [""] * len(prompts) + list(prompts) if use_cfg else list(prompts)
         emb, mask = encode_text(texts)
@@ -113,7 +102,7 @@ def generate_samples(
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(x, t)
             pred = _guided_prediction(denoiser, x_in, t, emb, mask, guidance_scale, use_cfg)
-            x = scheduler.step(pred, t, x, eta=0.0).prev_sample
+            x = scheduler.step(pred, t, x)
         return decode(x).float().clamp(-1.0, 1.0)
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from scaletrain.data.pipeline import LoaderSpec, expand_shards, iter_epoch_samples
+from scaletrain.diffusion import Objective
 from scaletrain.distributed import all_reduce_sum
 from scaletrain.eval.fid import build_feature_extractor, build_fid
 from scaletrain.eval.samples import generate_samples, save_image_grid
@@ -95,8 +96,7 @@ class SamplingSpec:
     decode: Callable[[Tensor], Tensor]
     in_channels: int
     latent_factor: int
-    noise_scheduler_config: Mapping[str, Any]
-    prediction_type: str
+    objective: Objective  # samples with its sampler; the trainer sets the current stage's
 
 
 class Validator:
@@ -138,8 +138,7 @@ class Validator:
         return generate_samples(
             denoise, s.encode_text, s.decode, prompts=prompts, resolution=resolution,
             in_channels=s.in_channels, latent_factor=s.latent_factor,
-            noise_scheduler_config=s.noise_scheduler_config, prediction_type=s.prediction_type,
-            num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance_scale,
+            objective=s.objective, num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance_scale,
             seed=seed, device=self.device,
         )
 

@@ -4,16 +4,16 @@ A stage's length is ``steps`` or ``images`` (``RunConfig.stage_steps`` does the 
 ceil(images / global batch)). A run resumed at another global batch (say a new world size
 without adjusting grad_accum) re-plans an images-length stage from the images it has still
 to see, so the stage keeps its promise of ``images`` images; a steps-length stage keeps its
-steps. The noise offset is the stage's, else ``diffusion.noise_offset``.
+steps. The objective is diffusion's, with the stage's changes (its noise offset, its
+``diffusion`` keys) applied.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from scaletrain.config import ConfigError, RunConfig
-from scaletrain.diffusion.objective import ObjectiveConfig
+from scaletrain.diffusion import Objective
 
 
 def planned_stage_steps(cfg: RunConfig, index: int, world_size: int, *, steps_done: int = 0,
@@ -56,7 +56,6 @@ def stage_length_text(cfg: RunConfig, index: int, world_size: int, steps: int, *
             f"{math.ceil(stage.images / gb) * gb} images at a fresh start)")
 
 
-def stage_objective(base: ObjectiveConfig, cfg: RunConfig, index: int) -> ObjectiveConfig:
-    """The objective of stage ``index``: ``base`` with the stage's noise offset, if it sets one."""
-    offset = cfg.train.stages[index].noise_offset
-    return base if offset is None else dataclasses.replace(base, noise_offset=offset)
+def stage_objective(base: Objective, cfg: RunConfig, index: int) -> Objective:
+    """The objective of stage ``index``: ``base`` with the stage's changes, if it has any."""
+    return base.for_stage(cfg.stage_objective_params(index))

@@ -16,7 +16,6 @@ It is not checkpointed: a resumed run rebuilds it from the same source.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from scaletrain.data.pairs import build_pair_loader
 from scaletrain.checkpoint.init import load_init_weights
 from scaletrain.data.pipeline import LoaderSpec, expand_shards
 from scaletrain.diffusion.dpo import diffusion_dpo_loss, prepare_pair_batch
-from scaletrain.diffusion.objective import diffusion_loss
 from scaletrain.distributed import DistInfo
 from scaletrain.models import parallel_units
 from scaletrain.models.lora import adapters_disabled
@@ -93,7 +91,6 @@ class DPOTrainer(Trainer):
         self.dpo = cfg.dpo
         # The paper's timestep weighting ω(λ_t) is constant (as in both reference codes): plain
         # per-sample MSE of the prediction target, no Min-SNR weights inside the preference loss.
-        self.error_objective = dataclasses.replace(self.objective, min_snr_gamma=None)
         self.reference, self.reference_kind = self.build_reference()
         self.reference_local_numel = stored_numel(self.reference) if isinstance(self.reference, nn.Module) else 0
         self._sums = [0.0] * 5  # DPOTerms.sums() accumulated over this step's micro-batches
@@ -125,8 +122,10 @@ class DPOTrainer(Trainer):
         )
         return iter(build_pair_loader(spec))
 
-    def _errors(self, pred: Tensor, target: Tensor, timesteps: Tensor) -> Tensor:
-        return diffusion_loss(pred.float(), target, timesteps, self.noise_scheduler, self.error_objective)[1]
+    def _errors(self, pred: Tensor, tb) -> Tensor:
+        # The DPO reward compares plain per-sample errors (no SNR or flow weighting), on the
+        # objective's own target: noise / v for DDPM, the velocity for flow matching.
+        return self.objective.errors(pred.float(), tb)
 
     def forward_backward_step(self, batch: dict, *, is_last: bool) -> float:
         """One micro-batch of pairs: chosen and rejected go through one forward as a 2B batch,
@@ -138,16 +137,14 @@ class DPOTrainer(Trainer):
         x0 = self.model.encode_images(pixels)  # one VAE pass for both sides
         emb, mask = self.model.encode_text(batch["captions"], self.device)
         emb, mask = emb.repeat(2, 1, 1), mask.repeat(2, 1)
-        noisy, timesteps, target = prepare_pair_batch(
-            x0[:n], x0[n:], keys, step=self.step, seed=self.cfg.run.seed,
-            scheduler=self.noise_scheduler, cfg=self.objective,
-        )
+        tb = prepare_pair_batch(x0[:n], x0[n:], keys, step=self.step, seed=self.cfg.run.seed,
+                                objective=self.objective)
         dtype = self.engine.input_dtype
-        inputs = (noisy.to(dtype), timesteps, emb.to(dtype), mask)
+        inputs = (tb.noisy.to(dtype), tb.timesteps, emb.to(dtype), mask)
         with self.engine.micro_step(is_last=is_last):
             with torch.no_grad():  # reference first: ZeRO-3 and FSDP2 then see forward, backward in order
-                ref_err = self._errors(self.reference(*inputs), target, timesteps)
-            err = self._errors(self.engine.module(*inputs), target, timesteps)
+                ref_err = self._errors(self.reference(*inputs), tb)
+            err = self._errors(self.engine.module(*inputs), tb)
             terms = diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], self.dpo.beta)
             loss = terms.loss
             if self.health.inject_nan(self.attempt + 1, self.dist.rank):  # test hook, one rank only

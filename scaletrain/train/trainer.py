@@ -25,13 +25,8 @@ from scaletrain.config import RunConfig, dump_config
 from scaletrain.data.mixing import Balance, Source
 from scaletrain.data.latents import check_precomputed, resolve_shards
 from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards, loader_identity, plan_streams
-from scaletrain.diffusion.objective import (
-    ObjectiveConfig,
-    build_noise_scheduler,
-    diffusion_loss,
-    posterior_generators,
-    prepare_training_batch,
-)
+from scaletrain.diffusion import build_objective
+from scaletrain.diffusion.objective import posterior_generators
 from scaletrain.distributed import DistInfo, all_reduce_sum
 from scaletrain.engines import build_engine
 from scaletrain.eval.samples import generate_samples, save_image_grid
@@ -80,15 +75,9 @@ class Trainer:
             cfg.model.preset, text_encoder_path=cfg.model.text_encoder_path, vae_path=cfg.model.vae_path,
             dtype=frozen_dtype(cfg.engine.precision), encoders=self.encoding is None, encoder_seed=cfg.run.seed,
         ).to(self.device)
-        self.objective = ObjectiveConfig(
-            prediction_type=cfg.diffusion.prediction_type,
-            num_train_timesteps=cfg.diffusion.num_train_timesteps,
-            beta_schedule=cfg.diffusion.beta_schedule,
-            noise_offset=cfg.diffusion.noise_offset,
-            min_snr_gamma=cfg.diffusion.min_snr_gamma,
-        )
-        self.noise_scheduler = build_noise_scheduler(self.objective)
-        self.base_objective = self.objective  # each stage may override its noise offset (run_stage)
+        # The training objective (diffusion/: ddpm, flow_matching); each stage may change its keys.
+        self.objective = build_objective(cfg.diffusion.objective, cfg.diffusion.params())
+        self.base_objective = self.objective
         self.comm_profiler = CommProfiler(cfg.engine.comm_profile_every, self.device)  # off at 0
         self.init_note: str | None = None
         self.prepare_denoiser()  # post-training start weights and LoRA, before the engine wraps it
@@ -204,7 +193,7 @@ class Trainer:
         global_batch = stage.micro_batch * stage.grad_accum * world
         if start == 0 or self.stage_images_seen is None:  # None: a checkpoint from before this counter
             self.stage_images_seen = start * global_batch
-        # Stage length (steps, or images re-planned from those left) and noise offset (curriculum.py).
+        # Stage length (steps, or images re-planned from those left) and objective (curriculum.py).
         steps = planned_stage_steps(cfg, index, world, steps_done=start, images_done=self.stage_images_seen)
         self.objective = stage_objective(self.base_objective, cfg, index)
         base_lr = stage.lr or cfg.optim.lr
@@ -213,7 +202,7 @@ class Trainer:
         length = stage_length_text(cfg, index, world, steps, steps_done=start, images_done=self.stage_images_seen)
         self.logger.event(f"stage {index} '{stage.name}': {stage.resolution}px, {length}, "
                           f"global batch {global_batch} = {stage.micro_batch} x {stage.grad_accum} x {world}, "
-                          f"noise offset {self.objective.noise_offset:g}"
+                          f"{self.objective.describe()}"
                           + (f", buckets (WxH) {' '.join(f'{w}x{h}' for w, h in buckets)}" if buckets else ""))
         stage_start, stage_images = time.perf_counter(), 0
         for step_in_stage in range(start, steps):
@@ -476,14 +465,11 @@ class Trainer:
         """One micro-batch: encode, noise, predict, weighted loss, backward. Returns the loss as a
         detached 0-dim tensor (no host sync per micro-batch; the loop reads it once per step)."""
         x0, emb, mask = self.model_inputs(batch)
-        noisy, timesteps, target = prepare_training_batch(
-            x0, batch["keys"], step=self.step, seed=self.cfg.run.seed,
-            scheduler=self.noise_scheduler, cfg=self.objective,
-        )
+        tb = self.objective.training_batch(x0, batch["keys"], step=self.step, seed=self.cfg.run.seed)
         dtype = self.engine.input_dtype
         with self.engine.micro_step(is_last=is_last):
-            pred = self.engine.module(noisy.to(dtype), timesteps, emb.to(dtype), mask)
-            loss, _ = diffusion_loss(pred.float(), target, timesteps, self.noise_scheduler, self.objective)
+            pred = self.engine.module(tb.noisy.to(dtype), tb.timesteps, emb.to(dtype), mask)
+            loss, _ = self.objective.loss(pred.float(), tb)
             if self.health.inject_nan(self.attempt + 1, self.dist.rank):  # test hook, one rank only
                 loss = poison(loss)
             if self.health.inject_spike(self.attempt + 1, self.dist.rank):  # test hook: loss x 1000, one rank
@@ -633,13 +619,13 @@ class Trainer:
                 encode_text=lambda captions: self.model.encode_text(captions, self.device),
                 decode=self.model.decode, in_channels=self.model.preset.in_channels,
                 latent_factor=self.model.preset.vae_factor,
-                noise_scheduler_config=dict(self.noise_scheduler.config),
-                prediction_type=self.objective.prediction_type,
+                objective=self.objective,
             )
             self.validator = Validator(v, grid_prompts=list(self.cfg.sample.prompts), grid_seed=self.cfg.sample.seed,
                                        default_shards=self.default_shards(), sampling=sampling,
                                        rank=self.dist.rank, world_size=self.dist.world_size, device=self.device)
         resolution = v.resolution or resolution
+        self.validator.sampling.objective = self.objective  # the stage's (e.g. its flow shift)
         dtype, module = self.engine.input_dtype, self.engine.module
 
         def denoise(x, t, emb, mask):
@@ -679,8 +665,7 @@ class Trainer:
                 resolution=resolution,
                 in_channels=self.model.preset.in_channels,
                 latent_factor=self.model.preset.vae_factor,
-                noise_scheduler_config=dict(self.noise_scheduler.config),
-                prediction_type=self.objective.prediction_type,
+                objective=self.objective,  # the current (at the end: the last) stage's
                 num_inference_steps=s.steps,
                 guidance_scale=s.guidance_scale,
                 seed=s.seed,

@@ -195,15 +195,13 @@ def test_safety_filter_flagged_rate(synth_shards, tmp_path):
 
 
 def test_validation_logs_nsfw_flagged_rate(synth_shards):
-    from diffusers import DDPMScheduler
-
     from scaletrain.config import ValidateSection
     from scaletrain.curate.models import tensor_to_pil
+    from scaletrain.diffusion import build_objective
     from scaletrain.eval.validate import SamplingSpec, Validator, validation_record
 
     sampling = SamplingSpec(encode_text=lambda c: (torch.zeros(len(c), 2, 8), None), decode=lambda x: x,
-                            in_channels=3, latent_factor=1, noise_scheduler_config=dict(DDPMScheduler().config),
-                            prediction_type="epsilon")
+                            in_channels=3, latent_factor=1, objective=build_objective("ddpm", {}))
 
     def denoise(x, t, emb, mask):
         return 0.5 * x  # any fixed function: the images only have to be the same in both places

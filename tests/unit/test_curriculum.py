@@ -18,6 +18,7 @@ from PIL import Image
 from scaletrain.config import ConfigError, load_config
 from scaletrain.data import LoaderSpec, build_loader, decode_image, write_synthetic_shards
 from scaletrain.data.buckets import BucketSpec, bucket_sizes, nearest_bucket
+from scaletrain.diffusion import build_objective
 from scaletrain.diffusion.objective import (
     ObjectiveConfig, add_noise, build_noise_scheduler, per_sample_generators, prepare_training_batch,
     sample_noise, sample_timesteps,
@@ -79,17 +80,18 @@ def test_resumed_images_stage_replans_from_images_left():
 
 def test_stage_noise_offset_reaches_the_noise():
     cfg = _cfg("train.stages.1.noise_offset=0.4")
-    base = ObjectiveConfig(noise_offset=cfg.diffusion.noise_offset)
+    base = build_objective("ddpm", {"noise_offset": cfg.diffusion.params()["noise_offset"]})  # epsilon target
     assert stage_objective(base, cfg, 0) is base  # no stage value: diffusion.noise_offset (0.05)
     obj = stage_objective(base, cfg, 1)
-    assert obj.noise_offset == 0.4 and obj.prediction_type == base.prediction_type
-    sched = build_noise_scheduler(obj)
+    assert obj.config.noise_offset == 0.4 and obj.config.prediction_type == base.config.prediction_type
+    sched = obj.noise_scheduler
     x0 = torch.randn(3, 3, 8, 8)
     keys = ["a", "b", "c"]
-    noisy, t, target = prepare_training_batch(x0, keys, step=7, seed=1, scheduler=sched, cfg=obj)
+    tb = obj.training_batch(x0, keys, step=7, seed=1)
+    noisy, t, target = tb.noisy, tb.t, tb.target
     # the same draws by hand: timesteps first, then noise with the stage's offset
     gens = per_sample_generators(1, 7, keys)
-    t_ref = sample_timesteps(obj.num_train_timesteps, gens)
+    t_ref = sample_timesteps(obj.config.num_train_timesteps, gens)
     noise = sample_noise(x0.shape, noise_offset=0.4, generators=gens)
     assert torch.equal(t, t_ref) and torch.equal(target, noise)
     assert torch.allclose(noisy, add_noise(sched, x0, noise, t))

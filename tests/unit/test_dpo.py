@@ -18,7 +18,7 @@ from scaletrain.data.pipeline import LoaderSpec
 from scaletrain.data.synth import COLORS, POSITIONS, write_tar_shard
 from scaletrain.data.synth_pairs import make_preference_pair, write_preference_shards
 from scaletrain.diffusion.dpo import diffusion_dpo_loss, prepare_pair_batch
-from scaletrain.diffusion.objective import ObjectiveConfig, build_noise_scheduler
+from scaletrain.diffusion import build_objective
 
 
 def test_loss_matches_hand_computed_values():
@@ -65,12 +65,13 @@ def test_loss_rejects_bad_inputs():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_pair_shares_noise_and_timestep_and_is_layout_invariant(prediction_type):
-    cfg = ObjectiveConfig(prediction_type=prediction_type, noise_offset=0.1)
-    sched = build_noise_scheduler(cfg)
+    objective = build_objective("ddpm", {"prediction_type": prediction_type, "noise_offset": 0.1})
+    sched = objective.noise_scheduler
     g = torch.Generator().manual_seed(0)
     chosen, rejected = torch.rand(3, 3, 8, 8, generator=g), torch.rand(3, 3, 8, 8, generator=g)
     keys = ["a", "b", "c"]
-    noisy, t, target = prepare_pair_batch(chosen, rejected, keys, step=7, seed=1, scheduler=sched, cfg=cfg)
+    tb = prepare_pair_batch(chosen, rejected, keys, step=7, seed=1, objective=objective)
+    noisy, t, target = tb.noisy, tb.t, tb.target
     assert torch.equal(t[:3], t[3:]) and len(set(t[:3].tolist())) > 1  # per pair shared, across pairs not
     # noisy = sqrt(ab) x0 + sqrt(1 - ab) eps with one eps per pair: the difference is the images' alone.
     ab = sched.alphas_cumprod[t[:3]].view(-1, 1, 1, 1)
@@ -78,10 +79,11 @@ def test_pair_shares_noise_and_timestep_and_is_layout_invariant(prediction_type)
     if prediction_type == "epsilon":
         assert torch.equal(target[:3], target[3:])
     # Pair "b" alone on another "rank" draws exactly what it drew inside the batch.
-    n1, t1, y1 = prepare_pair_batch(chosen[1:2], rejected[1:2], ["b"], step=7, seed=1, scheduler=sched, cfg=cfg)
+    one = prepare_pair_batch(chosen[1:2], rejected[1:2], ["b"], step=7, seed=1, objective=objective)
+    n1, t1, y1 = one.noisy, one.t, one.target
     assert torch.equal(t1, t[[1, 4]]) and torch.equal(n1, noisy[[1, 4]]) and torch.equal(y1, target[[1, 4]])
-    other_step, _, _ = prepare_pair_batch(chosen, rejected, keys, step=8, seed=1, scheduler=sched, cfg=cfg)
-    assert not torch.equal(other_step, noisy)
+    other_step = prepare_pair_batch(chosen, rejected, keys, step=8, seed=1, objective=objective)
+    assert not torch.equal(other_step.noisy, noisy)
 
 
 def _color_at(image_bytes: bytes, position: str, resolution: int) -> tuple[int, int, int]:

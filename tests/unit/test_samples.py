@@ -10,6 +10,7 @@ from diffusers import DDIMScheduler
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from scaletrain.diffusion import build_objective
 from scaletrain.diffusion.objective import ObjectiveConfig, build_noise_scheduler
 from scaletrain.eval.samples import _caption_lines, generate_samples, save_image_grid
 
@@ -45,8 +46,7 @@ def _scheduler_config() -> dict:
 def _generate(denoiser: ToyDenoiser | None = None, **overrides: object) -> Tensor:
     kwargs = dict(
         prompts=PROMPTS, resolution=RES, in_channels=CHANNELS, latent_factor=FACTOR,
-        noise_scheduler_config=_scheduler_config(), prediction_type="epsilon",
-        num_inference_steps=STEPS, guidance_scale=3.0, seed=123,
+        objective=build_objective("ddpm", {}), num_inference_steps=STEPS, guidance_scale=3.0, seed=123,
     )
     kwargs.update(overrides)
     return generate_samples(denoiser or ToyDenoiser(), encode_text, decode, **kwargs)
@@ -105,8 +105,8 @@ def test_global_rng_untouched() -> None:
     before = torch.get_rng_state()
     generate_samples(
         ToyDenoiser(), encode_text, noisy_decode, prompts=PROMPTS, resolution=RES,
-        in_channels=CHANNELS, latent_factor=FACTOR, noise_scheduler_config=_scheduler_config(),
-        prediction_type="v_prediction", num_inference_steps=STEPS,
+        in_channels=CHANNELS, latent_factor=FACTOR,
+        objective=build_objective("ddpm", {"prediction_type": "v_prediction"}), num_inference_steps=STEPS,
     )
     assert torch.equal(before, torch.get_rng_state())
 
