@@ -210,7 +210,7 @@ def _ckpt(args: argparse.Namespace) -> int:
 
             out, weights, layout = export_lora(args.src, args.out, use_ema=not args.raw, with_base=args.with_base)
         else:
-            out, weights = export_diffusers(args.src, args.out, use_ema=not args.raw)
+            out, weights, scheduler = export_diffusers(args.src, args.out, use_ema=not args.raw)
     except (ValueError, CheckpointLoadError) as e:
         print(f"scaletrain: {e}", file=sys.stderr)
         return 2
@@ -219,7 +219,9 @@ def _ckpt(args: argparse.Namespace) -> int:
         base = f", base model in {out / 'base'}" if args.with_base else ""
         print(f"exported LoRA adapter ({layout} layout, {which}) to {out}{base}")
         return 0
-    print(f"exported diffusers model to {out} ({which})")
+    sampler = (f"; sample it with its {scheduler} in {out / 'scheduler'}" if scheduler else
+               "; the checkpoint does not record its objective, so no scheduler was written")
+    print(f"exported diffusers model to {out} ({which}){sampler}")
     return 0
 
 

@@ -630,6 +630,18 @@ def _check_preset_and_resolutions(cfg: RunConfig) -> None:
             )
     if cfg.sample.resolution is not None and cfg.sample.resolution % f:
         raise ValueError(f"sample.resolution={cfg.sample.resolution} is not divisible by {f}; pick a multiple of {f}")
+    top = preset.max_resolution  # e.g. an MMDiT's position-embedding grid
+    if top is None:
+        return
+    sides = [(f"train.stages.{i}.resolution", st.resolution) for i, st in enumerate(cfg.train.stages)]
+    sides += [(f"data.buckets (stage {i}, largest side)", max(max(b) for b in cfg.stage_buckets(i)))
+              for i in range(len(cfg.train.stages)) if cfg.stage_buckets(i)]
+    sides += [(k, v) for k, v in (("sample.resolution", cfg.sample.resolution),
+                                  ("validate.resolution", cfg.validate.resolution)) if v is not None]
+    for key, side in sides:
+        if side > top:
+            raise ValueError(f"{key}: {side} px is larger than {top} px, the largest image model.preset="
+                             f"{preset.name!r} takes (its position-embedding grid); use at most {top} px")
 
 
 def _check_validate(cfg: RunConfig, world: int, *, check_paths: bool) -> None:

@@ -5,7 +5,8 @@ excluded, as MFU conventions do), forward + backward = 3 x forward:
 
 - Conv2d: ``2 * k_h * k_w * (C_in / groups) * C_out * H_out * W_out``
 - Linear: ``2 * in * out * tokens`` (tokens: every position the layer is applied to)
-- Attention core (QK^T and AV): ``4 * N * M * d`` (N query tokens, M key tokens, d = heads x head dim)
+- Attention core (QK^T and AV): ``4 * N * M * d`` (N query tokens, M key tokens, d = heads x head dim;
+  joint MMDiT attention: N = M = image + text tokens)
 
 Normalisation, activations and other element-wise work are not counted (they are memory-
 bound, and leaving them out is the usual MFU convention). ``layer_flops`` applies these
@@ -94,9 +95,9 @@ def device_peak_tflops(device: torch.device, precision: str, override: float | N
 
 def _text_dims(preset) -> tuple[int, int]:
     """(tokens, width) of the text embedding the denoiser is conditioned on."""
-    cfg = preset.denoiser_config
-    width = cfg["cross_attention_dim"] if preset.family == "unet" else cfg["caption_channels"]
-    return preset.max_text_len, width
+    from scaletrain.models.family import get_family
+
+    return preset.max_text_len, get_family(preset.family).text_width(preset.denoiser_config)
 
 
 def denoiser_input_size(preset, resolution: int) -> int:
@@ -137,8 +138,13 @@ def layer_flops(preset_name: str, resolution: ImageSize) -> dict[str, int]:
         h = kwargs.get("hidden_states", args[0] if args else None)
         ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         n = h.shape[-2] * h.shape[-1] if h.ndim == 4 else h.shape[1]  # (B,C,H,W) or (B,N,C)
-        m_tok = n if ctx is None else ctx.shape[1]
-        counts["attention"] += 4 * n * m_tok * m.inner_dim
+        if ctx is None:  # self-attention
+            q_tok = k_tok = n
+        elif getattr(m, "added_kv_proj_dim", None) is not None:  # joint (MMDiT): both streams, both ways
+            q_tok = k_tok = n + ctx.shape[1]
+        else:  # cross-attention to the text
+            q_tok, k_tok = n, ctx.shape[1]
+        counts["attention"] += 4 * q_tok * k_tok * m.inner_dim
 
     hooks = []
     for mod in den.modules():

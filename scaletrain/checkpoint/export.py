@@ -60,10 +60,13 @@ def ema_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor] | None:
     return load_dcp_full(ema_dir)["params"]  # without a process group, like the model above
 
 
-def export_diffusers(src: str | Path, out: str | Path, *, use_ema: bool = True) -> tuple[Path, str]:
+def export_diffusers(src: str | Path, out: str | Path, *, use_ema: bool = True) -> tuple[Path, str, str | None]:
     """Write the checkpoint's network with ``save_pretrained``: the EMA weights when the
-    checkpoint holds an EMA (and ``use_ema``), the raw weights otherwise. Returns the folder
-    and which weights went into it ("ema" or "raw")."""
+    checkpoint holds an EMA (and ``use_ema``), the raw weights otherwise; and, in
+    ``OUT/scheduler``, the diffusers scheduler its objective samples with (flow matching:
+    ``FlowMatchEulerDiscreteScheduler`` with the run's shift; DDPM: ``DDIMScheduler`` with its
+    schedule and prediction type). Returns the folder, which weights went into it ("ema" or
+    "raw") and the scheduler's class name (None for a checkpoint older than the record)."""
     from scaletrain.models import build_denoiser_net
 
     from scaletrain.models.lora import has_lora_keys
@@ -74,12 +77,51 @@ def export_diffusers(src: str | Path, out: str | Path, *, use_ema: bool = True) 
     if trainer_state(info).get("lora") or has_lora_keys(state):
         raise ValueError(f"{info.path} holds LoRA adapters; export them with `scaletrain ckpt export-lora "
                          f"{src} OUT` (add --with-base for the base model)")
+    objective = checkpoint_objective(info)
     net_state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     net = build_denoiser_net(preset)
     net.load_state_dict(net_state, strict=True)
     out = Path(out)
     net.save_pretrained(out, safe_serialization=True)
-    return out, which
+    if objective is None:
+        return out, which, None
+    import diffusers
+
+    scheduler = getattr(diffusers, objective.scheduler_class).from_config(objective.scheduler_config())
+    scheduler.save_pretrained(out / SCHEDULER_DIR)
+    return out, which, objective.scheduler_class
+
+
+SCHEDULER_DIR = "scheduler"  # beside the model's config.json, as in a pipeline folder
+
+
+def checkpoint_objective(info: CheckpointInfo):
+    """The objective (``diffusion.Objective``, with the last stage's keys) a checkpoint was
+    trained with, or None when its trainer state predates the record."""
+    from scaletrain.diffusion import build_objective
+
+    record = trainer_state(info).get("objective")
+    if not record:
+        return None
+    return build_objective(record["name"], record["params"])
+
+
+def source_objective(source: str | Path) -> str | None:
+    """Name of the objective a post-training source was trained with: from a checkpoint's
+    trainer state, or from an exported folder's scheduler (matched to the objective that
+    samples with that class); None when the source does not say."""
+    from scaletrain.checkpoint.safe_load import read_json
+    from scaletrain.diffusion import OBJECTIVES
+
+    p = Path(source)
+    scheduler_file = p / SCHEDULER_DIR / "scheduler_config.json"
+    if (p / "config.json").is_file():
+        if not scheduler_file.is_file():
+            return None
+        cls = read_json(scheduler_file).get("_class_name")
+        return next((name for name, o in OBJECTIVES.items() if o.scheduler_class == cls), None)
+    record = trainer_state(resolve_checkpoint(p)).get("objective")
+    return record["name"] if record else None
 
 
 def checkpoint_preset(info: CheckpointInfo) -> str:
@@ -115,18 +157,16 @@ def export_lora(src: str | Path, out: str | Path, *, use_ema: bool = True,
     """Write a LoRA run's adapter in the layout its family's loader reads; returns the folder,
     the weights ("ema"/"raw") and the layout written.
 
-    UNet: diffusers' ``pytorch_lora_weights.safetensors`` (keys ``unet.*``, peft config in the
-    header), written by ``StableDiffusionLoraLoaderMixin.save_lora_weights``: what
-    ``pipe.load_lora_weights(OUT)`` and ``unet.load_lora_adapter(OUT, prefix="unet",
-    use_safetensors=True)`` read. PixArt DiT (diffusers has no LoRA loader for it): peft's own
-    ``adapter_config.json`` + ``adapter_model.safetensors`` from ``PeftModel.save_pretrained``,
-    read by ``PeftModel.from_pretrained(transformer, OUT)``. ``with_base`` also writes the
+    The layout is the family's (``ModelFamily.export_lora``): diffusers' LoRA file where
+    diffusers has a loader for the family (UNet, MMDiT), else peft's own ``adapter_config.json``
+    + ``adapter_model.safetensors`` (PixArt DiT). ``with_base`` also writes the
     frozen base network to ``OUT/base`` (save_pretrained), the model the adapter belongs to.
     """
     from peft.utils import get_peft_model_state_dict
 
     from scaletrain.config import LoraSection
     from scaletrain.models import build_denoiser_net, get_preset
+    from scaletrain.models.family import get_family
     from scaletrain.models.lora import ADAPTER, build_lora_config, inject_lora
 
     info = resolve_checkpoint(src)
@@ -148,24 +188,7 @@ def export_lora(src: str | Path, out: str | Path, *, use_ema: bool = True,
     base.load_state_dict(base_state_dict(state), strict=True)
     if with_base:
         base.save_pretrained(out / "base", safe_serialization=True)
-    if preset.family == "unet":
-        # The SD pipelines' own writer (a classmethod of their loader mixin; no pipeline needed).
-        from diffusers.loaders import StableDiffusionLoraLoaderMixin
-
-        StableDiffusionLoraLoaderMixin.save_lora_weights(out, unet_lora_layers=layers,
-                                                         unet_lora_adapter_metadata=config.to_dict())
-        layout = "diffusers"
-    else:
-        from peft import get_peft_model, set_peft_model_state_dict
-
-        # peft's own writer; get_peft_model adds fresh adapters (B = 0), so load the trained ones.
-        model = get_peft_model(base, config, adapter_name=ADAPTER)
-        loaded = set_peft_model_state_dict(model, {f"base_model.model.{k}": v for k, v in layers.items()},
-                                           adapter_name=ADAPTER)
-        if loaded.unexpected_keys:  # peft reports, does not raise
-            raise ValueError(f"{info.path}: adapter tensor {loaded.unexpected_keys[0]!r} has no place in the model")
-        model.save_pretrained(out, safe_serialization=True)
-        layout = "peft"
+    layout = get_family(preset.family).export_lora(out, base, layers, config)
     return out, which, layout
 
 

@@ -66,6 +66,20 @@ def check_init_source(cfg) -> None:
             raise ValueError(_LORA_SOURCE.format(key=key, src=init.source))
     else:
         _check_diffusers_config(src, cfg.model.preset, key)
+    if cfg.dpo is not None:
+        _check_reference_objective(src, cfg.diffusion.objective, key)
+
+
+def _check_reference_objective(src: Path, objective: str, key: str) -> None:
+    """DPO compares the policy's and the frozen reference's errors under one objective: a
+    reference trained with another (a DDPM model's noise prediction scored as a velocity) makes
+    every preference margin meaningless, so refuse it before launch."""
+    from scaletrain.checkpoint.export import source_objective
+
+    trained = source_objective(src)
+    if trained is not None and trained != objective:
+        raise ValueError(f"{key}={str(src)!r} was trained with the {trained} objective but diffusion.objective="
+                         f"{objective}; DPO's reference must share the objective: set diffusion.objective={trained}")
 
 
 def _check_diffusers_config(folder: Path, preset_name: str, key: str) -> None:

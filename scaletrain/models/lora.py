@@ -22,12 +22,6 @@ from torch import nn
 
 ADAPTER = "default"  # peft's adapter name; part of every LoRA parameter's state-dict key
 
-# Attention projections of every family, plus the feed-forward projections for the DiT,
-# whose blocks are attention + MLP only (a UNet also has resnets, which LoRA leaves alone).
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "unet": ("to_q", "to_k", "to_v", "to_out.0"),
-    "dit": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
-}
 # Layer types peft's LoRA (and diffusers' LoRA loader) handle.
 _LORA_TYPES = (nn.Linear, nn.Conv2d)
 
@@ -40,12 +34,10 @@ class LoraStats:
 
 
 def target_modules(family: str, targets: list[str] | None) -> list[str]:
-    """The configured module-name suffixes, or the family's defaults."""
-    if targets:
-        return list(targets)
-    if family not in DEFAULT_TARGETS:
-        raise ValueError(f"LoRA has no default target_modules for family {family!r}; set lora.target_modules")
-    return list(DEFAULT_TARGETS[family])
+    """The configured module-name suffixes, or the family's defaults (``ModelFamily.lora_targets``)."""
+    from scaletrain.models.family import get_family
+
+    return list(targets) if targets else list(get_family(family).lora_targets)
 
 
 def matching_modules(net: nn.Module, targets: list[str]) -> list[str]:
@@ -78,7 +70,7 @@ def inject_lora(net: nn.Module, family: str, lora_cfg):
     found = matching_modules(net, list(config.target_modules))
     if not found:
         raise ValueError(f"lora.target_modules={sorted(config.target_modules)} matches no Linear/Conv2d layer of "
-                         f"this {family} network; use names such as {', '.join(DEFAULT_TARGETS.get(family, ()))}")
+                         f"this {family} network; use names such as {', '.join(target_modules(family, None))}")
     net.requires_grad_(False)
     inject_adapter_in_model(config, net, adapter_name=ADAPTER)
     return config

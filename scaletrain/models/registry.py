@@ -1,7 +1,8 @@
 """Named model presets: what to build, in which space it runs, and how to shard it.
 
-A preset bundles the denoiser config, the text encoder spec, the VAE config (latent
-presets) and the family whose parallel plan applies (`parallel_units`). `build_model`
+A preset (registered by its family's module, ``models/families/``) bundles the denoiser
+config, the text encoder spec, the VAE config (latent presets) and the family that builds,
+calls and shards the network (``models/family.py``). `build_model`
 random-initialises everything from configs, or loads frozen encoders from local folders;
 nothing is ever downloaded. The caller seeds torch first so every rank builds identical
 weights.
@@ -12,50 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from diffusers import AutoencoderKL
 
-from scaletrain.models import dit, text, unet
-
-# stabilityai/sd-vae-ft-ema config (the VAE of SD-1.x/2.x and PixArt-alpha), 83.7M params.
-SD_VAE: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, latent_channels=4,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
-    act_fn="silu", sample_size=512, scaling_factor=0.18215,
+from scaletrain.models import text
+from scaletrain.models.components import SD_VAE, SD_VAE_FACTOR, TINY_TEXT_DIM, TINY_TEXT_LEN, TINY_VAE  # noqa: F401
+from scaletrain.models.family import (  # noqa: F401  (re-exported)
+    FAMILIES, PRESETS, ModelFamily, ModelPreset, all_presets, get_family, get_preset, load_families,
 )
-SD_VAE_FACTOR = 8  # 3 of the 4 encoder blocks downsample by 2
-# A 0.2M-param VAE of the SD layout (3 blocks: factor 4, 4 latent channels) for the CPU latent
-# path (unet-tiny-latent): random init, so its latents carry no meaning, only the real shapes
-# and the real encode -> posterior -> decode code path.
-TINY_VAE: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, latent_channels=4,
-    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
-    act_fn="silu", sample_size=64, scaling_factor=0.5,
-)
-
-TINY_TEXT_DIM = 32
-TINY_TEXT_LEN = 32
-
-
-@dataclass(frozen=True)
-class ModelPreset:
-    name: str
-    family: str  # "unet" | "dit"
-    latent: bool  # False: pixel space; True: VAE latent space
-    downsample_factor: int  # vae factor x denoiser factor; stage resolutions must divide by it
-    vae_factor: int  # pixels per latent (1 in pixel space)
-    in_channels: int  # channels the denoiser sees
-    description: str
-    denoiser_config: dict[str, Any] = field(repr=False, compare=False, hash=False)
-    text_encoder: text.TextEncoderSpec = field(repr=False, compare=False, hash=False)
-    max_text_len: int = 77
-    vae_config: dict[str, Any] | None = field(default=None, repr=False, compare=False, hash=False)
 
 
 class Denoiser(nn.Module):
@@ -64,24 +33,17 @@ class Denoiser(nn.Module):
     def __init__(self, net: nn.Module, family: str, use_text_mask: bool) -> None:
         super().__init__()
         self.net = net
-        self.family = family
+        self.family = family  # the family's name (a FAMILIES key)
         # SD UNets were trained attending over padding tokens; masking them would shift
         # the conditioning of a loaded checkpoint. PixArt was trained with the T5 mask.
         self.use_text_mask = use_text_mask
-        self._forward_fn: Callable[..., Tensor] = _FORWARD[family]
+        self._forward_fn: Callable[..., Tensor] = get_family(family).forward
 
     def forward(self, x: Tensor, timesteps: Tensor, text_emb: Tensor, text_mask: Tensor | None) -> Tensor:
         if timesteps.ndim == 0:  # a single shared timestep: the nets want one per sample
             timesteps = timesteps.expand(x.shape[0])
         mask = text_mask if self.use_text_mask else None
         return self._forward_fn(self.net, x, timesteps, text_emb, mask)
-
-
-_FORWARD: dict[str, Callable[..., Tensor]] = {"unet": unet.unet_forward, "dit": dit.pixart_forward}
-_BUILD: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"unet": unet.build_unet, "dit": dit.build_pixart}
-_SHARD_UNITS: dict[str, Callable[[Any], list[nn.Module]]] = {
-    "unet": unet.unet_shard_units, "dit": dit.dit_shard_units,
-}
 
 
 @dataclass(frozen=True)
@@ -200,56 +162,6 @@ def vae_scaling(config: Any) -> tuple[float, float]:
     return float(get("scaling_factor")), float(get("shift_factor", None) or 0.0)
 
 
-def _preset(name: str, family: str, vae: dict[str, Any] | None, denoiser_config: dict[str, Any],
-            text_encoder: text.TextEncoderSpec, max_text_len: int, description: str) -> ModelPreset:
-    """Derive the space-dependent fields so they can never disagree with the configs."""
-    net_factor = unet.unet_downsample(denoiser_config) if family == "unet" else denoiser_config["patch_size"]
-    vae_factor = 2 ** (len(vae["down_block_types"]) - 1) if vae is not None else 1  # the last block keeps size
-    return ModelPreset(
-        name=name, family=family, latent=vae is not None, downsample_factor=vae_factor * net_factor,
-        vae_factor=vae_factor, in_channels=denoiser_config["in_channels"], description=description,
-        denoiser_config=denoiser_config, text_encoder=text_encoder, max_text_len=max_text_len,
-        vae_config=vae,
-    )
-
-
-_TINY_TEXT = text.clip_spec(TINY_TEXT_DIM, layers=2, heads=2, max_len=TINY_TEXT_LEN, act="quick_gelu")
-# Full-depth CLIP-L (12 x 768) and OpenCLIP-H (23 x 1024; SD-2 drops the last of 24 layers,
-# which is how it reads the penultimate layer). Byte vocab (384), not CLIP's 49408.
-_CLIP_L = text.clip_spec(768, layers=12, heads=12, max_len=77, act="quick_gelu")
-_OPENCLIP_H = text.clip_spec(1024, layers=23, heads=16, max_len=77, act="gelu")
-# T5-XXL width (4096, d_ff 10240, 64 heads x 64) but 2 of 24 layers: ~390M instead of 4.7B,
-# so an offline PixArt build fits in RAM; pass text_encoder_path for the real encoder.
-_T5_XXL_SHALLOW = text.t5_spec(4096, layers=2, heads=64, d_kv=64, d_ff=10240)
-
-PRESETS: dict[str, ModelPreset] = {p.name: p for p in (
-    _preset("unet-tiny", "unet", None, unet.unet_tiny_config(TINY_TEXT_DIM), _TINY_TEXT, TINY_TEXT_LEN,
-            "~1M-param pixel-space UNet + 2-layer CLIP; CPU demos and tests at 32-64 px"),
-    _preset("unet-small", "unet", None, unet.unet_small_config(TINY_TEXT_DIM), _TINY_TEXT, TINY_TEXT_LEN,
-            "~1.7M-param 3-level pixel-space UNet + 2-layer CLIP; learns prompted positions (configs/quality.yaml)"),
-    _preset("unet-tiny-latent", "unet", TINY_VAE, {**unet.unet_tiny_config(TINY_TEXT_DIM), "in_channels": 4,
-                                                    "out_channels": 4}, _TINY_TEXT, TINY_TEXT_LEN,
-            "unet-tiny on the latents of a tiny random-init VAE (factor 4); the latent path on CPU "
-            "(data encode, data.precomputed) at 32-64 px"),
-    _preset("unet-sd15", "unet", SD_VAE, unet.UNET_SD15, _CLIP_L, 77,
-            "Stable Diffusion 1.5 UNet (860M) on SD VAE latents, CLIP-L text (768)"),
-    _preset("unet-sd2", "unet", SD_VAE, unet.UNET_SD2, _OPENCLIP_H, 77,
-            "Stable Diffusion 2.x UNet (866M) on SD VAE latents, OpenCLIP-H text (1024)"),
-    _preset("dit-tiny", "dit", None, dit.dit_tiny_config(TINY_TEXT_DIM), _TINY_TEXT, TINY_TEXT_LEN,
-            "~0.3M-param pixel-space PixArt DiT (patch 2) + 2-layer CLIP; CPU demos and tests"),
-    _preset("dit-b-2", "dit", SD_VAE, dit.DIT_B_2, _CLIP_L, 77,
-            "DiT-B/2 size (12 x 768, patch 2; 119M) in PixArt's layout on SD VAE latents, CLIP-L text (768)"),
-    _preset("pixart-xl-2", "dit", SD_VAE, dit.PIXART_XL_2, _T5_XXL_SHALLOW, 120,
-            "PixArt-alpha XL/2 (611M, 28 x 1152, patch 2) on SD VAE latents, T5-XXL-width text (4096)"),
-)}
-
-
-def get_preset(name: str) -> ModelPreset:
-    if name not in PRESETS:
-        raise ValueError(f"model.preset={name!r} is unknown; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name]
-
-
 def build_vae(config: dict[str, Any], path: str | None, dtype: torch.dtype) -> AutoencoderKL:
     """Frozen SD VAE: random init from `config`, or a local folder (or a pipeline root with vae/)."""
     if path is None:
@@ -335,21 +247,21 @@ def build_denoiser_net(preset: ModelPreset | str) -> nn.Module:
     """The bare diffusers network of a preset (random init), e.g. to load exported weights into."""
     if isinstance(preset, str):
         preset = get_preset(preset)
-    return _BUILD[preset.family](dict(preset.denoiser_config))
+    return get_family(preset.family).build(dict(preset.denoiser_config))
 
 
 def parallel_units(denoiser: Denoiser) -> list[nn.Module]:
     """The family's FSDP plan: submodules to `fully_shard` (in this order) before the root.
 
-    The root unit is the Denoiser itself; see `unet.unet_shard_units` / `dit.dit_shard_units`
-    for why each module is or is not its own unit.
+    The root unit is the Denoiser itself; each family's ``parallel_units`` says why each
+    module is or is not its own unit.
     """
-    if denoiser.family not in _SHARD_UNITS:
-        raise ValueError(f"denoiser.family={denoiser.family!r} has no parallel plan; "
-                         f"known families: {', '.join(_SHARD_UNITS)}")
-    return _SHARD_UNITS[denoiser.family](denoiser.net)
+    return get_family(denoiser.family).parallel_units(denoiser.net)
 
 
 def count_params(module: nn.Module) -> int:
     """Parameter count (works on meta-device modules)."""
     return sum(p.numel() for p in module.parameters())
+
+
+load_families()  # every family module registers itself and its presets

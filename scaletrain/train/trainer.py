@@ -426,6 +426,9 @@ class Trainer:
             "world_size": self.dist.world_size, "engine": self.engine.name, "preset": self.cfg.model.preset,
             # what `ckpt export-lora` needs to rebuild the adapter; None for a full-parameter run
             "lora": self.cfg.lora.model_dump(mode="json") if self.cfg.lora.enabled else None,
+            # what `ckpt export` writes the scheduler from, and what a DPO reference is checked
+            # against: the current (at the end: the last) stage's objective
+            "objective": {"name": self.objective.name, "params": self.objective.params.model_dump(mode="json")},
         }
 
     def restore(self, state: dict) -> None:

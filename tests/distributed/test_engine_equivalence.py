@@ -38,6 +38,9 @@ RTOL = 1e-5
 BF16_RUNS = ("fsdp", "zero3", "ddp")
 BF16_RTOL, BF16_FIRST_RTOL, BF16_NORM_RTOL = 5e-3, 1e-4, 3e-2
 
+# (preset, objective) of the DiT and MMDiT families (the UNet's pairs are the runs above)
+FAMILY_RUNS = [("mmdit-tiny", "flow_matching"), ("mmdit-tiny", "ddpm"), ("dit-tiny", "flow_matching")]
+
 # full on FSDP2, ZeRO-1, ZeRO-3 and DDP; selective (every 2nd unit) on ZeRO-2
 AC_RUNS = {"fsdp": "full", "zero3": "full", "zero2": "selective", "zero1": "full", "ddp": "full"}
 
@@ -88,6 +91,11 @@ def curves(synth_shards, tmp_path_factory):
     for name in ("fsdp", "zero3"):
         runs[f"{name}-flow"] = runs[name] + ["--set", "diffusion.objective=flow_matching",
                                              "--set", "diffusion.flow_matching.shift=2.0"]
+    # The other families: (family, objective) pairs beyond the UNet's, each on FSDP2 and ZeRO-3
+    for name in ("fsdp", "zero3"):
+        for preset, objective in FAMILY_RUNS:
+            runs[f"{name}-{preset}-{objective}"] = runs[name] + [
+                "--set", f"model.preset={preset}", "--set", f"diffusion.objective={objective}"]
     for name, cmd in runs.items():
         run_dir = tmp_path_factory.mktemp(name)
         micro, accum = (4, 2) if name == "single" else (4, 1)
@@ -159,6 +167,21 @@ def test_flow_matching_curves_agree_across_engines(curves):
     assert [m["loss"] for m in ref] != pytest.approx([m["loss"] for m in curves["fsdp"][0]], rel=1e-2)
     losses = [m["loss"] for m in ref]
     assert losses[-1] < losses[0]  # the velocity loss falls over the 5 steps
+
+
+@pytest.mark.parametrize("preset,objective", FAMILY_RUNS)
+def test_families_and_objectives_agree_across_engines(curves, preset, objective):
+    """Each (family, objective) pair on FSDP2 and ZeRO-3 (the family's own parallel units as
+    FSDP2 units): the same per-step losses and grad norms, sharded about half per rank, and
+    the loss falls over the 5 steps."""
+    ref, got = curves[f"fsdp-{preset}-{objective}"], curves[f"zero3-{preset}-{objective}"]
+    assert len(got[0]) == STEPS
+    assert [m["loss"] for m in got[0]] == pytest.approx([m["loss"] for m in ref[0]], rel=RTOL)
+    assert [m["grad_norm"] for m in got[0]] == pytest.approx([m["grad_norm"] for m in ref[0]], rel=1e-3)
+    losses = [m["loss"] for m in ref[0]]
+    assert losses[-1] < losses[0]
+    for summary in (ref[1], got[1]):
+        assert summary["params_local_rank0"] / summary["params_total"] == pytest.approx(0.5, abs=0.05), summary
 
 
 def test_curve_actually_moves(curves):

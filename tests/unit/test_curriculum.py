@@ -238,9 +238,11 @@ def test_bucketed_ranks_split_the_samples(wide_shards):
 # ----------------------------------------------------------------- FLOPs of non-square inputs
 
 
-@pytest.mark.parametrize("name", ["unet-tiny", "dit-tiny"])
+@pytest.mark.parametrize("name", ["unet-tiny", "dit-tiny", "mmdit-tiny"])
 def test_flops_of_a_bucket_match_flop_counter(name):
     from torch.utils.flop_counter import FlopCounterMode
+
+    from scaletrain.models.family import get_family
 
     from scaletrain.bench.flops import forward_flops_per_image
     from scaletrain.models import get_preset
@@ -249,8 +251,7 @@ def test_flops_of_a_bucket_match_flop_counter(name):
     preset = get_preset(name)
     with torch.device("meta"):
         den = Denoiser(build_denoiser_net(preset), preset.family, use_text_mask=False)
-    width = preset.denoiser_config.get("cross_attention_dim") if preset.family == "unet" \
-        else preset.denoiser_config["caption_channels"]
+    width = get_family(preset.family).text_width(preset.denoiser_config)
     h, w = 24, 40
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         den(torch.zeros(1, preset.in_channels, h, w, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"),

@@ -12,6 +12,7 @@ from scaletrain.bench.flops import (
     layer_flops, train_flops_per_image,
 )
 from scaletrain.models import get_preset
+from scaletrain.models.family import get_family
 from scaletrain.models.registry import Denoiser, build_denoiser_net
 
 
@@ -19,8 +20,7 @@ def _counter_flops(name: str, resolution: int) -> int:
     preset = get_preset(name)
     with torch.device("meta"):
         den = Denoiser(build_denoiser_net(preset), preset.family, use_text_mask=False)
-    width = preset.denoiser_config.get("cross_attention_dim") if preset.family == "unet" \
-        else preset.denoiser_config["caption_channels"]
+    width = get_family(preset.family).text_width(preset.denoiser_config)
     s = denoiser_input_size(preset, resolution)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         den(torch.zeros(1, preset.in_channels, s, s, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"),
@@ -29,7 +29,8 @@ def _counter_flops(name: str, resolution: int) -> int:
 
 
 @pytest.mark.parametrize("name,resolution", [("unet-tiny", 32), ("unet-tiny", 64), ("unet-small", 32), ("dit-tiny", 32),
-                                             ("unet-sd15", 256), ("pixart-xl-2", 256)])
+                                             ("unet-sd15", 256), ("pixart-xl-2", 256),
+                                             ("mmdit-tiny", 32), ("mmdit-tiny", 64), ("mmdit-sd3-medium", 256)])
 def test_layer_formulas_match_flop_counter(name, resolution):
     # Conv/linear/attention formulas applied per layer must equal what torch counts for the
     # same forward (matmul-class ops only in both): within 0.5 %.
@@ -56,6 +57,16 @@ def test_terms_scale_with_resolution():
     assert train_flops_per_image("unet-tiny", 32) == 3 * forward_flops_per_image("unet-tiny", 32)
     # SD-1.5 at 512 px: ~0.8 TFLOP per forward is the widely quoted figure.
     assert 0.7e12 < forward_flops_per_image("unet-sd15", 512) < 0.9e12
+    # MMDiT joint attention runs over image + text tokens: at 32 px (256 tokens) + 32 text
+    # tokens, 4 x 288^2 x 64 per layer x 4 layers.
+    assert layer_flops("mmdit-tiny", 32)["attention"] == 4 * 4 * 288 * 288 * 64
+    # SD3-medium at 1024 px: 4096 image + 333 text tokens, each through its own stream's
+    # per-token matmuls (q, k, v, out: 4d^2; MLP: 8d^2) in 24 blocks of d = 1536, plus joint
+    # attention over all 4429 tokens; adaLN and embeddings are per image (< 1 %).
+    d, tok = 1536, 4096 + 333
+    by_hand = 24 * (2 * 12 * d * d * tok + 4 * tok * tok * d)
+    assert layer_flops("mmdit-sd3-medium", 1024)["attention"] == 24 * 4 * tok * tok * d
+    assert forward_flops_per_image("mmdit-sd3-medium", 1024) == pytest.approx(by_hand, rel=0.01)
 
 
 def test_gpu_peak_table_and_override():

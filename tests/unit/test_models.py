@@ -7,12 +7,15 @@ import torch
 from diffusers import AutoencoderKL
 
 from scaletrain.models import PRESETS, DiffusionModel, build_model, count_params, get_preset, parallel_units
+from scaletrain.models.family import FAMILIES
 from scaletrain.models.registry import build_vae
 
-TINY = ["unet-tiny", "dit-tiny", "unet-tiny-latent"]
+TINY = ["unet-tiny", "dit-tiny", "unet-tiny-latent", "mmdit-tiny"]
 # Expected denoiser params (millions) of the real-size presets: published config sizes.
-REAL_PARAMS_M = {"dit-b-2": 119.0, "unet-sd15": 859.5, "unet-sd2": 865.9, "pixart-xl-2": 610.9}
-DOWNSAMPLE = {"unet-tiny": 2, "unet-tiny-latent": 8, "unet-small": 4, "dit-tiny": 2, "dit-b-2": 16, "unet-sd15": 64, "unet-sd2": 64, "pixart-xl-2": 16}
+REAL_PARAMS_M = {"dit-b-2": 119.0, "unet-sd15": 859.5, "unet-sd2": 865.9, "pixart-xl-2": 610.9,
+                 "mmdit-sd3-medium": 2028.3}
+DOWNSAMPLE = {"unet-tiny": 2, "unet-tiny-latent": 8, "unet-small": 4, "dit-tiny": 2, "dit-b-2": 16, "unet-sd15": 64, "unet-sd2": 64, "pixart-xl-2": 16,
+              "mmdit-tiny": 2, "mmdit-sd3-medium": 16}
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +30,14 @@ def tiny_models() -> dict[str, DiffusionModel]:
 def test_every_preset_is_listed_with_consistent_fields() -> None:
     assert set(PRESETS) == set(DOWNSAMPLE)
     for name, preset in PRESETS.items():
-        assert preset.name == name and preset.family in ("unet", "dit")
+        assert preset.name == name and preset.family in FAMILIES
         assert preset.downsample_factor == DOWNSAMPLE[name]
-        assert preset.in_channels == (4 if preset.latent else 3)
+        assert preset.in_channels == ((preset.vae_config or {}).get("latent_channels") or 3)
         assert (preset.vae_config is not None) == preset.latent
 
 
 def test_unknown_preset_lists_choices() -> None:
-    with pytest.raises(ValueError, match=r"model.preset='nope' is unknown.*unet-tiny.*pixart-xl-2"):
+    with pytest.raises(ValueError, match=r"model.preset=.nope. is unknown.*pixart-xl-2.*unet-tiny"):
         get_preset("nope")
 
 
@@ -47,7 +50,8 @@ def test_real_presets_build_on_meta_with_published_size(name: str) -> None:
     assert model.vae is not None and 80 < count_params(model.vae) / 1e6 < 90
     config = model.text_encoder.config
     width = config.d_model if config.model_type == "t5" else config.hidden_size
-    assert width == {"dit-b-2": 768, "unet-sd15": 768, "unet-sd2": 1024, "pixart-xl-2": 4096}[name]
+    assert width == {"dit-b-2": 768, "unet-sd15": 768, "unet-sd2": 1024, "pixart-xl-2": 4096,
+                     "mmdit-sd3-medium": 4096}[name]
     assert parallel_units(model.denoiser)
 
 

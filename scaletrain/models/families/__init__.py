@@ -1,0 +1,1 @@
+"""Model families, one module each (see scaletrain/models/family.py); imported by load_families."""

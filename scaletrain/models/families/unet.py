@@ -1,0 +1,130 @@
+"""UNet family: diffusers `UNet2DConditionModel` configs, forward, parallel plan and presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+from diffusers import UNet2DConditionModel
+
+from scaletrain.models.components import (
+    OPENCLIP_H, CLIP_L, SD_VAE, TINY_TEXT, TINY_TEXT_DIM, TINY_TEXT_LEN, TINY_VAE,
+)
+from scaletrain.models.family import ModelFamily, add_preset, register_family
+
+_SD_BLOCKS = dict(
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    norm_num_groups=32,
+)
+
+# runwayml/stable-diffusion-v1-5 unet/config.json (859.5M parameters).
+UNET_SD15: dict[str, Any] = dict(
+    _SD_BLOCKS, sample_size=64, in_channels=4, out_channels=4, attention_head_dim=8,
+    cross_attention_dim=768,
+)
+
+# stabilityai/stable-diffusion-2-1-base unet/config.json (865.9M parameters).
+UNET_SD2: dict[str, Any] = dict(
+    _SD_BLOCKS, sample_size=64, in_channels=4, out_channels=4, attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024, use_linear_projection=True,
+)
+
+
+def unet_tiny_config(text_dim: int) -> dict[str, Any]:
+    """~1M-parameter pixel-space UNet that trains in seconds on CPU at 32-64 px.
+
+    The one cross-attention level sits at half resolution (second block): at full resolution
+    64 px means 4096-token self-attention, ~10x slower for no benefit at this size.
+    `attention_head_dim` is really the head *count* in UNet2DConditionModel (a diffusers
+    naming quirk kept for SD compatibility): 2 heads of 32 at 64 channels.
+    """
+    return dict(
+        sample_size=32, in_channels=3, out_channels=3,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=2,
+        norm_num_groups=8, cross_attention_dim=text_dim,
+    )
+
+
+def unet_small_config(text_dim: int) -> dict[str, Any]:
+    """~1.7M-parameter pixel-space UNet for the CPU sample-quality recipe (configs/quality.yaml).
+
+    unet-tiny's one down-sampling step leaves its convolutions too short a reach to find the
+    image borders, and attention has no position embedding, so it learns colour and shape but
+    barely "left" vs "right". A third level (8 x 8 at 32 px) lets the 3 x 3 convolutions see
+    the zero padding from every pixel, which is where a UNet learns absolute position (SD's
+    UNet reaches 8 x 8 latents the same way). Cross-attention at 16 and 8 px only.
+    """
+    return dict(
+        sample_size=32, in_channels=3, out_channels=3,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=(1, 2, 2),
+        norm_num_groups=8, cross_attention_dim=text_dim,
+    )
+
+
+@register_family
+class UNetFamily(ModelFamily):
+    name = "unet"
+    net_class = UNet2DConditionModel
+    # The attention projections (self and cross); LoRA leaves the resnets alone.
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
+                text_mask: Tensor | None) -> Tensor:
+        return net(x, timesteps, encoder_hidden_states=text_emb, encoder_attention_mask=text_mask,
+                   return_dict=False)[0]
+
+    def downsample(self, config: dict[str, Any]) -> int:
+        """Every down block but the last halves the resolution."""
+        return 2 ** (len(config["down_block_types"]) - 1)
+
+    def text_width(self, config: dict[str, Any]) -> int:
+        return config["cross_attention_dim"]
+
+    def parallel_units(self, net: UNet2DConditionModel) -> list[nn.Module]:
+        """FSDP units for a UNet, in forward order; the root (Denoiser) is sharded after these.
+
+        - Each down block, the mid block and each up block is one unit: a block's params are
+          only touched inside its own forward, so each all-gather overlaps the previous block.
+        - time_proj/time_embedding, conv_in, conv_norm_out and conv_out stay in the root unit:
+          together they are <1% of the params, and the time embedding is used by every block, so
+          a separate unit would only add a collective.
+        - Up blocks are the largest units (SD: ~1280 ch x 3 resnets + 3 transformers); going finer
+          (per resnet/attention) would cut peak memory further at more collectives. Not done.
+        """
+        units: list[nn.Module] = list(net.down_blocks)
+        if net.mid_block is not None:  # mid_block_type=None builds a UNet with no mid block
+            units.append(net.mid_block)
+        units.extend(net.up_blocks)
+        return units
+
+    def export_lora(self, out: Path, base: nn.Module, layers: dict[str, Tensor], lora_config: Any) -> str:
+        """diffusers' ``pytorch_lora_weights.safetensors`` (keys ``unet.*``, peft config in the
+        header), written by the SD pipelines' own writer (a classmethod: no pipeline needed):
+        what ``pipe.load_lora_weights(OUT)`` and ``unet.load_lora_adapter(OUT, prefix="unet")`` read."""
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        StableDiffusionLoraLoaderMixin.save_lora_weights(out, unet_lora_layers=layers,
+                                                         unet_lora_adapter_metadata=lora_config.to_dict())
+        return "diffusers"
+
+
+add_preset("unet-tiny", "unet", None, unet_tiny_config(TINY_TEXT_DIM), TINY_TEXT, TINY_TEXT_LEN,
+           "~1M-param pixel-space UNet + 2-layer CLIP; CPU demos and tests at 32-64 px")
+add_preset("unet-small", "unet", None, unet_small_config(TINY_TEXT_DIM), TINY_TEXT, TINY_TEXT_LEN,
+           "~1.7M-param 3-level pixel-space UNet + 2-layer CLIP; learns prompted positions (configs/quality.yaml)")
+add_preset("unet-tiny-latent", "unet", TINY_VAE, {**unet_tiny_config(TINY_TEXT_DIM), "in_channels": 4,
+                                                  "out_channels": 4}, TINY_TEXT, TINY_TEXT_LEN,
+           "unet-tiny on the latents of a tiny random-init VAE (factor 4); the latent path on CPU "
+           "(data encode, data.precomputed) at 32-64 px")
+add_preset("unet-sd15", "unet", SD_VAE, UNET_SD15, CLIP_L, 77,
+           "Stable Diffusion 1.5 UNet (860M) on SD VAE latents, CLIP-L text (768)")
+add_preset("unet-sd2", "unet", SD_VAE, UNET_SD2, OPENCLIP_H, 77,
+           "Stable Diffusion 2.x UNet (866M) on SD VAE latents, OpenCLIP-H text (1024)")

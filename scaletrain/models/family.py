@@ -1,0 +1,163 @@
+"""The model-family seam: what a denoiser family must provide, and the preset registry.
+
+A family (``scaletrain/models/families/<name>.py``, one file each) subclasses
+``ModelFamily``, registers itself with ``@register_family`` and its presets with
+``add_preset``; every module in that package is imported when the registry is first used,
+so a new family is one new file. Everything family-specific lives there: how the diffusers
+network is built and called, its parallel plan, its down-sampling factor and text width
+(FLOPs, resolution checks), its LoRA targets and the layout its LoRA adapter is exported in.
+Nothing outside the family modules branches on a family's name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from scaletrain.models import text
+
+
+class ModelFamily(ABC):
+    """One denoiser family. Stateless: the registry holds one instance per family."""
+
+    name: ClassVar[str]
+    net_class: ClassVar[type[nn.Module]]  # the diffusers class (save_pretrained / from_pretrained)
+    # peft target-module suffixes when lora.target_modules is not set
+    lora_targets: ClassVar[tuple[str, ...]]
+
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        """The bare diffusers network, random init (seed torch first)."""
+        return self.net_class(**config)
+
+    @abstractmethod
+    def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
+                text_mask: Tensor | None) -> Tensor:
+        """The prediction for ``x`` (B, C, H, W) at ``timesteps`` (B,) in the objective's
+        0..1000 scale, conditioned on ``text_emb`` (B, L, D) and its mask (or None)."""
+
+    @abstractmethod
+    def parallel_units(self, net: nn.Module) -> list[nn.Module]:
+        """Submodules to shard (FSDP2 unit, checkpoint, compile) in forward order; the root
+        (the Denoiser) is sharded after them."""
+
+    @abstractmethod
+    def downsample(self, config: dict[str, Any]) -> int:
+        """Spatial factor from the denoiser's input to its coarsest grid: stage resolutions
+        (in the denoiser's space) must divide by it."""
+
+    @abstractmethod
+    def text_width(self, config: dict[str, Any]) -> int:
+        """Width of the text embedding the network is conditioned on."""
+
+    def max_input_size(self, config: dict[str, Any]) -> int | None:
+        """Largest side (denoiser input, e.g. latents) the network accepts; None: no limit."""
+        return None
+
+    def export_lora(self, out: Path, base: nn.Module, layers: dict[str, Tensor], lora_config: Any) -> str:
+        """Write a trained adapter (peft keys, adapter name dropped) in the layout this family's
+        loader reads; returns the layout's name. Default: peft's own ``adapter_config.json`` +
+        ``adapter_model.safetensors`` (``PeftModel.from_pretrained(net, OUT)`` reads it)."""
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        from scaletrain.models.lora import ADAPTER
+
+        # get_peft_model adds fresh adapters (B = 0), so load the trained ones in.
+        model = get_peft_model(base, lora_config, adapter_name=ADAPTER)
+        loaded = set_peft_model_state_dict(model, {f"base_model.model.{k}": v for k, v in layers.items()},
+                                           adapter_name=ADAPTER)
+        if loaded.unexpected_keys:  # peft reports, does not raise
+            raise ValueError(f"adapter tensor {loaded.unexpected_keys[0]!r} has no place in the model")
+        model.save_pretrained(out, safe_serialization=True)
+        return "peft"
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
+    if getattr(cls, "name", None) in FAMILIES:
+        raise ValueError(f"model family {cls.name!r} is registered twice")
+    FAMILIES[cls.name] = cls()
+    return cls
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str
+    family: str  # a FAMILIES key
+    latent: bool  # False: pixel space; True: VAE latent space
+    downsample_factor: int  # vae factor x denoiser factor; stage resolutions must divide by it
+    vae_factor: int  # pixels per latent (1 in pixel space)
+    in_channels: int  # channels the denoiser sees
+    description: str
+    denoiser_config: dict[str, Any] = field(repr=False, compare=False, hash=False)
+    text_encoder: text.TextEncoderSpec = field(repr=False, compare=False, hash=False)
+    max_text_len: int = 77
+    vae_config: dict[str, Any] | None = field(default=None, repr=False, compare=False, hash=False)
+
+    @property
+    def max_resolution(self) -> int | None:
+        """Largest image side (pixels) the network accepts, or None."""
+        side = get_family(self.family).max_input_size(self.denoiser_config)
+        return None if side is None else side * self.vae_factor
+
+
+PRESETS: dict[str, ModelPreset] = {}
+
+
+def add_preset(name: str, family: str, vae: dict[str, Any] | None, denoiser_config: dict[str, Any],
+               text_encoder: text.TextEncoderSpec, max_text_len: int, description: str) -> ModelPreset:
+    """Register a preset, deriving the space-dependent fields so they can never disagree
+    with the configs."""
+    if name in PRESETS:
+        raise ValueError(f"model preset {name!r} is registered twice")
+    net_factor = FAMILIES[family].downsample(denoiser_config)
+    vae_factor = 2 ** (len(vae["down_block_types"]) - 1) if vae is not None else 1  # the last block keeps size
+    preset = ModelPreset(
+        name=name, family=family, latent=vae is not None, downsample_factor=vae_factor * net_factor,
+        vae_factor=vae_factor, in_channels=denoiser_config["in_channels"], description=description,
+        denoiser_config=denoiser_config, text_encoder=text_encoder, max_text_len=max_text_len,
+        vae_config=vae,
+    )
+    PRESETS[name] = preset
+    return preset
+
+
+_loaded = False
+
+
+def load_families() -> None:
+    """Import every module of ``scaletrain.models.families`` (each registers itself)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from scaletrain.models import families
+
+    for mod in sorted(pkgutil.iter_modules(families.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{families.__name__}.{mod.name}")
+
+
+def get_family(name: str) -> ModelFamily:
+    load_families()
+    if name not in FAMILIES:
+        raise ValueError(f"model family {name!r} is unknown; known families: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def get_preset(name: str) -> ModelPreset:
+    load_families()
+    if name not in PRESETS:
+        raise ValueError(f"model.preset={name!r} is unknown; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def all_presets() -> dict[str, ModelPreset]:
+    load_families()
+    return PRESETS
