@@ -117,6 +117,7 @@ def _height_width(size: ImageSize) -> tuple[int, int]:
 def layer_flops(preset_name: str, resolution: ImageSize) -> dict[str, int]:
     """Forward FLOPs per image of ``resolution`` (a square's side, or (height, width)) by layer
     kind ({"conv", "linear", "attention"}), by the formulas above."""
+    from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
     from scaletrain.models.registry import Denoiser, build_denoiser_net, get_preset
@@ -152,7 +153,7 @@ def layer_flops(preset_name: str, resolution: ImageSize) -> dict[str, int]:
             hooks.append(mod.register_forward_hook(conv_hook))
         elif isinstance(mod, nn.Linear):
             hooks.append(mod.register_forward_hook(linear_hook))
-        elif isinstance(mod, Attention):
+        elif isinstance(mod, (Attention, AttentionModuleMixin)):  # the classic and the newer (Flux) attention
             hooks.append(mod.register_forward_hook(attn_hook, with_kwargs=True))
     height, width_px = (denoiser_input_size(preset, side) for side in _height_width(resolution))
     tokens, width = _text_dims(preset)

@@ -21,6 +21,8 @@ SD3_VAE: dict[str, Any] = dict(
     SD_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024,
     use_quant_conv=False, use_post_quant_conv=False,
 )
+# black-forest-labs/FLUX.1-dev vae/config.json: the SD3 layout with Flux's scale and shift.
+FLUX_VAE: dict[str, Any] = dict(SD3_VAE, scaling_factor=0.3611, shift_factor=0.1159)
 # A 0.2M-param VAE of the SD layout (3 blocks: factor 4, 4 latent channels) for the CPU latent
 # path (unet-tiny-latent): random init, so its latents carry no meaning, only the real shapes
 # and the real encode -> posterior -> decode code path.

@@ -55,6 +55,10 @@ class ModelFamily(ABC):
     def text_width(self, config: dict[str, Any]) -> int:
         """Width of the text embedding the network is conditioned on."""
 
+    def input_channels(self, config: dict[str, Any]) -> int:
+        """Channels of the (B, C, H, W) tensor the Denoiser takes (pixels or latents)."""
+        return config["in_channels"]
+
     def max_input_size(self, config: dict[str, Any]) -> int | None:
         """Largest side (denoiser input, e.g. latents) the network accepts; None: no limit."""
         return None
@@ -117,11 +121,12 @@ def add_preset(name: str, family: str, vae: dict[str, Any] | None, denoiser_conf
     with the configs."""
     if name in PRESETS:
         raise ValueError(f"model preset {name!r} is registered twice")
-    net_factor = FAMILIES[family].downsample(denoiser_config)
+    fam = FAMILIES[family]
+    net_factor = fam.downsample(denoiser_config)
     vae_factor = 2 ** (len(vae["down_block_types"]) - 1) if vae is not None else 1  # the last block keeps size
     preset = ModelPreset(
         name=name, family=family, latent=vae is not None, downsample_factor=vae_factor * net_factor,
-        vae_factor=vae_factor, in_channels=denoiser_config["in_channels"], description=description,
+        vae_factor=vae_factor, in_channels=fam.input_channels(denoiser_config), description=description,
         denoiser_config=denoiser_config, text_encoder=text_encoder, max_text_len=max_text_len,
         vae_config=vae,
     )

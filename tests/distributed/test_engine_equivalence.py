@@ -38,8 +38,9 @@ RTOL = 1e-5
 BF16_RUNS = ("fsdp", "zero3", "ddp")
 BF16_RTOL, BF16_FIRST_RTOL, BF16_NORM_RTOL = 5e-3, 1e-4, 3e-2
 
-# (preset, objective) of the DiT and MMDiT families (the UNet's pairs are the runs above)
-FAMILY_RUNS = [("mmdit-tiny", "flow_matching"), ("mmdit-tiny", "ddpm"), ("dit-tiny", "flow_matching")]
+# (preset, objective) of the DiT, MMDiT and Flux families (the UNet's pairs are the runs above)
+FAMILY_RUNS = [("mmdit-tiny", "flow_matching"), ("mmdit-tiny", "ddpm"), ("dit-tiny", "flow_matching"),
+               ("flux-tiny", "flow_matching")]
 
 # full on FSDP2, ZeRO-1, ZeRO-3 and DDP; selective (every 2nd unit) on ZeRO-2
 AC_RUNS = {"fsdp": "full", "zero3": "full", "zero2": "selective", "zero1": "full", "ddp": "full"}

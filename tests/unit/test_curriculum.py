@@ -238,7 +238,7 @@ def test_bucketed_ranks_split_the_samples(wide_shards):
 # ----------------------------------------------------------------- FLOPs of non-square inputs
 
 
-@pytest.mark.parametrize("name", ["unet-tiny", "dit-tiny", "mmdit-tiny"])
+@pytest.mark.parametrize("name", ["unet-tiny", "dit-tiny", "mmdit-tiny", "flux-tiny"])
 def test_flops_of_a_bucket_match_flop_counter(name):
     from torch.utils.flop_counter import FlopCounterMode
 

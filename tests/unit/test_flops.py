@@ -30,7 +30,8 @@ def _counter_flops(name: str, resolution: int) -> int:
 
 @pytest.mark.parametrize("name,resolution", [("unet-tiny", 32), ("unet-tiny", 64), ("unet-small", 32), ("dit-tiny", 32),
                                              ("unet-sd15", 256), ("pixart-xl-2", 256),
-                                             ("mmdit-tiny", 32), ("mmdit-tiny", 64), ("mmdit-sd3-medium", 256)])
+                                             ("mmdit-tiny", 32), ("mmdit-tiny", 64), ("mmdit-sd3-medium", 256),
+                                             ("flux-tiny", 32), ("flux-dev", 256)])
 def test_layer_formulas_match_flop_counter(name, resolution):
     # Conv/linear/attention formulas applied per layer must equal what torch counts for the
     # same forward (matmul-class ops only in both): within 0.5 %.

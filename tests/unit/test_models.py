@@ -10,12 +10,12 @@ from scaletrain.models import PRESETS, DiffusionModel, build_model, count_params
 from scaletrain.models.family import FAMILIES
 from scaletrain.models.registry import build_vae
 
-TINY = ["unet-tiny", "dit-tiny", "unet-tiny-latent", "mmdit-tiny"]
+TINY = ["unet-tiny", "dit-tiny", "unet-tiny-latent", "mmdit-tiny", "flux-tiny"]
 # Expected denoiser params (millions) of the real-size presets: published config sizes.
 REAL_PARAMS_M = {"dit-b-2": 119.0, "unet-sd15": 859.5, "unet-sd2": 865.9, "pixart-xl-2": 610.9,
-                 "mmdit-sd3-medium": 2028.3}
+                 "mmdit-sd3-medium": 2028.3, "flux-dev": 11901.4}
 DOWNSAMPLE = {"unet-tiny": 2, "unet-tiny-latent": 8, "unet-small": 4, "dit-tiny": 2, "dit-b-2": 16, "unet-sd15": 64, "unet-sd2": 64, "pixart-xl-2": 16,
-              "mmdit-tiny": 2, "mmdit-sd3-medium": 16}
+              "mmdit-tiny": 2, "mmdit-sd3-medium": 16, "flux-tiny": 2, "flux-dev": 16}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_real_presets_build_on_meta_with_published_size(name: str) -> None:
     config = model.text_encoder.config
     width = config.d_model if config.model_type == "t5" else config.hidden_size
     assert width == {"dit-b-2": 768, "unet-sd15": 768, "unet-sd2": 1024, "pixart-xl-2": 4096,
-                     "mmdit-sd3-medium": 4096}[name]
+                     "mmdit-sd3-medium": 4096, "flux-dev": 4096}[name]
     assert parallel_units(model.denoiser)
 
 

@@ -1,0 +1,117 @@
+"""Flux family: Flux.1-style transformers (diffusers `FluxTransformer2DModel`).
+
+Flux is an MMDiT with rotary positions: a stack of double-stream blocks (image and text keep
+their own weights and attend jointly, as in SD3), then single-stream blocks over the
+concatenated sequence. It patchifies outside the network: the pipeline packs each 2 x 2 patch
+of latents into one token (C -> 4C channels) and passes (row, column) ids for the rotary
+embedding; ``forward`` here does both, so the trainer still hands it (B, C, H, W). Its
+timestep input is sigma in [0, 1] (it multiplies by 1000 itself), so the objective's 0..1000
+timestep is divided back. Like the MMDiT family (``mmdit.py``), the pooled text vector is the
+masked mean of the one text encoder's token embeddings, so ``pooled_projection_dim`` is that
+encoder's width (Flux uses CLIP-L's 768-wide pooled output).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from diffusers import FluxTransformer2DModel
+
+from scaletrain.models.components import FLUX_VAE, T5_XXL_SHALLOW, TINY_TEXT, TINY_TEXT_DIM, TINY_TEXT_LEN
+from scaletrain.models.families.mmdit import pooled_text
+from scaletrain.models.family import ModelFamily, add_preset, register_family
+
+PACK = 2  # latents per token side (FluxPipeline._pack_latents)
+
+# black-forest-labs/FLUX.1-dev transformer/config.json (11.9B): 19 double-stream + 38
+# single-stream blocks, 24 heads x 128 = 3072 hidden, 16 latent channels packed 2 x 2 -> 64.
+# guidance_embeds off: dev's guidance embedding is for guidance distillation from a teacher;
+# pre-training from scratch trains with classifier-free guidance instead (as Flux's base).
+FLUX_DEV: dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=4096, guidance_embeds=False,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_TEXT_LEN = 512  # FLUX.1-dev's T5 sequence length
+
+
+def flux_tiny_config(text_dim: int) -> dict[str, Any]:
+    """~0.5M-param pixel-space Flux: 2 double + 2 single blocks x 64 hidden; RGB packed 2 x 2."""
+    return dict(
+        patch_size=1, in_channels=3 * PACK * PACK, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=text_dim, pooled_projection_dim=text_dim,
+        guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+    )
+
+
+def pack(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C), as FluxPipeline packs latents."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // PACK, PACK, w // PACK, PACK).permute(0, 2, 4, 1, 3, 5).reshape(
+        b, (h // PACK) * (w // PACK), c * PACK * PACK)
+
+
+def unpack(tokens: Tensor, height: int, width: int) -> Tensor:
+    b, _, c4 = tokens.shape
+    c = c4 // (PACK * PACK)
+    return tokens.view(b, height // PACK, width // PACK, c, PACK, PACK).permute(0, 3, 1, 4, 2, 5).reshape(
+        b, c, height, width)
+
+
+def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(tokens, 3) rotary ids: (0, row, column) per packed token (FluxPipeline's layout)."""
+    rows = torch.arange(height // PACK, device=device, dtype=dtype)
+    cols = torch.arange(width // PACK, device=device, dtype=dtype)
+    grid = torch.stack(torch.meshgrid(torch.zeros_like(rows[:1]), rows, cols, indexing="ij"), dim=-1)
+    return grid.reshape(-1, 3)
+
+
+@register_family
+class FluxFamily(ModelFamily):
+    name = "flux"
+    net_class = FluxTransformer2DModel
+    # Attention projections of both streams (the single-stream blocks have to_q/k/v only).
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+    def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
+                text_mask: Tensor | None) -> Tensor:
+        h, w = x.shape[-2:]
+        txt_ids = torch.zeros(text_emb.shape[1], 3, device=x.device, dtype=x.dtype)
+        out = net(hidden_states=pack(x), encoder_hidden_states=text_emb,
+                  pooled_projections=pooled_text(text_emb, text_mask), timestep=timesteps.to(x.dtype) / 1000.0,
+                  img_ids=image_ids(h, w, x.device, x.dtype), txt_ids=txt_ids, return_dict=False)[0]
+        return unpack(out, h, w)
+
+    def downsample(self, config: dict[str, Any]) -> int:
+        return PACK * config["patch_size"]
+
+    def input_channels(self, config: dict[str, Any]) -> int:
+        return config["in_channels"] // (PACK * PACK)  # the network sees packed tokens
+
+    def text_width(self, config: dict[str, Any]) -> int:
+        return config["joint_attention_dim"]
+
+    def parallel_units(self, net: FluxTransformer2DModel) -> list[nn.Module]:
+        """FSDP units: each double-stream block, then each single-stream block (forward order).
+        The root keeps x_embedder, context_embedder, time_text_embed, the rotary embedding,
+        norm_out and proj_out, which the root forward calls directly."""
+        return [*net.transformer_blocks, *net.single_transformer_blocks]
+
+    def export_lora(self, out: Path, base: nn.Module, layers: dict[str, Tensor], lora_config: Any) -> str:
+        """diffusers' ``pytorch_lora_weights.safetensors`` (keys ``transformer.*``) by the Flux
+        pipeline's own writer: what ``FluxPipeline.load_lora_weights(OUT)`` reads."""
+        from diffusers.loaders import FluxLoraLoaderMixin
+
+        FluxLoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=layers,
+                                              transformer_lora_adapter_metadata=lora_config.to_dict())
+        return "diffusers"
+
+
+add_preset("flux-tiny", "flux", None, flux_tiny_config(TINY_TEXT_DIM), TINY_TEXT, TINY_TEXT_LEN,
+           "~0.5M-param pixel-space Flux (2 double + 2 single blocks, rotary positions) + 2-layer CLIP; CPU tests")
+add_preset("flux-dev", "flux", FLUX_VAE, FLUX_DEV, T5_XXL_SHALLOW, FLUX_TEXT_LEN,
+           "FLUX.1-dev size (11.9B: 19 double + 38 single blocks x 3072) on 16-channel Flux-VAE latents, "
+           "T5-XXL-width text (4096, 512 tokens)")
