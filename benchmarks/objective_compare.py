@@ -43,7 +43,12 @@ def _run(objective: str, shards: str, run_dir: Path, every: int, seed: int, extr
     label = next(k for k in vals[0] if k.startswith("fid"))
     losses = [m["loss"] for m in records if "loss" in m]
     tail = losses[-20:]
-    return {"objective": objective, "seed": seed, "seconds": round(seconds, 1), "fid_label": label,
+    import yaml
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    preset = saved["model"]["preset"]
+    stages = ", then ".join(f"{st['steps']} steps at {st['resolution']} px" for st in saved["train"]["stages"])
+    return {"objective": objective, "seed": seed, "preset": preset, "stages": stages, "seconds": round(seconds, 1), "fid_label": label,
             "fid": [[m["step"], round(m[label], 3)] for m in vals], "final_loss_mean_last20": sum(tail) / len(tail),
             "steps": len(losses)}
 
@@ -60,8 +65,8 @@ def _markdown(result: dict) -> str:
     return "\n".join([
         f"# DDPM vs flow matching, equal steps ({result['cpus']} CPUs, {result['host']})",
         "",
-        f"Written by `python {result['command']}`. Recipe: configs/demo.yaml (unet-tiny, 100 steps at 32 px then "
-        "40 at 64 px, 2 ranks), validation FID proxy (`" + runs[0]["fid_label"] + "`, 48 images at 32 px, lower "
+        f"Written by `python {result['command']}`. Recipe: configs/demo.yaml ({runs[0].get('preset', 'unet-tiny')}, "
+        f"{runs[0].get('stages', '100 steps at 32 px, then 40 steps at 64 px')}, 2 ranks), validation FID proxy (`" + runs[0]["fid_label"] + "`, 48 images at 32 px, lower "
         "is better); only `diffusion.objective` differs (DDPM: v-prediction, cosine betas, Min-SNR-5, noise "
         "offset 0.05; flow matching: logit-normal sigma, shift 1).",
         "",
@@ -77,7 +82,8 @@ def main() -> int:
     ap.add_argument("--shards", default=None, help="image shards (default: write the demo's synthetic set)")
     ap.add_argument("--every", type=int, default=35, help="validate every N steps")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--set", dest="extra", action="append", default=[], help="more recipe overrides")
+    ap.add_argument("--set", dest="extra", action="append", default=[],
+                    help="more recipe overrides, e.g. --set model.preset=mmdit-tiny")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
