@@ -123,7 +123,7 @@ def run_cell(spec: dict, dist_info) -> dict:
     from scaletrain.data.latents import resolve_shards
     from scaletrain.data.pipeline import LoaderSpec, build_loader
     from scaletrain.diffusion import build_objective
-    from scaletrain.diffusion.objective import posterior_generators
+    from scaletrain.train.step import forward_backward, model_inputs
     from scaletrain.engines import build_engine
     from scaletrain.models import build_model, frozen_dtype
 
@@ -152,38 +152,24 @@ def run_cell(spec: dict, dist_info) -> dict:
     steps = []
 
     def train_step(step: int, times: dict, around: contextlib.AbstractContextManager | None = None) -> None:
+        """The trainer's step (``train/step.py``) with a timer between phases."""
         t_step = time.perf_counter()
+        last = [t_step]
 
-        def mark(phase: str, t0: float) -> float:
+        def mark(phase: str) -> None:
             _sync(device)
             now = time.perf_counter()
-            times[phase] = now - t0
-            return now
+            times[phase], last[0] = now - last[0], now
 
-        t = time.perf_counter()
         batch = next(batches)
-        t = mark("data", t)
-        gens = posterior_generators(0, step, batch["keys"]) if model.preset.latent else None
-        if encoding is not None:
-            mean, logvar = batch["latents"].to(device, non_blocking=True).chunk(2, dim=1)
-            x0 = model.latents_from_posterior(mean, logvar, gens, scaling=encoding.scaling)
-            emb = batch["text_emb"].to(device, non_blocking=True).float()
-            mask = batch["text_mask"].to(device, non_blocking=True)
-        else:
-            x0 = model.encode_images(batch["pixels"].to(device, non_blocking=True), gens)
-            emb, mask = model.encode_text(batch["captions"], device)
-        tb = objective.training_batch(x0, batch["keys"], step=step, seed=0)
-        t = mark("encode", t)
-        dtype = engine.input_dtype
+        mark("data")
+        x0, emb, mask = model_inputs(model, batch, device, seed=0, step=step,
+                                     scaling=encoding.scaling if encoding is not None else None)
         with around or contextlib.nullcontext():
-            with engine.micro_step(is_last=True):
-                pred = engine.module(tb.noisy.to(dtype), tb.timesteps, emb.to(dtype), mask)
-                loss, _ = objective.loss(pred.float(), tb)
-                t = mark("forward", t)
-                engine.backward(loss)
-                t = mark("backward", t)
+            forward_backward(engine, objective, x0, emb, mask, batch["keys"], step=step, seed=0, is_last=True,
+                             mark=mark)  # marks encode (inputs + noising), forward, backward
             engine.step(spec.get("lr", 1e-4))
-        mark("optimizer", t)
+        mark("optimizer")
         times["step"] = time.perf_counter() - t_step
 
     for step in range(spec["warmup"] + spec["reps"]):

@@ -26,7 +26,6 @@ from scaletrain.data.mixing import Balance, Source
 from scaletrain.data.latents import check_precomputed, resolve_shards
 from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards, loader_identity, plan_streams
 from scaletrain.diffusion import build_objective
-from scaletrain.diffusion.objective import posterior_generators
 from scaletrain.distributed import DistInfo, all_reduce_sum
 from scaletrain.engines import build_engine
 from scaletrain.eval.samples import generate_samples, save_image_grid
@@ -34,6 +33,7 @@ from scaletrain.models import build_model, frozen_dtype
 from scaletrain.train.ema import build_ema
 from scaletrain.train.health import HealthGuard, HealthStop, poison, quarantine
 from scaletrain.train.comm_profile import CommProfiler
+from scaletrain.train.step import forward_backward, model_inputs
 from scaletrain.train.curriculum import planned_stage_steps, stage_length_text, stage_objective
 from scaletrain.train.data_stats import DataCounts
 from scaletrain.train.metrics import LossEMA, MetricsLogger
@@ -465,36 +465,26 @@ class Trainer:
         self._sigterm = True  # acted on at the end of the current step, on every rank together
 
     def forward_backward_step(self, batch: dict, *, is_last: bool) -> float | torch.Tensor:
-        """One micro-batch: encode, noise, predict, weighted loss, backward. Returns the loss as a
-        detached 0-dim tensor (no host sync per micro-batch; the loop reads it once per step)."""
+        """One micro-batch: encode, noise, predict, weighted loss, backward (``train/step.py``,
+        shared with the bench cell). Returns the loss as a detached 0-dim tensor (no host sync
+        per micro-batch; the loop reads it once per step)."""
         x0, emb, mask = self.model_inputs(batch)
-        tb = self.objective.training_batch(x0, batch["keys"], step=self.step, seed=self.cfg.run.seed)
-        dtype = self.engine.input_dtype
-        with self.engine.micro_step(is_last=is_last):
-            pred = self.engine.module(tb.noisy.to(dtype), tb.timesteps, emb.to(dtype), mask)
-            loss, _ = self.objective.loss(pred.float(), tb)
-            if self.health.inject_nan(self.attempt + 1, self.dist.rank):  # test hook, one rank only
-                loss = poison(loss)
-            if self.health.inject_spike(self.attempt + 1, self.dist.rank):  # test hook: loss x 1000, one rank
-                loss = loss * 1000.0
-            self.engine.backward(loss)
-        return loss.detach()
+        return forward_backward(self.engine, self.objective, x0, emb, mask, batch["keys"], step=self.step,
+                                seed=self.cfg.run.seed, is_last=is_last, on_loss=self._fault_hooks)
+
+    def _fault_hooks(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.health.inject_nan(self.attempt + 1, self.dist.rank):  # test hook, one rank only
+            loss = poison(loss)
+        if self.health.inject_spike(self.attempt + 1, self.dist.rank):  # test hook: loss x 1000, one rank
+            loss = loss * 1000.0
+        return loss
 
     def model_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x0 in the denoiser's space, text emb, text mask) of a batch, float32 on the device: from
         the precomputed posterior and text outputs, or by running the frozen encoders. A latent
         preset draws its posterior sample from per-key generators on both paths."""
-        dev = self.device
-        gens = (posterior_generators(self.cfg.run.seed, self.step, batch["keys"])
-                if self.model.preset.latent else None)
-        if "latents" in batch:
-            mean, logvar = batch["latents"].to(dev, non_blocking=True).chunk(2, dim=1)
-            x0 = self.model.latents_from_posterior(mean, logvar, gens, scaling=self.encoding.scaling)
-            emb = batch["text_emb"].to(dev, non_blocking=True).float()
-            return x0, emb, batch["text_mask"].to(dev, non_blocking=True)
-        x0 = self.model.encode_images(batch["pixels"].to(dev, non_blocking=True), gens)
-        emb, mask = self.model.encode_text(batch["captions"], dev)
-        return x0, emb, mask
+        return model_inputs(self.model, batch, self.device, seed=self.cfg.run.seed, step=self.step,
+                            scaling=self.encoding.scaling if "latents" in batch else None)
 
     def build_batches(self, resolution: int, micro_batch: int, skip: int = 0) -> Iterator[dict]:
         d = self.cfg.data
