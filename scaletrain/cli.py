@@ -12,6 +12,7 @@ import os
 import re
 import sys
 
+from scaletrain.checks import load_run_config
 from scaletrain.config import ConfigError, dump_config, load_config
 
 
@@ -36,7 +37,7 @@ def _launch(prog: str, description: str, argv: list[str] | None, check=None, tra
     from scaletrain.checkpoint.safe_load import CheckpointLoadError
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, args.overrides)
         if check is not None:
             check(cfg)
     except (ConfigError, ValueError) as e:
@@ -186,7 +187,7 @@ def _encode(args: argparse.Namespace) -> int:
 
 def _config_check(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.config, args.overrides, world_size=args.world_size)
+        cfg = load_run_config(args.config, args.overrides, world_size=args.world_size)
     except (ConfigError, ValueError) as e:
         print(f"scaletrain: config error: {e}", file=sys.stderr)
         return 2

@@ -527,15 +527,13 @@ class RunConfig(_Section):
             self.stage_data(i)  # raises on a bad per-stage data override
         _check_levers(self)
         _check_lora(self)
-        _check_init(self, check_paths=ctx.get("check_paths", True))
+        if self.init.from_checkpoint and self.init.from_diffusers:
+            raise ValueError("init.from_checkpoint and init.from_diffusers are both set; keep one of them")
         if ctx.get("check_paths", True):
             _check_run_dir(self)
             _check_shards(self)
-            from scaletrain.data.latents import check_precomputed
-
-            check_precomputed(self)
-            if self.engine.kind == "deepspeed":
-                _check_deepspeed_json(self, world)
+        # What needs checkpoint, engine or encoder modules (init sources, precomputed shards,
+        # the DeepSpeed JSON) is checked by scaletrain.checks.check_launch, which launchers call.
         return self
 
     def stage_global_batch(self, index: int, world_size: int) -> int:
@@ -736,16 +734,6 @@ def _check_engine_knobs(cfg: RunConfig, world: int) -> None:
                              f"{world}; use the number of ranks per node")
 
 
-def _check_init(cfg: RunConfig, *, check_paths: bool) -> None:
-    """One start-weights source, present and built for model.preset (checkpoint/init.py)."""
-    if cfg.init.from_checkpoint and cfg.init.from_diffusers:
-        raise ValueError("init.from_checkpoint and init.from_diffusers are both set; keep one of them")
-    if cfg.init.source is not None and check_paths:
-        from scaletrain.checkpoint.init import check_init_source
-
-        check_init_source(cfg)
-
-
 def _check_levers(cfg: RunConfig) -> None:
     """model.activation_checkpointing / model.compile act on the family's parallel units: the
     preset must have some, and a selective setting must select at least one (meta-device build)."""
@@ -828,14 +816,6 @@ def _check_shards(cfg: RunConfig) -> None:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise ValueError(f"{key}: {missing[0]!r}{more} does not exist; write shards with "
                                  "`scaletrain data synth --out DIR` or fix the path")
-
-
-def _check_deepspeed_json(cfg: RunConfig, world: int) -> None:
-    from scaletrain.engines.ds_config import fill_deepspeed_config, load_deepspeed_json
-
-    raw = load_deepspeed_json(cfg.engine.deepspeed_config)
-    for st in cfg.train.stages:
-        fill_deepspeed_config(raw, cfg, micro_batch=st.micro_batch, grad_accum=st.grad_accum, world_size=world)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -134,7 +134,8 @@ def test_deepspeed_write_error_on_one_rank_is_agreed_and_training_goes_on(synth_
 
 
 def test_unwritable_or_non_folder_run_dir_is_a_config_error(synth_shards, tmp_path):
-    from scaletrain.config import ConfigError, load_config
+    from scaletrain.config import ConfigError
+    from scaletrain.checks import load_run_config as load_config
 
     base = [f"data.shards={shard_pattern(synth_shards)}", "train.stages.0.global_batch=null", "train.stages.1.global_batch=null"]
     (tmp_path / "afile").write_text("x")

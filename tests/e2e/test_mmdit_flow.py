@@ -144,7 +144,8 @@ def test_flow_dpo_on_fsdp_and_zero3_gives_the_same_curve(pretrained, pairs, tmp_
 
 
 def test_dpo_reference_from_another_objective_is_refused(pretrained, pairs):
-    from scaletrain.config import ConfigError, load_config
+    from scaletrain.config import ConfigError
+    from scaletrain.checks import load_run_config as load_config
 
     run_dir, out = pretrained
     base = [f"data.shards={pairs}", f"model.preset={PRESET}"]

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from scaletrain.config import ConfigError, apply_overrides, load_config, parse_overrides
+from scaletrain.config import ConfigError, apply_overrides, parse_overrides
+from scaletrain.checks import load_run_config as load_config
 from tests.conftest import REPO, run_cmd, shard_pattern
 
 DEMO = REPO / "configs" / "demo.yaml"

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from scaletrain.config import ConfigError, load_config
+from scaletrain.config import ConfigError
+from scaletrain.checks import load_run_config as load_config
 from scaletrain.data import LoaderSpec, build_loader, decode_image, write_synthetic_shards
 from scaletrain.data.buckets import BucketSpec, bucket_sizes, nearest_bucket
 from scaletrain.diffusion import build_objective

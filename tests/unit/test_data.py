@@ -206,7 +206,8 @@ def test_image_too_large_is_refused_from_its_header(monkeypatch) -> None:
 
 
 def test_pipe_shards_need_an_explicit_yes(tmp_path: Path, synth_shards) -> None:
-    from scaletrain.config import ConfigError, load_config
+    from scaletrain.config import ConfigError
+    from scaletrain.checks import load_run_config as load_config
     from tests.conftest import shard_pattern
 
     spec = LoaderSpec(shards=["pipe:cat /dev/null"], resolution=32, micro_batch=1, num_workers=0)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from scaletrain.config import ConfigError, load_config
+from scaletrain.config import ConfigError
+from scaletrain.checks import load_run_config as load_config
 from scaletrain.data import LoaderSpec, build_loader, write_synthetic_shards
 from scaletrain.data.latents import (
     EMPTY_CAPTION_FILE,

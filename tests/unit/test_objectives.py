@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from scaletrain.config import ConfigError, load_config
+from scaletrain.config import ConfigError
+from scaletrain.checks import load_run_config as load_config
 from scaletrain.diffusion import OBJECTIVES, build_objective
 from scaletrain.diffusion.base import Objective, ObjectiveParams, Sampler, TrainingBatch, register
 from scaletrain.diffusion.objective import (ObjectiveConfig, build_noise_scheduler, diffusion_loss,
