@@ -8,15 +8,16 @@ method. The loop never asks which engine it has (see ``engines.base``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -38,6 +39,9 @@ from scaletrain.train.curriculum import planned_stage_steps, stage_length_text, 
 from scaletrain.train.data_stats import DataCounts
 from scaletrain.train.metrics import LossEMA, MetricsLogger
 from scaletrain.train.schedule import lr_at
+from scaletrain.train.watchers import (
+    CommProfileWatcher, EMAWatcher, SamplesWatcher, StepOutcome, ValidationWatcher, Watcher,
+)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -57,6 +61,42 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
     path.write_text("".join(ln + "\n" for ln in keep))
+
+
+@dataclass
+class StagePlan:
+    """One stage at this launch: where it starts, how long it runs, its data and LR schedule."""
+
+    start: int  # step_in_stage the loop starts from (resume)
+    steps: int
+    batches: Iterator[dict]
+    global_batch: int
+    lr: Callable[[int], float]  # step_in_stage -> LR before the health guard's scale
+    images: int = 0  # trained at this launch (the stage's img/s)
+
+
+@dataclass
+class MicroBatches:
+    """This rank's side of one optimizer step."""
+
+    loss_sum: float | torch.Tensor = 0.0
+    local_loss: float = 0.0
+    wait: float = 0.0
+    skipped: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Agreed:
+    """The step's figures after the one all-reduce: the same on every rank."""
+
+    loss: float
+    wait: float
+    norm: float
+    skipped: int
+    sigterm: bool
+    minutes_due: bool
+    objective_sums: list[float]
 
 
 class Trainer:
@@ -126,6 +166,7 @@ class Trainer:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         self.validator = None  # built at the first validation (scaletrain.eval.validate)
         self.last_validated_step = -1
+        self.watchers = self.build_watchers()
         self.logger = MetricsLogger(
             self.run_dir,
             enabled=dist_info.is_main,
@@ -165,10 +206,9 @@ class Trainer:
                 break
             index = self.stage_index  # the next stage, or after a rollback the checkpoint's
         self.finalize_checkpoint()  # commit a pending async checkpoint
-        if self.cfg.validate.at_end and not self.stopped_early and self.last_validated_step != self.step:
-            self.validate(self.cfg.train.stages[-1].resolution)
-        if self.cfg.sample.at_end and not self.stopped_early:
-            self.write_samples(self.run_dir / "samples.png")
+        if not self.stopped_early:
+            for w in self.watchers:
+                w.at_end(self)  # end-of-run validation, the sample grid
         summary = self.summary()
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -180,7 +220,63 @@ class Trainer:
         return summary
 
     def run_stage(self, index: int, stage) -> bool:
-        """Train one curriculum stage from ``self.step_in_stage``; False when the run must stop."""
+        """Train one curriculum stage from ``self.step_in_stage``; False when the run must stop.
+        The loop only: EMA, comm profiler, validation and samples are watchers (train/watchers.py)."""
+        plan = self.begin_stage(index, stage)
+        stage_clock = time.perf_counter()
+        for step_in_stage in range(plan.start, plan.steps):
+            for w in self.watchers:
+                w.before_step(self, self.step + 1)
+            t0 = time.perf_counter()
+            lr = plan.lr(step_in_stage) * self.health.lr_scale
+            micro = self.accumulate(plan.batches, stage.grad_accum)
+            agreed = self.agree(micro, stage.grad_accum)
+            # The health guard judges the all-reduced loss and the global grad norm, so every rank
+            # reaches the same verdict; a bad step is skipped by the engine on all ranks. fp16: an
+            # overflow (non-finite norm, finite loss) is the loss scaler's business, not the guard's.
+            overflow = self.engine.dynamic_loss_scale and not math.isfinite(agreed.norm) and math.isfinite(agreed.loss)
+            verdict = (self.health.check(self.attempt + 1, agreed.loss, agreed.norm)
+                       if self.cfg.health.enabled and not overflow else None)
+            stats = self.engine.skip_step(lr) if verdict and verdict.bad else self.engine.step(lr)
+            self.attempt += 1
+            for w in self.watchers:
+                w.after_update(self, stats)
+            dt = time.perf_counter() - t0
+            for w in self.watchers:
+                w.after_timing(self)
+            self.count_step(plan, step_in_stage, dt, agreed, stats)
+            self.log_step(index, stage, agreed.loss, stats, dt, agreed.wait, agreed.skipped, plan.global_batch,
+                          agreed.objective_sums)
+            if verdict and verdict.bad and self.on_bad_step(index, stage, verdict, agreed.norm, micro.keys,
+                                                            micro.local_loss):
+                return True  # rolled back: train() re-enters at the checkpoint's stage and step
+            stage_end = self.step_in_stage == plan.steps
+            stop = agreed.sigterm or self.step == self.cfg.run.stop_at_step
+            if stage_end:
+                self.end_stage(index, stage, plan, time.perf_counter() - stage_clock)
+            if stop or agreed.minutes_due or self.ckpt.due(self.step, stage_end=stage_end):
+                self.save_checkpoint()
+            outcome = StepOutcome(self.step, index, stage.resolution, stats, stop, stage_end)
+            for w in self.watchers:
+                stage_clock += w.after_step(self, outcome)  # e.g. validation: not training time
+            if stop:
+                return self.stop_run(agreed.sigterm)
+        return True
+
+    def build_watchers(self) -> list[Watcher]:
+        """What hangs off the loop, in hook order (train/watchers.py)."""
+        watchers: list[Watcher] = [CommProfileWatcher(self.comm_profiler)]
+        if self.ema is not None:
+            watchers.append(EMAWatcher(self.ema))
+        v = self.cfg.validate
+        if v.every_steps or v.at_end:
+            watchers.append(ValidationWatcher(v.every_steps, v.at_end))
+        if self.cfg.sample.at_end:
+            watchers.append(SamplesWatcher())
+        return watchers
+
+    def begin_stage(self, index: int, stage) -> StagePlan:
+        """Set the engine, data stream, length and objective up for stage ``index``; log its line."""
         cfg, world = self.cfg, self.dist.world_size
         start = self.step_in_stage if index == self.stage_index else 0
         self.stage_index, self.step_in_stage = index, start
@@ -196,100 +292,81 @@ class Trainer:
         # Stage length (steps, or images re-planned from those left) and objective (curriculum.py).
         steps = planned_stage_steps(cfg, index, world, steps_done=start, images_done=self.stage_images_seen)
         self.objective = stage_objective(self.base_objective, cfg, index)
-        base_lr = stage.lr or cfg.optim.lr
         warmup = cfg.optim.warmup_steps if stage.warmup_steps is None else stage.warmup_steps
+        lr = functools.partial(lr_at, total_steps=steps, base_lr=stage.lr or cfg.optim.lr, warmup_steps=warmup,
+                               schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
         buckets = cfg.stage_buckets(index)
         length = stage_length_text(cfg, index, world, steps, steps_done=start, images_done=self.stage_images_seen)
         self.logger.event(f"stage {index} '{stage.name}': {stage.resolution}px, {length}, "
                           f"global batch {global_batch} = {stage.micro_batch} x {stage.grad_accum} x {world}, "
                           f"{self.objective.describe()}"
                           + (f", buckets (WxH) {' '.join(f'{w}x{h}' for w, h in buckets)}" if buckets else ""))
-        stage_start, stage_images = time.perf_counter(), 0
-        for step_in_stage in range(start, steps):
-            self.comm_profiler.start(self.step + 1)  # a sampled step runs under torch.profiler
-            t0 = time.perf_counter()
-            lr = lr_at(step_in_stage, total_steps=steps, base_lr=base_lr, warmup_steps=warmup,
-                       schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio) * self.health.lr_scale
-            loss_sum, wait, skipped, keys = 0.0, 0.0, 0, []
-            self.step_image_sizes: list[tuple[int, int]] = []  # (H, W) of this rank's micro-batches
-            for micro in range(stage.grad_accum):
-                tw = time.perf_counter()
-                batch = next(batches)
-                wait += time.perf_counter() - tw
-                pos = batch.pop("position", None)
-                if pos is not None:
-                    self.data_position[str(pos["slot"])] = {"done": pos["done"], "state": pos["state"]}
-                skipped += int(batch.get("skipped", 0))
-                self.data_counts.add_batch(batch)
-                keys += list(batch.get("keys", []))
-                if "pixels" in batch:  # with data.buckets the size changes from batch to batch
-                    self.step_image_sizes.append(tuple(batch["pixels"].shape[-2:]))
-                elif "latents" in batch:
-                    f = self.model.preset.vae_factor
-                    self.step_image_sizes.append(tuple(n * f for n in batch["latents"].shape[-2:]))
-                loss_sum += self.forward_backward_step(batch, is_last=micro == stage.grad_accum - 1)
-            # The health guard judges the all-reduced loss and the global grad norm, so every
-            # rank reaches the same verdict; a bad step is skipped by the engine on all ranks.
-            local_loss = float(loss_sum) / stage.grad_accum  # the step's one device-to-host copy of the loss
-            norm = self.engine.grad_norm() if cfg.health.enabled else float("nan")
-            # One small collective a step, before the optimizer step: the loss, data wait and
-            # norm (summed, then / world: the mean) and the counters and every rank's stop/save
-            # signals (summed), so the health verdict and the stop decision are the same on all
-            # ranks (a SIGTERM may reach only some of them). Each extra collective would be
-            # one more point where every rank waits for the slowest.
-            # A post-training objective's own sums (DPO's pair counts and rewards) ride along.
-            minutes_due = self.dist.is_main and self.ckpt.minutes_due()
-            local_counts, local_objective = self.data_counts.local_vector(), self.objective_local_sums()
-            loss, wait, norm, skipped, sigterm, minutes_due, *rest = all_reduce_sum(
-                [local_loss, wait, norm, skipped, self._sigterm, minutes_due, *local_counts, *local_objective],
-                self.device)
-            loss, wait, norm = loss / world, wait / world, norm / world
-            counts, objective_sums = rest[:len(local_counts)], rest[len(local_counts):]
-            self.data_counts.commit(counts)
-            skipped = int(skipped)
-            # fp16: an overflow (non-finite gradient norm, finite loss) is the loss scaler's business:
-            # the engine's step skips it and lowers the scale, and the guard does not count it.
-            overflow = self.engine.dynamic_loss_scale and not math.isfinite(norm) and math.isfinite(loss)
-            verdict = self.health.check(self.attempt + 1, loss, norm) if cfg.health.enabled and not overflow else None
-            stats = self.engine.skip_step(lr) if verdict and verdict.bad else self.engine.step(lr)
-            self.attempt += 1
-            if self.ema is not None and not stats.skipped:
-                self.ema.maybe_update(self.step + 1)  # local shards only, no communication
-            dt = time.perf_counter() - t0
-            self.comm_profiler.stop()
-            self.step += 1
-            self.images_seen += global_batch
-            self.stage_images_seen += global_batch
-            stage_images += global_batch
-            self.skipped_samples += skipped
-            self.train_seconds += dt
-            if not stats.skipped:
-                self.last_loss = loss
-            self.step_in_stage = step_in_stage + 1
-            self.log_step(index, stage, loss, stats, dt, wait, skipped, global_batch, objective_sums)
-            if verdict and verdict.bad and self.on_bad_step(index, stage, verdict, norm, keys, local_loss):
-                return True  # rolled back: train() re-enters at the checkpoint's stage and step
-            stage_end = self.step_in_stage == steps
-            stop = bool(sigterm) or self.step == cfg.run.stop_at_step
-            if stage_end:
-                elapsed = time.perf_counter() - stage_start
-                self.stage_summaries.append({"stage": stage.name, "resolution": stage.resolution,
-                                             "steps": steps, "images": stage_images,
-                                             "images_per_second": stage_images / elapsed,
-                                             **self.data_counts.stage_summary()})
-                self.stage_index, self.step_in_stage = index + 1, 0
-            if stop or minutes_due or self.ckpt.due(self.step, stage_end=stage_end):
-                self.save_checkpoint()
-            every = cfg.validate.every_steps
-            if every and self.step % every == 0 and not stop:
-                stage_start += self.validate(stage.resolution)  # keeps the stage's img/s training-only
-            if stop:
-                self.stopped_early = True
-                why = "SIGTERM (pre-emption)" if sigterm else f"run.stop_at_step={cfg.run.stop_at_step}"
-                self.logger.event(f"stopping at step {self.step} after a checkpoint: {why}; "
-                                  "relaunch the same command to resume")
-                return False
-        return True
+        return StagePlan(start=start, steps=steps, batches=batches, global_batch=global_batch, lr=lr)
+
+    def accumulate(self, batches: Iterator[dict], grad_accum: int) -> MicroBatches:
+        """The step's micro-batches through forward/backward; data wait, skips and positions recorded."""
+        out = MicroBatches()
+        self.step_image_sizes: list[tuple[int, int]] = []  # (H, W) of this rank's micro-batches
+        for micro in range(grad_accum):
+            tw = time.perf_counter()
+            batch = next(batches)
+            out.wait += time.perf_counter() - tw
+            pos = batch.pop("position", None)
+            if pos is not None:
+                self.data_position[str(pos["slot"])] = {"done": pos["done"], "state": pos["state"]}
+            out.skipped += int(batch.get("skipped", 0))
+            self.data_counts.add_batch(batch)
+            out.keys += list(batch.get("keys", []))
+            if "pixels" in batch:  # with data.buckets the size changes from batch to batch
+                self.step_image_sizes.append(tuple(batch["pixels"].shape[-2:]))
+            elif "latents" in batch:
+                f = self.model.preset.vae_factor
+                self.step_image_sizes.append(tuple(n * f for n in batch["latents"].shape[-2:]))
+            out.loss_sum += self.forward_backward_step(batch, is_last=micro == grad_accum - 1)
+        out.local_loss = float(out.loss_sum) / grad_accum  # the step's one device-to-host copy of the loss
+        return out
+
+    def agree(self, micro: MicroBatches, grad_accum: int) -> Agreed:
+        """One small collective a step, before the optimizer step: the loss, data wait and norm
+        (summed, then / world: the mean) and the counters and every rank's stop/save signals
+        (summed), so the health verdict and the stop decision are the same on all ranks (a SIGTERM
+        may reach only some of them). Each extra collective would be one more point where every
+        rank waits for the slowest. A post-training objective's own sums (DPO's pair counts and
+        rewards) ride along."""
+        world = self.dist.world_size
+        norm = self.engine.grad_norm() if self.cfg.health.enabled else float("nan")
+        minutes_due = self.dist.is_main and self.ckpt.minutes_due()
+        local_counts, local_objective = self.data_counts.local_vector(), self.objective_local_sums()
+        loss, wait, norm, skipped, sigterm, minutes_due, *rest = all_reduce_sum(
+            [micro.local_loss, micro.wait, norm, micro.skipped, self._sigterm, minutes_due, *local_counts,
+             *local_objective], self.device)
+        self.data_counts.commit(rest[:len(local_counts)])
+        return Agreed(loss=loss / world, wait=wait / world, norm=norm / world, skipped=int(skipped),
+                      sigterm=bool(sigterm), minutes_due=bool(minutes_due), objective_sums=rest[len(local_counts):])
+
+    def count_step(self, plan: StagePlan, step_in_stage: int, dt: float, agreed: Agreed, stats) -> None:
+        self.step += 1
+        self.images_seen += plan.global_batch
+        self.stage_images_seen += plan.global_batch
+        plan.images += plan.global_batch
+        self.skipped_samples += agreed.skipped
+        self.train_seconds += dt
+        if not stats.skipped:
+            self.last_loss = agreed.loss
+        self.step_in_stage = step_in_stage + 1
+
+    def end_stage(self, index: int, stage, plan: StagePlan, elapsed: float) -> None:
+        self.stage_summaries.append({"stage": stage.name, "resolution": stage.resolution, "steps": plan.steps,
+                                     "images": plan.images, "images_per_second": plan.images / elapsed,
+                                     **self.data_counts.stage_summary()})
+        self.stage_index, self.step_in_stage = index + 1, 0
+
+    def stop_run(self, sigterm: bool) -> bool:
+        self.stopped_early = True
+        why = "SIGTERM (pre-emption)" if sigterm else f"run.stop_at_step={self.cfg.run.stop_at_step}"
+        self.logger.event(f"stopping at step {self.step} after a checkpoint: {why}; "
+                          "relaunch the same command to resume")
+        return False
 
     def plan_total_steps(self) -> int:
         """Steps of the whole run at this launch: those before the current stage, plus the current
