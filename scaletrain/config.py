@@ -752,8 +752,16 @@ def _check_levers(cfg: RunConfig) -> None:
     if not units:
         raise ValueError(f"model.preset={preset.name!r} (family {preset.family}) has no parallel units for {levers} "
                          "to act on; set model.activation_checkpointing=none and model.compile=false")
-    if m.activation_checkpointing == "selective" and not checkpointed_units(
-            units, "selective", m.activation_checkpointing_every, m.activation_checkpointing_selective):
+    picked = checkpointed_units(units, m.activation_checkpointing, m.activation_checkpointing_every,
+                                m.activation_checkpointing_selective)
+    if (m.activation_checkpointing == "selective" and m.activation_checkpointing_selective == "attention"
+            and len(picked) == len(units)):
+        # A UNet knob: there it spares the ResNet-only blocks; in a transformer every block holds
+        # attention, so it would silently be full checkpointing.
+        raise ValueError(f"model.activation_checkpointing_selective=attention picks every unit of model.preset="
+                         f"{preset.name!r} (each {preset.family} block holds attention): that is full checkpointing; "
+                         "set model.activation_checkpointing=full, or activation_checkpointing_selective=every")
+    if m.activation_checkpointing == "selective" and not picked:
         what = ("no unit holds attention" if m.activation_checkpointing_selective == "attention" else
                 f"activation_checkpointing_every={m.activation_checkpointing_every} but it has {len(units)} units")
         raise ValueError(f"model.activation_checkpointing=selective selects no unit of model.preset={preset.name!r} "

@@ -33,9 +33,11 @@ def checkpointed_units(units: list[nn.Module], mode: str, every: int, select: st
     if mode == "full":
         return list(units)
     if mode == "selective" and select == "attention":
+        from diffusers.models.attention import AttentionModuleMixin
         from diffusers.models.attention_processor import Attention
 
-        return [u for u in units if any(isinstance(m, Attention) for m in u.modules())]
+        kinds = (Attention, AttentionModuleMixin)  # the classic and the newer (e.g. Flux) attention
+        return [u for u in units if any(isinstance(m, kinds) for m in u.modules())]
     if mode == "selective":
         return [u for i, u in enumerate(units) if i % every == every - 1]
     return []

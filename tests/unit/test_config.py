@@ -53,6 +53,15 @@ BAD_INPUTS = [
      "model.activation_checkpointing=selective selects no unit of model.preset='unet-tiny' "
      "(activation_checkpointing_every=9 but it has 5 units)"),
     (["engine.kind=deepspeed", "engine.precision=fp16"], 2, "engine.precision=fp16 under DeepSpeed needs CUDA GPUs"),
+    # a UNet-only knob on a transformer family: every block holds attention
+    (["model.preset=mmdit-tiny", "model.activation_checkpointing=selective",
+      "model.activation_checkpointing_selective=attention"], 2,
+     "model.activation_checkpointing_selective=attention picks every unit of model.preset='mmdit-tiny' "
+     "(each mmdit block holds attention): that is full checkpointing"),
+    (["model.preset=flux-tiny", "model.activation_checkpointing=selective",
+      "model.activation_checkpointing_selective=attention"], 2, "picks every unit of model.preset='flux-tiny'"),
+    (["model.preset=mmdit-tiny", "sample.resolution=256"], 2,
+     "sample.resolution: 256 px is larger than 128 px, the largest image model.preset='mmdit-tiny' takes"),
 ]
 
 

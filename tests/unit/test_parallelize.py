@@ -32,7 +32,7 @@ def _loss_and_grads(name: str, levers: SimpleNamespace, res: int = 32) -> tuple[
     return loss.detach(), {k: p.grad.clone() for k, p in den.named_parameters()}, list(den.state_dict())
 
 
-@pytest.mark.parametrize("name", ["unet-tiny", "dit-tiny"])
+@pytest.mark.parametrize("name", ["unet-tiny", "dit-tiny", "mmdit-tiny", "flux-tiny"])
 @pytest.mark.parametrize("mode,select", [("full", "every"), ("selective", "every"), ("selective", "attention")])
 def test_activation_checkpointing_changes_nothing_numerically(name: str, mode: str, select: str) -> None:
     ref_loss, ref_grads, ref_keys = _loss_and_grads(name, _levers())
