@@ -30,6 +30,10 @@ class ModelFamily(ABC):
     net_class: ClassVar[type[nn.Module]]  # the diffusers class (save_pretrained / from_pretrained)
     # peft target-module suffixes when lora.target_modules is not set
     lora_targets: ClassVar[tuple[str, ...]]
+    # The diffusers LoRA loader mixin (in diffusers.loaders) whose file layout the adapter is
+    # exported in, and its key prefix ("unet" / "transformer"); None: peft's own layout.
+    lora_loader: ClassVar[str | None] = None
+    lora_prefix: ClassVar[str] = "transformer"
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         """The bare diffusers network, random init (seed torch first)."""
@@ -65,8 +69,19 @@ class ModelFamily(ABC):
 
     def export_lora(self, out: Path, base: nn.Module, layers: dict[str, Tensor], lora_config: Any) -> str:
         """Write a trained adapter (peft keys, adapter name dropped) in the layout this family's
-        loader reads; returns the layout's name. Default: peft's own ``adapter_config.json`` +
-        ``adapter_model.safetensors`` (``PeftModel.from_pretrained(net, OUT)`` reads it)."""
+        loader reads; returns the layout's name. With ``lora_loader`` set: diffusers'
+        ``pytorch_lora_weights.safetensors`` (keys ``<lora_prefix>.*``, peft config in the header)
+        by that pipeline loader's own writer, a classmethod (no pipeline needed), which
+        ``pipe.load_lora_weights(OUT)`` and ``net.load_lora_adapter(OUT, prefix=lora_prefix)``
+        read. Without one: peft's ``adapter_config.json`` + ``adapter_model.safetensors``
+        (``PeftModel.from_pretrained(net, OUT)`` reads it)."""
+        if self.lora_loader is not None:
+            import diffusers.loaders
+
+            writer = getattr(diffusers.loaders, self.lora_loader).save_lora_weights
+            writer(out, **{f"{self.lora_prefix}_lora_layers": layers,
+                           f"{self.lora_prefix}_lora_adapter_metadata": lora_config.to_dict()})
+            return "diffusers"
         from peft import get_peft_model, set_peft_model_state_dict
 
         from scaletrain.models.lora import ADAPTER

@@ -13,7 +13,6 @@ encoder's width (Flux uses CLIP-L's 768-wide pooled output).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,6 +74,7 @@ class FluxFamily(ModelFamily):
     net_class = FluxTransformer2DModel
     # Attention projections of both streams (the single-stream blocks have to_q/k/v only).
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    lora_loader = "FluxLoraLoaderMixin"  # exported in diffusers' LoRA layout
 
     def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
                 text_mask: Tensor | None) -> Tensor:
@@ -99,15 +99,6 @@ class FluxFamily(ModelFamily):
         The root keeps x_embedder, context_embedder, time_text_embed, the rotary embedding,
         norm_out and proj_out, which the root forward calls directly."""
         return [*net.transformer_blocks, *net.single_transformer_blocks]
-
-    def export_lora(self, out: Path, base: nn.Module, layers: dict[str, Tensor], lora_config: Any) -> str:
-        """diffusers' ``pytorch_lora_weights.safetensors`` (keys ``transformer.*``) by the Flux
-        pipeline's own writer: what ``FluxPipeline.load_lora_weights(OUT)`` reads."""
-        from diffusers.loaders import FluxLoraLoaderMixin
-
-        FluxLoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=layers,
-                                              transformer_lora_adapter_metadata=lora_config.to_dict())
-        return "diffusers"
 
 
 add_preset("flux-tiny", "flux", None, flux_tiny_config(TINY_TEXT_DIM), TINY_TEXT, TINY_TEXT_LEN,

@@ -11,7 +11,6 @@ That changes one linear layer's input width and nothing else in the block stack.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 
@@ -57,6 +56,7 @@ class MMDiTFamily(ModelFamily):
     net_class = SD3Transformer2DModel
     # Both streams' attention projections: what diffusers' SD3 LoRA training script adapts.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    lora_loader = "SD3LoraLoaderMixin"  # exported in diffusers' LoRA layout
 
     def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
                 text_mask: Tensor | None) -> Tensor:
@@ -79,16 +79,6 @@ class MMDiTFamily(ModelFamily):
         time_text_embed, norm_out and proj_out (~2% of the model), which the root forward calls
         directly; the blocks get their outputs as tensors."""
         return list(net.transformer_blocks)
-
-    def export_lora(self, out: Path, base: nn.Module, layers: dict[str, Tensor], lora_config: Any) -> str:
-        """diffusers' ``pytorch_lora_weights.safetensors`` (keys ``transformer.*``) by the SD3
-        pipeline's own writer: what ``pipe.load_lora_weights(OUT)`` and
-        ``transformer.load_lora_adapter(OUT, prefix="transformer")`` read."""
-        from diffusers.loaders import SD3LoraLoaderMixin
-
-        SD3LoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=layers,
-                                             transformer_lora_adapter_metadata=lora_config.to_dict())
-        return "diffusers"
 
 
 add_preset("mmdit-tiny", "mmdit", None, mmdit_tiny_config(TINY_TEXT_DIM), TINY_TEXT, TINY_TEXT_LEN,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -75,6 +74,8 @@ class UNetFamily(ModelFamily):
     net_class = UNet2DConditionModel
     # The attention projections (self and cross); LoRA leaves the resnets alone.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_loader = "StableDiffusionLoraLoaderMixin"  # exported in diffusers' LoRA layout
+    lora_prefix = "unet"
 
     def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
                 text_mask: Tensor | None) -> Tensor:
@@ -104,16 +105,6 @@ class UNetFamily(ModelFamily):
             units.append(net.mid_block)
         units.extend(net.up_blocks)
         return units
-
-    def export_lora(self, out: Path, base: nn.Module, layers: dict[str, Tensor], lora_config: Any) -> str:
-        """diffusers' ``pytorch_lora_weights.safetensors`` (keys ``unet.*``, peft config in the
-        header), written by the SD pipelines' own writer (a classmethod: no pipeline needed):
-        what ``pipe.load_lora_weights(OUT)`` and ``unet.load_lora_adapter(OUT, prefix="unet")`` read."""
-        from diffusers.loaders import StableDiffusionLoraLoaderMixin
-
-        StableDiffusionLoraLoaderMixin.save_lora_weights(out, unet_lora_layers=layers,
-                                                         unet_lora_adapter_metadata=lora_config.to_dict())
-        return "diffusers"
 
 
 add_preset("unet-tiny", "unet", None, unet_tiny_config(TINY_TEXT_DIM), TINY_TEXT, TINY_TEXT_LEN,
