@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from diffusers import FluxTransformer2DModel
 
 from scaletrain.models.components import FLUX_VAE, T5_XXL_SHALLOW, TINY_TEXT, TINY_TEXT_DIM, TINY_TEXT_LEN
-from scaletrain.models.families.mmdit import pooled_text
+from scaletrain.models.families.mmdit import MMDiTFamily, pooled_text
 from scaletrain.models.family import ModelFamily, add_preset, register_family
 
 PACK = 2  # latents per token side (FluxPipeline._pack_latents)
@@ -72,8 +72,8 @@ def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype)
 class FluxFamily(ModelFamily):
     name = "flux"
     net_class = FluxTransformer2DModel
-    # Attention projections of both streams (the single-stream blocks have to_q/k/v only).
-    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    # MMDiT's: both streams' attention projections (the single-stream blocks have to_q/k/v only)
+    lora_targets = MMDiTFamily.lora_targets
     lora_loader = "FluxLoraLoaderMixin"  # exported in diffusers' LoRA layout
 
     def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
