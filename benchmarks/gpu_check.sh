@@ -7,7 +7,8 @@
 #     512 px and pixart-xl-2 (DiT-XL/2 size) at 256 px, activation checkpointing off and on,
 #     regional compile on unet-sd2 256 px (EXTRA=1, +8 min: a micro-batch sweep, DiT compile and
 #     the FSDP2 offload); img/s, TFLOP/s, MFU, peak memory and its split by category per cell;
-#  4. a profile of one unet-sd2 256 px step (top CUDA kernels, exposed host time).
+#  4. a profile of one unet-sd2 256 px step (top CUDA kernels, exposed host time);
+#  (MMDIT=1, +4 min) the SD3-medium-size MMDiT (2.0B) at 256 px on precomputed 16-channel latents.
 # Writes OUT/gpu_<device>.md (the table to commit as benchmarks/results/gpu_<device>.md with the
 # bench JSON files beside it). Run from the repo root:  bash benchmarks/gpu_check.sh OUT_DIR
 # Wheels for packages the node lacks may be placed in .whl/ (installed to /tmp/site).
@@ -60,7 +61,7 @@ bench() {  # NAME TIMEOUT SHARDS ARGS...
   echo "== bench $name: $*"
   timeout "$limit" python3 -m scaletrain.cli bench --precision bf16 --world-sizes 1 --warmup 3 --reps 6 --num-workers 6 \
     --no-loaded --no-comm-sweep --shards "$shards" --out "$OUT/bench-$name" "$@" > "$OUT/bench-$name.log" 2>&1
-  echo "rc=$?"; grep -E "^\| (unet|pixart)" "$OUT/bench-$name/results.md" 2>/dev/null | head -n 8 || tail -n 5 "$OUT/bench-$name.log"
+  echo "rc=$?"; grep -E "^\| (unet|pixart|mmdit|flux)" "$OUT/bench-$name/results.md" 2>/dev/null | head -n 8 || tail -n 5 "$OUT/bench-$name.log"
 }
 bench sd2-online 90 "$SH" --presets unet-sd2 --resolutions 256 --engines fsdp --micro-batches 32
 SH=/tmp/lat-sd2
@@ -68,6 +69,11 @@ bench sd2-eager 120 "$SH" --presets unet-sd2 --resolutions 256 512 --engines fsd
 bench sd2-ac 120 "$SH" --presets unet-sd2 --resolutions 256 512 --engines fsdp --micro-batches 32 --activation-checkpointing full
 bench sd2-compile 150 "$SH" --presets unet-sd2 --resolutions 256 --engines fsdp --micro-batches 32 --compile
 bench pixart-eager 90 /tmp/lat-pixart --presets pixart-xl-2 --resolutions 256 --engines fsdp --micro-batches 32
+if [ "${MMDIT-0}" = 1 ]; then  # +4 min: the SD3-medium-size MMDiT (2.0B) at 256 px
+  encode mmdit-sd3-medium /tmp/lat-mmdit 256
+  bench mmdit-eager 150 /tmp/lat-mmdit --presets mmdit-sd3-medium --resolutions 256 --engines fsdp --micro-batches 16
+  bench mmdit-ac 150 /tmp/lat-mmdit --presets mmdit-sd3-medium --resolutions 256 --engines fsdp --micro-batches 32 --activation-checkpointing full
+fi
 if [ "${EXTRA-0}" = 1 ]; then  # past the 8-minute budget: micro-batch sweep, DiT compile, offload
   bench sd2-sweep 200 "$SH" --presets unet-sd2 --resolutions 256 --engines ddp --micro-batches 64 128 --activation-checkpointing full
   bench pixart-compile 200 /tmp/lat-pixart --presets pixart-xl-2 --resolutions 256 --engines fsdp --micro-batches 32 --compile
