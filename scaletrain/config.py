@@ -355,6 +355,16 @@ class LogSection(_Section):
     every: int = Field(1, gt=0)
     wandb: Literal["offline", "disabled", "online"] = "offline"
     wandb_project: str = "scaletrain"
+
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: Any) -> Any:
+        # YAML reads `off`/`no`/`false` as False and `on`/`yes`/`true` as True.
+        if v is False:
+            return "disabled"
+        if v is True:
+            raise ValueError("log.wandb=true is ambiguous; use online, offline or disabled")
+        return v
     progress: bool = True
     loss_ema_decay: float = Field(0.9, gt=0.0, lt=1.0)
     # Per-device peak TFLOP/s that MFU divides by; None = the GPU data-sheet table

@@ -60,6 +60,7 @@ BAD_INPUTS = [
      "(each mmdit block holds attention): that is full checkpointing"),
     (["model.preset=flux-tiny", "model.activation_checkpointing=selective",
       "model.activation_checkpointing_selective=attention"], 2, "picks every unit of model.preset='flux-tiny'"),
+    (["log.wandb=on"], 2, "log.wandb=true is ambiguous; use online, offline or disabled"),
     (["model.preset=mmdit-tiny", "sample.resolution=256"], 2,
      "sample.resolution: 256 px is larger than 128 px, the largest image model.preset='mmdit-tiny' takes"),
 ]
@@ -217,3 +218,8 @@ def test_deepspeed_knob_conflicts_are_errors(synth_shards, json_name, sets, frag
     with pytest.raises(ConfigError) as e:
         _load(synth_shards, "engine.kind=deepspeed", f"engine.deepspeed_config=ds_configs/{json_name}", *sets)
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_yaml_off_disables_wandb(synth_shards):
+    # `--set log.wandb=off` reaches the config as False (YAML 1.1): it means disabled.
+    assert _load(synth_shards, "log.wandb=off").log.wandb == "disabled"
