@@ -20,6 +20,25 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _refuse_before_launch(message: str, wait_s: float = 60.0) -> int:
+    """A recipe refused before the process group exists: rank 0 prints the one line; the other
+    ranks wait for the launcher to stop them once rank 0 has exited.
+
+    Every rank finds the same error, but if another rank exits first, torchrun (and the
+    deepspeed launcher) SIGTERM rank 0 before it has printed: CI once got a failed launch
+    with no ``scaletrain:`` line at all. A rank whose rank 0 never fails (a file only it
+    sees) exits after ``wait_s`` on its own, so nothing hangs.
+    """
+    if _is_rank0():
+        print(message, file=sys.stderr, flush=True)
+        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import time
+
+        time.sleep(wait_s)
+    return 2
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -41,13 +60,9 @@ def _launch(prog: str, description: str, argv: list[str] | None, check=None, tra
         if check is not None:
             check(cfg)
     except (ConfigError, ValueError) as e:
-        if _is_rank0():
-            print(f"scaletrain: config error: {e}", file=sys.stderr)
-        return 2
+        return _refuse_before_launch(f"scaletrain: config error: {e}")
     except CheckpointLoadError as e:  # an init source's file refused or damaged
-        if _is_rank0():
-            print(f"scaletrain: {e}", file=sys.stderr)
-        return 2
+        return _refuse_before_launch(f"scaletrain: {e}")
     return run_training(cfg, trainer_cls)
 
 

@@ -223,3 +223,22 @@ def test_deepspeed_knob_conflicts_are_errors(synth_shards, json_name, sets, frag
 def test_yaml_off_disables_wandb(synth_shards):
     # `--set log.wandb=off` reaches the config as False (YAML 1.1): it means disabled.
     assert _load(synth_shards, "log.wandb=off").log.wandb == "disabled"
+
+
+def test_a_refused_recipe_is_reported_by_rank0_while_the_other_ranks_wait(monkeypatch, capsys) -> None:
+    """Regression (CI, stop 21): rank 1 exited at once on a config error, torchrun SIGTERMed
+    rank 0 before it printed, and the launch failed with no ``scaletrain:`` line."""
+    import time
+
+    from scaletrain import cli
+
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.pretrain_main(["--config", "configs/demo.yaml", "--set", "optim.lr=-1"]) == 2
+    assert slept == [60.0] and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert cli.pretrain_main(["--config", "configs/demo.yaml", "--set", "optim.lr=-1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert slept == [60.0] and len(err) == 1 and err[0].startswith("scaletrain: config error:")
