@@ -380,6 +380,13 @@ class SampleSection(_Section):
     resolution: int | None = Field(None, gt=0)  # default: the last stage's resolution
     at_end: bool = True
 
+    @model_validator(mode="after")
+    def _prompts_for_the_grid(self) -> "SampleSection":
+        # Found at the end of a run otherwise, as a tokenizer traceback after hours of training.
+        if self.at_end and not self.prompts:
+            raise ValueError("sample.prompts is empty: list at least one prompt or set sample.at_end=false")
+        return self
+
 
 class EMASection(_Section):
     """Sharded EMA of the weights (scaletrain/train/ema.py): used for end-of-run samples and

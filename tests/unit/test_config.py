@@ -63,6 +63,7 @@ BAD_INPUTS = [
     (["log.wandb=on"], 2, "log.wandb=true is ambiguous; use online, offline or disabled"),
     (["model.preset=mmdit-tiny", "sample.resolution=256"], 2,
      "sample.resolution: 256 px is larger than 128 px, the largest image model.preset='mmdit-tiny' takes"),
+    (["sample.prompts=[]"], 2, "sample.prompts is empty: list at least one prompt or set sample.at_end=false"),
 ]
 
 
