@@ -10,7 +10,7 @@ Run under a launcher, one process per rank, exactly like training::
 Every rank builds one FSDP2 engine per variant through scaletrain's ``build_engine`` (same
 seed, same weights; ``compile`` with ``model.compile: true``) and times whole training steps
 round-robin: rep 1 online, precomputed, compile; rep 2 ... so each ratio compares steps taken
-seconds apart on the same noisy host. A step is what ``Trainer.forward_backward_step`` +
+seconds apart on the same noisy host. A step is what the trainer's ``DenoisingLoss`` +
 ``engine.step`` do for one micro-batch: online, the frozen VAE encodes the pixels and the
 text encoder the captions, then a keyed posterior sample, noise, forward, loss, backward,
 AdamW; precomputed, the posterior sample is drawn from the stored mean/logvar and the stored

@@ -11,9 +11,13 @@ import argparse
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
 
 from scaletrain.checks import load_run_config
-from scaletrain.config import ConfigError, dump_config, load_config
+from scaletrain.config import ConfigError, RunConfig, dump_config, load_config
+
+if TYPE_CHECKING:  # train/step.py imports torch; `scaletrain --help` should not
+    from scaletrain.train.step import BatchBuilder, LossFactory
 
 
 def _is_rank0() -> bool:
@@ -45,9 +49,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a dotted key, e.g. --set optim.lr=3e-4 (repeatable)")
 
 
-def _launch(prog: str, description: str, argv: list[str] | None, check=None, trainer_cls: type | None = None) -> int:
+def _launch(prog: str, description: str, argv: list[str] | None, check=None, loss=None, batches=None) -> int:
     """Every training launcher: parse --config/--set, validate once (plus the launcher's own
-    ``check(cfg)``), print a config error as one line on rank 0 (exit 2), else train."""
+    ``check(cfg)``, which may return the recipe completed), print a config error as one line on
+    rank 0 (exit 2), else train with the launcher's ``loss`` factory and batch builder (None: the
+    trainer's denoising loss and image stream)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     _add_config_args(p)
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is what we use.
@@ -58,12 +64,12 @@ def _launch(prog: str, description: str, argv: list[str] | None, check=None, tra
     try:
         cfg = load_run_config(args.config, args.overrides)
         if check is not None:
-            check(cfg)
+            cfg = check(cfg) or cfg
     except (ConfigError, ValueError) as e:
         return _refuse_before_launch(f"scaletrain: config error: {e}")
     except CheckpointLoadError as e:  # an init source's file refused or damaged
         return _refuse_before_launch(f"scaletrain: {e}")
-    return run_training(cfg, trainer_cls)
+    return run_training(cfg, loss, batches)
 
 
 def pretrain_main(argv: list[str] | None = None) -> int:
@@ -74,7 +80,7 @@ def _posttrain_check(prog: str, require_lora: bool):
     """SFT and LoRA: the pre-training loop from start weights (``init``), optionally with
     adapters (``lora``); the launchers only insist on what makes the run what it is named."""
 
-    def check(cfg) -> None:
+    def check(cfg: RunConfig) -> None:
         if cfg.init.source is None:
             raise ConfigError(f"{prog} starts from trained weights: set init.from_checkpoint=RUN_DIR or "
                               "init.from_diffusers=EXPORTED_MODEL")
@@ -100,13 +106,15 @@ def lora_main(argv: list[str] | None = None) -> int:
 def dpo_main(argv: list[str] | None = None) -> int:
     """Diffusion-DPO on preference-pair shards (launchers/dpo.py); the recipe's ``dpo`` section
     holds beta, data.shards the pairs."""
-    from scaletrain.train.dpo import DPOTrainer, check_dpo_data
+    from scaletrain.train.dpo import PreferenceLoss, dpo_recipe, pair_batches
 
-    return _launch("dpo", "Diffusion-DPO post-training from a YAML recipe.", argv, check_dpo_data, DPOTrainer)
+    return _launch("dpo", "Diffusion-DPO post-training from a YAML recipe.", argv, dpo_recipe,
+                   loss=PreferenceLoss, batches=pair_batches)
 
 
-def run_training(cfg, trainer_cls: type | None = None) -> int:
-    """Run ``trainer_cls`` (default: the pre-training Trainer) under the launcher's process group."""
+def run_training(cfg: RunConfig, loss: LossFactory | None = None, batches: BatchBuilder | None = None) -> int:
+    """Run the Trainer (with a launcher's loss factory and batch builder, ``train/step.py``)
+    under the launcher's process group."""
     from scaletrain.distributed import init_distributed, shutdown_distributed
     from scaletrain.train.trainer import Trainer
 
@@ -116,7 +124,7 @@ def run_training(cfg, trainer_cls: type | None = None) -> int:
 
     dist_info = init_distributed(cfg.engine.kind)
     try:
-        trainer = (trainer_cls or Trainer)(cfg, dist_info)
+        trainer = Trainer(cfg, dist_info, loss=loss, batches=batches)
     except (ConfigError, CheckpointLoadError) as e:  # found at start, alike on every rank (validation
         # shards, a resumed stage's length; a refused checkpoint file is agreed across ranks)
         if dist_info.is_main:

@@ -21,9 +21,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:  # the cell's module is imported by `scaletrain bench` before any process group
+    from scaletrain.distributed import DistInfo
 
 # Engine variants of the matrix -> (engine.kind, DeepSpeed JSON).
 ENGINE_VARIANTS: dict[str, tuple[str, str | None]] = {
@@ -118,7 +121,7 @@ def memory_split(engine, step_fn: Callable[[contextlib.AbstractContextManager], 
     return out
 
 
-def run_cell(spec: dict, dist_info) -> dict:
+def run_cell(spec: dict, dist_info: DistInfo) -> dict:
     """Build, warm up, time ``reps`` steps; returns this rank's record."""
     from scaletrain.data.latents import resolve_shards
     from scaletrain.data.pipeline import LoaderSpec, build_loader
@@ -196,7 +199,7 @@ def run_cell(spec: dict, dist_info) -> dict:
     return record
 
 
-def run_comm_sweep(spec: dict, dist_info) -> dict:
+def run_comm_sweep(spec: dict, dist_info: DistInfo) -> dict:
     from scaletrain.comm.preflight import measure_collectives, sweep_sizes
 
     sizes = sweep_sizes(spec.get("min_bytes", 2**12), spec.get("max_bytes", 2**25))

@@ -12,7 +12,6 @@ checkpoint (full model: frozen base + adapters) exports its adapter instead (``e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

@@ -19,24 +19,25 @@ from pathlib import Path
 from torch import nn
 
 from scaletrain.checkpoint.manager import CheckpointInfo, latest_checkpoint
+from scaletrain.config import InitSection, RunConfig
 
 
 _LORA_SOURCE = ("{key}={src!r} is a LoRA run (base + adapters); start from its base model "
                 "(`scaletrain ckpt export-lora {src} OUT --with-base`, then init.from_diffusers=OUT/base)")
 
 
-def own_checkpoint(cfg) -> CheckpointInfo | None:
+def own_checkpoint(cfg: RunConfig) -> CheckpointInfo | None:
     """The run's own latest complete checkpoint when ``checkpoint.resume`` would load it."""
     if cfg.checkpoint.resume == "never":
         return None
     return latest_checkpoint(_own_dir(cfg))
 
 
-def _own_dir(cfg) -> Path:
+def _own_dir(cfg: RunConfig) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / "checkpoints"
 
 
-def check_init_source(cfg) -> None:
+def check_init_source(cfg: RunConfig) -> None:
     """Config-time checks (one-line ValueErrors): the source is not this run's own checkpoints,
     exists, and was built for ``model.preset``. Skipped when the run resumes its own checkpoint."""
     init = cfg.init
@@ -106,7 +107,7 @@ def _check_diffusers_config(folder: Path, preset_name: str, key: str) -> None:
                              f"{preset_name!r} has {want!r}; pick the preset the model was exported from")
 
 
-def load_init_weights(denoiser: nn.Module, init_cfg, preset_name: str) -> str:
+def load_init_weights(denoiser: nn.Module, init_cfg: InitSection, preset_name: str) -> str:
     """Load the start weights into ``denoiser`` (a ``models.Denoiser``, not yet wrapped by an
     engine, not yet adapted by LoRA); returns a one-line description for the run log."""
     from scaletrain.models.lora import has_lora_keys

@@ -41,6 +41,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from scaletrain.config import CheckpointSection
+from scaletrain.distributed import DistInfo
+from scaletrain.engines.base import Engine
 from scaletrain.checkpoint.safe_load import CheckpointLoadError, raise_agreed, read_json, read_safetensors
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -146,7 +149,7 @@ def _has_oserror(e: BaseException) -> bool:
 
 
 class CheckpointManager:
-    def __init__(self, cfg, run_dir: Path, engine, dist_info, extra_states: dict | None = None) -> None:
+    def __init__(self, cfg: CheckpointSection, run_dir: Path, engine: Engine, dist_info: DistInfo, extra_states: dict | None = None) -> None:
         self.cfg = cfg  # the `checkpoint` config section
         self.dir = Path(cfg.dir) if cfg.dir else run_dir / "checkpoints"
         self.engine, self.dist = engine, dist_info

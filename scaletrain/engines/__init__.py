@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from scaletrain.config import RunConfig
+from scaletrain.distributed import DistInfo
 from scaletrain.engines.base import Engine, StepStats
 
 
-def build_engine(cfg, denoiser: nn.Module, dist_info, *, micro_batch: int, grad_accum: int) -> Engine:
+def build_engine(cfg: RunConfig, denoiser: nn.Module, dist_info: DistInfo, *, micro_batch: int, grad_accum: int) -> Engine:
     """Wrap the trainable denoiser in the engine ``cfg.engine.kind`` names."""
     kind = cfg.engine.kind
     if kind == "fsdp":

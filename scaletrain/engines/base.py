@@ -31,6 +31,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from scaletrain.config import OptimSection
+
 
 @dataclass
 class StepStats:
@@ -242,7 +244,7 @@ class _EvalMode(contextlib.AbstractContextManager):
         self.module.train(self.was_training)
 
 
-def build_adamw(params, optim_cfg) -> torch.optim.AdamW:
+def build_adamw(params, optim_cfg: OptimSection) -> torch.optim.AdamW:
     """AdamW over the trainable ones of ``params``: frozen weights (a LoRA base) get no
     optimizer state and no weight decay."""
     trainable = [p for p in params if p.requires_grad]

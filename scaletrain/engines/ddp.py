@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from scaletrain.config import RunConfig
+from scaletrain.distributed import DistInfo
 from scaletrain.engines.base import build_adamw
 from scaletrain.engines.torch_engine import TorchOptimizerEngine
 
@@ -15,7 +17,7 @@ from scaletrain.engines.torch_engine import TorchOptimizerEngine
 class DDPEngine(TorchOptimizerEngine):
     name = "ddp"
 
-    def __init__(self, denoiser: nn.Module, cfg, dist_info) -> None:
+    def __init__(self, denoiser: nn.Module, cfg: RunConfig, dist_info: DistInfo) -> None:
         super().__init__()
         self.cfg = cfg
         self.device_type = dist_info.device.type

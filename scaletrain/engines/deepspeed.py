@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import Shard
 
+from scaletrain.config import RunConfig
+from scaletrain.distributed import DistInfo
 from scaletrain.engines.base import (Engine, LocalShard, StepStats, build_adamw, chunk_bounds,
                                       replicated_param_shards, world_mesh)
 from scaletrain.engines.ds_config import fill_deepspeed_config, load_deepspeed_json
@@ -23,7 +25,7 @@ from scaletrain.engines.ds_config import fill_deepspeed_config, load_deepspeed_j
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
-    def __init__(self, denoiser: nn.Module, cfg, dist_info, micro_batch: int, grad_accum: int) -> None:
+    def __init__(self, denoiser: nn.Module, cfg: RunConfig, dist_info: DistInfo, micro_batch: int, grad_accum: int) -> None:
         super().__init__()
         import deepspeed
 

@@ -10,6 +10,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from scaletrain.config import RunConfig
+from scaletrain.distributed import DistInfo
 from scaletrain.engines.base import LocalShard, build_adamw, replicated_param_shards, world_mesh
 from scaletrain.engines.torch_engine import TorchOptimizerEngine
 from scaletrain.models.parallelize import parallelize_units
@@ -18,7 +20,7 @@ from scaletrain.models.parallelize import parallelize_units
 class FSDPEngine(TorchOptimizerEngine):
     name = "fsdp"
 
-    def __init__(self, denoiser: nn.Module, units: list[nn.Module], cfg, dist_info) -> None:
+    def __init__(self, denoiser: nn.Module, units: list[nn.Module], cfg: RunConfig, dist_info: DistInfo) -> None:
         super().__init__()
         self.cfg = cfg
         mp = mixed_precision_policy(cfg.engine.precision)

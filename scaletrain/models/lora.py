@@ -20,6 +20,8 @@ from typing import Iterator
 
 from torch import nn
 
+from scaletrain.config import LoraSection
+
 ADAPTER = "default"  # peft's adapter name; part of every LoRA parameter's state-dict key
 
 # Layer types peft's LoRA (and diffusers' LoRA loader) handle.
@@ -47,7 +49,7 @@ def matching_modules(net: nn.Module, targets: list[str]) -> list[str]:
             if isinstance(m, _LORA_TYPES) and any(name == t or name.endswith("." + t) for t in targets)]
 
 
-def build_lora_config(lora_cfg, family: str):
+def build_lora_config(lora_cfg: LoraSection, family: str):
     """A peft ``LoraConfig`` from the ``lora`` config section (alpha defaults to the rank:
     scaling 1, what diffusers' LoRA training scripts use)."""
     from peft import LoraConfig
@@ -61,7 +63,7 @@ def build_lora_config(lora_cfg, family: str):
     )
 
 
-def inject_lora(net: nn.Module, family: str, lora_cfg):
+def inject_lora(net: nn.Module, family: str, lora_cfg: LoraSection):
     """Freeze ``net`` and add the adapter to the targeted layers; returns the peft LoraConfig.
     Seed torch first: lora_A is drawn from the global RNG (identical on every rank)."""
     from peft import inject_adapter_in_model
@@ -76,7 +78,7 @@ def inject_lora(net: nn.Module, family: str, lora_cfg):
     return config
 
 
-def apply_lora(denoiser: nn.Module, lora_cfg) -> LoraStats:
+def apply_lora(denoiser: nn.Module, lora_cfg: LoraSection) -> LoraStats:
     """Put LoRA adapters on ``denoiser.net`` (a ``models.Denoiser``) and freeze everything
     else. Call on every rank, after loading start weights and before ``build_engine``."""
     inject_lora(denoiser.net, denoiser.family, lora_cfg)

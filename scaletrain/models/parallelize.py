@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from scaletrain.config import ModelSection
 from scaletrain.models.registry import parallel_units
 
 
@@ -61,13 +62,13 @@ def _replace_forward(unit: nn.Module, *, recompute: bool, compile: bool) -> None
     unit.forward = types.MethodType(forward, unit)
 
 
-def parallelize(denoiser: nn.Module, model_cfg, shard: Callable[[nn.Module], None] | None = None) -> list[nn.Module]:
+def parallelize(denoiser: nn.Module, model_cfg: ModelSection, shard: Callable[[nn.Module], None] | None = None) -> list[nn.Module]:
     """Apply activation checkpointing and compile to the family's units, then ``shard`` each
     unit and the root (FSDP2). Returns the units in forward order (FSDP2 prefetch uses them)."""
     return parallelize_units(denoiser, parallel_units(denoiser), model_cfg, shard)
 
 
-def parallelize_units(root: nn.Module, units: list[nn.Module], model_cfg,
+def parallelize_units(root: nn.Module, units: list[nn.Module], model_cfg: ModelSection,
                       shard: Callable[[nn.Module], None] | None = None) -> list[nn.Module]:
     """``parallelize`` with the units given (engines' tests shard plain modules this way)."""
     recompute = {id(u) for u in checkpointed_units(units, model_cfg.activation_checkpointing,

@@ -25,6 +25,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from scaletrain.config import EMASection
 from scaletrain.engines.base import Engine
 
 
@@ -191,7 +192,7 @@ class ShardedEMA:
         self.num_updates = int(state["num_updates"])
 
 
-def build_ema(engine: Engine, ema_cfg) -> ShardedEMA | None:
+def build_ema(engine: Engine, ema_cfg: EMASection) -> ShardedEMA | None:
     """The run's EMA from the ``ema`` config section; None when disabled."""
     if not ema_cfg.enabled:
         return None

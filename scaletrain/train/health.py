@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from scaletrain.config import HealthSection
 from scaletrain.train.metrics import LossEMA
 
 
@@ -37,7 +38,7 @@ class Verdict:
 
 
 class HealthGuard:
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg: HealthSection) -> None:
         self.cfg = cfg  # the `health` config section
         self.loss_ema, self.grad_ema = LossEMA(cfg.ema_decay), LossEMA(cfg.ema_decay)
         self._bad: deque[int] = deque()  # attempts (see Trainer.attempt) of recent bad steps

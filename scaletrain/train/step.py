@@ -1,4 +1,5 @@
-"""One training step's diffusion math, shared by the trainer and the benchmark cell.
+"""One training step's diffusion math, shared by the trainer and the benchmark cell, and the
+``TrainingLoss`` seam through which the trainer runs a micro-batch.
 
 ``model_inputs`` turns a loader batch into (x0 in the denoiser's space, text embedding, mask):
 the precomputed posterior and text outputs when the batch has them, else the frozen encoders;
@@ -8,15 +9,25 @@ batch, the engine's forward inside ``micro_step``, the objective's loss, ``engin
 The trainer adds its health-guard hooks through ``on_loss``, the bench cell its phase timers
 through ``mark``; neither re-implements the step. (``examples/reference_loop.py`` is the
 hand-written baseline the trainer is tested against, so it shares none of this on purpose.)
+
+``TrainingLoss`` is what the trainer calls per micro-batch: ``DenoisingLoss`` (pre-training,
+SFT, LoRA: ``forward_backward`` above) or a preference loss (``train/dpo.py``). A loss may
+keep per-step sums that ride the trainer's one all-reduce a step and come back as metrics,
+say how many pre-training images of compute one of its samples costs (throughput and MFU),
+and add to the run summary. Together with an optional batch builder (``BatchRequest`` ->
+batches, e.g. DPO's preference pairs) it is the whole of what a post-training method adds to
+the loop: no Trainer subclass, no hooks to override.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from scaletrain.config import RunConfig
 from scaletrain.diffusion.base import Objective
 from scaletrain.diffusion.objective import posterior_generators
 
@@ -58,3 +69,79 @@ def forward_backward(engine, objective: Objective, x0: Tensor, emb: Tensor, mask
         if mark:
             mark("backward")
     return loss.detach()
+
+
+class TrainingLoss:
+    """One micro-batch's forward and backward as the trainer sees it; subclasses set ``name``
+    and implement ``__call__``. The defaults are a loss with no metrics of its own."""
+
+    name = "loss"
+    images_per_sample = 1.0  # a sample's training FLOPs in pre-training images (throughput, MFU)
+
+    def __call__(self, engine, objective: Objective, batch: dict, *, step: int, seed: int, is_last: bool,
+                 on_loss: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Forward and backward of ``batch`` through ``engine`` under ``objective`` (the stage's);
+        returns the loss, detached. ``on_loss`` may replace the loss before backward (test hooks)."""
+        raise NotImplementedError
+
+    def describe(self) -> str | None:
+        """A line for the run log at start (None: nothing to say)."""
+        return None
+
+    def local_sums(self) -> list[float]:
+        """This rank's sums over the step's micro-batches (then reset), summed over ranks in the
+        trainer's one all-reduce a step. Called on every rank at every step; same length always."""
+        return []
+
+    def metrics(self, sums: list[float]) -> dict:
+        """Fields for the step's record from the global ``local_sums``."""
+        return {}
+
+    def summary(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        """Drop what holds the device mesh (a sharded reference) before the process group goes."""
+
+
+class DenoisingLoss(TrainingLoss):
+    """The objective's denoising loss on ``inputs(batch)`` = (x0, text emb, mask)."""
+
+    name = "denoising"
+
+    def __init__(self, inputs: Callable[[dict], tuple[Tensor, Tensor, Tensor | None]]) -> None:
+        self.inputs = inputs
+
+    def __call__(self, engine, objective: Objective, batch: dict, *, step: int, seed: int, is_last: bool,
+                 on_loss: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        x0, emb, mask = self.inputs(batch)
+        return forward_backward(engine, objective, x0, emb, mask, batch["keys"], step=step, seed=seed,
+                                is_last=is_last, on_loss=on_loss)
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """What a loss factory gets once the engine exists (a frozen reference needs
+    ``engine.prepare_frozen``)."""
+
+    cfg: RunConfig
+    model: object  # models.DiffusionModel: frozen encoders and the preset
+    engine: object  # engines.Engine
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """A stage's batch stream, as the trainer asks a batch builder for it."""
+
+    cfg: RunConfig
+    stage_index: int
+    rank: int
+    world_size: int
+    resolution: int
+    micro_batch: int
+    skip: int  # micro-batches per rank already consumed (resume, rollback)
+
+
+LossFactory = Callable[[LossContext], TrainingLoss]
+BatchBuilder = Callable[[BatchRequest], Iterator[dict]]

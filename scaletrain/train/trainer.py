@@ -1,8 +1,9 @@
 """The training loop: curriculum stages over one engine, with named override points.
 
-``Trainer.train`` walks the stages; ``run_stage`` is the ~40-line loop; the diffusion math
-lives in ``forward_backward_step`` so post-training objectives (SFT, DPO) override that one
-method. The loop never asks which engine it has (see ``engines.base``).
+``Trainer.train`` walks the stages; ``run_stage`` is the ~45-line loop. A micro-batch's math is
+a ``TrainingLoss`` (``train/step.py``): the denoising loss by default, a preference loss for
+DPO, which also hands the trainer its own batch builder (preference pairs). The loop never
+asks which engine it has (see ``engines.base``) nor which loss it runs.
 """
 
 from __future__ import annotations
@@ -22,19 +23,21 @@ from typing import Callable, Iterator
 import torch
 
 from scaletrain.checkpoint.manager import CheckpointManager, CheckpointSaveError, latest_checkpoint
-from scaletrain.config import RunConfig, dump_config
+from scaletrain.config import RunConfig, StageSection, dump_config
 from scaletrain.data.mixing import Balance, Source
 from scaletrain.data.latents import check_precomputed, resolve_shards
 from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards, loader_identity, plan_streams
 from scaletrain.diffusion import build_objective
 from scaletrain.distributed import DistInfo, all_reduce_sum
-from scaletrain.engines import build_engine
+from scaletrain.engines import StepStats, build_engine
 from scaletrain.eval.samples import generate_samples, save_image_grid
 from scaletrain.models import build_model, frozen_dtype
 from scaletrain.train.ema import build_ema
 from scaletrain.train.health import HealthGuard, HealthStop, poison, quarantine
 from scaletrain.train.comm_profile import CommProfiler
-from scaletrain.train.step import forward_backward, model_inputs
+from scaletrain.train.step import (
+    BatchBuilder, BatchRequest, DenoisingLoss, LossContext, LossFactory, TrainingLoss, model_inputs,
+)
 from scaletrain.train.curriculum import planned_stage_steps, stage_length_text, stage_objective
 from scaletrain.train.data_stats import DataCounts
 from scaletrain.train.metrics import LossEMA, MetricsLogger
@@ -100,8 +103,12 @@ class Agreed:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, dist_info: DistInfo) -> None:
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo, loss: LossFactory | None = None,
+                 batches: BatchBuilder | None = None) -> None:
+        """``loss`` builds the micro-batch loss once the engine exists (default: the objective's
+        denoising loss); ``batches`` replaces the image stream (e.g. DPO's preference pairs)."""
         self.cfg, self.dist = cfg, dist_info
+        self.batch_builder = batches
         self.device = dist_info.device
         self.run_dir = Path(cfg.run.dir)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -181,6 +188,10 @@ class Trainer:
             built = "built" if self.model.encoders_built else "not built"
             self.logger.event(f"training on precomputed latents ({self.encoding.folder.parent}): VAE and text "
                               f"encoder {built}")
+        context = LossContext(cfg=cfg, model=self.model, engine=self.engine, device=self.device)
+        self.loss: TrainingLoss = loss(context) if loss is not None else DenoisingLoss(self.model_inputs)
+        if (line := self.loss.describe()) is not None:
+            self.logger.event(line)
 
     # ------------------------------------------------------------------ the loop
 
@@ -219,7 +230,7 @@ class Trainer:
             )
         return summary
 
-    def run_stage(self, index: int, stage) -> bool:
+    def run_stage(self, index: int, stage: StageSection) -> bool:
         """Train one curriculum stage from ``self.step_in_stage``; False when the run must stop.
         The loop only: EMA, comm profiler, validation and samples are watchers (train/watchers.py)."""
         plan = self.begin_stage(index, stage)
@@ -275,7 +286,7 @@ class Trainer:
             watchers.append(SamplesWatcher())
         return watchers
 
-    def begin_stage(self, index: int, stage) -> StagePlan:
+    def begin_stage(self, index: int, stage: StageSection) -> StagePlan:
         """Set the engine, data stream, length and objective up for stage ``index``; log its line."""
         cfg, world = self.cfg, self.dist.world_size
         start = self.step_in_stage if index == self.stage_index else 0
@@ -322,7 +333,8 @@ class Trainer:
             elif "latents" in batch:
                 f = self.model.preset.vae_factor
                 self.step_image_sizes.append(tuple(n * f for n in batch["latents"].shape[-2:]))
-            out.loss_sum += self.forward_backward_step(batch, is_last=micro == grad_accum - 1)
+            out.loss_sum += self.loss(self.engine, self.objective, batch, step=self.step, seed=self.cfg.run.seed,
+                                      is_last=micro == grad_accum - 1, on_loss=self._fault_hooks)
         out.local_loss = float(out.loss_sum) / grad_accum  # the step's one device-to-host copy of the loss
         return out
 
@@ -331,12 +343,11 @@ class Trainer:
         (summed, then / world: the mean) and the counters and every rank's stop/save signals
         (summed), so the health verdict and the stop decision are the same on all ranks (a SIGTERM
         may reach only some of them). Each extra collective would be one more point where every
-        rank waits for the slowest. A post-training objective's own sums (DPO's pair counts and
-        rewards) ride along."""
+        rank waits for the slowest. The loss's own sums (DPO's pair counts and rewards) ride along."""
         world = self.dist.world_size
         norm = self.engine.grad_norm() if self.cfg.health.enabled else float("nan")
         minutes_due = self.dist.is_main and self.ckpt.minutes_due()
-        local_counts, local_objective = self.data_counts.local_vector(), self.objective_local_sums()
+        local_counts, local_objective = self.data_counts.local_vector(), self.loss.local_sums()
         loss, wait, norm, skipped, sigterm, minutes_due, *rest = all_reduce_sum(
             [micro.local_loss, micro.wait, norm, micro.skipped, self._sigterm, minutes_due, *local_counts,
              *local_objective], self.device)
@@ -355,7 +366,7 @@ class Trainer:
             self.last_loss = agreed.loss
         self.step_in_stage = step_in_stage + 1
 
-    def end_stage(self, index: int, stage, plan: StagePlan, elapsed: float) -> None:
+    def end_stage(self, index: int, stage: StageSection, plan: StagePlan, elapsed: float) -> None:
         self.stage_summaries.append({"stage": stage.name, "resolution": stage.resolution, "steps": plan.steps,
                                      "images": plan.images, "images_per_second": plan.images / elapsed,
                                      **self.data_counts.stage_summary()})
@@ -445,7 +456,7 @@ class Trainer:
             self.logger.log({"step": self.step, **record})
         return True
 
-    def on_bad_step(self, index: int, stage, verdict, norm: float, keys: list[str], local_loss: float) -> bool:
+    def on_bad_step(self, index: int, stage: StageSection, verdict, norm: float, keys: list[str], local_loss: float) -> bool:
         """Collective (every rank has the same verdict): quarantine the step's batch keys, and
         roll back when the window is full. True when the loop must restart from a checkpoint."""
         path = self.run_dir / "quarantine.jsonl"
@@ -469,7 +480,7 @@ class Trainer:
         self.rollback(index, stage)
         return True
 
-    def rollback(self, index: int, stage) -> None:
+    def rollback(self, index: int, stage: StageSection) -> None:
         """Collective: reload the last good checkpoint (weights, optimizer, EMA, RNG, counters),
         keep the guard's live counters, scale the LR by health.lr_factor, and make stage
         ``index``'s stream skip every micro-batch consumed since that checkpoint, so the re-run
@@ -541,14 +552,6 @@ class Trainer:
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True  # acted on at the end of the current step, on every rank together
 
-    def forward_backward_step(self, batch: dict, *, is_last: bool) -> float | torch.Tensor:
-        """One micro-batch: encode, noise, predict, weighted loss, backward (``train/step.py``,
-        shared with the bench cell). Returns the loss as a detached 0-dim tensor (no host sync
-        per micro-batch; the loop reads it once per step)."""
-        x0, emb, mask = self.model_inputs(batch)
-        return forward_backward(self.engine, self.objective, x0, emb, mask, batch["keys"], step=self.step,
-                                seed=self.cfg.run.seed, is_last=is_last, on_loss=self._fault_hooks)
-
     def _fault_hooks(self, loss: torch.Tensor) -> torch.Tensor:
         if self.health.inject_nan(self.attempt + 1, self.dist.rank):  # test hook, one rank only
             loss = poison(loss)
@@ -564,6 +567,11 @@ class Trainer:
                             scaling=self.encoding.scaling if "latents" in batch else None)
 
     def build_batches(self, resolution: int, micro_batch: int, skip: int = 0) -> Iterator[dict]:
+        """The stage's batches: the batch builder's when the run has one, else the image stream."""
+        if self.batch_builder is not None:
+            return self.batch_builder(BatchRequest(
+                cfg=self.cfg, stage_index=self.stage_index, rank=self.dist.rank, world_size=self.dist.world_size,
+                resolution=resolution, micro_batch=micro_batch, skip=skip))
         d = self.cfg.data
         spec = LoaderSpec(
             resolution=resolution, micro_batch=micro_batch,
@@ -631,7 +639,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ observers
 
-    def log_step(self, index, stage, loss, stats, dt, wait, skipped, global_batch, objective_sums=()) -> None:
+    def log_step(self, index: int, stage: StageSection, loss: float, stats: StepStats, dt: float, wait: float,
+                 skipped: int, global_batch: int, objective_sums: list[float] = ()) -> None:
         ema = self.loss_ema.get() if stats.skipped else self.loss_ema.update(loss)  # a bad step stays out
         record = {
             "step": self.step, "stage": index, "resolution": stage.resolution, "loss": loss, "loss_ema": ema,
@@ -645,7 +654,7 @@ class Trainer:
         if self.cfg.data.buckets.enabled:  # rank 0's micro-batch sizes this step, one bucket each
             record["bucket_sizes"] = [f"{w}x{h}" for h, w in getattr(self, "step_image_sizes", [])]
         record.update(self.data_counts.record())  # filtered_samples, source_frac/*, class_frac/*
-        record.update(self.objective_metrics(objective_sums))  # e.g. DPO's implicit accuracy and reward margin
+        record.update(self.loss.metrics(objective_sums))  # e.g. DPO's implicit accuracy and reward margin
         if stats.skipped or self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
             if self.dist.is_main:  # only rank 0 writes, so only it pays for the FLOP count
                 record.update(self.throughput_metrics(stage.resolution, global_batch / dt))
@@ -653,27 +662,17 @@ class Trainer:
         self.logger.progress(1, {"stage": index, "loss": f"{loss:.4f}", "ema": f"{ema:.4f}",
                                  "img/s": f"{global_batch / dt:.1f}"})
 
-    def objective_local_sums(self) -> list[float]:
-        """This rank's sums a post-training objective accumulated over the step's micro-batches
-        (and now resets); they are summed over ranks in the step's one all-reduce and handed
-        to ``objective_metrics``. Called on every rank at every step."""
-        return []
-
-    def objective_metrics(self, sums: list[float]) -> dict:
-        """Fields a post-training objective adds to this step's record, from the global sums of
-        ``objective_local_sums``."""
-        return {}
-
     def throughput_metrics(self, resolution: int, images_per_second: float) -> dict:
         """Per-device TFLOP/s and MFU from the analytic FLOP count (scaletrain.bench.flops), and
-        peak memory (CUDA max allocated; process RSS on CPU) of this rank."""
+        peak memory (CUDA max allocated; process RSS on CPU) of this rank. ``images_per_second``
+        counts the loss's samples (DPO: pairs), each ``loss.images_per_sample`` images of compute."""
         from scaletrain.bench.flops import device_peak_tflops, train_flops_per_image
 
         # Mean over this rank's micro-batches (their sizes differ under data.buckets; the FLOPs depend
         # on the area, which the buckets keep within a few % of resolution^2 on every rank).
         sizes = getattr(self, "step_image_sizes", None) or [(resolution, resolution)]
         flops = sum(train_flops_per_image(self.cfg.model.preset, hw) for hw in sizes) / len(sizes)  # cached per size
-        tflops = flops * images_per_second / self.dist.world_size / 1e12
+        tflops = flops * images_per_second * self.loss.images_per_sample / self.dist.world_size / 1e12
         peak, _ = device_peak_tflops(self.device, self.cfg.engine.precision, self.cfg.log.peak_tflops)
         return {"tflops_per_device": tflops, "mfu": tflops / peak, "peak_memory_gib": peak_memory_gib(self.device)}
 
@@ -768,9 +767,12 @@ class Trainer:
             "checkpoint_save_failures": self.save_failures,
             "rollbacks": self.health.rollbacks,
             "lr_scale": self.health.lr_scale,
+            **self.loss.summary(),
         }
 
     def close(self) -> None:
+        self.loss.close()  # e.g. a sharded reference: DTensors on the mesh
+        self.loss = None
         self.logger.close()
         self.ema = None  # its DTensors hold the device mesh; drop them before the process group
         self.engine.close()

@@ -21,8 +21,7 @@ from scaletrain.data import LoaderSpec, build_loader, decode_image, write_synthe
 from scaletrain.data.buckets import BucketSpec, bucket_sizes, nearest_bucket
 from scaletrain.diffusion import build_objective
 from scaletrain.diffusion.objective import (
-    ObjectiveConfig, add_noise, build_noise_scheduler, per_sample_generators, prepare_training_batch,
-    sample_noise, sample_timesteps,
+    add_noise, per_sample_generators, sample_noise, sample_timesteps,
 )
 from scaletrain.train.curriculum import planned_stage_steps, stage_objective
 from tests.conftest import REPO
