@@ -32,13 +32,18 @@ class DeepSpeedEngine(Engine):
         self.cfg = cfg
         self.world_size = dist_info.world_size
         self.device = dist_info.device
+        notes: list[str] = []
         ds_cfg = fill_deepspeed_config(
             load_deepspeed_json(cfg.engine.deepspeed_config),
             cfg,
             micro_batch=micro_batch,
             grad_accum=grad_accum,
             world_size=dist_info.world_size,
+            notes=notes,
         )
+        if dist_info.is_main:
+            for line in notes:  # e.g. a template's "auto" scheduler, dropped for the trainer's schedule
+                print(f"deepspeed: {line}", flush=True)
         self.zero_stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
         self.ds_config = ds_cfg  # prepare_frozen builds a frozen model's engine from it
         self._frozen: list = []  # those engines, destroyed in close()

@@ -63,6 +63,19 @@ class ModelFamily(ABC):
         """Channels of the (B, C, H, W) tensor the Denoiser takes (pixels or latents)."""
         return config["in_channels"]
 
+    def hidden_size(self, config: dict[str, Any]) -> int:
+        """The network's width, for DeepSpeed's "auto" bucket sizes (engines/ds_config.py):
+        ``hidden_size``, else attention heads x head dim (transformers), else the widest
+        UNet block. A family whose config says none of these overrides it."""
+        if isinstance(config.get("hidden_size"), int):
+            return config["hidden_size"]
+        heads, dim = config.get("num_attention_heads"), config.get("attention_head_dim")
+        if isinstance(heads, int) and isinstance(dim, int):
+            return heads * dim
+        if config.get("block_out_channels"):
+            return max(config["block_out_channels"])
+        raise ValueError(f"the {self.name} family names no hidden size")
+
     def max_input_size(self, config: dict[str, Any]) -> int | None:
         """Largest side (denoiser input, e.g. latents) the network accepts; None: no limit."""
         return None

@@ -92,6 +92,10 @@ def curves(synth_shards, tmp_path_factory):
     for name in ("fsdp", "zero3"):
         runs[f"{name}-flow"] = runs[name] + ["--set", "diffusion.objective=flow_matching",
                                              "--set", "diffusion.flow_matching.shift=2.0"]
+    # The ZeRO-3 JSON users copy from accelerate / transformers ("auto" almost everywhere, a
+    # DeepSpeed optimizer and scheduler block), as it is
+    runs["zero3-template"] = _torchrun(["--config", "configs/demo.yaml", "--set", "engine.kind=deepspeed", "--set",
+                                        "engine.deepspeed_config=tests/data/accelerate_zero3.json"])
     # The other families: (family, objective) pairs beyond the UNet's, each on FSDP2 and ZeRO-3
     for name in ("fsdp", "zero3"):
         for preset, objective in FAMILY_RUNS:
@@ -104,6 +108,7 @@ def curves(synth_shards, tmp_path_factory):
         r = run_cmd(cmd + _common(synth_shards, run_dir, micro, accum), env=env, timeout=600)
         assert r.returncode == 0, f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         out[name] = (read_metrics(run_dir), json.loads((run_dir / "summary.json").read_text()))
+        out.setdefault("stdout", {})[name] = r.stdout
     return out
 
 
@@ -156,6 +161,18 @@ def test_offload_runs_to_the_end_on_the_same_curve(curves, run):
     metrics, summary = curves[run]
     assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in curves["fsdp"][0]], rel=RTOL)
     assert summary["params_local_rank0"] / summary["params_total"] == pytest.approx(0.5, abs=0.03)
+
+
+def test_accelerate_zero3_template_runs_as_it_is(curves):
+    """tests/data/accelerate_zero3.json (the docs' template: "auto" precision, optimizer,
+    scheduler, batch, clipping and buckets) trains the FSDP2 curve; rank 0 says what it did
+    with the scheduler block and the "auto" buckets."""
+    metrics, summary = curves["zero3-template"]
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in curves["fsdp"][0]], rel=RTOL)
+    assert summary["params_local_rank0"] / summary["params_total"] == pytest.approx(0.5, abs=0.03)
+    out = curves["stdout"]["zero3-template"]
+    assert out.count("deepspeed: DeepSpeed JSON scheduler WarmupDecayLR dropped") == 1, out[-2000:]
+    assert "buckets from unet-tiny's hidden size 64 (accelerate's rule): reduce_bucket_size=4096" in out
 
 
 def test_flow_matching_curves_agree_across_engines(curves):

@@ -194,8 +194,9 @@ def test_deepspeed_knobs_fill_auto_and_absent_keys(synth_shards, tmp_path):
     zero = _fill(cfg, path)["zero_optimization"]
     assert zero["reduce_bucket_size"] == 1_000_000  # "auto" filled from the recipe
     assert zero["zero_hpz_partition_size"] == 2 and zero["stage3_param_persistence_threshold"] == 0  # absent: added
-    # "auto" with the recipe's knob null: dropped, so DeepSpeed's own default applies.
-    assert "overlap_comm" not in zero and "stage3_prefetch_bucket_size" not in zero
+    # "auto" with the recipe's knob null: a bucket size follows the hidden size (64 for
+    # unet-tiny: 0.9 x 64^2, accelerate's rule); anything else is dropped (DeepSpeed's default).
+    assert zero["stage3_prefetch_bucket_size"] == 3686 and "overlap_comm" not in zero
 
 
 def test_deepspeed_knob_equal_to_json_is_accepted(synth_shards):
@@ -243,3 +244,75 @@ def test_a_refused_recipe_is_reported_by_rank0_while_the_other_ranks_wait(monkey
     assert cli.pretrain_main(["--config", "configs/demo.yaml", "--set", "optim.lr=-1"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert slept == [60.0] and len(err) == 1 and err[0].startswith("scaletrain: config error:")
+
+
+ACCELERATE_ZERO3 = REPO / "tests" / "data" / "accelerate_zero3.json"  # accelerate/transformers' ZeRO-3 template
+
+
+def test_accelerate_template_runs_as_it_is(synth_shards):
+    """The ZeRO-3 JSON users copy from the accelerate and transformers docs ("auto" for
+    precision, optimizer, scheduler, batch, clipping and buckets) is filled from the recipe:
+    the scheduler dropped with one line, buckets from the family's hidden size, no "auto"
+    left for DeepSpeed to choke on."""
+    from scaletrain.engines.ds_config import fill_deepspeed_config, load_deepspeed_json
+
+    cfg = _load(synth_shards, "engine.kind=deepspeed", f"engine.deepspeed_config={ACCELERATE_ZERO3}",
+                "engine.precision=bf16", "model.preset=dit-tiny")
+    notes: list[str] = []
+    ds = fill_deepspeed_config(load_deepspeed_json(str(ACCELERATE_ZERO3)), cfg, micro_batch=4, grad_accum=2,
+                               world_size=2, notes=notes)
+    assert "auto" not in json.dumps(ds) and "scheduler" not in ds
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["optimizer"]["params"] == {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+                                         "weight_decay": cfg.optim.weight_decay}
+    zero = ds["zero_optimization"]
+    h = 64  # dit-tiny: 2 heads x 32
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) \
+        == (h * h, int(0.9 * h * h), 10 * h)
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is False and zero["sub_group_size"] == 1e9
+    assert len(notes) == 2 and notes[0].startswith("DeepSpeed JSON \"auto\" buckets from dit-tiny's hidden size 64")
+    assert notes[1].startswith("DeepSpeed JSON scheduler WarmupDecayLR dropped: the trainer sets the LR each step")
+
+
+def test_hidden_size_of_the_real_presets() -> None:
+    from scaletrain.models.registry import get_family, get_preset
+
+    sizes = {n: get_family(get_preset(n).family).hidden_size(get_preset(n).denoiser_config)
+             for n in ("unet-sd2", "pixart-xl-2", "mmdit-sd3-medium", "flux-dev")}
+    assert sizes == {"unet-sd2": 1280, "pixart-xl-2": 1152, "mmdit-sd3-medium": 1536, "flux-dev": 3072}
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 500}}},
+     "DeepSpeed JSON scheduler.params.warmup_num_steps=500 conflicts with optim.warmup_steps=20"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 3e-4}}},
+     "scheduler.params.warmup_max_lr=0.0003 conflicts with optim.lr=0.001"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "log"}}},
+     "scheduler.params.warmup_type='log' conflicts with the trainer's warm-up, which is linear='linear'"),
+    ({"scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 1e-5}}},
+     "scheduler.params.cycle_min_lr=1e-05 (OneCycle) has no equivalent in the recipe"),
+    ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}},
+     'DeepSpeed JSON zero_optimization.sub_group_size="auto" is not a value scaletrain fills'),
+    ({"fp16": {"enabled": True}}, "DeepSpeed JSON fp16.enabled=True conflicts with engine.precision='fp32'"),
+    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps=4 conflicts with train.stages[].grad_accum=1"),
+])
+def test_template_values_that_conflict_are_one_line_errors(synth_shards, tmp_path, edit, fragment):
+    ds = json.loads(ACCELERATE_ZERO3.read_text())
+    ds.update(edit)
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError) as e:
+        _load(synth_shards, "engine.kind=deepspeed", f"engine.deepspeed_config={p}")
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_scheduler_that_agrees_with_the_recipe_is_dropped(synth_shards, tmp_path):
+    from scaletrain.engines.ds_config import fill_deepspeed_config
+
+    ds = json.loads(ACCELERATE_ZERO3.read_text())
+    ds["scheduler"] = {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 20, "warmup_type": "linear",
+                                                             "cos_min_ratio": 0.1, "total_num_steps": 1000}}
+    cfg = _load(synth_shards, "engine.kind=deepspeed")
+    notes: list[str] = []
+    assert "scheduler" not in fill_deepspeed_config(ds, cfg, micro_batch=8, grad_accum=1, world_size=2, notes=notes)
+    assert any("scheduler WarmupCosineLR dropped" in n for n in notes)
