@@ -1,4 +1,4 @@
-"""`scaletrain` command line: train | sft | lora | dpo | data synth | synth-pairs | config check | ckpt ls/export/export-lora | preflight | bench | size.
+"""`scaletrain` command line: train | sft | lora | dpo | data synth | synth-pairs | config check | ckpt ls/export/export-lora | preflight | bench | size | slurm plan.
 
 `launchers/pretrain.py` and `scaletrain train` share `pretrain_main`, so the recipe runs the
 same under torchrun, the deepspeed launcher (which passes --local_rank) and plain python.
@@ -271,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         from scaletrain.comm.preflight import preflight_main
 
         return preflight_main(argv[1:])
+    if argv[:2] == ["slurm", "plan"]:  # runs in the sbatch script before anything launches
+        from scaletrain.slurm import _plan_main
+
+        return _plan_main(argv[2:])
     p = argparse.ArgumentParser(prog="scaletrain", description="Distributed diffusion training toolkit.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -340,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     el.add_argument("--raw", action="store_true", help="export the raw adapter even when the checkpoint holds an EMA")
     el.add_argument("--with-base", action="store_true", help="also write the frozen base model to OUT/base")
 
-    # Listed for --help only: main() hands `preflight ...` to its own parser before this one runs.
+    # Listed for --help only: main() hands `slurm plan` and `preflight ...` to their own parsers.
+    sub.add_parser("slurm", add_help=False, help="`slurm plan`: a Slurm job's rendezvous as shell exports "
+                   "(used by launchers/slurm/*.sbatch)")
     sub.add_parser("preflight", add_help=False, help="sweep all-reduce/all-gather/reduce-scatter, test links, "
                    "recommend bucket sizes (under torchrun -m scaletrain.cli or deepspeed --module scaletrain.cli)")
 
