@@ -43,19 +43,35 @@ def add_bench_parsers(sub) -> None:
     s = sub.add_parser("size", help="memory per GPU, nodes needed, img/s, time and cost for a curriculum")
     s.add_argument("--preset", required=True)
     s.add_argument("--recipe", default=None, help="curriculum from a recipe: images = steps x global batch")
-    s.add_argument("--stage", action="append", default=[], metavar="RES:IMAGES[:MICRO]",
-                   help="a curriculum stage, e.g. 256:200000000:64 (repeatable)")
+    s.add_argument("--stage", action="append", default=[], metavar="RES:IMAGES[:MICRO[:GLOBAL]]",
+                   help="a curriculum stage, e.g. 256:200000000:64:2048 (repeatable): MICRO is the largest "
+                        "micro-batch per GPU, GLOBAL the global batch kept fixed at every node count "
+                        "(default: MICRO on every GPU of the largest --nodes)")
     s.add_argument("--gpu", default="H100")
     s.add_argument("--gpus-per-node", type=int, default=8)
     s.add_argument("--price", type=float, required=True, help="USD per GPU-hour")
     s.add_argument("--nodes", nargs="+", type=int, default=[1, 2, 4, 8, 16])
-    s.add_argument("--engines", nargs="+", default=["ddp", "fsdp", "zero2", "zero3"])
+    s.add_argument("--engines", nargs="+", default=["ddp", "fsdp", "zero2", "zero3"],
+                   help="ddp fsdp hsdp zero1 zero2 zero3 zero3-hpz zero3-offload")
     s.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     s.add_argument("--bench", default=None, help="results.json of `scaletrain bench` on this GPU type")
-    s.add_argument("--comm", default=None, help="a `scaletrain preflight --json` report or bench results.json")
-    s.add_argument("--busbw-gbps", type=float, default=None, help="given bus bandwidth between nodes")
-    s.add_argument("--latency-us", type=float, default=50.0)
-    s.add_argument("--overlap", type=float, default=0.0, help="fraction of communication hidden by compute")
+    s.add_argument("--comm", default=None, help="a `scaletrain preflight --json` report or bench results.json: "
+                   "the intra-node link when it ran on one node (its world size <= --gpus-per-node), else inter")
+    s.add_argument("--busbw-gbps", "--inter-busbw-gbps", dest="busbw_gbps", type=float, default=None,
+                   help="given bus bandwidth between nodes, per GPU (GB/s)")
+    s.add_argument("--latency-us", "--inter-latency-us", dest="latency_us", type=float, default=4.0,
+                   help="given latency per ring hop between nodes (with --busbw-gbps)")
+    s.add_argument("--intra-busbw-gbps", type=float, default=None, help="given bus bandwidth inside a node (GB/s)")
+    s.add_argument("--intra-latency-us", type=float, default=1.5, help="given latency per ring hop inside a node")
+    s.add_argument("--overlap", "--eta", dest="eta", type=float, default=None,
+                   help="fraction of compute time during which collectives proceed (default: fitted on the "
+                        "bench file's multi-rank cells, else 0.8 assumed)")
+    s.add_argument("--measured", action="append", default=[], metavar="GPUS:IMG_S@RES[:ENGINE]",
+                   help="a measured throughput (repeatable): 1 GPU sets the compute speed, more GPUs calibrate the "
+                        "link they crossed (inside a node or between nodes)")
+    s.add_argument("--plot", default=None, metavar="FILE.png", help="img/s and scaling efficiency vs GPUs")
+    s.add_argument("--out", default=None, metavar="FILE.md",
+                   help="also write the report to this Markdown file, headed by the command that made it")
     s.add_argument("--mfu", type=float, default=0.35, help="assumed MFU where no throughput was measured")
     s.add_argument("--act-gib-per-image", default=None, metavar="GIB@RES")
     s.add_argument("--baseline-gib", type=float, default=1.5, help="assumed runtime memory where not measured")
@@ -85,7 +101,19 @@ def bench_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_stages(args: argparse.Namespace) -> list[tuple[int, int, int]]:
+def _parse_measured(texts: list[str]) -> list[tuple[int, float, int, str | None]]:
+    import re
+
+    out = []
+    for text in texts:
+        m = re.fullmatch(r"(\d+):([\d.]+)@(\d+)(?::([\w-]+))?", text)
+        if not m or int(m.group(1)) < 1 or float(m.group(2)) <= 0:
+            raise ConfigError(f"--measured {text!r} is not GPUS:IMG_S@RES[:ENGINE]; write e.g. --measured 8:5200@256")
+        out.append((int(m.group(1)), float(m.group(2)), int(m.group(3)), m.group(4)))
+    return out
+
+
+def _parse_stages(args: argparse.Namespace) -> list[tuple[int, ...]]:
     stages = []
     if args.recipe:
         from scaletrain.config import load_config
@@ -95,12 +123,15 @@ def _parse_stages(args: argparse.Namespace) -> list[tuple[int, int, int]]:
             # The recipe's global batch where it states one; else one node's worth. A stage given
             # in images is that many images at any batch (RunConfig.stage_images).
             world = st.global_batch // (st.micro_batch * st.grad_accum) if st.global_batch else args.gpus_per_node
-            stages.append((st.resolution, cfg.stage_images(i, world), st.micro_batch))
+            gb = st.global_batch or st.micro_batch * st.grad_accum * world
+            stages.append((st.resolution, cfg.stage_images(i, world), st.micro_batch, gb))
     for text in args.stage:
         parts = text.split(":")
-        if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
-            raise ConfigError(f"--stage {text!r} is not RES:IMAGES[:MICRO]; write e.g. --stage 256:200000000:64")
-        stages.append((int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else 16))
+        if len(parts) not in (2, 3, 4) or not all(p.isdigit() for p in parts):
+            raise ConfigError(f"--stage {text!r} is not RES:IMAGES[:MICRO[:GLOBAL]]; write e.g. "
+                              "--stage 256:200000000:64:2048")
+        micro = int(parts[2]) if len(parts) >= 3 else 16
+        stages.append((int(parts[0]), int(parts[1]), micro, int(parts[3]) if len(parts) == 4 else 0))
     if not stages:
         raise ConfigError("size needs a curriculum: pass --recipe FILE or --stage RES:IMAGES[:MICRO]")
     return stages
@@ -112,14 +143,23 @@ def size_main(args: argparse.Namespace) -> int:
     try:
         stages = _parse_stages(args)
         bench = json.loads(Path(args.bench).read_text()) if args.bench else None
-        comm = None
-        if args.busbw_gbps:
-            comm = comm_given(args.busbw_gbps, args.latency_us, args.overlap)
-        elif args.comm:
+        comm = intra = None
+        if args.comm:
             rep = json.loads(Path(args.comm).read_text())
             colls = rep.get("collectives") or rep.get("comm")
             world = rep.get("world_size") or max(c["world_size"] for c in rep["cells"])
-            comm = comm_from_sweep(colls, world, args.overlap)
+            from scaletrain.bench.scaling import per_hop
+
+            swept = per_hop(comm_from_sweep(colls, world), world)
+            swept.source = f"measured: {world}-rank sweep ({args.comm}), latency per ring hop"
+            if world <= args.gpus_per_node:
+                intra = swept
+            else:
+                comm = swept
+        if args.busbw_gbps:
+            comm = comm_given(args.busbw_gbps, args.latency_us, 0.0)
+        if args.intra_busbw_gbps:
+            intra = comm_given(args.intra_busbw_gbps, args.intra_latency_us, 0.0)
         act = None
         if args.act_gib_per_image:
             gib, _, res = args.act_gib_per_image.partition("@")
@@ -128,9 +168,16 @@ def size_main(args: argparse.Namespace) -> int:
             preset=args.preset, stages=stages, gpu=args.gpu, gpus_per_node=args.gpus_per_node,
             price_per_gpu_hour=args.price, engines=args.engines, nodes=args.nodes, precision=args.precision,
             bench=bench, comm=comm, act_gib_per_image=act, assumed_mfu=args.mfu, assumed_baseline_gib=args.baseline_gib,
-            precomputed=args.precomputed))
+            precomputed=args.precomputed, intra=intra, eta=args.eta, measured=_parse_measured(args.measured),
+            plot=args.plot))
     except (ConfigError, ValueError, OSError) as e:
         print(f"scaletrain: size: {e}", file=sys.stderr)
         return 2
     print(report, end="")
+    if args.out:
+        import shlex
+
+        argv = sys.argv[2:] if sys.argv[1:2] == ["size"] else ["..."]  # `scaletrain size ...` as typed
+        Path(args.out).write_text("# Sizing report\n\nWritten by:\n\n```bash\nscaletrain size "
+                                  + " ".join(shlex.quote(a) for a in argv) + f"\n```\n\n```text\n{report}```\n")
     return 0

@@ -292,7 +292,9 @@ def calibrate(results: dict, overlap: float = 0.0) -> list[dict]:
 @dataclass
 class SizeInputs:
     preset: str
-    stages: list[tuple[int, int, int]]  # (resolution, images, micro_batch per GPU)
+    # (resolution, images, largest micro-batch per GPU[, global batch]); the global batch
+    # defaults to that micro-batch on every GPU of the largest node count
+    stages: list[tuple[int, ...]]
     gpu: str
     gpus_per_node: int
     price_per_gpu_hour: float
@@ -300,12 +302,16 @@ class SizeInputs:
     nodes: list[int]
     precision: str = "bf16"
     bench: dict | None = None  # a `scaletrain bench` results.json measured on this GPU type
-    comm: CommModel | None = None
+    comm: CommModel | None = None  # the inter-node link (given or a cross-node sweep)
     act_gib_per_image: tuple[float, int] | None = None  # (GiB, at resolution)
     assumed_mfu: float = 0.35
     assumed_baseline_gib: float = 1.5
     memory_headroom: float = 0.9  # plan to fill at most this fraction of the card
     precomputed: bool = False  # train on precomputed latents: no encoders on the GPUs
+    intra: CommModel | None = None  # the intra-node link (given or a one-node sweep)
+    eta: float | None = None  # overlap: fraction of compute time the network can use (None: measured/assumed)
+    measured: list[tuple[int, float, int, str | None]] = field(default_factory=list)  # (GPUs, img/s, res, engine)
+    plot: str | None = None  # PNG: img/s and scaling efficiency vs GPUs
 
 
 def _measured_solo(bench: dict | None, preset: str, res: int, engine: str, mb: int) -> float | None:
@@ -316,15 +322,81 @@ def _measured_solo(bench: dict | None, preset: str, res: int, engine: str, mb: i
     return None
 
 
+# Engines the scaling model adds as variants: the bench cells of their base engine give the compute.
+_COMPUTE_LIKE = {"hsdp": "fsdp", "zero3-hpz": "zero3", "zero3-offload": "zero3"}
+
+
+def _bench_points(bench: dict | None, preset: str, res: int, engine: str) -> list[tuple[int, float]]:
+    """(micro-batch, 1-rank step s) of the bench's cells for this preset, resolution and engine."""
+    want = {engine, _COMPUTE_LIKE.get(engine, engine)}
+    return [(c["micro_batch"], solo_basis(c)[0]) for c in (bench or {}).get("cells", [])
+            if c["status"] == "ok" and not c.get("search_probe") and c["world_size"] == 1
+            and c["preset"] == preset and c["resolution"] == res and c["engine"] in want]
+
+
+def _fabric(inp: SizeInputs, notes: list[str]):
+    from scaletrain.bench.scaling import TYPICAL_LINKS, Fabric, link
+
+    (intra_bw, intra_lat), (inter_bw, inter_lat) = TYPICAL_LINKS.get(inp.gpu, ((25.0, 3.0), (12.5, 6.0)))
+    intra = inp.intra or link(intra_bw, intra_lat, f"ASSUMED typical for {inp.gpu}: busbw {intra_bw} GB/s, "
+                                                   f"latency {intra_lat} us")
+    inter = inp.comm or link(inter_bw, inter_lat, f"DEFAULT, assumed typical for {inp.gpu}: busbw {inter_bw} GB/s "
+                                                  f"per GPU, latency {inter_lat} us (pass --busbw-gbps or --comm)")
+    notes.append(f"intra-node link: {intra.source}")
+    notes.append(f"inter-node link: {inter.source}")
+    return Fabric(intra, inter, inp.gpus_per_node)
+
+
+def _eta(inp: SizeInputs, fabric, notes: list[str]) -> float:
+    """Overlap efficiency: given, else fitted on the bench file's multi-rank cells against its own
+    sweep, else assumed."""
+    from scaletrain.bench.scaling import ASSUMED_ETA, Fabric, fit_eta, per_hop, step_comms
+
+    if inp.eta is not None:
+        notes.append(f"overlap: eta = {inp.eta:g} given (fraction of compute time the network can use)")
+        return inp.eta
+    bench = inp.bench or {}
+    cells = [c for c in bench.get("cells", []) if c["status"] == "ok" and not c.get("search_probe")]
+    solo = {(c["preset"], c["resolution"], c["engine"], c["micro_batch"]): c for c in cells if c["world_size"] == 1}
+    sweep = bench.get("comm")
+    if sweep and "error" not in sweep:
+        rows = []
+        for c in cells:
+            base = solo.get((c["preset"], c["resolution"], c["engine"], c["micro_batch"]))
+            if c["world_size"] > 1 and base is not None and c["engine"] in ENGINES:
+                measured_link = per_hop(comm_from_sweep(sweep, c["world_size"]), c["world_size"])
+                # the bench ran on one host: its sweep is that host's link
+                fab = Fabric(measured_link, measured_link, c["world_size"])
+                comms = step_comms(c["engine"], model_facts(c["preset"]), c.get("precision", "fp32"),
+                                   c["world_size"], c["world_size"])
+                rows.append((c["step_seconds"]["median"], solo_basis(base)[0], comms, fab, c["world_size"]))
+        eta = fit_eta(rows)
+        if eta is not None:
+            notes.append(f"overlap: eta = {eta:.2f} measured (fitted on {len(rows)} multi-rank bench cells "
+                         "against the bench's own collective sweep)")
+            return eta
+    notes.append(f"overlap: eta = {ASSUMED_ETA} ASSUMED (no multi-rank bench cells): the fraction of compute "
+                 "time during which collectives proceed")
+    return ASSUMED_ETA
+
+
 def size_report(inp: SizeInputs) -> str:
-    """Plain-text sizing: per stage and engine, memory per GPU, smallest node count that fits,
-    img/s, time and cost at each node count; then which inputs were measured and which assumed."""
+    """Plain-text sizing: per stage and engine, memory per GPU, the smallest node count that
+    fits, and at each node count (global batch fixed) the micro-batch x accumulation, img/s,
+    scaling efficiency, time and cost; then which inputs were measured and which assumed
+    (scaling model: scaletrain/bench/scaling.py)."""
     from scaletrain.bench.flops import gpu_peak_tflops, train_flops_per_image
+    from scaletrain.bench.scaling import (
+        SMALL_MICRO_EFFICIENCY, MicroTime, calibrate_link, fit_micro_time, plan_step, step_comms,
+    )
 
     facts = model_facts(inp.preset)
     gpu_mem = GPU_MEMORY_GIB.get(inp.gpu)
     if gpu_mem is None:
         raise ValueError(f"--gpu {inp.gpu!r} is unknown; choose from {', '.join(GPU_MEMORY_GIB)}")
+    unknown = [e for e in inp.engines if e not in ENGINES + ("hsdp", "zero3-hpz")]
+    if unknown:
+        raise ValueError(f"engine {unknown[0]!r} is unknown; choose from {', '.join(ENGINES + ('hsdp', 'zero3-hpz'))}")
     peak = gpu_peak_tflops(inp.gpu, inp.precision)
     notes: list[str] = [f"GPU {inp.gpu}: {gpu_mem} GiB (table), peak {peak[0]} TFLOP/s ({peak[1]}); "
                         f"plan to fill <= {inp.memory_headroom:.0%} of memory"]
@@ -343,54 +415,149 @@ def size_report(inp: SizeInputs) -> str:
     baselines = [c["baseline_gib"] for c in bench_cells if c["preset"] == inp.preset]
     base = max(baselines) if baselines else inp.assumed_baseline_gib
     notes.append(f"baseline (CUDA context, runtime): {base:.2f} GiB " + ("measured" if baselines else "assumed"))
-    comm = inp.comm or comm_given(25.0, 50.0, 0.0)
-    notes.append(f"communication: {comm.source}, overlap {comm.overlap:.0%} assumed"
-                 + ("" if inp.comm else " (DEFAULT, assumed: pass --busbw-gbps or --comm PREFLIGHT.json)"))
+    fabric = _fabric(inp, notes)
+    eta = _eta(inp, fabric, notes)
     notes.append(f"params: {facts.params / 1e6:.1f}M trainable, {facts.frozen / 1e6:.1f}M frozen (counted from the preset"
                  + ("; not on the GPUs: precomputed latents)" if inp.precomputed else
                     f", held in {inp.precision} on every GPU)"))
+    max_gpus = max(inp.nodes) * inp.gpus_per_node
+    stages = [(s[0], s[1], s[2], s[3] if len(s) > 3 and s[3] else s[2] * max_gpus) for s in inp.stages]
+
+    def micro_time(res: int, mb: int, engine: str) -> MicroTime:
+        points = _bench_points(inp.bench, inp.preset, res, engine)
+        if points:
+            return fit_micro_time(points, "measured (bench)")
+        ones = [m for m in inp.measured if m[0] == 1 and m[2] == res]
+        if ones:
+            return MicroTime(0.0, 1 / ones[0][1], f"measured (--measured 1:{ones[0][1]:g}@{res})")
+        per_image = train_flops_per_image(inp.preset, res) / (peak[0] * 1e12 * inp.assumed_mfu)
+        return MicroTime(0.0, per_image, f"assumed MFU {inp.assumed_mfu:.0%}")
+
+    # --measured points: one line each when they contradict the bench file; multi-GPU points
+    # calibrate the link they crossed (inside a node, or between nodes), taken at the stage's
+    # global batch (micro-batch and accumulation as the plan would choose them).
+    for gpus, ips, res, engine in inp.measured:
+        st = next((s for s in stages if s[0] == res), None)
+        if st is None:
+            raise ValueError(f"--measured {gpus}:{ips:g}@{res}: no stage at {res} px")
+        engine = engine or inp.engines[0]
+        same = [c for c in bench_cells if c["world_size"] == gpus and c["resolution"] == res
+                and c["preset"] == inp.preset and c["engine"] == engine and not c.get("search_probe")]
+        if same:
+            best = max(c["images_per_second"]["median"] for c in same)
+            if abs(ips / best - 1) > 0.25:
+                raise ValueError(f"--measured {gpus}:{ips:g}@{res} contradicts the bench file's {best:,.1f} img/s "
+                                 f"({engine}, {gpus} GPU(s), {res} px); drop one of the two")
+        if gpus > 1:
+            which = "intra" if gpus <= inp.gpus_per_node else "inter"
+            mt = micro_time(res, st[2], engine)
+            comms_of = lambda: step_comms(engine, facts, inp.precision, inp.gpus_per_node, gpus)  # noqa: E731
+
+            def ips_at(fab, mt=mt, st=st, gpus=gpus, comms_of=comms_of) -> float:
+                p = plan_step(gpus=gpus, global_batch=st[3], max_micro=st[2], micro_time=mt,
+                              comms=comms_of(), fabric=fab, eta=eta)
+                return p.images_per_second
+
+            fabric = calibrate_link(fabric, which, ips, ips_at)
+            notes.append(f"{which}-node link: {getattr(fabric, which).source} ({gpus}:{ips:g}@{res}, {engine})")
+
     lines = [f"scaletrain size: {inp.preset}, {inp.gpu} x{inp.gpus_per_node} per node, {inp.precision}, "
              f"${inp.price_per_gpu_hour}/GPU-hour", ""]
     total: dict[tuple[str, int], list[float]] = {}
-    for res, images, mb in inp.stages:
-        lines.append(f"stage {res} px, {images:,} images, micro-batch {mb} per GPU")
-        lines.append(f"  {'engine':<14}{'GiB/GPU @1 node':>16}{'min nodes':>10}  " + "".join(
-            f"{f'{n} node img/s':>15}{'hours':>8}{'$':>10}" for n in inp.nodes))
-        flops = train_flops_per_image(inp.preset, res) * mb
+    curves: dict[tuple[int, str], list[tuple[int, float, float]]] = {}
+    for res, images, mb, gb in stages:
+        lines.append(f"stage {res} px, {images:,} images, global batch {gb} (micro-batch <= {mb} per GPU)")
         for engine in inp.engines:
-            cell = {"preset": inp.preset, "resolution": res, "engine": engine, "micro_batch": mb, "precision": inp.precision,
-                    "precomputed": inp.precomputed}
-            def mem(nodes: int) -> float:
-                m = predict_memory_gib({**cell, "world_size": nodes * inp.gpus_per_node}, fit, base, host_is_device=False)
+            cell = {"preset": inp.preset, "resolution": res, "engine": engine, "micro_batch": mb,
+                    "precision": inp.precision, "precomputed": inp.precomputed}
+
+            def mem(nodes: int, micro: int, engine=engine, cell=cell) -> float:
+                world = nodes * inp.gpus_per_node
+                like = _COMPUTE_LIKE.get(engine, engine) if engine in ("hsdp", "zero3-hpz") else engine
+                c = {**cell, "engine": like, "micro_batch": micro, "world_size": world}
+                if engine == "hsdp":  # shards within a node only
+                    c["world_size"] = min(world, inp.gpus_per_node)
+                m = predict_memory_gib(c, fit, base, host_is_device=False)
                 if m is None:
-                    m = base + (state_bytes(engine, facts, nodes * inp.gpus_per_node, inp.precision, False)
-                                + frozen_bytes(cell, facts)) / 2**30
+                    m = base + (state_bytes(like, facts, c["world_size"], inp.precision, False)
+                                + frozen_bytes(c, facts)) / 2**30
+                if engine == "zero3-hpz":  # the per-node secondary parameter copy
+                    m += facts.params * (2 if inp.precision in ("bf16", "fp16") else 4) / min(world, inp.gpus_per_node) / 2**30
                 return m
-            min_nodes = next((n for n in range(1, 4097) if mem(n) <= inp.memory_headroom * gpu_mem), None)
-            solo = _measured_solo(inp.bench, inp.preset, res, engine, mb)
-            src = "measured"
-            if solo is None:
-                solo, src = flops / (peak[0] * 1e12 * inp.assumed_mfu), f"assumed MFU {inp.assumed_mfu:.0%}"
-            row = f"  {engine:<14}{mem(1):>16.1f}{min_nodes if min_nodes else '>4096':>10}  "
+
+            def fits(nodes: int) -> int | None:
+                """Largest micro-batch <= mb that fits at this node count."""
+                return next((m for m in range(mb, 0, -1) if mem(nodes, m) <= inp.memory_headroom * gpu_mem), None)
+
+            min_nodes = next((n for n in range(1, 4097) if fits(n)), None)
+            mt = micro_time(res, mb, engine)
+            lines.append(f"  {engine:<14}{mem(1, mb):>8.1f} GiB/GPU at 1 node (micro-batch {mb}); "
+                         + (f"fits from {min_nodes} node(s) at micro-batch {fits(min_nodes)}" if min_nodes
+                            else "no fit up to 4096 nodes")
+                         + f"; 1-GPU step {mt(mb):.3f} s at micro-batch {mb} ({mt.source})")
+            lines.append(f"    {'nodes':>5}{'GPUs':>6}{'micro x accum':>15}{'img/s':>11}{'scaling eff.':>14}"
+                         f"{'hours':>9}{'$':>11}")
+            small = None
             for n in inp.nodes:
                 world = n * inp.gpus_per_node
-                if min_nodes is None or n < min_nodes:
-                    row += f"{'no fit':>15}{'':>8}{'':>10}"
+                top = fits(n)
+                if top is None:
+                    lines.append(f"    {n:>5}{world:>6}{'no fit':>15}")
                     continue
-                step = solo + exposed_comm_seconds(engine, facts, world, comm, inp.precision)
-                ips = world * mb / step
+                p = plan_step(gpus=world, global_batch=gb, max_micro=top, micro_time=mt,
+                              comms=step_comms(engine, facts, inp.precision, inp.gpus_per_node, world),
+                              fabric=fabric, eta=eta)
+                if p is None:
+                    lines.append(f"    {n:>5}{world:>6}{'batch < GPUs':>15}")
+                    continue
+                ips = p.images_per_second
                 hours = images / ips / 3600
                 cost = hours * world * inp.price_per_gpu_hour
                 total.setdefault((engine, n), []).extend([hours, cost])
-                row += f"{ips:>15,.0f}{hours:>8.1f}{cost:>10,.0f}"
-            lines.append(row + f"   (1-GPU step {solo:.3f} s, {src})")
+                curves.setdefault((res, engine), []).append((world, ips, p.efficiency))
+                flag = " *" if mt.efficiency(p.micro) < SMALL_MICRO_EFFICIENCY * mt.efficiency(mb) else ""
+                if flag and small is None:
+                    small = (world, p.micro, mt.efficiency(p.micro) / mt.efficiency(mb))
+                lines.append(f"    {n:>5}{world:>6}{f'{p.micro} x {p.accum}':>15}{ips:>11,.0f}{p.efficiency:>13.0%}"
+                             f"{hours:>9.1f}{cost:>11,.0f}{flag}")
+            if small:
+                lines.append(f"    * from {small[0]} GPUs the micro-batch per GPU is {small[1]}: each GPU runs at "
+                             f"{small[2]:.0%} of its speed at micro-batch {mb} (fixed costs per step dominate)")
         lines.append("")
-    done = {k: v for k, v in total.items() if len(v) == 2 * len(inp.stages)}
+    done = {k: v for k, v in total.items() if len(v) == 2 * len(stages)}
     if done:
         lines.append("whole curriculum (all stages fit):")
         for (engine, n), v in sorted(done.items(), key=lambda kv: sum(kv[1][1::2])):
             lines.append(f"  {engine:<14}{n:>4} nodes: {sum(v[0::2]):8.1f} h  ${sum(v[1::2]):,.0f}")
         lines.append("")
+    if inp.plot:
+        _plot_scaling(curves, inp, inp.plot)
+        notes.append(f"plot: {inp.plot}")
     lines.append("inputs (measured vs assumed):")
     lines += [f"  - {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _plot_scaling(curves: dict, inp: SizeInputs, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: nodes and CI have no display
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for (res, engine), pts in sorted(curves.items()):
+        xs = [p[0] for p in pts]
+        ax1.plot(xs, [p[1] for p in pts], marker="o", label=f"{engine} @ {res} px")
+        ax2.plot(xs, [100 * p[2] for p in pts], marker="o", label=f"{engine} @ {res} px")
+    for ax, label in ((ax1, "images/s"), (ax2, "scaling efficiency (%)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    ax1.set_yscale("log")
+    ax2.set_ylim(0, 105)
+    ax1.legend(fontsize=7)
+    fig.suptitle(f"scaletrain size: {inp.preset} on {inp.gpu} x{inp.gpus_per_node} per node (global batch fixed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -80,12 +80,18 @@ def test_size_report_names_measured_and_assumed_inputs():
                                   act_gib_per_image=(0.11, 256)))
     assert "activations: given, 0.11 GiB per image at 256 px" in text
     assert "assumed MFU 35%" in text and "DEFAULT, assumed" in text and "whole curriculum" in text
-    # Activations that exceed one card under DDP (replicated) but fit once ZeRO-3 shards the states.
-    tight = size_report(SizeInputs(preset="unet-sd15", stages=[(1024, 1_000_000, 16)], gpu="L4", gpus_per_node=8,
-                                   price_per_gpu_hour=1.0, engines=["ddp", "zero3"], nodes=[1],
-                                   act_gib_per_image=(0.2, 1024)))
-    rows = {ln.split()[0]: ln for ln in tight.splitlines()[:6] if ln.startswith(("  ddp", "  zero3"))}
-    assert "no fit" in rows["ddp"] and "no fit" not in rows["zero3"]
+    # Under DDP (replicated states) the micro-batch shrinks to fit an L4 and accumulation keeps
+    # the global batch; ZeRO-3 shards the states and keeps micro-batch 16. With 3 GiB of
+    # activations per image DDP does not fit even one.
+    def rows(act: float) -> dict[str, str]:
+        text = size_report(SizeInputs(preset="unet-sd15", stages=[(1024, 1_000_000, 16)], gpu="L4", gpus_per_node=8,
+                                      price_per_gpu_hour=1.0, engines=["ddp", "zero3"], nodes=[1],
+                                      act_gib_per_image=(act, 1024)))
+        lines = text.splitlines()
+        return {ln.split()[0]: lines[i + 2] for i, ln in enumerate(lines) if "GiB/GPU" in ln}
+
+    assert rows(0.2)["ddp"].split()[2:5] == ["8", "x", "2"] and rows(0.2)["zero3"].split()[2:5] == ["16", "x", "1"]
+    assert "no fit" in rows(3.0)["ddp"] and "no fit" not in rows(3.0)["zero3"]
 
 
 def _results() -> dict:

@@ -1,0 +1,267 @@
+"""How a training step's time grows with the GPU count: the part of ``scaletrain size`` that
+says what N nodes buy (equations: benchmarks/README.md, "Scaling with N").
+
+- **Two links.** A ``Fabric`` holds an intra-node and an inter-node link (latency and bus
+  bandwidth per collective, the nccl-tests convention, latency per ring hop) and the GPUs per
+  node g. Collectives are hierarchical, as NCCL runs them across nodes: an all-reduce of B
+  bytes over n nodes x g GPUs is a reduce-scatter and an all-gather inside each node (B (g-1)/g
+  each over the intra link, g-1 hops each) around an all-reduce across nodes of each GPU's
+  B/g (2 (n-1)/n over the inter link, 2 (n-1) hops, every GPU on its own share of the NICs);
+  an all-gather or reduce-scatter is the intra step on B plus the inter step on B/g. On one
+  node this is the flat ring; with one GPU per node, the flat ring over the inter link. Rings
+  make latency grow with the ring size, which is what favours HSDP and hpZ at many nodes:
+  their per-micro-batch gathers run on rings of g, not of n x g.
+- **Per engine and variant**, the collectives of one step (``step_comms``): per micro-batch
+  parameter gathers (FSDP2, ZeRO-3: prefetched, so they overlap compute), per-step gradient
+  reduction (overlapping the last micro-batch's backward), and what cannot overlap (the
+  grad-norm all-reduce, ZeRO-1/2's parameter all-gather after the optimizer step). HSDP
+  shards inside a node and all-reduces the shards across nodes; ZeRO++ hpZ keeps a secondary
+  parameter copy per node, so backward gathers stay on the intra link.
+- **Overlap from measured times**, not an assumed fraction: a collective hides behind the
+  compute it can run under (the micro-batch's compute for prefetched gathers, the backward,
+  2/3 of it, for gradient reduction), scaled by eta, the fraction of that compute time during
+  which the network can actually move data; the first gather and the last reduction of each
+  pass are never hidden. eta is fitted from multi-rank cells of a bench file (their measured
+  step times against the model), else assumed (stated in the report).
+- **Fixed global batch.** The recipe's global batch B stays fixed as N grows: each GPU takes
+  B/N samples a step, as the largest micro-batch that divides it and fits, times accumulation.
+  Per-GPU speed depends on the micro-batch (``MicroTime``: t(m) = a + b m, fitted from bench
+  cells at several micro-batches), so the report says where the micro-batch gets too small.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, replace
+
+from scaletrain.bench.sizing import DDP_BUCKET_BYTES, DS_BUCKET_ELEMS, CommModel, ModelFacts
+
+OPS = ("all_reduce", "all_gather", "reduce_scatter")
+# Typical links per GPU type (busbw GB/s, latency per ring hop us), used only where nothing was
+# measured or given, and reported as assumed: NVLink/NVSwitch inside a node (nccl-tests
+# all-reduce busbw on 8 GPUs; small messages ~1-2 us per hop), one InfiniBand NIC per GPU
+# between nodes (NDR 400 Gb/s ~ 40 GB/s achieved, HDR 200 Gb/s ~ 20; a few us per hop); PCIe
+# cards without NVLink share the host's links.
+TYPICAL_LINKS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "H100": ((360.0, 1.5), (40.0, 4.0)), "H200": ((360.0, 1.5), (40.0, 4.0)),
+    "B200": ((700.0, 1.5), (80.0, 4.0)), "A100": ((230.0, 2.0), (20.0, 5.0)),
+    "A100-40GB": ((230.0, 2.0), (20.0, 5.0)), "H100 PCIe": ((25.0, 3.0), (20.0, 5.0)),
+    "L40S": ((20.0, 3.0), (10.0, 6.0)), "L4": ((20.0, 3.0), (10.0, 6.0)), "A10": ((20.0, 3.0), (10.0, 6.0)),
+}
+ASSUMED_ETA = 0.8  # GPUs: NCCL runs on its own SMs and streams; used only without a measurement
+SMALL_MICRO_EFFICIENCY = 0.8  # below this per-GPU efficiency the report flags the micro-batch
+
+
+def link(busbw_gbps: float, latency_us: float, source: str) -> CommModel:
+    """A link from its bus bandwidth and its latency per ring hop (the small-message time of a
+    2-GPU all-gather)."""
+    return CommModel({o: latency_us * 1e-6 for o in OPS}, {o: busbw_gbps * 1e9 for o in OPS}, source)
+
+
+def per_hop(comm: CommModel, world: int) -> CommModel:
+    """A sweep fitted at ``world`` ranks (``sizing.comm_from_sweep``: latency per call there)
+    as a link with latency per ring hop, which the Fabric scales to any ring size."""
+    hops = {o: max(1, (2 if o == "all_reduce" else 1) * (world - 1)) for o in OPS}
+    return CommModel({o: comm.latency[o] / hops[o] for o in OPS}, dict(comm.busbw), comm.source, comm.overlap)
+
+
+@dataclass(frozen=True)
+class Fabric:
+    intra: CommModel
+    inter: CommModel
+    gpus_per_node: int
+
+    def split(self, world: int) -> tuple[int, int]:
+        """(nodes, GPUs per node) of ``world`` GPUs, filling nodes first."""
+        g = max(1, min(self.gpus_per_node, world))
+        return math.ceil(world / g), g
+
+    def time(self, op: str, nbytes: float, world: int, scope: str = "global", calls: int = 1) -> float:
+        """Seconds for ``calls`` collectives moving ``nbytes`` in all (the full tensor size, as
+        nccl-tests counts it). scope: global (all GPUs), intra (each node's GPUs only), inter
+        (one GPU per node, ``nbytes`` per GPU: HSDP's replica all-reduce)."""
+        n, g = self.split(world)
+        if scope == "intra":
+            n = 1
+        elif scope == "inter":
+            g = 1
+        t = 0.0
+        steps = 2 if op == "all_reduce" else 1  # all-reduce inside a node = reduce-scatter + all-gather
+        if g > 1:  # a ring of g: g-1 hops, each paying the link's per-hop latency
+            t += steps * (calls * (g - 1) * self.intra.latency[op] + nbytes * (g - 1) / g / self.intra.busbw[op])
+        if n > 1:
+            t += steps * calls * (n - 1) * self.inter.latency[op] + nbytes / g * steps * (n - 1) / n / self.inter.busbw[op]
+        return t
+
+
+@dataclass(frozen=True)
+class Comm:
+    op: str
+    nbytes: float
+    calls: int
+    scope: str  # global | intra | inter
+    kind: str  # gather (per micro-batch, prefetched) | grad (per step, under backward) | tail (exposed)
+
+
+def step_comms(engine: str, facts: ModelFacts, precision: str, gpus_per_node: int, world: int) -> list[Comm]:
+    """The collectives of one optimizer step of ``engine`` (``sizing.ENGINES`` plus the
+    variants ``hsdp`` and ``zero3-hpz``)."""
+    P, w = facts.params, 2 if precision in ("bf16", "fp16") else 4
+    g = max(1, min(gpus_per_node, world))
+    norm = Comm("all_reduce", 8, 1, "global", "tail")
+    if engine == "ddp":  # fp32 gradient buckets, all-reduced under backward
+        return [Comm("all_reduce", 4 * P, 1 + math.ceil(4 * P / DDP_BUCKET_BYTES), "global", "grad"), norm]
+    u = facts.fsdp_units
+    if engine == "fsdp":  # gather each unit in forward and again in backward; fp32 grads reduce-scattered
+        return [Comm("all_gather", 2 * w * P, 2 * u, "global", "gather"),
+                Comm("reduce_scatter", 4 * P, u, "global", "grad"), norm]
+    if engine == "hsdp":  # FSDP2 on a (replicas x node) mesh: shards inside a node, replicas across nodes
+        return [Comm("all_gather", 2 * w * P, 2 * u, "intra", "gather"),
+                Comm("reduce_scatter", 4 * P, u, "intra", "grad"),
+                Comm("all_reduce", 4 * P / g, u, "inter", "grad"), norm]
+    if engine in ("zero1", "zero2"):
+        n = math.ceil(P / DS_BUCKET_ELEMS)
+        # ZeRO-2 reduces buckets during backward (overlap_comm); ZeRO-1 at the step boundary.
+        grad_kind = "grad" if engine == "zero2" else "tail"
+        return [Comm("reduce_scatter", 4 * P, n, "global", grad_kind), Comm("all_gather", w * P, n, "global", "tail"),
+                norm]
+    m = facts.param_modules  # ZeRO-3 fetches per module that owns parameters
+    if engine in ("zero3", "zero3-offload"):
+        return [Comm("all_gather", 2 * w * P, 2 * m, "global", "gather"),
+                Comm("reduce_scatter", 4 * P, m, "global", "grad"), norm]
+    if engine == "zero3-hpz":  # forward gathers the primary shards; backward the per-node secondary copy
+        return [Comm("all_gather", w * P, m, "global", "gather"), Comm("all_gather", w * P, m, "intra", "gather"),
+                Comm("reduce_scatter", 4 * P, m, "global", "grad"), norm]
+    raise ValueError(f"engine {engine!r} is unknown to the scaling model")
+
+
+@dataclass(frozen=True)
+class MicroTime:
+    """Seconds of one micro-batch's forward + backward on one GPU, t(m) = fixed + per_image x m
+    (optimizer step included in ``fixed``), and where that came from."""
+
+    fixed: float
+    per_image: float
+    source: str
+
+    def __call__(self, micro: int) -> float:
+        return self.fixed + self.per_image * micro
+
+    def efficiency(self, micro: int) -> float:
+        """Images/s per GPU at ``micro`` relative to a very large micro-batch."""
+        return self.per_image * micro / self(micro)
+
+
+def fit_micro_time(points: list[tuple[int, float]], source: str) -> MicroTime:
+    """From (micro-batch, step seconds) of 1-GPU cells: a line through two or more points (a
+    negative intercept from noise is clipped to 0), else proportional through one."""
+    if len({m for m, _ in points}) >= 2:
+        slope, icept = statistics.linear_regression([float(m) for m, _ in points], [t for _, t in points])
+        if slope > 0:
+            if icept < 0:
+                slope, icept = sum(t for _, t in points) / sum(m for m, _ in points), 0.0
+            return MicroTime(icept, slope, f"{source}, fitted over micro-batches {sorted({m for m, _ in points})}")
+    m, t = max(points)
+    return MicroTime(0.0, t / m, f"{source}, one micro-batch ({m}): time taken proportional to it")
+
+
+def exposed(comms: list[Comm], fabric: Fabric, world: int, t_micro: float,
+            eta: float) -> tuple[float, float, float, float]:
+    """For ``comms`` under ``eta`` overlap (module doc): (exposed seconds per micro-batch,
+    exposed seconds per step, gather seconds per micro-batch, other comm seconds per step)."""
+    per_micro = per_step = gathers = others = 0.0
+    for kind, window in (("gather", t_micro), ("grad", 2 / 3 * t_micro), ("tail", 0.0)):
+        mine = [c for c in comms if c.kind == kind]
+        t = sum(fabric.time(c.op, c.nbytes, world, c.scope, c.calls) for c in mine)
+        if not mine or t == 0.0:
+            continue
+        # one call of the pass is always exposed: the first gather, the last reduction
+        unhidden = max(fabric.time(c.op, c.nbytes / c.calls, world, c.scope) for c in mine)
+        left = max(t - eta * window, min(t, unhidden)) if kind != "tail" else t
+        if kind == "gather":
+            per_micro, gathers = per_micro + left, gathers + t
+        else:
+            per_step, others = per_step + left, others + t
+    return per_micro, per_step, gathers, others
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    gpus: int
+    micro: int
+    accum: int
+    global_batch: int
+    step_seconds: float
+    comm_seconds: float  # all collectives of the step, hidden or not
+    exposed_seconds: float
+    images_per_second: float
+    efficiency: float  # vs one GPU at the largest micro-batch, no communication
+
+
+def plan_step(*, gpus: int, global_batch: int, max_micro: int, micro_time: MicroTime, comms: list[Comm],
+              fabric: Fabric, eta: float) -> StepPlan | None:
+    """Largest micro-batch <= ``max_micro`` dividing the per-GPU share of ``global_batch``, the
+    accumulation it needs, and the step time; None when the batch is smaller than the GPUs."""
+    per_gpu = global_batch // gpus
+    if per_gpu < 1:
+        return None
+    micro = max(d for d in range(1, min(max_micro, per_gpu) + 1) if per_gpu % d == 0)
+    accum = per_gpu // micro
+    t = micro_time(micro)
+    per_micro, per_step, gathers, others = exposed(comms, fabric, gpus, t, eta)
+    step = accum * (t + per_micro) + per_step
+    ips = per_gpu * gpus / step
+    ideal = max_micro / micro_time(max_micro)
+    return StepPlan(gpus, micro, accum, per_gpu * gpus, step, accum * gathers + others,
+                    accum * per_micro + per_step, ips, ips / (gpus * ideal))
+
+
+def fit_eta(cells: list[tuple[float, float, list[Comm], Fabric, int]]) -> float | None:
+    """eta from measured multi-rank cells, each (measured step s, 1-rank step s at the same
+    micro-batch, comms, fabric, world): the eta whose predicted step is closest, per cell
+    (bisection: exposure falls as eta grows), then the median."""
+    etas = []
+    for measured, solo, comms, fabric, world in cells:
+        target = measured - solo
+        lo, hi = 0.0, 1.0
+        def f(e: float) -> float:
+            return sum(exposed(comms, fabric, world, solo, e)[:2]) - target
+
+        if f(0.0) <= 0:
+            etas.append(0.0)
+            continue
+        if f(1.0) >= 0:
+            etas.append(1.0)
+            continue
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+        etas.append((lo + hi) / 2)
+    return statistics.median(etas) if etas else None
+
+
+def calibrate_link(fabric: Fabric, which: str, target_ips: float, ips_at) -> Fabric:
+    """Scale one link's bandwidth (``which``: intra | inter) so that ``ips_at(fabric)`` equals a
+    measured img/s (bisection on a log scale; the prediction rises with bandwidth)."""
+    base = getattr(fabric, which)
+
+    def scaled(k: float) -> Fabric:
+        bw = {op: v * k for op, v in base.busbw.items()}
+        return replace(fabric, **{which: CommModel(base.latency, bw, base.source, base.overlap)})
+
+    lo, hi = -12.0, 12.0  # log2 of the factor
+    if ips_at(scaled(2 ** hi)) < target_ips:
+        raise ValueError(f"a measured {target_ips:,.0f} img/s is above what any {which}-node bandwidth gives "
+                         "with this compute time; check the point or the 1-GPU speed")
+    if ips_at(scaled(2 ** lo)) > target_ips:
+        raise ValueError(f"a measured {target_ips:,.0f} img/s is below what even a very slow {which}-node link "
+                         "gives with this compute time; check the point or the 1-GPU speed")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ips_at(scaled(2 ** mid)) < target_ips else (lo, mid)
+    k = 2 ** ((lo + hi) / 2)
+    out = scaled(k)
+    busbw = getattr(out, which).busbw["all_reduce"] / 1e9
+    src = f"calibrated from --measured: {busbw:.3g} GB/s busbw ({k:.3g} x {base.source})"
+    return replace(out, **{which: replace(getattr(out, which), source=src)})

@@ -1,0 +1,171 @@
+"""The N-scaling part of the sizing model (scaletrain/bench/scaling.py): hierarchical
+collectives over two links, the fixed-global-batch plan, overlap, and calibration from a
+measured point; and `scaletrain size` with them (flags, one-line errors, the plot)."""
+
+from __future__ import annotations
+
+import pytest
+
+from scaletrain.bench.scaling import (
+    Comm, Fabric, MicroTime, calibrate_link, exposed, fit_eta, fit_micro_time, link, plan_step, step_comms,
+)
+from scaletrain.bench.sizing import SizeInputs, model_facts, size_report
+
+INTRA, INTER = link(100.0, 10.0, "intra"), link(10.0, 30.0, "inter")
+
+
+def test_collectives_on_one_node_are_the_flat_ring_and_across_nodes_hierarchical() -> None:
+    B = 1e9
+    fab = Fabric(INTRA, INTER, 8)
+    # one node of 8: reduce-scatter + all-gather, 2 x (g-1)/g x B over the intra link
+    # (latency per ring hop: 10 us inside a node, 30 us between nodes)
+    assert fab.time("all_reduce", B, 8) == pytest.approx(2 * (7 * 10e-6 + B * 7 / 8 / 100e9))
+    # 4 nodes x 8: the intra steps on B plus an inter all-reduce of each GPU's B/8 (2 x 3 hops)
+    assert fab.time("all_reduce", B, 32) == pytest.approx(2 * (7 * 10e-6 + B * 7 / 8 / 100e9)
+                                                          + 6 * 30e-6 + B / 8 * 2 * 3 / 4 / 10e9)
+    assert fab.time("all_gather", B, 32) == pytest.approx(7 * 10e-6 + B * 7 / 8 / 100e9
+                                                          + 3 * 30e-6 + B / 8 * 3 / 4 / 10e9)
+    # one GPU per node: the flat ring over the inter link
+    assert Fabric(INTRA, INTER, 1).time("all_reduce", B, 2) == pytest.approx(2 * 30e-6 + B * 1 / 10e9)
+    # scopes: HSDP's shard group stays inside a node; its replica all-reduce crosses nodes only
+    assert fab.time("all_gather", B, 32, "intra") == pytest.approx(7 * 10e-6 + B * 7 / 8 / 100e9)
+    assert fab.time("all_reduce", B, 32, "inter") == pytest.approx(6 * 30e-6 + B * 2 * 3 / 4 / 10e9)
+    assert fab.time("all_reduce", B, 8, calls=5) == pytest.approx(2 * (5 * 7 * 10e-6 + B * 7 / 8 / 100e9))
+
+
+def test_hsdp_and_hpz_move_less_over_the_slow_link() -> None:
+    facts = model_facts("unet-sd2")
+    fab = Fabric(INTRA, INTER, 8)
+
+    def inter_seconds(engine: str) -> float:
+        comms = step_comms(engine, facts, "bf16", 8, 64)
+        full = sum(fab.time(c.op, c.nbytes, 64, c.scope, c.calls) for c in comms)
+        intra_only = sum(Fabric(INTRA, link(1e9, 0.0, "free"), 8).time(c.op, c.nbytes, 64, c.scope, c.calls)
+                         for c in comms)
+        return full - intra_only
+
+    # HSDP sends as many bytes across nodes as FSDP (a gradient all-reduce of each shard instead
+    # of inter-node gathers and reduce-scatters) but none of its per-micro-batch parameter
+    # gathers: those run on rings of 8, not of all GPUs, so where latency dominates (a small
+    # model on 512 GPUs) less is exposed.
+    assert inter_seconds("hsdp") == pytest.approx(inter_seconds("fsdp"), rel=0.05)
+    assert all(c.scope == "intra" for c in step_comms("hsdp", facts, "bf16", 8, 64) if c.kind == "gather")
+    tiny = model_facts("unet-tiny")
+
+    def exposed_at(engine: str) -> float:
+        return sum(exposed(step_comms(engine, tiny, "bf16", 8, 512), fab, 512, 0.01, 0.8)[:2])
+
+    assert exposed_at("hsdp") < 0.9 * exposed_at("fsdp")
+    # hpZ: backward gathers come from the per-node copy
+    assert inter_seconds("zero3-hpz") < 0.8 * inter_seconds("zero3")
+    with pytest.raises(ValueError, match="unknown to the scaling model"):
+        step_comms("megatron", facts, "bf16", 8, 8)
+
+
+def test_global_batch_stays_fixed_and_the_micro_batch_follows() -> None:
+    mt = MicroTime(0.02, 0.01, "test")
+    comms: list[Comm] = []  # compute only: what the batch plan alone does
+    fab = Fabric(INTRA, INTER, 8)
+    plans = {g: plan_step(gpus=g, global_batch=512, max_micro=16, micro_time=mt, comms=comms, fabric=fab, eta=1.0)
+             for g in (8, 16, 32, 64, 128)}
+    assert [(p.micro, p.accum, p.global_batch) for p in plans.values()] == [
+        (16, 4, 512), (16, 2, 512), (16, 1, 512), (8, 1, 512), (4, 1, 512)]
+    # a smaller micro-batch pays the fixed cost on fewer images: per-GPU efficiency falls
+    assert plans[32].efficiency > 0.99 and plans[128].efficiency < plans[64].efficiency < 0.95
+    assert plans[128].efficiency == pytest.approx(mt.efficiency(4) / mt.efficiency(16), rel=1e-3)
+    assert plan_step(gpus=1024, global_batch=512, max_micro=16, micro_time=mt, comms=comms, fabric=fab,
+                     eta=1.0) is None
+
+
+def test_overlap_hides_up_to_the_compute_window_never_the_first_and_last_calls() -> None:
+    fab = Fabric(INTRA, INTER, 8)
+    grad = [Comm("all_reduce", 4e9, 10, "global", "grad")]
+    t_comm = fab.time("all_reduce", 4e9, 64, calls=10)
+    one_call = fab.time("all_reduce", 4e9 / 10, 64)
+    assert exposed(grad, fab, 64, 1.0, 0.0)[1] == pytest.approx(t_comm)  # eta 0: all of it
+    big = exposed(grad, fab, 64, 100.0, 1.0)[1]  # a long backward hides all but the last bucket
+    assert big == pytest.approx(one_call)
+    mid = exposed(grad, fab, 64, 0.3, 0.8)[1]
+    assert mid == pytest.approx(max(t_comm - 0.8 * 0.2, one_call))
+
+
+def test_eta_fitted_back_from_cells_the_model_made() -> None:
+    facts = model_facts("unet-tiny")
+    slow = link(0.2, 50.0, "slow")  # comm comparable to compute, so eta shows in the step time
+    fab = Fabric(slow, slow, 2)
+    rows = []
+    for solo in (0.01, 0.02, 0.05):
+        comms = step_comms("fsdp", facts, "fp32", 2, 2)
+        measured = solo + sum(exposed(comms, fab, 2, solo, 0.37)[:2])
+        rows.append((measured, solo, comms, fab, 2))
+    assert fit_eta(rows) == pytest.approx(0.37, abs=1e-3)
+    assert fit_eta([]) is None
+
+
+def test_a_measured_point_calibrates_the_link_it_crossed() -> None:
+    facts = model_facts("unet-sd2")
+    mt = MicroTime(0.0, 0.01, "test")
+    truth = Fabric(INTRA, link(7.0, 30.0, "truth"), 8)
+
+    def ips(fab: Fabric) -> float:
+        return plan_step(gpus=32, global_batch=32 * 8, max_micro=8, micro_time=mt,
+                         comms=step_comms("ddp", facts, "bf16", 8, 32), fabric=fab, eta=0.5).images_per_second
+
+    got = calibrate_link(Fabric(INTRA, INTER, 8), "inter", ips(truth), ips)
+    assert got.inter.busbw["all_reduce"] == pytest.approx(7e9, rel=1e-3)
+    assert "calibrated from --measured" in got.inter.source
+    with pytest.raises(ValueError, match="above what any inter-node bandwidth gives"):
+        calibrate_link(Fabric(INTRA, INTER, 8), "inter", 10 * ips(truth), ips)
+
+
+def test_micro_time_fit() -> None:
+    mt = fit_micro_time([(4, 0.06), (8, 0.1), (16, 0.18)], "bench")
+    assert (mt.fixed, mt.per_image) == pytest.approx((0.02, 0.01))
+    assert mt.efficiency(4) == pytest.approx(0.04 / 0.06)
+    one = fit_micro_time([(8, 0.1)], "bench")
+    assert (one.fixed, one.per_image) == (0.0, 0.1 / 8) and "one micro-batch" in one.source
+
+
+def _bench(ips_1gpu: float) -> dict:
+    cells = [{"preset": "unet-sd2", "resolution": 256, "engine": "ddp", "micro_batch": m, "world_size": 1,
+              "status": "ok", "baseline_gib": 1.0, "peak_memory_gib": 30.0 + m, "precision": "bf16",
+              "step_seconds": {"median": m / ips_1gpu}, "images_per_second": {"median": ips_1gpu}}
+             for m in (8, 16)]
+    return {"hardware": {"gpus": ["H100"]}, "cells": cells}
+
+
+def test_size_report_with_measured_points_and_a_plot(tmp_path) -> None:
+    stages = [(256, 10_000_000, 16, 1024)]
+    base = dict(preset="unet-sd2", stages=stages, gpu="H100", gpus_per_node=8, price_per_gpu_hour=2.0,
+                engines=["ddp"], nodes=[1, 4, 16], act_gib_per_image=(0.2, 256))
+    text = size_report(SizeInputs(**base, measured=[(1, 400.0, 256, None), (32, 8000.0, 256, None)],
+                                  plot=str(tmp_path / "scaling.png")))
+    assert "micro x accum" in text and "scaling eff." in text and "global batch 1024" in text
+    assert "measured (--measured 1:400@256)" in text
+    assert "inter-node link: calibrated from --measured" in text and "(32:8000@256, ddp)" in text
+    row4 = next(ln for ln in text.splitlines() if ln.split()[:2] == ["4", "32"])
+    assert float(row4.split()[5].replace(",", "")) == pytest.approx(8000, rel=1e-3)  # reproduces the point
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match=r"--measured 1:900@256 contradicts the bench file's 400.0 img/s \(ddp, "
+                                         r"1 GPU\(s\), 256 px\); drop one of the two"):
+        size_report(SizeInputs(**base, bench=_bench(400.0), measured=[(1, 900.0, 256, None)]))
+    with pytest.raises(ValueError, match="--measured 8:100@512: no stage at 512 px"):
+        size_report(SizeInputs(**base, measured=[(8, 100.0, 512, None)]))
+
+
+def test_size_command_flags_and_one_line_errors(capsys) -> None:
+    from scaletrain.cli import main
+
+    args = ["size", "--preset", "unet-sd2", "--stage", "256:1000000:16:512", "--price", "2", "--nodes", "1", "2",
+            "--engines", "fsdp", "hsdp", "--act-gib-per-image", "0.2@256", "--intra-busbw-gbps", "300",
+            "--inter-busbw-gbps", "25", "--eta", "0.5"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "intra-node link: given: busbw 300.0 GB/s" in out and "inter-node link: given: busbw 25.0 GB/s" in out
+    assert "eta = 0.5 given" in out
+    for extra, fragment in [(["--measured", "8:fast@256"], "--measured '8:fast@256' is not GPUS:IMG_S@RES[:ENGINE]"),
+                            (["--stage", "256:1:2:3:4"], "is not RES:IMAGES[:MICRO[:GLOBAL]]"),
+                            (["--engines", "zero4"], "engine 'zero4' is unknown")]:
+        assert main(args + extra) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], lines
