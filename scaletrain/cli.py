@@ -246,6 +246,10 @@ def _ckpt(args: argparse.Namespace) -> int:
             from scaletrain.checkpoint.export import export_lora
 
             out, weights, layout = export_lora(args.src, args.out, use_ema=not args.raw, with_base=args.with_base)
+        elif args.pipeline:
+            from scaletrain.checkpoint.export import export_pipeline
+
+            out, weights, pipeline = export_pipeline(args.src, args.out, use_ema=not args.raw)
         else:
             out, weights, scheduler = export_diffusers(args.src, args.out, use_ema=not args.raw)
     except (ValueError, CheckpointLoadError) as e:
@@ -255,6 +259,9 @@ def _ckpt(args: argparse.Namespace) -> int:
     if args.ckpt_cmd == "export-lora":
         base = f", base model in {out / 'base'}" if args.with_base else ""
         print(f"exported LoRA adapter ({layout} layout, {which}) to {out}{base}")
+        return 0
+    if args.pipeline:
+        print(f"exported {pipeline} to {out} ({which}): DiffusionPipeline.from_pretrained({str(out)!r}) loads it")
         return 0
     sampler = (f"; sample it with its {scheduler} in {out / 'scheduler'}" if scheduler else
                "; the checkpoint does not record its objective, so no scheduler was written")
@@ -337,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("src", help="run folder (latest complete checkpoint) or checkpoints/step-N")
     ex.add_argument("out", help="output folder")
     ex.add_argument("--raw", action="store_true", help="export the raw weights even when the checkpoint holds an EMA")
+    ex.add_argument("--pipeline", action="store_true",
+                    help="write a whole diffusers pipeline (model_index.json, denoiser, VAE, text encoder, tokenizer, "
+                         "scheduler) that DiffusionPipeline.from_pretrained loads (latent UNet presets)")
     el = ck.add_parser("export-lora", help="write a LoRA run's adapter as safetensors (UNet: diffusers "
                        "load_lora_weights layout; DiT: peft adapter folder)")
     el.add_argument("src", help="LoRA run folder (latest complete checkpoint) or checkpoints/step-N")

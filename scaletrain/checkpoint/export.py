@@ -94,6 +94,52 @@ def export_diffusers(src: str | Path, out: str | Path, *, use_ema: bool = True) 
 SCHEDULER_DIR = "scheduler"  # beside the model's config.json, as in a pipeline folder
 
 
+def export_pipeline(src: str | Path, out: str | Path, *, use_ema: bool = True) -> tuple[Path, str, str]:
+    """Write a whole diffusers pipeline folder (``model_index.json``, the trained denoiser, the
+    run's frozen VAE, text encoder and tokenizer, the objective's scheduler) that
+    ``DiffusionPipeline.from_pretrained`` loads and samples from with no scaletrain import.
+    The frozen parts are rebuilt as the run built them (its ``model.text_encoder_path`` /
+    ``model.vae_path`` folders, else the random init from its seed), in fp32; the tokenizer
+    pads to the preset's text length. Returns (folder, "ema" | "raw", pipeline class)."""
+    import diffusers
+
+    from scaletrain.models import build_denoiser_net, build_model, get_preset
+    from scaletrain.models.registry import get_family
+
+    info = resolve_checkpoint(src)
+    preset = get_preset(checkpoint_preset(info))
+    family = get_family(preset.family)
+    if family.pipeline_class is None:
+        raise ValueError(f"--pipeline: {preset.name} is a {family.name} model: {family.pipeline_refusal}")
+    if not preset.latent:
+        raise ValueError(f"--pipeline: {preset.name} runs in pixel space (no VAE), which no diffusers text-to-image "
+                         "pipeline does; export the denoiser alone (without --pipeline) or train a latent preset")
+    state = trainer_state(info)
+    encoders, objective = state.get("encoders"), checkpoint_objective(info)
+    if encoders is None or objective is None:
+        raise ValueError(f"--pipeline: {info.path} predates the record of its objective and frozen encoders in the "
+                         "trainer state; export the denoiser alone (without --pipeline)")
+    weights, which = denoiser_state_dict(info, use_ema=use_ema)
+    from scaletrain.models.lora import has_lora_keys
+
+    if state.get("lora") or has_lora_keys(weights):
+        raise ValueError(f"{info.path} holds LoRA adapters; export them with `scaletrain ckpt export-lora {src} OUT "
+                         "--with-base`")
+    net = build_denoiser_net(preset)
+    net.load_state_dict({k.removeprefix("net."): v for k, v in weights.items() if k.startswith("net.")}, strict=True)
+    model = build_model(preset, text_encoder_path=encoders["text_encoder_path"], vae_path=encoders["vae_path"],
+                        encoder_seed=encoders["seed"])
+    tokenizer = model.tokenizer
+    tokenizer.model_max_length = preset.max_text_len  # pipelines pad prompts to this, as training did
+    scheduler = getattr(diffusers, objective.scheduler_class).from_config(objective.scheduler_config())
+    pipe = getattr(diffusers, family.pipeline_class)(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        **{family.pipeline_denoiser: net}, **family.pipeline_extras)
+    out = Path(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out, which, family.pipeline_class
+
+
 def checkpoint_objective(info: CheckpointInfo):
     """The objective (``diffusion.Objective``, with the last stage's keys) a checkpoint was
     trained with, or None when its trainer state predates the record."""

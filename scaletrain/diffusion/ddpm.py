@@ -83,7 +83,9 @@ class DDPMObjective(Objective):
 
     def scheduler_config(self) -> dict[str, Any]:
         config = {k: v for k, v in dict(self.noise_scheduler.config).items() if not k.startswith("_")}
-        return {**config, "prediction_type": self.config.prediction_type}
+        # steps_offset 1: the Stable Diffusion convention, which diffusers' SD pipelines impose on
+        # any scheduler they load (so an exported pipeline samples exactly as scaletrain does)
+        return {**config, "prediction_type": self.config.prediction_type, "steps_offset": 1}
 
     def describe(self) -> str:
         snr = f"min-SNR-{self.config.min_snr_gamma:g}" if self.config.snr_weighting else "no SNR weighting"

@@ -34,6 +34,13 @@ class ModelFamily(ABC):
     # exported in, and its key prefix ("unet" / "transformer"); None: peft's own layout.
     lora_loader: ClassVar[str | None] = None
     lora_prefix: ClassVar[str] = "transformer"
+    # `ckpt export --pipeline`: the diffusers pipeline class a latent preset of this family is
+    # written as, the name of its denoiser component, and the pipeline's other arguments;
+    # None: the family has none, and ``pipeline_refusal`` says why.
+    pipeline_class: ClassVar[str | None] = None
+    pipeline_denoiser: ClassVar[str] = "transformer"
+    pipeline_extras: ClassVar[dict[str, Any]] = {}
+    pipeline_refusal: ClassVar[str] = "scaletrain writes no diffusers pipeline for this family"
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         """The bare diffusers network, random init (seed torch first)."""

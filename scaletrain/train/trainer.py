@@ -517,6 +517,9 @@ class Trainer:
             # what `ckpt export` writes the scheduler from, and what a DPO reference is checked
             # against: the current (at the end: the last) stage's objective
             "objective": {"name": self.objective.name, "params": self.objective.params.model_dump(mode="json")},
+            # what `ckpt export --pipeline` rebuilds the frozen text encoder and VAE from
+            "encoders": {"text_encoder_path": self.cfg.model.text_encoder_path, "vae_path": self.cfg.model.vae_path,
+                         "seed": self.cfg.run.seed},
         }
 
     def restore(self, state: dict) -> None:

@@ -9,6 +9,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import run_cmd, shard_pattern
 from tests.distributed.util import free_port, read_metrics
@@ -50,6 +51,7 @@ def runs(synth_shards, tmp_path_factory):
                                      *_sets(f"data.shards={shards}", f"run.dir={run_dir}", *engine)))
             assert proc.returncode == 0, proc.stderr[-3000:]
             out[name, path] = (proc, read_metrics(run_dir))
+            out["run_dir", name, path] = run_dir
     return out
 
 
@@ -83,3 +85,54 @@ def test_bench_cell_trains_on_the_encoded_shards(runs, tmp_path) -> None:
     assert cell["status"] == "ok", cell.get("error")
     assert cell["precomputed"] is True and cell["params_frozen"] == 0
     assert "latents precomputed" in (tmp_path / "results.md").read_text()
+
+
+DIFFUSERS_PIPELINE = """
+import sys, torch
+from safetensors.torch import save_file
+from diffusers import DiffusionPipeline
+folder, out = sys.argv[1:3]
+pipe = DiffusionPipeline.from_pretrained(folder)
+pipe.set_progress_bar_config(disable=True)
+latents = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)])
+images = pipe(["a red circle on the left", "a blue square in the center"], height=32, width=32,
+              num_inference_steps=6, guidance_scale=3.0, latents=latents, output_type="pt").images
+assert not any(m.startswith("scaletrain") for m in sys.modules)
+save_file({"images": images.contiguous()}, out)
+print(type(pipe).__name__)
+"""
+
+
+def test_pipeline_export_is_loaded_and_sampled_by_diffusers_alone(runs, tmp_path) -> None:
+    """`scaletrain ckpt export RUN OUT --pipeline` of the latent recipe's FSDP2 run writes a
+    StableDiffusionPipeline folder (the trained UNet, the run's frozen VAE, text encoder and
+    byte tokenizer, its DDIM scheduler); `DiffusionPipeline.from_pretrained` in a process
+    without scaletrain samples from it and gets scaletrain's own images of the checkpoint."""
+    from safetensors.torch import load_file
+
+    from scaletrain.checkpoint.export import checkpoint_objective, resolve_checkpoint
+    from scaletrain.eval.samples import generate_samples
+    from scaletrain.models import build_model, get_preset
+
+    run_dir, out = runs["run_dir", "fsdp", "online"], tmp_path / "pipe"
+    r = run_cmd([sys.executable, "-m", "scaletrain.cli", "ckpt", "export", str(run_dir), str(out), "--pipeline"])
+    assert r.returncode == 0 and "exported StableDiffusionPipeline" in r.stdout, r.stderr[-2000:]
+    assert json.loads((out / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DConditionModel"]
+    (tmp_path / "sample.py").write_text(DIFFUSERS_PIPELINE)
+    r = run_cmd([sys.executable, str(tmp_path / "sample.py"), str(out), str(tmp_path / "theirs.safetensors")],
+                cwd=tmp_path)
+    assert r.returncode == 0 and "StableDiffusionPipeline" in r.stdout, r.stderr[-3000:]
+    theirs = load_file(str(tmp_path / "theirs.safetensors"))["images"]
+    preset = get_preset("unet-tiny-latent")
+    model = build_model(preset, encoder_seed=0)  # configs/latent.yaml: run.seed 0
+    model.denoiser.net.load_state_dict(load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors")))
+    model.denoiser.eval()
+    with torch.no_grad():
+        ours = generate_samples(model.denoiser, lambda texts: model.encode_text(texts, "cpu"), model.decode,
+                                prompts=["a red circle on the left", "a blue square in the center"], resolution=32,
+                                in_channels=preset.in_channels, latent_factor=preset.vae_factor,
+                                objective=checkpoint_objective(resolve_checkpoint(run_dir)), num_inference_steps=6,
+                                guidance_scale=3.0, seed=0)
+    assert theirs.shape == (2, 3, 32, 32) and theirs.std() > 0.01
+    torch.testing.assert_close(theirs, (ours / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
+

@@ -191,3 +191,25 @@ def test_no_family_name_branch_outside_the_family_files():
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("preset,fragment", [
+    ("unet-tiny", "--pipeline: unet-tiny runs in pixel space (no VAE), which no diffusers text-to-image pipeline does"),
+    ("dit-tiny", "--pipeline: dit-tiny is a dit model: a PixArt preset is not written as a PixArtAlphaPipeline yet"),
+    ("mmdit-tiny", "--pipeline: mmdit-tiny is a mmdit model: StableDiffusion3Pipeline expects three text encoders"),
+    ("flux-tiny", "--pipeline: flux-tiny is a flux model: FluxPipeline expects a CLIP (pooled) and a T5 encoder"),
+])
+def test_pipeline_export_refusals_come_from_the_family(monkeypatch, tmp_path, preset, fragment) -> None:
+    """`ckpt export --pipeline` writes what the family names (StableDiffusionPipeline for a latent
+    UNet, tested end to end in tests/distributed/test_precomputed.py) and refuses the rest in
+    one line, before reading any weights or writing anything."""
+    from types import SimpleNamespace
+
+    from scaletrain.checkpoint import export
+
+    monkeypatch.setattr(export, "resolve_checkpoint", lambda src: SimpleNamespace(meta={"preset": preset},
+                                                                                 path=tmp_path / "ckpt"))
+    with pytest.raises(ValueError) as e:
+        export.export_pipeline("run", tmp_path / "out")
+    assert str(e.value).startswith(fragment) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()

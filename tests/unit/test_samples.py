@@ -53,8 +53,10 @@ def _generate(denoiser: ToyDenoiser | None = None, **overrides: object) -> Tenso
 
 
 def _reference_loop(texts: list[str], seed: int = 123) -> Tensor:
-    """Plain DDIM with a single (unguided) branch, written out independently."""
-    sched = DDIMScheduler.from_config(_scheduler_config())
+    """Plain DDIM with a single (unguided) branch, written out independently; timesteps offset
+    by 1, the Stable Diffusion convention that diffusers' SD pipelines sample with."""
+    public = {k: v for k, v in _scheduler_config().items() if not k.startswith("_")}  # _use_default_values would
+    sched = DDIMScheduler.from_config({**public, "steps_offset": 1})  # reset steps_offset to DDIM's default
     sched.set_timesteps(STEPS)
     side = RES // FACTOR
     x = torch.stack([

@@ -50,6 +50,8 @@ def dit_tiny_config(text_dim: int) -> dict[str, Any]:
 @register_family
 class PixArtFamily(ModelFamily):
     name = "dit"
+    pipeline_refusal = ("a PixArt preset is not written as a PixArtAlphaPipeline yet (its T5 tokenizer and "
+                        "caption length need carrying over); export the transformer alone")
     net_class = PixArtTransformer2DModel
     # Attention projections plus the feed-forward ones: the blocks are attention + MLP only.
     # Exported in peft's layout (diffusers has no LoRA loader for PixArt): the default.

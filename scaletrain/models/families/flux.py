@@ -71,6 +71,8 @@ def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype)
 @register_family
 class FluxFamily(ModelFamily):
     name = "flux"
+    pipeline_refusal = ("FluxPipeline expects a CLIP (pooled) and a T5 encoder; scaletrain's Flux conditions on one "
+                        "encoder with a mean-pooled vector, so no diffusers pipeline runs it: export the transformer alone")
     net_class = FluxTransformer2DModel
     # MMDiT's: both streams' attention projections (the single-stream blocks have to_q/k/v only)
     lora_targets = MMDiTFamily.lora_targets

@@ -53,6 +53,9 @@ def pooled_text(text_emb: Tensor, text_mask: Tensor | None) -> Tensor:
 @register_family
 class MMDiTFamily(ModelFamily):
     name = "mmdit"
+    pipeline_refusal = ("StableDiffusion3Pipeline expects three text encoders (two CLIP with pooled projections and "
+                        "T5); scaletrain's MMDiT conditions on one encoder with a mean-pooled vector, so no diffusers "
+                        "pipeline runs it: export the transformer alone (README: sampling it with diffusers)")
     net_class = SD3Transformer2DModel
     # Both streams' attention projections: what diffusers' SD3 LoRA training script adapts.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")

@@ -76,6 +76,10 @@ class UNetFamily(ModelFamily):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     lora_loader = "StableDiffusionLoraLoaderMixin"  # exported in diffusers' LoRA layout
     lora_prefix = "unet"
+    # a latent UNet with its CLIP-style encoder is what StableDiffusionPipeline runs
+    pipeline_class = "StableDiffusionPipeline"
+    pipeline_denoiser = "unet"
+    pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
                 text_mask: Tensor | None) -> Tensor:
