@@ -72,12 +72,24 @@ def _stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "p25": q[0], "p75": q[2], "min": xs[0], "max": xs[-1], "n": len(xs)}
 
 
-def _start(spec: dict, world_size: int, work: Path, env_extra: dict | None = None) -> tuple[subprocess.Popen, str]:
+def write_cell_spec(spec: dict, work: Path) -> str:
+    """Write a cell's spec where ``scaletrain.bench.cell --cell PATH`` reads it; each rank then
+    writes ``PATH.rank{r}.json`` (``cell_records``)."""
     work.mkdir(parents=True, exist_ok=True)
     fd, path = tempfile.mkstemp(suffix=".json", dir=work)
     os.close(fd)
-    spec = {**spec, "out": path, "repo": str(REPO)}
-    Path(path).write_text(json.dumps(spec))
+    Path(path).write_text(json.dumps({**spec, "out": path, "repo": str(REPO)}))
+    return path
+
+
+def cell_records(path: str, world_size: int) -> list[dict]:
+    """The rank records a cell launched with ``write_cell_spec``'s PATH left behind."""
+    files = [Path(path).with_suffix(f".rank{r}.json") for r in range(world_size)]
+    return [json.loads(f.read_text()) for f in files if f.is_file()]
+
+
+def _start(spec: dict, world_size: int, work: Path, env_extra: dict | None = None) -> tuple[subprocess.Popen, str]:
+    path = write_cell_spec(spec, work)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
            "-m", "scaletrain.bench.cell", "--cell", path]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
@@ -96,11 +108,7 @@ def _collect(proc: subprocess.Popen, path: str, world_size: int, timeout_s: floa
         os.killpg(proc.pid, signal.SIGKILL)
         log, _ = proc.communicate()
         status = "timeout"
-    records = []
-    for r in range(world_size):
-        f = Path(path).with_suffix(f".rank{r}.json")
-        if f.is_file():
-            records.append(json.loads(f.read_text()))
+    records = cell_records(path, world_size)
     if not records or (proc.returncode != 0 and not any(r["status"] == "oom" for r in records)):
         return [{"rank": 0, "status": status, "returncode": proc.returncode, "log_tail": (log or "")[-2000:]}]
     return records

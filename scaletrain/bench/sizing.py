@@ -347,34 +347,43 @@ def _fabric(inp: SizeInputs, notes: list[str]):
     return Fabric(intra, inter, inp.gpus_per_node)
 
 
-def _eta(inp: SizeInputs, fabric, notes: list[str]) -> float:
+def eta_from_bench(bench: dict | None) -> tuple[float | None, int]:
+    """(eta fitted on a bench file's multi-rank cells against its own collective sweep, number of
+    cells used); (None, 0) without multi-rank cells or a sweep. The bench ran on one host, so its
+    sweep is both links of the fabric."""
+    from scaletrain.bench.scaling import Fabric, fit_eta, per_hop, step_comms
+
+    bench = bench or {}
+    cells = [c for c in bench.get("cells", []) if c["status"] == "ok" and not c.get("search_probe")]
+    solo = {(c["preset"], c["resolution"], c["engine"], c["micro_batch"]): c for c in cells if c["world_size"] == 1}
+    sweep = bench.get("comm")
+    if not sweep or "error" in sweep:
+        return None, 0
+    rows = []
+    for c in cells:
+        base = solo.get((c["preset"], c["resolution"], c["engine"], c["micro_batch"]))
+        if c["world_size"] > 1 and base is not None and c["engine"] in ENGINES:
+            measured_link = per_hop(comm_from_sweep(sweep, c["world_size"]), c["world_size"])
+            fab = Fabric(measured_link, measured_link, c["world_size"])
+            comms = step_comms(c["engine"], model_facts(c["preset"]), c.get("precision", "fp32"),
+                               c["world_size"], c["world_size"])
+            rows.append((c["step_seconds"]["median"], solo_basis(base)[0], comms, fab, c["world_size"]))
+    return fit_eta(rows), len(rows)
+
+
+def _eta(inp: SizeInputs, notes: list[str]) -> float:
     """Overlap efficiency: given, else fitted on the bench file's multi-rank cells against its own
     sweep, else assumed."""
-    from scaletrain.bench.scaling import ASSUMED_ETA, Fabric, fit_eta, per_hop, step_comms
+    from scaletrain.bench.scaling import ASSUMED_ETA
 
     if inp.eta is not None:
         notes.append(f"overlap: eta = {inp.eta:g} given (fraction of compute time the network can use)")
         return inp.eta
-    bench = inp.bench or {}
-    cells = [c for c in bench.get("cells", []) if c["status"] == "ok" and not c.get("search_probe")]
-    solo = {(c["preset"], c["resolution"], c["engine"], c["micro_batch"]): c for c in cells if c["world_size"] == 1}
-    sweep = bench.get("comm")
-    if sweep and "error" not in sweep:
-        rows = []
-        for c in cells:
-            base = solo.get((c["preset"], c["resolution"], c["engine"], c["micro_batch"]))
-            if c["world_size"] > 1 and base is not None and c["engine"] in ENGINES:
-                measured_link = per_hop(comm_from_sweep(sweep, c["world_size"]), c["world_size"])
-                # the bench ran on one host: its sweep is that host's link
-                fab = Fabric(measured_link, measured_link, c["world_size"])
-                comms = step_comms(c["engine"], model_facts(c["preset"]), c.get("precision", "fp32"),
-                                   c["world_size"], c["world_size"])
-                rows.append((c["step_seconds"]["median"], solo_basis(base)[0], comms, fab, c["world_size"]))
-        eta = fit_eta(rows)
-        if eta is not None:
-            notes.append(f"overlap: eta = {eta:.2f} measured (fitted on {len(rows)} multi-rank bench cells "
-                         "against the bench's own collective sweep)")
-            return eta
+    eta, n = eta_from_bench(inp.bench)
+    if eta is not None:
+        notes.append(f"overlap: eta = {eta:.2f} measured (fitted on {n} multi-rank bench cells "
+                     "against the bench's own collective sweep)")
+        return eta
     notes.append(f"overlap: eta = {ASSUMED_ETA} ASSUMED (no multi-rank bench cells): the fraction of compute "
                  "time during which collectives proceed")
     return ASSUMED_ETA
@@ -416,7 +425,7 @@ def size_report(inp: SizeInputs) -> str:
     base = max(baselines) if baselines else inp.assumed_baseline_gib
     notes.append(f"baseline (CUDA context, runtime): {base:.2f} GiB " + ("measured" if baselines else "assumed"))
     fabric = _fabric(inp, notes)
-    eta = _eta(inp, fabric, notes)
+    eta = _eta(inp, notes)
     notes.append(f"params: {facts.params / 1e6:.1f}M trainable, {facts.frozen / 1e6:.1f}M frozen (counted from the preset"
                  + ("; not on the GPUs: precomputed latents)" if inp.precomputed else
                     f", held in {inp.precision} on every GPU)"))
