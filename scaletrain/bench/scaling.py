@@ -63,7 +63,8 @@ def per_hop(comm: CommModel, world: int) -> CommModel:
     """A sweep fitted at ``world`` ranks (``sizing.comm_from_sweep``: latency per call there)
     as a link with latency per ring hop, which the Fabric scales to any ring size."""
     hops = {o: max(1, (2 if o == "all_reduce" else 1) * (world - 1)) for o in OPS}
-    return CommModel({o: comm.latency[o] / hops[o] for o in OPS}, dict(comm.busbw), comm.source, comm.overlap)
+    return CommModel({o: comm.latency[o] / hops[o] for o in OPS}, dict(comm.busbw), comm.source, comm.overlap,
+                     comm.curve)
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,13 @@ class Fabric:
             g = 1
         t = 0.0
         steps = 2 if op == "all_reduce" else 1  # all-reduce inside a node = reduce-scatter + all-gather
+        # each call at the bandwidth its own message size gets (CommModel.bw: a sweep's curve)
         if g > 1:  # a ring of g: g-1 hops, each paying the link's per-hop latency
-            t += steps * (calls * (g - 1) * self.intra.latency[op] + nbytes * (g - 1) / g / self.intra.busbw[op])
+            bw = self.intra.bw(op, nbytes / calls)
+            t += steps * (calls * (g - 1) * self.intra.latency[op] + nbytes * (g - 1) / g / bw)
         if n > 1:
-            t += steps * calls * (n - 1) * self.inter.latency[op] + nbytes / g * steps * (n - 1) / n / self.inter.busbw[op]
+            bw = self.inter.bw(op, nbytes / g / calls)
+            t += steps * calls * (n - 1) * self.inter.latency[op] + nbytes / g * steps * (n - 1) / n / bw
         return t
 
 
@@ -248,7 +252,7 @@ def calibrate_link(fabric: Fabric, which: str, target_ips: float, ips_at) -> Fab
 
     def scaled(k: float) -> Fabric:
         bw = {op: v * k for op, v in base.busbw.items()}
-        return replace(fabric, **{which: CommModel(base.latency, bw, base.source, base.overlap)})
+        return replace(fabric, **{which: replace(base, busbw=bw)})
 
     lo, hi = -12.0, 12.0  # log2 of the factor
     if ips_at(scaled(2 ** hi)) < target_ips:

@@ -202,6 +202,25 @@ class CommModel:
     busbw: dict[str, float]
     source: str
     overlap: float = 0.0  # fraction of communication hidden behind compute
+    # From a sweep: per op, (message size, bus bandwidth near that size / ``busbw``), so that a
+    # collective is costed at the bandwidth the sweep measured for messages of its size (see
+    # ``bw``); None for a link given as two numbers. Relative, so scaling ``busbw`` (calibration
+    # from a measured point) scales the whole curve.
+    curve: dict[str, list[tuple[float, float]]] | None = None
+
+    def bw(self, op: str, size: float | None = None) -> float:
+        """Bus bandwidth for one ``op`` call on a ``size``-byte buffer (nccl-tests' size): the
+        sweep's curve at that size (log-size interpolation, flat beyond its ends), else ``busbw``."""
+        pts = (self.curve or {}).get(op)
+        if not pts or size is None:
+            return self.busbw[op]
+        if size <= pts[0][0]:
+            return self.busbw[op] * pts[0][1]
+        for (s0, r0), (s1, r1) in zip(pts, pts[1:]):
+            if size <= s1:
+                f = math.log(size / s0) / math.log(s1 / s0)
+                return self.busbw[op] * (r0 + f * (r1 - r0))
+        return self.busbw[op] * pts[-1][1]
 
     def time(self, op: str, nbytes: float, world: int) -> float:
         if world <= 1:
@@ -210,17 +229,39 @@ class CommModel:
         return self.latency[op] + nbytes * factor / self.busbw[op]
 
 
+SWEEP_WINDOW = 4.0  # the size-local fit of a sweep's curve takes sizes within this factor
+
+
 def comm_from_sweep(collectives: dict, world: int, overlap: float = 0.0) -> CommModel:
-    """Fit time = latency + bytes x factor / busbw per op (least squares over the sweep sizes)."""
-    lat, bw = {}, {}
+    """Fit time = latency + bytes x factor / busbw per op (least squares over the sweep sizes),
+    and the curve of bus bandwidth against message size: at each swept size the same fit over
+    the sizes within a factor ``SWEEP_WINDOW`` of it (at least 3), relative to the global one.
+
+    One line over the whole sweep is set by its largest messages, and a collective of another
+    size can see a different bandwidth (on this project's tc-limited veth a gloo all-gather
+    moved 1-2 MiB at 5-6 MB/s but 8 MiB at 4; GPU links reach their plateau only at tens of MiB),
+    so ``Fabric`` costs each call at its own size (``CommModel.bw``)."""
+    lat, bw, curve = {}, {}, {}
     for op, rows in collectives.items():
         factor = 2 * (world - 1) / world if op == "all_reduce" else (world - 1) / world
-        xs = [r["size_bytes"] * factor for r in rows]
-        ys = [r["time_us"] * 1e-6 for r in rows]
-        slope, icept = statistics.linear_regression(xs, ys)
-        # A negative intercept (noise at small sizes) would mean free calls; fall back to the smallest time.
-        lat[op], bw[op] = icept if icept > 0 else min(ys), 1 / slope if slope > 0 else float("inf")
-    return CommModel(lat, bw, f"measured: {world}-rank sweep", overlap)
+        pts = sorted((r["size_bytes"] * factor, r["time_us"] * 1e-6, r["size_bytes"]) for r in rows)
+        lat[op], bw[op] = _line([(x, y) for x, y, _ in pts])
+        local = []
+        for x, _, size in pts:
+            near = [(a, b) for a, b, _ in pts if x / SWEEP_WINDOW <= a <= x * SWEEP_WINDOW]
+            if len(near) < 3:
+                near = [(a, b) for a, b, _ in sorted(pts, key=lambda p: abs(math.log(p[0] / x)))[:3]]
+            local.append((size, min(_line(near)[1], 1e30) / bw[op] if math.isfinite(bw[op]) else 1.0))
+        curve[op] = local
+    return CommModel(lat, bw, f"measured: {world}-rank sweep", overlap, curve)
+
+
+def _line(pts: list[tuple[float, float]]) -> tuple[float, float]:
+    """(latency s, bandwidth bytes/s) of the least-squares line time = latency + bytes / bandwidth."""
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    slope, icept = statistics.linear_regression(xs, ys)
+    # A negative intercept (noise at small sizes) would mean free calls; fall back to the smallest time.
+    return (icept if icept > 0 else min(ys)), (1 / slope if slope > 0 else float("inf"))
 
 
 def comm_given(busbw_gbps: float, latency_us: float, overlap: float) -> CommModel:
