@@ -129,7 +129,7 @@ def test_sbatch_template_runs_the_recipe_on_two_nodes(slurm, synth_shards, refer
     info = _wait(slurm, job)
     out = (tmp_path / "job.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["NumNodes"] == "2", out
-    assert f"on 2 node(s) [node1 node2], 1 rank(s) each, rendezvous node1:" in out
+    assert "on 2 node(s) [node1 node2], 1 rank(s) each, rendezvous node1:" in out
     assert _losses(run_dir) == pytest.approx(reference, rel=RTOL)
     logs = sorted(p.name for p in (REPO / "logs" / f"slurm-{job}").glob("node-*.out"))
     assert [n.split("-")[1] for n in logs] == ["0", "1"], logs  # one log per node

@@ -169,3 +169,29 @@ def test_size_command_flags_and_one_line_errors(capsys) -> None:
         assert main(args + extra) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_committed_two_host_measurement_is_predicted_within_20_percent() -> None:
+    """benchmarks/results/cpu_two_hosts.json (benchmarks/two_host_scaling.py): 1 -> 2 ranks on one
+    host and 1 -> 2 hosts over a veth limited by tc, measured; the model as it is now predicts
+    every step from the stored 1-rank step, sweep and eta within the issue's +-20 %, and on the
+    limited link the inter-node term is most of the step (what the set-up is for)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("two_host_scaling", repo / "benchmarks" / "two_host_scaling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = json.loads((repo / "benchmarks" / "results" / "cpu_two_hosts.json").read_text())
+    assert {r["setup"] for r in out["rows"]} == {"2 ranks, one host", "2 hosts, limited veth"}
+    for row in out["rows"]:
+        rnd = out["rounds"][row["round"]]
+        one_host = row["setup"].startswith("2 ranks")
+        sweep, g = (rnd["sweep_one_host"], 2) if one_host else (rnd["sweep_two_hosts"], 1)
+        pred = mod.predict(row["engine"], out["preset"], out["micro_batch"], row["solo_loaded_step_s"], sweep, g,
+                           row["eta"])
+        assert abs(pred["step_seconds"] / row["measured_step_s"] - 1) <= 0.20, row
+        if not one_host:
+            assert pred["exposed_seconds"] > 0.5 * pred["step_seconds"], row
