@@ -533,6 +533,7 @@ class RunConfig(_Section):
         ctx = info.context or {}
         world = int(ctx.get("world_size", 1))
         _check_stage_lengths(self)
+        _resolve_pipeline_preset(self)
         for i in range(len(self.train.stages)):
             self.stage_objective_params(i)  # raises on a stage change the objective does not take
         _check_preset_and_resolutions(self)
@@ -628,6 +629,30 @@ def _check_stage_lengths(cfg: RunConfig) -> None:
             given = "both" if st.steps is not None else "neither"
             raise ValueError(f"train.stages.{i} sets {given} of steps and images; give exactly one "
                              f"(e.g. train.stages.{i}.steps=1000 or train.stages.{i}.images=1000000)")
+
+
+def _resolve_pipeline_preset(cfg: RunConfig) -> None:
+    """``init.from_diffusers`` = a pipeline root: its text encoder and VAE are the run's frozen
+    encoders unless model.*_path says otherwise, and ``model.preset: from_diffusers`` becomes the
+    preset read from its configs (``models/pipeline_folder.py``; named by the folder, so a
+    relaunch, a resume and ``ckpt export`` rebuild the same one)."""
+    from scaletrain.models.pipeline_folder import KEYWORD, is_pipeline_root
+
+    root = cfg.init.from_diffusers
+    if cfg.model.preset == KEYWORD:
+        if not root:
+            raise ValueError("model.preset=from_diffusers builds the model from a diffusers pipeline folder; set "
+                             "init.from_diffusers=FOLDER (the folder with model_index.json)")
+        if not is_pipeline_root(root):
+            raise ValueError(f"model.preset=from_diffusers needs init.from_diffusers to be a diffusers pipeline folder "
+                             f"(with model_index.json); {root!r} is not one")
+        from scaletrain.models.pipeline_folder import register_pipeline_preset
+
+        cfg.model.preset = register_pipeline_preset(root, what="init.from_diffusers").name
+    if is_pipeline_root(root):
+        cfg.model.text_encoder_path = cfg.model.text_encoder_path or str(Path(root).resolve())
+        if cfg.model.vae_path is None and (Path(root) / "vae").is_dir():
+            cfg.model.vae_path = str(Path(root).resolve())
 
 
 def _check_preset_and_resolutions(cfg: RunConfig) -> None:

@@ -125,7 +125,7 @@ def layer_flops(preset_name: str, resolution: ImageSize) -> dict[str, int]:
     preset = get_preset(preset_name)
     with torch.device("meta"):
         net = build_denoiser_net(preset)
-    den = Denoiser(net, preset.family, use_text_mask=False)
+    den = Denoiser(net, preset.family, use_text_mask=False, pixel_factor=preset.vae_factor)
     counts = {"conv": 0, "linear": 0, "attention": 0}
 
     def conv_hook(m: nn.Conv2d, args, out) -> None:

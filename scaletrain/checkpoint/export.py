@@ -109,8 +109,9 @@ def export_pipeline(src: str | Path, out: str | Path, *, use_ema: bool = True) -
     info = resolve_checkpoint(src)
     preset = get_preset(checkpoint_preset(info))
     family = get_family(preset.family)
-    if family.pipeline_class is None:
-        raise ValueError(f"--pipeline: {preset.name} is a {family.name} model: {family.pipeline_refusal}")
+    problem = family.pipeline_problem(preset)
+    if problem is not None:
+        raise ValueError(f"--pipeline: {preset.name} is a {family.name} model: {problem}")
     if not preset.latent:
         raise ValueError(f"--pipeline: {preset.name} runs in pixel space (no VAE), which no diffusers text-to-image "
                          "pipeline does; export the denoiser alone (without --pipeline) or train a latent preset")
@@ -158,9 +159,11 @@ def source_objective(source: str | Path) -> str | None:
     from scaletrain.checkpoint.safe_load import read_json
     from scaletrain.diffusion import OBJECTIVES
 
+    from scaletrain.models.pipeline_folder import is_pipeline_root
+
     p = Path(source)
     scheduler_file = p / SCHEDULER_DIR / "scheduler_config.json"
-    if (p / "config.json").is_file():
+    if (p / "config.json").is_file() or is_pipeline_root(p):
         if not scheduler_file.is_file():
             return None
         cls = read_json(scheduler_file).get("_class_name")

@@ -20,6 +20,7 @@ from torch import nn
 
 from scaletrain.checkpoint.manager import CheckpointInfo, latest_checkpoint
 from scaletrain.config import InitSection, RunConfig
+from scaletrain.models.pipeline_folder import check_pipeline, denoiser_of, is_pipeline_root
 
 
 _LORA_SOURCE = ("{key}={src!r} is a LoRA run (base + adapters); start from its base model "
@@ -51,7 +52,7 @@ def check_init_source(cfg: RunConfig) -> None:
         return  # the run resumes its own checkpoint; the source may be gone by now
     if not src.exists():
         raise ValueError(f"{key}={init.source!r} does not exist; point it at a scaletrain run folder "
-                         f"(from_checkpoint) or an exported diffusers model folder (from_diffusers)")
+                         f"(from_checkpoint) or a diffusers model or pipeline folder (from_diffusers)")
     if init.from_checkpoint:
         from scaletrain.checkpoint.export import resolve_checkpoint, trainer_state
 
@@ -67,8 +68,37 @@ def check_init_source(cfg: RunConfig) -> None:
             raise ValueError(_LORA_SOURCE.format(key=key, src=init.source))
     else:
         _check_diffusers_config(src, cfg.model.preset, key)
+        if is_pipeline_root(src):
+            _check_pipeline_objective(src, cfg, key)
     if cfg.dpo is not None:
         _check_reference_objective(src, cfg.diffusion.objective, key)
+
+
+def _check_pipeline_objective(root: Path, cfg: RunConfig, key: str) -> None:
+    """A pipeline's scheduler says what its denoiser predicts (SD-2.1-768: v_prediction, SD-2.1
+    base: epsilon; flow-matching schedulers: a velocity along the straight path). Fine-tuning it
+    with another target trains it away from what it knows, so refuse that before launch."""
+    from scaletrain.checkpoint.safe_load import read_json
+
+    sched = read_json(root / "scheduler" / "scheduler_config.json")
+    flow = "FlowMatch" in str(sched.get("_class_name", ""))
+    want = "flow_matching" if flow else "ddpm"
+    if cfg.diffusion.objective != want:
+        raise ValueError(f"{key}={str(root)!r} samples with a {sched.get('_class_name')} ({want}); set "
+                         f"diffusion.objective={want} to fine-tune it with its own objective")
+    if flow:
+        return
+    from scaletrain.diffusion import objective_params
+
+    ours = objective_params("ddpm", cfg.diffusion.params()).model_dump()
+    # The target and the noise schedule (SD: scaled_linear 0.00085..0.012 over 1000 steps).
+    for name in ("prediction_type", "beta_schedule", "num_train_timesteps", "beta_start", "beta_end"):
+        theirs = sched.get(name)
+        if name in ("beta_start", "beta_end") and sched.get("beta_schedule") == "squaredcos_cap_v2":
+            continue  # the cosine schedule has no start and end
+        if theirs is not None and theirs != ours[name]:
+            raise ValueError(f"{key}={str(root)!r} was trained with {name}={theirs!r} (its scheduler_config.json) "
+                             f"but diffusion.{name}={ours[name]!r}; set diffusion.{name}={theirs}")
 
 
 def _check_reference_objective(src: Path, objective: str, key: str) -> None:
@@ -84,9 +114,12 @@ def _check_reference_objective(src: Path, objective: str, key: str) -> None:
 
 
 def _check_diffusers_config(folder: Path, preset_name: str, key: str) -> None:
-    """The folder's config.json must describe the preset's network (class and every preset key)."""
+    """The folder's config.json (a pipeline's: its denoiser component's) must describe the
+    preset's network (class and every preset key)."""
     from scaletrain.models import build_denoiser_net, get_preset
 
+    if is_pipeline_root(folder):
+        folder = folder / check_pipeline(folder, key, whole=False)[0]
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{key}={str(folder)!r} has no config.json; give a folder written by "
@@ -125,11 +158,13 @@ def load_init_weights(denoiser: nn.Module, init_cfg: InitSection, preset_name: s
     from scaletrain.checkpoint.safe_load import CheckpointLoadError, weights_only_torch_load
 
     folder = Path(init_cfg.from_diffusers)
+    # A pipeline folder: its denoiser component (unet/ or transformer/).
+    sub = {"subfolder": denoiser_of(folder, "init.from_diffusers")[0]} if is_pipeline_root(folder) else {}
     # The diffusers class's own loader (local files only), then a strict copy into our net.
     # safetensors cannot carry code; a pickled .bin is forced weights-only like checkpoints.
     try:
         with weights_only_torch_load():
-            loaded = type(denoiser.net).from_pretrained(folder, local_files_only=True)
+            loaded = type(denoiser.net).from_pretrained(folder, local_files_only=True, **sub)
     except Exception as e:  # diffusers re-raises a refused .bin as a generic OSError
         cause = e
         while cause is not None and not isinstance(cause, CheckpointLoadError):
@@ -138,7 +173,7 @@ def load_init_weights(denoiser: nn.Module, init_cfg: InitSection, preset_name: s
             raise
         raise cause from None
     _load_strict(denoiser.net, loaded.state_dict(), f"init.from_diffusers={str(folder)!r}", preset_name)
-    return f"init: diffusers model {folder}"
+    return f"init: diffusers {'pipeline' if sub else 'model'} {folder}"
 
 
 def _load_strict(module: nn.Module, state: dict, what: str, preset_name: str) -> None:

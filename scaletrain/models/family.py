@@ -41,6 +41,13 @@ class ModelFamily(ABC):
     pipeline_denoiser: ClassVar[str] = "transformer"
     pipeline_extras: ClassVar[dict[str, Any]] = {}
     pipeline_refusal: ClassVar[str] = "scaletrain writes no diffusers pipeline for this family"
+    # Caption tokens of a preset read from a pipeline folder (models/pipeline_folder.py): the
+    # pipeline's own prompt length where it is not the tokenizer's model_max_length.
+    pipeline_text_len: ClassVar[int | None] = None
+
+    def pipeline_problem(self, preset: Any) -> str | None:
+        """Why ``preset`` cannot be written as this family's pipeline (one line), or None."""
+        return None if self.pipeline_class is not None else self.pipeline_refusal
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         """The bare diffusers network, random init (seed torch first)."""
@@ -48,9 +55,11 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
-                text_mask: Tensor | None) -> Tensor:
+                text_mask: Tensor | None, *, pixel_size: tuple[int, int] | None = None) -> Tensor:
         """The prediction for ``x`` (B, C, H, W) at ``timesteps`` (B,) in the objective's
-        0..1000 scale, conditioned on ``text_emb`` (B, L, D) and its mask (or None)."""
+        0..1000 scale, conditioned on ``text_emb`` (B, L, D) and its mask (or None).
+        ``pixel_size``: (height, width) of the images ``x`` stands for, for networks that
+        micro-condition on it (PixArt-alpha 1024)."""
 
     @abstractmethod
     def parallel_units(self, net: nn.Module) -> list[nn.Module]:
@@ -193,8 +202,14 @@ def get_family(name: str) -> ModelFamily:
 
 def get_preset(name: str) -> ModelPreset:
     load_families()
+    if name not in PRESETS and name.startswith("diffusers:"):  # read from a pipeline folder, once per process
+        from scaletrain.models.pipeline_folder import PREFIX, register_pipeline_preset
+
+        return register_pipeline_preset(name.removeprefix(PREFIX), what="the pipeline folder of model.preset")
     if name not in PRESETS:
-        raise ValueError(f"model.preset={name!r} is unknown; choose one of: {', '.join(PRESETS)}")
+        named = ", ".join(n for n in PRESETS if ":" not in n)
+        raise ValueError(f"model.preset={name!r} is unknown; choose one of: {named}, or from_diffusers "
+                         "(with init.from_diffusers=PIPELINE_FOLDER)")
     return PRESETS[name]
 
 

@@ -30,9 +30,10 @@ from scaletrain.models.family import (  # noqa: F401  (re-exported)
 class Denoiser(nn.Module):
     """Uniform wrapper the engines shard/wrap; `self.net` is the diffusers model (save_pretrained-able)."""
 
-    def __init__(self, net: nn.Module, family: str, use_text_mask: bool) -> None:
+    def __init__(self, net: nn.Module, family: str, use_text_mask: bool, pixel_factor: int = 1) -> None:
         super().__init__()
         self.net = net
+        self.pixel_factor = pixel_factor  # image pixels per input element (the VAE's factor; 1 in pixel space)
         self.family = family  # the family's name (a FAMILIES key)
         # SD UNets were trained attending over padding tokens; masking them would shift
         # the conditioning of a loaded checkpoint. PixArt was trained with the T5 mask.
@@ -43,7 +44,8 @@ class Denoiser(nn.Module):
         if timesteps.ndim == 0:  # a single shared timestep: the nets want one per sample
             timesteps = timesteps.expand(x.shape[0])
         mask = text_mask if self.use_text_mask else None
-        return self._forward_fn(self.net, x, timesteps, text_emb, mask)
+        size = (x.shape[-2] * self.pixel_factor, x.shape[-1] * self.pixel_factor)
+        return self._forward_fn(self.net, x, timesteps, text_emb, mask, pixel_size=size)
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ def build_model(preset: ModelPreset | str, *, text_encoder_path: str | None = No
     source = EncoderSource(text_encoder_path, vae_path, encoder_seed, dtype)
     check_encoder_paths(source)
     net = build_denoiser_net(preset)
-    denoiser = Denoiser(net, preset.family, use_text_mask=preset.text_encoder.use_mask)
+    denoiser = Denoiser(net, preset.family, use_text_mask=preset.text_encoder.use_mask, pixel_factor=preset.vae_factor)
     model = DiffusionModel(preset, denoiser, source)
     return model.build_encoders() if encoders else model
 

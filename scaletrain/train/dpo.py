@@ -43,7 +43,8 @@ def build_start_denoiser(cfg: RunConfig) -> tuple[Denoiser, str]:
     preset = get_preset(cfg.model.preset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
-        denoiser = Denoiser(build_denoiser_net(preset), preset.family, use_text_mask=preset.text_encoder.use_mask)
+        denoiser = Denoiser(build_denoiser_net(preset), preset.family, use_text_mask=preset.text_encoder.use_mask,
+                            pixel_factor=preset.vae_factor)
     if cfg.init.source is None:
         return denoiser, f"random init (run.seed={cfg.run.seed})"
     if not Path(cfg.init.source).exists():

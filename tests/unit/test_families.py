@@ -47,7 +47,7 @@ class ToyFamily(ModelFamily):
     lora_targets = ("text_proj",)
 
     def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
-                text_mask: Tensor | None) -> Tensor:
+                text_mask: Tensor | None, *, pixel_size: tuple[int, int] | None = None) -> Tensor:
         return net(x, timesteps.float(), text_emb)
 
     def parallel_units(self, net: nn.Module) -> list[nn.Module]:
@@ -195,7 +195,8 @@ def test_no_family_name_branch_outside_the_family_files():
 
 @pytest.mark.parametrize("preset,fragment", [
     ("unet-tiny", "--pipeline: unet-tiny runs in pixel space (no VAE), which no diffusers text-to-image pipeline does"),
-    ("dit-tiny", "--pipeline: dit-tiny is a dit model: a PixArt preset is not written as a PixArtAlphaPipeline yet"),
+    ("dit-tiny", "--pipeline: dit-tiny is a dit model: PixArtAlphaPipeline encodes prompts with a masked T5"),
+    ("dit-b-2", "--pipeline: dit-b-2 is a dit model: PixArtAlphaPipeline encodes prompts with a masked T5"),
     ("mmdit-tiny", "--pipeline: mmdit-tiny is a mmdit model: StableDiffusion3Pipeline expects three text encoders"),
     ("flux-tiny", "--pipeline: flux-tiny is a flux model: FluxPipeline expects a CLIP (pooled) and a T5 encoder"),
 ])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from diffusers import PixArtTransformer2DModel
 
@@ -50,17 +51,31 @@ def dit_tiny_config(text_dim: int) -> dict[str, Any]:
 @register_family
 class PixArtFamily(ModelFamily):
     name = "dit"
-    pipeline_refusal = ("a PixArt preset is not written as a PixArtAlphaPipeline yet (its T5 tokenizer and "
-                        "caption length need carrying over); export the transformer alone")
     net_class = PixArtTransformer2DModel
+    pipeline_class = "PixArtAlphaPipeline"
+    pipeline_text_len = 120  # PixArt-alpha's max_sequence_length (its T5 tokenizer says 512)
+
+    def pipeline_problem(self, preset: Any) -> str | None:
+        # The pipeline encodes prompts with the mask and pads them to max_sequence_length (120):
+        # T5's convention; a CLIP-conditioned preset (dit-b-2) would be sampled differently.
+        if preset.text_encoder.kind != "t5" or preset.max_text_len != self.pipeline_text_len:
+            return (f"PixArtAlphaPipeline encodes prompts with a masked T5 at {self.pipeline_text_len} tokens; "
+                    f"{preset.name} conditions on a {preset.text_encoder.kind} encoder at {preset.max_text_len}: "
+                    "export the transformer alone")
+        return None
     # Attention projections plus the feed-forward ones: the blocks are attention + MLP only.
     # Exported in peft's layout (diffusers has no LoRA loader for PixArt): the default.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
     def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
-                text_mask: Tensor | None) -> Tensor:
+                text_mask: Tensor | None, *, pixel_size: tuple[int, int] | None = None) -> Tensor:
+        cond = {"resolution": None, "aspect_ratio": None}
+        if net.use_additional_conditions:  # PixArt-alpha 1024: the image size (pixels) and aspect ratio
+            h, w = pixel_size if pixel_size is not None else x.shape[-2:]
+            cond = {"resolution": torch.tensor([[h, w]], dtype=x.dtype, device=x.device).expand(x.shape[0], 2),
+                    "aspect_ratio": torch.tensor([[h / w]], dtype=x.dtype, device=x.device).expand(x.shape[0], 1)}
         out = net(x, encoder_hidden_states=text_emb, timestep=timesteps, encoder_attention_mask=text_mask,
-                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+                  added_cond_kwargs=cond, return_dict=False)[0]
         # Learned-sigma presets predict (mean, variance) stacked on channels; the objective only
         # trains the mean, so hand back x's channels.
         return out[:, : x.shape[1]]

@@ -79,7 +79,7 @@ class FluxFamily(ModelFamily):
     lora_loader = "FluxLoraLoaderMixin"  # exported in diffusers' LoRA layout
 
     def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
-                text_mask: Tensor | None) -> Tensor:
+                text_mask: Tensor | None, *, pixel_size: tuple[int, int] | None = None) -> Tensor:
         h, w = x.shape[-2:]
         txt_ids = torch.zeros(text_emb.shape[1], 3, device=x.device, dtype=x.dtype)
         out = net(hidden_states=pack(x), encoder_hidden_states=text_emb,

@@ -62,7 +62,7 @@ class MMDiTFamily(ModelFamily):
     lora_loader = "SD3LoraLoaderMixin"  # exported in diffusers' LoRA layout
 
     def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
-                text_mask: Tensor | None) -> Tensor:
+                text_mask: Tensor | None, *, pixel_size: tuple[int, int] | None = None) -> Tensor:
         return net(hidden_states=x, encoder_hidden_states=text_emb, pooled_projections=pooled_text(text_emb, text_mask),
                    timestep=timesteps, return_dict=False)[0]
 

@@ -82,7 +82,7 @@ class UNetFamily(ModelFamily):
     pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
-                text_mask: Tensor | None) -> Tensor:
+                text_mask: Tensor | None, *, pixel_size: tuple[int, int] | None = None) -> Tensor:
         return net(x, timesteps, encoder_hidden_states=text_emb, encoder_attention_mask=text_mask,
                    return_dict=False)[0]
 

@@ -1,0 +1,102 @@
+"""Tiny diffusers pipeline folders, built by the tests with diffusers and transformers alone (no
+scaletrain import), as ``pipe.save_pretrained`` writes a published one: SD-2.1-768-like (UNet,
+AutoencoderKL, CLIP text model with a real CLIPTokenizer, DDIM v-prediction) and PixArt-1024-like
+(PixArt transformer with learned sigma and resolution micro-conditions, T5 encoder, DPM-Solver).
+Their shapes match no scaletrain preset on purpose: ``model.preset: from_diffusers`` must build
+the model from the folder's own configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+           up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+           norm_num_groups=8, sample_size=32, scaling_factor=0.18215)
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE (GPT-2, CLIP) uses for bytes."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b], extra = chr(256 + extra), extra + 1
+    return [out[b] for b in range(256)]
+
+
+def clip_tokenizer(folder: Path):
+    """A real CLIPTokenizer with a character-level BPE vocabulary (every byte symbol, alone and as
+    a word end; no merges): CLIP's own tokenizer class, small enough to build here."""
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>",
+                                                                                    "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_sd_pipeline(root: Path, *, prediction_type: str = "v_prediction", seed: int = 0,
+                      drop: str | None = None) -> Path:
+    """SD-2.x layout at toy size: UNet (2 levels, cross-attention 48 wide), a 2-level VAE
+    (factor 2), a 2-layer CLIP text model of width 48 and its tokenizer, DDIM with SD's betas.
+    ``drop``: delete that component's folder afterwards (for the bad-input tests)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer(root)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="gelu", bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(24, 48),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=48, attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True)
+    vae = AutoencoderKL(**VAE)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root, safe_serialization=True)
+    _drop(root, drop)
+    return root
+
+
+def build_pixart_pipeline(root: Path, *, seed: int = 0, drop: str | None = None) -> Path:
+    """PixArt-alpha 1024 layout at toy size: the transformer with learned sigma (8 output
+    channels for 4 latent ones; width 48, divisible by 3 for the micro-condition embeddings) and the
+    resolution/aspect-ratio micro-conditions the 1024 model (diffusers turns them on for sample_size 128,
+    and PixArtAlphaPipeline passes them for it)
+    uses, a 2-layer T5 encoder (width 32) with the byte-level T5 tokenizer, DPM-Solver++."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok = ByT5Tokenizer()
+    text = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0, dropout_rate=0.0))
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=8, num_layers=2, sample_size=128,
+        patch_size=2, caption_channels=32, cross_attention_dim=48,
+        norm_type="ada_norm_single", num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6,
+        activation_fn="gelu-approximate", attention_bias=True)
+    vae = AutoencoderKL(**VAE)
+    sched = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                        prediction_type="epsilon")
+    PixArtAlphaPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer,
+                        scheduler=sched).save_pretrained(root, safe_serialization=True)
+    _drop(root, drop)
+    return root
+
+
+def _drop(root: Path, component: str | None) -> None:
+    import shutil
+
+    if component is not None:
+        shutil.rmtree(root / component)
