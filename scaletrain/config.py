@@ -636,7 +636,7 @@ def _resolve_pipeline_preset(cfg: RunConfig) -> None:
     encoders unless model.*_path says otherwise, and ``model.preset: from_diffusers`` becomes the
     preset read from its configs (``models/pipeline_folder.py``; named by the folder, so a
     relaunch, a resume and ``ckpt export`` rebuild the same one)."""
-    from scaletrain.models.pipeline_folder import KEYWORD, is_pipeline_root
+    from scaletrain.models.pipeline_folder import KEYWORD, is_pipeline_root, text_encoders
 
     root = cfg.init.from_diffusers
     if cfg.model.preset == KEYWORD:
@@ -650,7 +650,10 @@ def _resolve_pipeline_preset(cfg: RunConfig) -> None:
 
         cfg.model.preset = register_pipeline_preset(root, what="init.from_diffusers").name
     if is_pipeline_root(root):
-        cfg.model.text_encoder_path = cfg.model.text_encoder_path or str(Path(root).resolve())
+        # One encoder is the run's; SD3/Flux pipelines carry several, where scaletrain's presets
+        # condition on one of their own (models/families/mmdit.py), so only their VAE is taken.
+        if cfg.model.text_encoder_path is None and text_encoders(root) == ["text_encoder"]:
+            cfg.model.text_encoder_path = str(Path(root).resolve())
         if cfg.model.vae_path is None and (Path(root) / "vae").is_dir():
             cfg.model.vae_path = str(Path(root).resolve())
 

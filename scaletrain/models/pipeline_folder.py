@@ -66,6 +66,12 @@ def _components(index: dict[str, Any]) -> dict[str, str]:
             if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[1] is not None}
 
 
+def text_encoders(root: str | Path) -> list[str]:
+    """The pipeline's text encoder components (text_encoder, text_encoder_2, ...)."""
+    comps = _components(_read(Path(root) / "model_index.json", "init.from_diffusers"))
+    return sorted(k for k in comps if k == "text_encoder" or k.startswith("text_encoder_"))
+
+
 def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 

@@ -183,3 +183,15 @@ def test_config_check_prints_one_line_for_a_missing_component(roots, tmp_path) -
     assert r.returncode != 0
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "is missing its vae component" in lines[0], r.stderr
+
+
+def test_a_named_preset_takes_only_the_vae_of_a_several_encoder_pipeline(roots, tmp_path) -> None:
+    """An SD3/Flux-style folder (text_encoder_2, ...) with a named preset: the transformer and the
+    VAE are the folder's, the text encoder stays the preset's (scaletrain conditions on one)."""
+    from scaletrain.config import validate_config
+
+    root = _broken(roots, tmp_path, "sd", lambda r: _index(r, text_encoder_2=["transformers", "CLIPTextModel"]))
+    cfg = validate_config({"model": {"preset": "unet-tiny-latent"}, "init": {"from_diffusers": str(root)},
+                           "train": {"stages": [{"name": "s", "resolution": 32, "steps": 2, "micro_batch": 2}]}},
+                          check_paths=False)
+    assert cfg.model.text_encoder_path is None and cfg.model.vae_path == str(root.resolve())
