@@ -95,6 +95,15 @@ def build_pixart_pipeline(root: Path, *, seed: int = 0, drop: str | None = None)
     return root
 
 
+def forget_pipeline_presets() -> None:
+    """Unregister the presets read from pipeline folders in this process (``diffusers:...``),
+    so that later tests see the named presets only."""
+    from scaletrain.models.family import PRESETS
+
+    for name in [n for n in PRESETS if n.startswith("diffusers:")]:
+        del PRESETS[name]
+
+
 def _drop(root: Path, component: str | None) -> None:
     import shutil
 

@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import run_cmd, shard_pattern
 from tests.distributed.util import free_port, read_metrics
-from tests.pipelines import build_pixart_pipeline, build_sd_pipeline
+from tests.pipelines import build_pixart_pipeline, build_sd_pipeline, forget_pipeline_presets
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +58,8 @@ def runs(synth_shards, tmp_path_factory):
                "--master_port", str(free_port()), "launchers/sft.py", "--config", "configs/sft.yaml",
                *[x for s in sets for x in ("--set", s)]]
         out[name] = (root, run_dir, run_cmd(cmd))
-    return out
+    yield out
+    forget_pipeline_presets()
 
 
 @pytest.mark.parametrize("name", ["sd", "pixart"])

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from tests.conftest import run_cmd
-from tests.pipelines import build_pixart_pipeline, build_sd_pipeline
+from tests.pipelines import build_pixart_pipeline, build_sd_pipeline, forget_pipeline_presets
 
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipelines")
-    return {"sd": build_sd_pipeline(tmp / "sd21"), "pixart": build_pixart_pipeline(tmp / "pixart")}
+    yield {"sd": build_sd_pipeline(tmp / "sd21"), "pixart": build_pixart_pipeline(tmp / "pixart")}
+    forget_pipeline_presets()
 
 
 def _cfg(root, **extra):
