@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 NPROC ?= 2
 SHARDS := data/synth/shard-000007.tar
 
-.PHONY: install demo quality test test-fast clean-demo
+.PHONY: install demo quality video test test-fast clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ quality: $(STAMP) $(SHARDS)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(QUALITY_NPROC) launchers/pretrain.py --config configs/quality.yaml \
 		--set checkpoint.resume=never $(ARGS)
 
+# Text-to-video on CPU (configs/video.yaml): wan-tiny, images -> 5-frame clips mixed with images
+# -> 9-frame clips, on synthetic clips of moving shapes (README "Video").
+VIDEO_SHARDS := data/synth-video/shard-000007.tar
+$(VIDEO_SHARDS): | $(STAMP)
+	$(VENV)/bin/scaletrain data synth --video --out data/synth-video --num-samples 256 --per-shard 32 --resolution 32 \
+		--frames 16 --fps 8 --seed 0
+
+video: $(STAMP) $(SHARDS) $(VIDEO_SHARDS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launchers/pretrain.py --config configs/video.yaml \
+		--set checkpoint.resume=never $(ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
@@ -46,4 +57,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 clean-demo:
-	rm -rf runs/demo data/synth
+	rm -rf runs/demo data/synth runs/video data/synth-video

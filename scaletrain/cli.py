@@ -150,8 +150,15 @@ def run_training(cfg: RunConfig, loss: LossFactory | None = None, batches: Batch
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from scaletrain.data.synth import write_synthetic_shards
+    from scaletrain.data.synth import write_synthetic_shards, write_synthetic_video_shards
 
+    if args.video:
+        shards = write_synthetic_video_shards(args.out, num_samples=args.num_samples, samples_per_shard=args.per_shard,
+                                              resolution=args.resolution, frames=args.frames, fps=args.fps,
+                                              seed=args.seed, video_format=args.video_format)
+        print(f"wrote {args.num_samples} clips ({args.frames} frames at {args.fps} fps) in {len(shards)} shards "
+              f"to {args.out}")
+        return 0
     shards = write_synthetic_shards(args.out, num_samples=args.num_samples, samples_per_shard=args.per_shard,
                                     resolution=args.resolution, seed=args.seed, image_format=args.format,
                                     labels=args.labels, aspect_ratios=args.aspect_ratios)
@@ -312,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="add a metadata 'label' field in these proportions (class balancing), e.g. cat=0.9,dog=0.1")
     syn.add_argument("--aspect-ratios", type=float, nargs="+", default=None, metavar="W/H",
                      help="non-square images: width/height ratios cycled over the samples, e.g. 1.0 1.5 0.667")
+    syn.add_argument("--video", action="store_true",
+                     help="write clips (KEY.mp4) of a shape moving left/right/up/down, captioned with the motion")
+    syn.add_argument("--frames", type=int, default=16, help="--video: frames per clip")
+    syn.add_argument("--fps", type=int, default=8, help="--video: frame rate")
+    syn.add_argument("--video-format", choices=["mp4", "webm"], default="mp4", help="--video: container")
 
     pairs = data.add_parser("synth-pairs", help="write synthetic preference pairs (KEY.chosen.jpg, "
                             "KEY.rejected.jpg, KEY.txt) for Diffusion-DPO")

@@ -246,6 +246,10 @@ class StageSection(_Section):
     # This stage's changes to the objective's keys, flat or under the objective's name (e.g.
     # {flow_matching: {shift: 3.0}} for a higher resolution), checked like diffusion's own.
     diffusion: dict[str, Any] | None = None
+    # Video: frames per clip and their frame rate (None: each video's own). A video family's
+    # stage without frames trains 1-frame clips (images); image families take no frames.
+    frames: int | None = Field(None, gt=0)
+    fps: float | None = Field(None, gt=0.0)
 
 
 class TrainSection(_Section):
@@ -378,6 +382,9 @@ class SampleSection(_Section):
     guidance_scale: float = Field(3.0, ge=1.0)
     seed: int = 0
     resolution: int | None = Field(None, gt=0)  # default: the last stage's resolution
+    # Video presets: frames per sampled clip (default: the last stage's), written as an animated
+    # GIF (samples.gif) at the last stage's fps (8 when it names none).
+    frames: int | None = Field(None, gt=0)
     at_end: bool = True
 
     @model_validator(mode="after")
@@ -572,6 +579,16 @@ class RunConfig(_Section):
         s = self.train.stages[index]
         return s.images if s.images is not None else s.steps * self.stage_global_batch(index, world_size)
 
+    def stage_frames(self, index: int) -> int:
+        """Frames per sample of stage ``index``: its ``frames``, 1 on a video family without
+        (images as 1-frame clips), 0 on an image family (plain images)."""
+        from scaletrain.models.registry import get_preset
+
+        st = self.train.stages[index]
+        if st.frames is not None:
+            return st.frames
+        return 1 if get_preset(self.model.preset).video else 0
+
     def stage_buckets(self, index: int) -> list[tuple[int, int]]:
         """(width, height) aspect-ratio buckets of stage ``index`` ([] when data.buckets is off)."""
         from scaletrain.models.registry import get_preset
@@ -671,6 +688,17 @@ def _check_preset_and_resolutions(cfg: RunConfig) -> None:
                 f"train.stages.{i}.resolution={st.resolution} is not divisible by {f}, the "
                 f"down-sampling factor of model.preset={preset.name!r}; use {alt}"
             )
+    for i, st in enumerate(cfg.train.stages):
+        where = f"train.stages.{i}"
+        if st.frames is not None and not preset.video:
+            raise ValueError(f"{where}.frames={st.frames}: model.preset={preset.name!r} ({preset.family}) is an image "
+                             "family; remove frames or choose a video preset (e.g. wan-tiny)")
+        if st.fps is not None and st.frames is None:
+            raise ValueError(f"{where}.fps={st.fps:g} is set without frames; set {where}.frames too")
+        if st.frames is not None and (st.frames - 1) % preset.vae_frame_factor:
+            n = st.frames - 1 - (st.frames - 1) % preset.vae_frame_factor
+            raise ValueError(f"{where}.frames={st.frames}: {preset.name!r}'s video VAE takes 1 + "
+                             f"{preset.vae_frame_factor}k frames; use {n + 1} or {n + 1 + preset.vae_frame_factor}")
     if cfg.sample.resolution is not None and cfg.sample.resolution % f:
         raise ValueError(f"sample.resolution={cfg.sample.resolution} is not divisible by {f}; pick a multiple of {f}")
     top = preset.max_resolution  # e.g. an MMDiT's position-embedding grid
@@ -692,6 +720,10 @@ def _check_validate(cfg: RunConfig, world: int, *, check_paths: bool) -> None:
     if not (v.every_steps or v.at_end):
         return
     from scaletrain.models.registry import get_preset
+
+    if get_preset(cfg.model.preset).video:
+        raise ValueError(f"validate: FID validation of video presets ({cfg.model.preset}) is not built yet; set "
+                         "validate.every_steps=0 and validate.at_end=false (the end-of-run samples.gif still shows it)")
 
     f = get_preset(cfg.model.preset).downsample_factor
     if v.resolution is not None and v.resolution % f:

@@ -19,6 +19,7 @@ attention); tests check the two against each other and against torch's FlopCount
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import torch
@@ -114,9 +115,10 @@ def _height_width(size: ImageSize) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def layer_flops(preset_name: str, resolution: ImageSize) -> dict[str, int]:
+def layer_flops(preset_name: str, resolution: ImageSize, frames: int = 0) -> dict[str, int]:
     """Forward FLOPs per image of ``resolution`` (a square's side, or (height, width)) by layer
-    kind ({"conv", "linear", "attention"}), by the formulas above."""
+    kind ({"conv", "linear", "attention"}), by the formulas above. ``frames`` > 0 (video
+    presets): per clip of that many frames (the denoiser sees the VAE's latent frames)."""
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
@@ -128,9 +130,9 @@ def layer_flops(preset_name: str, resolution: ImageSize) -> dict[str, int]:
     den = Denoiser(net, preset.family, use_text_mask=False, pixel_factor=preset.vae_factor)
     counts = {"conv": 0, "linear": 0, "attention": 0}
 
-    def conv_hook(m: nn.Conv2d, args, out) -> None:
-        kh, kw = m.kernel_size
-        counts["conv"] += 2 * kh * kw * (m.in_channels // m.groups) * m.out_channels * out.shape[-2] * out.shape[-1]
+    def conv_hook(m: nn.Conv2d | nn.Conv3d, args, out) -> None:  # per output position: kernel x in x out MACs
+        counts["conv"] += (2 * math.prod(m.kernel_size) * (m.in_channels // m.groups) * m.out_channels
+                           * math.prod(out.shape[2:]))
 
     def linear_hook(m: nn.Linear, args, out) -> None:
         counts["linear"] += 2 * m.in_features * m.out_features * (args[0].numel() // m.in_features)
@@ -149,7 +151,7 @@ def layer_flops(preset_name: str, resolution: ImageSize) -> dict[str, int]:
 
     hooks = []
     for mod in den.modules():
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, (nn.Conv2d, nn.Conv3d)):
             hooks.append(mod.register_forward_hook(conv_hook))
         elif isinstance(mod, nn.Linear):
             hooks.append(mod.register_forward_hook(linear_hook))
@@ -157,7 +159,8 @@ def layer_flops(preset_name: str, resolution: ImageSize) -> dict[str, int]:
             hooks.append(mod.register_forward_hook(attn_hook, with_kwargs=True))
     height, width_px = (denoiser_input_size(preset, side) for side in _height_width(resolution))
     tokens, width = _text_dims(preset)
-    x = torch.zeros(1, preset.in_channels, height, width_px, device="meta")
+    clip = (preset.latent_frames(frames),) if frames else ()
+    x = torch.zeros(1, preset.in_channels, *clip, height, width_px, device="meta")
     t = torch.zeros(1, dtype=torch.long, device="meta")
     with torch.no_grad():
         den(x, t, torch.zeros(1, tokens, width, device="meta"), None)
@@ -166,14 +169,14 @@ def layer_flops(preset_name: str, resolution: ImageSize) -> dict[str, int]:
     return counts
 
 
-def forward_flops_per_image(preset_name: str, resolution: ImageSize) -> int:
-    return sum(layer_flops(preset_name, resolution).values())
+def forward_flops_per_image(preset_name: str, resolution: ImageSize, frames: int = 0) -> int:
+    return sum(layer_flops(preset_name, resolution, frames).values())
 
 
-def train_flops_per_image(preset_name: str, resolution: ImageSize) -> int:
-    """Forward + backward of the denoiser for one image: backward is 2x forward (grads wrt
-    inputs and wrt weights), so 3x forward."""
-    return 3 * forward_flops_per_image(preset_name, resolution)
+def train_flops_per_image(preset_name: str, resolution: ImageSize, frames: int = 0) -> int:
+    """Forward + backward of the denoiser for one image (``frames`` > 0: one clip): backward is
+    2x forward (grads wrt inputs and wrt weights), so 3x forward."""
+    return 3 * forward_flops_per_image(preset_name, resolution, frames)
 
 
 def dit_forward_flops(*, layers: int, hidden: int, patch: int, in_channels: int, out_channels: int,

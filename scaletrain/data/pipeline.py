@@ -38,10 +38,11 @@ from webdataset import gopen
 from scaletrain.data.buckets import nearest_bucket
 from scaletrain.data.filters import FilterSpec, first_failing_rule
 from scaletrain.data.mixing import Balance, Source, class_value, cumulative, pick_leaf, plan_leaves
+from scaletrain.data.video import VIDEO_EXTS, ClipSpec, VideoFpsTooLow, VideoTooShort, decode_video
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Kinds of bad data the loader counts (batch["issues"]) instead of raising; each named in the metrics.
-ISSUES = ("bad_caption", "image_too_large", "member_too_large")
+ISSUES = ("bad_caption", "image_too_large", "member_too_large", "video_too_short", "video_low_fps")
 _URL_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "gcs://")
 _SPLITS = ("shard", "sample", "auto")
 # Same key/extension rule as webdataset: key = path up to the first dot of the basename.
@@ -131,6 +132,12 @@ class LoaderSpec:
     max_image_pixels: int = 64_000_000
     max_member_bytes: int = 64 * 2**20
     allow_pipe_shards: bool = False
+    # Video stages (data/video.py): frames > 0 makes every sample a (3, F, H, W) clip: a video
+    # member (mp4, webm, ...) gives `frames` frames at `fps` (None: its own rate), an image a
+    # 1-frame clip, batched apart (batches hold one shape), so images and videos train in one run.
+    # A video too short for the clip, or below the stage's fps, drops its sample (counted).
+    frames: int = 0
+    fps: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -146,6 +153,8 @@ class LoaderSpec:
             (0 <= self.rank < self.world_size, "rank", self.rank,
              f"use 0 <= rank < world_size={self.world_size}"),
             (self.bad_captions in ("empty", "skip"), "bad_captions", self.bad_captions, "use 'empty' or 'skip'"),
+            (self.frames >= 0, "frames", self.frames, "use 0 (images) or a positive frame count"),
+            (self.fps is None or self.fps > 0, "fps", self.fps, "use a positive frame rate, or null for the video's own"),
         ]
         for ok, name, value, fix in checks:
             if not ok:
@@ -408,7 +417,8 @@ def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | 
 
         payload = MEMBER if MEMBER in raw else None
     else:
-        payload = next((ext for ext in IMAGE_EXTS if ext in raw), None)
+        exts = IMAGE_EXTS + VIDEO_EXTS if spec.frames else IMAGE_EXTS
+        payload = next((ext for ext in exts if ext in raw), None)
     parsed = None if raw.get("__corrupt__") or payload is None else read_meta_caption(raw)
     if parsed is None:
         return None
@@ -433,10 +443,21 @@ def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | 
             tensors["text_emb"], tensors["text_mask"] = spec.empty_text
         return {"key": key, "caption": "" if drop_caption else caption, "issue": issue, **tensors}
     try:
-        pixels = decode_image(raw[payload], spec.resolution, spec.buckets, spec.max_image_pixels)
+        if payload in VIDEO_EXTS:
+            # the clip's start: drawn per (seed, key, epoch), the same on any rank layout
+            rng = random.Random(_stable_int("clip", spec.seed, key, epoch))
+            pixels = decode_video(raw[payload], ClipSpec(spec.frames, spec.fps), spec.resolution, rng, spec.buckets)
+        else:
+            pixels = decode_image(raw[payload], spec.resolution, spec.buckets, spec.max_image_pixels)
+            if spec.frames:
+                pixels = pixels.unsqueeze(1)  # an image is a 1-frame clip
     except ImageTooLarge:
         return Dropped(None, "image_too_large")
-    except Exception:  # noqa: BLE001 - PIL raises many types (SyntaxError, struct.error...) on bad bytes
+    except VideoTooShort:
+        return Dropped(None, "video_too_short")
+    except VideoFpsTooLow:
+        return Dropped(None, "video_low_fps")
+    except Exception:  # noqa: BLE001 - PIL / PyAV raise many types (SyntaxError, struct.error, av.error...) on bad bytes
         return None
     return {"key": key, "pixels": pixels, "caption": "" if drop_caption else caption, "issue": issue}
 
@@ -595,7 +616,7 @@ class _LeafStream:
 
     def __init__(self, spec: LoaderSpec, shards: list[str], mode: str, worker: int, state: dict | None = None) -> None:
         self.spec, self.shards, self.mode, self.worker = spec, shards, mode, worker
-        self.epoch, self.offset, self.good, self.filtered = 0, 0, 0, Counter()
+        self.epoch, self.offset, self.good, self.filtered, self.short = 0, 0, 0, Counter(), Counter()
         raw_state = None
         if state is not None:
             self.epoch, self.offset, self.good = state["epoch"], state["offset"], state["good"]
@@ -620,6 +641,8 @@ class _LeafStream:
             if isinstance(item, Dropped):
                 if item.rule is not None:
                     self.filtered[item.rule] += 1
+                if item.issue in ("video_too_short", "video_low_fps"):
+                    self.short[item.issue] += 1
             elif isinstance(item, dict):
                 self.good += 1
                 item["__ref__"] = [*_raw_ref(raw), self.epoch]
@@ -636,13 +659,17 @@ class _LeafStream:
                 rules = ", ".join(f"{rule}: {n}" for rule, n in sorted(filtered.items()) if n)
                 raise RuntimeError(f"{where}: data.filters dropped all {sum(filtered.values())} it read "
                                    f"({rules}); loosen data.filters for this stream")
+            if sum(self.short.values()):
+                raise RuntimeError(f"{where}: every video it read is too short or below the frame rate for "
+                                   f"{spec.frames} frames at {spec.fps or 'their own'} fps ({dict(self.short)}); "
+                                   "lower the stage's frames or fps")
             if spec.only_class is not None:
                 raise RuntimeError(f"{where}: no sample has {spec.balance.field}={spec.only_class!r}; "
                                    "fix data.balance.weights or write more shards")
             raise RuntimeError(f"{where}; check the shards or use fewer workers/ranks")
         self.offset += self.raws.count
         self.epoch += 1
-        self.good, self.filtered = 0, Counter()
+        self.good, self.filtered, self.short = 0, Counter(), Counter()
         self.raws = _RawEpoch(spec, self.shards, mode, self.epoch, self.worker, self.offset)
 
 
@@ -824,7 +851,8 @@ def loader_identity(spec: LoaderSpec) -> str:
     loader with the same identity (the same data, split, layout and batch size)."""
     from dataclasses import fields
 
-    parts = [(f.name, getattr(spec, f.name)) for f in fields(spec) if f.name not in _NOT_IDENTITY]
+    parts = [(f.name, getattr(spec, f.name)) for f in fields(spec) if f.name not in _NOT_IDENTITY
+             and not (f.name in ("frames", "fps") and not getattr(spec, f.name))]  # image stages: as before
     return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
 
 

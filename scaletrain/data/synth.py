@@ -38,6 +38,11 @@ POSITIONS: dict[str, tuple[float, float, str]] = {
     "center": (0.5, 0.5, "in the center"),
 }
 _FORMATS = ("jpg", "png")
+VIDEO_FORMATS = ("mp4", "webm")
+# Motions of ``--video`` clips: direction the shape moves in, as (dx, dy) per clip length.
+MOTIONS: dict[str, tuple[float, float]] = {
+    "left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0),
+}
 
 
 def write_tar_shard(path: str | Path, samples: list[dict[str, bytes | str]]) -> None:
@@ -144,6 +149,68 @@ def make_synthetic_sample(
     return {"__key__": key, image_format: buf.getvalue(), "txt": caption, "json": meta_json}
 
 
+def make_synthetic_video_sample(index: int, seed: int, resolution: int, frames: int, fps: int,
+                                video_format: str = "mp4") -> dict[str, bytes | str]:
+    """One clip ``{"__key__", "mp4"|"webm", "txt", "json"}``: a coloured shape crossing the frame
+    at constant speed, captioned with how it moves ("a red circle moving left"). The caption is
+    exactly derivable from the frames, and the direction only from several of them, so a video
+    model has to use the time axis to learn it."""
+    from scaletrain.data.video import encode_video
+
+    rng = np.random.default_rng([seed, index, 0x7D])
+    shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
+    motion = str(rng.choice(list(MOTIONS)))
+    dx, dy = MOTIONS[motion]
+    background = tuple(int(v) for v in rng.integers(225, 256, size=3))
+    half = resolution * 0.15
+    travel = resolution * 0.5  # from 1/4 to 3/4 of the side over the clip
+    imgs = []
+    for f in range(frames):
+        t = f / max(frames - 1, 1) - 0.5
+        img = Image.new("RGB", (resolution, resolution), background)
+        _draw_shape(ImageDraw.Draw(img), shape, resolution / 2 + dx * travel * t, resolution / 2 + dy * travel * t,
+                    half, COLORS[color])
+        imgs.append(img)
+    caption = f"{_article(color)} {color} {shape} moving {motion}"
+    key = f"{index:09d}"
+    meta = {
+        "key": key, "url": f"synthetic://seed{seed}/{key}", "caption": caption, "status": "success",
+        "error_message": None, "width": resolution, "height": resolution, "original_width": resolution,
+        "original_height": resolution, "shape": shape, "color": color, "motion": motion,
+        # the video fields video2dataset writes
+        "fps": fps, "frames": frames, "duration": frames / fps,
+        "aesthetic": round(float(rng.uniform(4.0, 7.0)), 4), "punsafe": round(float(rng.uniform(0.0, 0.2)), 4),
+        "pwatermark": round(float(rng.uniform(0.0, 0.5)), 4),
+    }
+    return {"__key__": key, video_format: encode_video(imgs, fps, video_format), "txt": caption,
+            "json": json.dumps(meta, sort_keys=True)}
+
+
+def write_synthetic_video_shards(out_dir: str | Path, *, num_samples: int, samples_per_shard: int, resolution: int,
+                                 frames: int = 16, fps: int = 8, seed: int = 0, video_format: str = "mp4") -> list[str]:
+    """``scaletrain data synth --video``: shards of moving-shape clips plus ``manifest.json``."""
+    _check_args(num_samples, samples_per_shard, resolution, "jpg")
+    if resolution % 2:
+        raise ValueError(f"resolution={resolution} must be even for yuv420p video; e.g. 64")
+    if frames < 2 or fps < 1:
+        raise ValueError(f"frames={frames}, fps={fps}: a video needs frames >= 2 and fps >= 1, e.g. 16 and 8")
+    if video_format not in VIDEO_FORMATS:
+        raise ValueError(f"video_format={video_format!r} is not supported; use one of {VIDEO_FORMATS}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for shard_idx, start in enumerate(range(0, num_samples, samples_per_shard)):
+        path = out / f"shard-{shard_idx:06d}.tar"
+        write_tar_shard(path, [make_synthetic_video_sample(i, seed, resolution, frames, fps, video_format)
+                               for i in range(start, min(start + samples_per_shard, num_samples))])
+        shards.append(str(path))
+    manifest = {"num_samples": num_samples, "samples_per_shard": samples_per_shard,
+                "shards": [Path(s).name for s in shards], "resolution": resolution, "seed": seed,
+                "video_format": video_format, "frames": frames, "fps": fps}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return shards
+
+
 def _check_args(num_samples: int, samples_per_shard: int, resolution: int, image_format: str,
                 aspect_ratios: list[float] | None = None) -> None:
     if num_samples < 1:
@@ -248,7 +315,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="add a metadata 'label' with these proportions, e.g. cat=0.9,dog=0.1")
     parser.add_argument("--aspect-ratios", type=float, nargs="+", default=None, metavar="W/H",
                         help="width/height ratios cycled over the samples, e.g. 1.0 1.5 0.667 (default: square)")
+    parser.add_argument("--video", action="store_true",
+                        help="write clips of a shape moving left/right/up/down (KEY.mp4), captioned with the motion")
+    parser.add_argument("--frames", type=int, default=16, help="--video: frames per clip (default 16)")
+    parser.add_argument("--fps", type=int, default=8, help="--video: frame rate (default 8)")
+    parser.add_argument("--video-format", choices=VIDEO_FORMATS, default="mp4")
     args = parser.parse_args(argv)
+    if args.video:
+        write_synthetic_video_shards(args.out, num_samples=args.num_samples, samples_per_shard=args.per_shard,
+                                     resolution=args.resolution, frames=args.frames, fps=args.fps, seed=args.seed,
+                                     video_format=args.video_format)
+        return 0
     write_synthetic_shards(
         args.out,
         num_samples=args.num_samples,

@@ -37,7 +37,7 @@ def _preserve_global_rng(device: torch.device) -> Iterator[None]:
 
 
 def _initial_latents(
-    num: int, shape: tuple[int, int, int], seed: int, device: torch.device
+    num: int, shape: tuple[int, ...], seed: int, device: torch.device
 ) -> Tensor:
     # One generator per prompt (seed + index) on CPU: the grid is identical across runs,
     # world sizes and devices, so checkpoints can be compared by eye.
@@ -76,8 +76,11 @@ def generate_samples(
     guidance_scale: float = 3.0,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    frames: int = 0,
 ) -> Tensor:
-    """Sample one image per prompt; returns float32 pixels (B, 3, H, W) in [-1, 1].
+    """Sample one image per prompt; returns float32 pixels (B, 3, H, W) in [-1, 1]. With
+    ``frames`` (the denoiser's frames: latent frames of a video VAE) one clip per prompt,
+    (B, 3, F, H, W).
 
     Latents are float32; a bf16 denoiser is expected to cast its inputs (FSDP2's
     MixedPrecisionPolicy does). guidance_scale == 1 skips the unconditional half, which
@@ -90,14 +93,15 @@ def generate_samples(
     device = torch.device(device)
     use_cfg = guidance_scale != 1.0
     side = resolution // latent_factor
+    shape = (in_channels, frames, side, side) if frames else (in_channels, side, side)
     with _preserve_global_rng(device):
         # The objective's own sampler (DDIM with eta=0 for DDPM, flow Euler for flow
         # matching): deterministic, no RNG after the initial latents.
-        scheduler = objective.sampler(num_inference_steps, device, latent_shape=(in_channels, side, side))
+        scheduler = objective.sampler(num_inference_steps, device, latent_shape=shape)
         # One text-encoder call for both halves keeps the batch (and any collectives) fixed.
         texts = [""] * len(prompts) + list(prompts) if use_cfg else list(prompts)
         emb, mask = encode_text(texts)
-        x = _initial_latents(len(prompts), (in_channels, side, side), seed, device)
+        x = _initial_latents(len(prompts), shape, seed, device)
         x = x * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(x, t)
@@ -149,6 +153,29 @@ def save_image_grid(
         raise ValueError(f"images must be (B, 1|3, H, W), got {tuple(images.shape)}")
     if captions is not None and len(captions) != images.shape[0]:
         raise ValueError(f"got {len(captions)} captions for {images.shape[0]} images")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _grid(images, nrow, captions, min_tile).save(path, format="PNG")
+    return path
+
+
+def save_video_grid(videos: Tensor, path: str | Path, fps: float = 8.0, nrow: int | None = None,
+                    captions: Sequence[str] | None = None, min_tile: int = 128) -> Path:
+    """Tile (B, C, F, H, W) clips in [-1, 1] into an animated GIF (frame f of every clip in
+    one grid, the layout and captions of ``save_image_grid``), looping at ``fps``."""
+    if videos.ndim != 5 or videos.shape[1] not in (1, 3):
+        raise ValueError(f"videos must be (B, 1|3, F, H, W), got {tuple(videos.shape)}")
+    if captions is not None and len(captions) != videos.shape[0]:
+        raise ValueError(f"got {len(captions)} captions for {videos.shape[0]} videos")
+    frames = [_grid(videos[:, :, f], nrow, captions, min_tile) for f in range(videos.shape[2])]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], loop=0,
+                   duration=max(20, round(1000 / fps)), optimize=False)
+    return path
+
+
+def _grid(images: Tensor, nrow: int | None, captions: Sequence[str] | None, min_tile: int) -> Image.Image:
     tiles = _to_uint8(images)
     count, height, width = tiles.shape[:3]
     scale = max(1, math.ceil(min_tile / width)) if captions is not None else 1
@@ -172,7 +199,4 @@ def save_image_grid(
         if captions is not None:
             for j, line in enumerate(_caption_lines(draw, captions[i], font, width - 4, max_lines)):
                 draw.text((left + 2, top + height + 1 + j * line_height), line, fill=(255, 255, 255), font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path, format="PNG")
-    return path
+    return grid

@@ -33,6 +33,14 @@ TINY_VAE: dict[str, Any] = dict(
     act_fn="silu", sample_size=64, scaling_factor=0.5,
 )
 
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers vae/config.json (AutoencoderKLWan, 127M params): a causal 3D
+# VAE, 8x in space and 4x in time (a clip of 1 + 4k frames gives 1 + k latent frames), 16
+# channels normalised per channel by latents_mean / latents_std (diffusers' defaults, kept there).
+WAN_VAE: dict[str, Any] = dict(
+    _class_name="AutoencoderKLWan", base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+    temperal_downsample=[False, True, True],
+)
+
 TINY_TEXT_DIM = 32
 TINY_TEXT_LEN = 32
 

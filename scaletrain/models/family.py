@@ -44,6 +44,13 @@ class ModelFamily(ABC):
     # Caption tokens of a preset read from a pipeline folder (models/pipeline_folder.py): the
     # pipeline's own prompt length where it is not the tokenizer's model_max_length.
     pipeline_text_len: ClassVar[int | None] = None
+    # A video family takes (B, C, F, H, W) (F frames; an image is F = 1) and can train stages
+    # with `frames`; an image family takes (B, C, H, W) only.
+    video: ClassVar[bool] = False
+
+    def frame_factor(self, config: dict[str, Any]) -> int:
+        """Frames per token along time (a video family's temporal patch size)."""
+        return 1
 
     def pipeline_problem(self, preset: Any) -> str | None:
         """Why ``preset`` cannot be written as this family's pipeline (one line), or None."""
@@ -148,6 +155,14 @@ class ModelPreset:
     text_encoder: text.TextEncoderSpec = field(repr=False, compare=False, hash=False)
     max_text_len: int = 77
     vae_config: dict[str, Any] | None = field(default=None, repr=False, compare=False, hash=False)
+    # Video presets: frames per latent frame after the first (a causal video VAE keeps frame 0
+    # and compresses the rest by this; 1 in pixel space and for image VAEs).
+    vae_frame_factor: int = 1
+    video: bool = False  # the family's `video`
+
+    def latent_frames(self, frames: int) -> int:
+        """Frames the denoiser sees for a clip of ``frames`` frames."""
+        return 1 + (frames - 1) // self.vae_frame_factor
 
     @property
     def max_resolution(self) -> int | None:
@@ -159,6 +174,15 @@ class ModelPreset:
 PRESETS: dict[str, ModelPreset] = {}
 
 
+def vae_factors(vae: dict[str, Any] | None) -> tuple[int, int]:
+    """(pixels per latent along each side, frames per latent frame) of a VAE config."""
+    if vae is None:
+        return 1, 1
+    if "dim_mult" in vae:  # AutoencoderKLWan: one 2x per level after the first; time where flagged
+        return 2 ** (len(vae["dim_mult"]) - 1), 2 ** sum(bool(t) for t in vae.get("temperal_downsample", ()))
+    return 2 ** (len(vae["down_block_types"]) - 1), 1  # AutoencoderKL: the last block keeps size
+
+
 def add_preset(name: str, family: str, vae: dict[str, Any] | None, denoiser_config: dict[str, Any],
                text_encoder: text.TextEncoderSpec, max_text_len: int, description: str) -> ModelPreset:
     """Register a preset, deriving the space-dependent fields so they can never disagree
@@ -167,12 +191,12 @@ def add_preset(name: str, family: str, vae: dict[str, Any] | None, denoiser_conf
         raise ValueError(f"model preset {name!r} is registered twice")
     fam = FAMILIES[family]
     net_factor = fam.downsample(denoiser_config)
-    vae_factor = 2 ** (len(vae["down_block_types"]) - 1) if vae is not None else 1  # the last block keeps size
+    vae_factor, frame_factor = vae_factors(vae)
     preset = ModelPreset(
         name=name, family=family, latent=vae is not None, downsample_factor=vae_factor * net_factor,
         vae_factor=vae_factor, in_channels=fam.input_channels(denoiser_config), description=description,
         denoiser_config=denoiser_config, text_encoder=text_encoder, max_text_len=max_text_len,
-        vae_config=vae,
+        vae_config=vae, vae_frame_factor=frame_factor, video=fam.video,
     )
     PRESETS[name] = preset
     return preset

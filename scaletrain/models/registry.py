@@ -120,6 +120,9 @@ class DiffusionModel:
         """Pixels in [-1, 1] (B, 3, H, W) -> the VAE posterior's (mean, logvar), in the VAE's dtype
         (logvar clamped as diffusers' DiagonalGaussianDistribution does). What `data encode` stores."""
         vae = self.vae
+        if self.preset.video and pixels.ndim == 4:  # an image through a video VAE: one frame
+            mean, logvar = self.encode_posterior(pixels.unsqueeze(2))
+            return mean.squeeze(2), logvar.squeeze(2)
         dist = vae.encode(pixels.to(next(vae.parameters()).dtype)).latent_dist
         return dist.mean, dist.logvar
 
@@ -136,7 +139,7 @@ class DiffusionModel:
             noise = torch.stack([torch.randn(tuple(mean.shape[1:]), generator=g) for g in generators])
         z = mean.float() + torch.exp(0.5 * logvar.float()) * noise.to(mean.device)
         factor, shift = scaling if scaling is not None else vae_scaling(self.vae.config)
-        return (z - shift) * factor
+        return (z - _per_channel(shift, z)) * _per_channel(factor, z)
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
@@ -153,27 +156,53 @@ class DiffusionModel:
         if not self.preset.latent:
             return latents.float().clamp(-1, 1)
         vae = self.vae
+        if self.preset.video and latents.ndim == 4:
+            return self.decode(latents.unsqueeze(2)).squeeze(2)
         factor, shift = vae_scaling(vae.config)
-        z = latents.to(next(vae.parameters()).dtype) / factor + shift
+        z = latents.to(next(vae.parameters()).dtype)
+        z = z / _per_channel(factor, z) + _per_channel(shift, z)
         return vae.decode(z).sample.float().clamp(-1, 1)
 
 
-def vae_scaling(config: Any) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) of a VAE config (shift 0 for SD's VAE, set for SD3/Flux's)."""
+def vae_scaling(config: Any) -> tuple[Any, Any]:
+    """(scale, shift) taking a VAE sample into the denoiser's space as (z - shift) * scale:
+    SD's scaling_factor (shift 0; SD3/Flux's shift_factor), or for a video VAE that normalises
+    per channel (Wan: latents_mean / latents_std) one value per channel (tuples)."""
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    if get("latents_mean", None) is not None:
+        return tuple(1.0 / float(s) for s in get("latents_std")), tuple(float(m) for m in get("latents_mean"))
     return float(get("scaling_factor")), float(get("shift_factor", None) or 0.0)
 
 
-def build_vae(config: dict[str, Any], path: str | None, dtype: torch.dtype) -> AutoencoderKL:
-    """Frozen SD VAE: random init from `config`, or a local folder (or a pipeline root with vae/)."""
+def _per_channel(v: Any, z: Tensor) -> Any:
+    """A scale or shift from ``vae_scaling``, broadcastable over ``z`` (B, C, ...)."""
+    if isinstance(v, (int, float)):
+        return v
+    return torch.tensor(v, dtype=z.dtype, device=z.device).view(1, -1, *([1] * (z.dim() - 2)))
+
+
+def _vae_class(config: dict[str, Any]) -> tuple[type, dict[str, Any]]:
+    import diffusers
+
+    cfg = dict(config)
+    name = cfg.pop("_class_name", "AutoencoderKL")
+    if not name.startswith("AutoencoderKL") or not hasattr(diffusers, name):
+        raise ValueError(f"VAE class {name!r} is not a diffusers AutoencoderKL* class")
+    return getattr(diffusers, name), cfg
+
+
+def build_vae(config: dict[str, Any], path: str | None, dtype: torch.dtype) -> nn.Module:
+    """Frozen VAE (AutoencoderKL, or the preset's other AutoencoderKL* class, e.g. Wan's video
+    VAE): random init from `config`, or a local folder (or a pipeline root with vae/)."""
+    cls, init = _vae_class(config)
     if path is None:
-        vae = AutoencoderKL(**config)
+        vae = cls(**init)
     else:
         if not os.path.isdir(path):
-            raise ValueError(f"model.vae_path={path!r} is not a directory; give a local AutoencoderKL "
+            raise ValueError(f"model.vae_path={path!r} is not a directory; give a local {cls.__name__} "
                              "folder saved with save_pretrained (downloads are never attempted)")
         sub = os.path.join(path, "vae")
-        vae = AutoencoderKL.from_pretrained(sub if os.path.isdir(sub) else path, local_files_only=True)
+        vae = cls.from_pretrained(sub if os.path.isdir(sub) else path, local_files_only=True)
     # nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules, which
     # AutoencoderKL does not have.
     nn.Module.to(vae, dtype).eval().requires_grad_(False)

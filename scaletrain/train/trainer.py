@@ -30,7 +30,7 @@ from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards, lo
 from scaletrain.diffusion import build_objective
 from scaletrain.distributed import DistInfo, all_reduce_sum
 from scaletrain.engines import StepStats, build_engine
-from scaletrain.eval.samples import generate_samples, save_image_grid
+from scaletrain.eval.samples import generate_samples, save_image_grid, save_video_grid
 from scaletrain.models import build_model, frozen_dtype
 from scaletrain.train.ema import build_ema
 from scaletrain.train.health import HealthGuard, HealthStop, poison, quarantine
@@ -329,7 +329,8 @@ class Trainer:
             self.data_counts.add_batch(batch)
             out.keys += list(batch.get("keys", []))
             if "pixels" in batch:  # with data.buckets the size changes from batch to batch
-                self.step_image_sizes.append(tuple(batch["pixels"].shape[-2:]))
+                px = batch["pixels"]  # (B, 3, H, W), or clips (B, 3, F, H, W): F rides along for the FLOPs
+                self.step_image_sizes.append(tuple(px.shape[-2:]) + ((px.shape[2],) if px.ndim == 5 else ()))
             elif "latents" in batch:
                 f = self.model.preset.vae_factor
                 self.step_image_sizes.append(tuple(n * f for n in batch["latents"].shape[-2:]))
@@ -581,6 +582,7 @@ class Trainer:
             caption_dropout=d.caption_dropout, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
             seed=self.cfg.run.seed, split=d.split, rank=self.dist.rank, world_size=self.dist.world_size,
             skip_batches=skip, **self.stage_data_fields(resolution),
+            frames=self.cfg.stage_frames(self.stage_index), fps=self.cfg.train.stages[self.stage_index].fps,
             buckets=tuple(d.buckets.sizes(resolution, self.model.preset.downsample_factor) if d.buckets.enabled else ()),
             precomputed=self.encoding is not None, pin_memory=self.device.type == "cuda",
             bad_captions=d.bad_captions, max_image_pixels=d.max_image_pixels, max_member_bytes=d.max_member_bytes,
@@ -655,7 +657,7 @@ class Trainer:
             record["loss_scale"] = stats.loss_scale
         record.update(self.comm_profiler.record(dt, wait))  # compute / exposed comm, sampled steps
         if self.cfg.data.buckets.enabled:  # rank 0's micro-batch sizes this step, one bucket each
-            record["bucket_sizes"] = [f"{w}x{h}" for h, w in getattr(self, "step_image_sizes", [])]
+            record["bucket_sizes"] = [f"{hw[1]}x{hw[0]}" for hw in getattr(self, "step_image_sizes", [])]
         record.update(self.data_counts.record())  # filtered_samples, source_frac/*, class_frac/*
         record.update(self.loss.metrics(objective_sums))  # e.g. DPO's implicit accuracy and reward margin
         if stats.skipped or self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
@@ -674,7 +676,7 @@ class Trainer:
         # Mean over this rank's micro-batches (their sizes differ under data.buckets; the FLOPs depend
         # on the area, which the buckets keep within a few % of resolution^2 on every rank).
         sizes = getattr(self, "step_image_sizes", None) or [(resolution, resolution)]
-        flops = sum(train_flops_per_image(self.cfg.model.preset, hw) for hw in sizes) / len(sizes)  # cached per size
+        flops = sum(train_flops_per_image(self.cfg.model.preset, tuple(hw[:2]), *hw[2:]) for hw in sizes) / len(sizes)
         tflops = flops * images_per_second * self.loss.images_per_sample / self.dist.world_size / 1e12
         peak, _ = device_peak_tflops(self.device, self.cfg.engine.precision, self.cfg.log.peak_tflops)
         return {"tflops_per_device": tflops, "mfu": tflops / peak, "peak_memory_gib": peak_memory_gib(self.device)}
@@ -727,6 +729,8 @@ class Trainer:
         def denoise(x, t, emb, mask):
             return module(x.to(dtype), t, emb.to(dtype), mask).float()
 
+        preset, last = self.model.preset, self.cfg.train.stages[-1]
+        frames = (s.frames or self.cfg.stage_frames(len(self.cfg.train.stages) - 1)) if preset.video else 0
         ema = self.ema
         with (ema.swapped() if ema is not None else contextlib.nullcontext()), self.engine.eval_mode():
             images = generate_samples(
@@ -742,9 +746,14 @@ class Trainer:
                 guidance_scale=s.guidance_scale,
                 seed=s.seed,
                 device=self.device,
+                frames=preset.latent_frames(frames) if frames > 1 else 0,
             )
         if self.dist.is_main:
-            save_image_grid(images, path, captions=list(s.prompts))
+            if images.ndim == 5:
+                path = save_video_grid(images, path.with_suffix(".gif"), fps=last.fps or 8.0, captions=list(s.prompts))
+            else:
+                save_image_grid(images, path, captions=list(s.prompts))
+            self.logger.event(f"samples: {path}")
 
     def summary(self) -> dict:
         return {

@@ -96,7 +96,8 @@ class ValidationWatcher(Watcher):
 
 
 class SamplesWatcher(Watcher):
-    """The end-of-run sample grid (``sample.at_end``): RUN_DIR/samples.png."""
+    """The end-of-run sample grid (``sample.at_end``): RUN_DIR/samples.png (a video run's clips:
+    RUN_DIR/samples.gif)."""
 
     def at_end(self, trainer: "Trainer") -> None:
         trainer.write_samples(trainer.run_dir / "samples.png")

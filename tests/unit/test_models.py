@@ -15,7 +15,8 @@ TINY = ["unet-tiny", "dit-tiny", "unet-tiny-latent", "mmdit-tiny", "flux-tiny"]
 REAL_PARAMS_M = {"dit-b-2": 119.0, "unet-sd15": 859.5, "unet-sd2": 865.9, "pixart-xl-2": 610.9,
                  "mmdit-sd3-medium": 2028.3, "flux-dev": 11901.4}
 DOWNSAMPLE = {"unet-tiny": 2, "unet-tiny-latent": 8, "unet-small": 4, "dit-tiny": 2, "dit-b-2": 16, "unet-sd15": 64, "unet-sd2": 64, "pixart-xl-2": 16,
-              "mmdit-tiny": 2, "mmdit-sd3-medium": 16, "flux-tiny": 2, "flux-dev": 16}
+              "mmdit-tiny": 2, "mmdit-sd3-medium": 16, "flux-tiny": 2, "flux-dev": 16,
+              "wan-tiny": 2, "wan-2.1-1.3b": 16, "wan-2.1-14b": 16}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,8 @@ def test_every_preset_is_listed_with_consistent_fields() -> None:
     for name, preset in named.items():
         assert preset.name == name and preset.family in FAMILIES
         assert preset.downsample_factor == DOWNSAMPLE[name]
-        assert preset.in_channels == ((preset.vae_config or {}).get("latent_channels") or 3)
+        vae = preset.vae_config or {}
+        assert preset.in_channels == (vae.get("latent_channels") or vae.get("z_dim") or 3)  # z_dim: Wan's VAE
         assert (preset.vae_config is not None) == preset.latent
 
 

@@ -1,0 +1,139 @@
+"""Video clips from webdataset shards (``key.mp4`` / ``key.webm`` + ``key.txt`` + ``key.json``).
+
+Decoded with PyAV (``av`` on PyPI), not torchcodec: PyAV's wheels carry their own FFmpeg
+(decoders and the encoders ``data synth --video`` writes with), so ``pip install av`` is the
+whole install on any Linux box, and it does not pin the torch version. torchcodec is built
+against one torch release and needs the system's FFmpeg 4-7 shared libraries, which a
+cluster image may not have.
+
+A clip is ``frames`` frames at ``fps`` (the stage's), taken from a start frame drawn per
+(seed, key, epoch) so every epoch sees another stretch of a long video, resized and
+center-cropped exactly like an image (the same target size for every frame). Layout
+(3, F, H, W) in [-1, 1], the (C, F, H, W) diffusers' video transformers take per sample.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
+
+
+class VideoTooShort(ValueError):
+    """The video holds fewer frames than the clip needs at the stage's frame rate."""
+
+
+class VideoFpsTooLow(ValueError):
+    """The video's frame rate is below the stage's: frames would have to be invented."""
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    frames: int  # frames per clip (>= 1)
+    fps: float | None = None  # None: the video's own rate (consecutive frames)
+
+
+def frame_stride(src_fps: float, fps: float | None) -> float:
+    """Source frames per clip frame: 24 fps sampled at 8 is every 3rd frame."""
+    if fps is None:
+        return 1.0
+    if src_fps + 1e-6 < fps:
+        raise VideoFpsTooLow(f"{src_fps:g} fps < {fps:g}")
+    return src_fps / fps
+
+
+def clip_indices(num_frames: int, src_fps: float, clip: ClipSpec, rng: random.Random) -> list[int]:
+    """Source frame indices of one clip: ``clip.frames`` frames ``frame_stride`` apart from a
+    start drawn by ``rng`` among the starts that fit."""
+    stride = frame_stride(src_fps, clip.fps)
+    span = (clip.frames - 1) * stride  # source frames from the first to the last picked
+    last_start = num_frames - 1 - math.ceil(span - 1e-9)
+    if last_start < 0:
+        raise VideoTooShort(f"{num_frames} frames < the {math.ceil(span - 1e-9) + 1} a {clip.frames}-frame clip "
+                            f"at {clip.fps or src_fps:g} fps needs")
+    start = rng.randint(0, last_start)
+    return [start + round(i * stride) for i in range(clip.frames)]
+
+
+def _fit(img: Image.Image, tw: int, th: int) -> np.ndarray:
+    """Resize (bicubic, antialiased) to cover (tw, th), center-crop: ``decode_image``'s rule."""
+    w, h = img.size
+    scale = max(tw / w, th / h)
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - tw) // 2, (nh - th) // 2
+    return np.asarray(img.crop((left, top, left + tw, top + th)), dtype=np.float32)
+
+
+def probe_video(data: bytes) -> tuple[int, float, int, int]:
+    """(frames, fps, width, height) from the container header, nothing decoded."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+        frames = stream.frames
+        if not frames and stream.duration is not None and stream.time_base is not None:
+            frames = int(round(float(stream.duration * stream.time_base) * rate))
+        return int(frames), rate, stream.codec_context.width, stream.codec_context.height
+
+
+def decode_video(data: bytes, clip: ClipSpec, resolution: int, rng: random.Random,
+                 buckets: tuple[tuple[int, int], ...] = ()) -> torch.Tensor:
+    """Bytes -> float32 (3, F, H, W) in [-1, 1]: R x R, or with ``buckets`` the (W, H) bucket
+    nearest the video's aspect ratio (as ``decode_image``).
+    Decodes frames in order and stops after the clip's last one; raises ``VideoTooShort`` /
+    ``VideoFpsTooLow`` (the sample is dropped and counted) and anything PyAV raises on bad bytes
+    (the sample is corrupt)."""
+    import av
+
+    from scaletrain.data.buckets import nearest_bucket
+
+    num_frames, src_fps, width, height = probe_video(data)
+    tw, th = buckets[nearest_bucket(width, height, buckets)] if buckets else (resolution, resolution)
+    if src_fps <= 0:
+        raise ValueError("the video stream declares no frame rate")
+    if num_frames <= 0:  # header without a count: decode to find it (rare for mp4/webm)
+        with av.open(io.BytesIO(data)) as container:
+            num_frames = sum(1 for _ in container.decode(video=0))
+    want = clip_indices(num_frames, src_fps, clip, rng)
+    wanted = set(want)
+    picked: dict[int, np.ndarray] = {}
+    with av.open(io.BytesIO(data)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                picked[i] = _fit(frame.to_image(), tw, th)
+            if i >= want[-1]:
+                break
+    if len(picked) < len(wanted):  # the header promised more frames than the stream holds
+        raise VideoTooShort(f"the stream ended after {i + 1} frames, before frame {want[-1]}")
+    arr = np.stack([picked[i] for i in want]) / 127.5 - 1.0  # (F, H, W, 3)
+    return torch.from_numpy(arr.transpose(3, 0, 1, 2).copy())
+
+
+def encode_video(frames: list[Image.Image], fps: int, fmt: str = "mp4") -> bytes:
+    """RGB frames -> an mp4 (MPEG-4 part 2, in every FFmpeg build) or webm (VP9) file."""
+    import av
+
+    codec = {"mp4": "mpeg4", "webm": "libvpx-vp9"}[fmt]
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        if codec == "mpeg4":
+            stream.options = {"qscale": "2"}  # near-lossless: the tiny shapes keep their colours
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(img)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
