@@ -353,6 +353,10 @@ class EngineSection(_Section):
     # Profile one step in every N (torch.profiler) and log its split into compute, exposed
     # communication and data wait (train/comm_profile.py); 0 = off (no overhead).
     comm_profile_every: int = Field(0, ge=0)
+    # Context (sequence) parallelism: each sample's tokens split over groups of K neighbouring
+    # ranks (Ulysses all-to-all attention, diffusers' plan for the network; models/context_parallel.py).
+    # The W ranks are W/K data-parallel replicas: global batch = micro x accum x W/K.
+    context_parallel: int = Field(1, ge=1)
 
 
 class LogSection(_Section):
@@ -548,6 +552,7 @@ class RunConfig(_Section):
         _check_health(self, world)
         _check_validate(self, world, check_paths=ctx.get("check_paths", True))
         _check_engine_knobs(self, world)
+        _check_context_parallel(self, world)
         for i in range(len(self.train.stages)):
             self.stage_data(i)  # raises on a bad per-stage data override
         _check_levers(self)
@@ -563,7 +568,12 @@ class RunConfig(_Section):
 
     def stage_global_batch(self, index: int, world_size: int) -> int:
         s = self.train.stages[index]
-        return s.micro_batch * s.grad_accum * world_size
+        return s.micro_batch * s.grad_accum * self.data_parallel_size(world_size)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel replicas at ``world_size`` ranks: the ranks of a context group
+        (engine.context_parallel) see the same samples."""
+        return max(world_size // self.engine.context_parallel, 1)
 
     def stage_steps(self, index: int, world_size: int) -> int:
         """Optimizer steps of stage ``index`` for a run launched at ``world_size``: its ``steps``,
@@ -772,18 +782,57 @@ def _check_batch_identity(cfg: RunConfig, world: int) -> None:
     for i, st in enumerate(cfg.train.stages):
         if st.global_batch is None:
             continue
-        got = st.micro_batch * st.grad_accum * world
+        dp = cfg.data_parallel_size(world)
+        got = st.micro_batch * st.grad_accum * dp
         if got != st.global_batch:
-            need = st.global_batch / (st.micro_batch * world)
+            need = st.global_batch / (st.micro_batch * dp)
             fix = (
                 f"set train.stages.{i}.grad_accum={int(need)}"
                 if need == int(need) and need >= 1
-                else f"make global_batch a multiple of micro_batch x world ({st.micro_batch * world})"
+                else f"make global_batch a multiple of micro_batch x world ({st.micro_batch * dp})"
             )
+            replicas = (f"world size {world}" if dp == world else
+                        f"{dp} data-parallel replicas (world size {world} / engine.context_parallel "
+                        f"{cfg.engine.context_parallel})")
             raise ValueError(
                 f"train.stages.{i}.global_batch={st.global_batch} but micro_batch {st.micro_batch} x "
-                f"grad_accum {st.grad_accum} x world size {world} = {got}; {fix}"
+                f"grad_accum {st.grad_accum} x {replicas} = {got}; {fix}"
             )
+
+
+def _frames_text(frames: int) -> str:
+    return "" if not frames else f", {frames} frame{'s' if frames != 1 else ''}"
+
+
+def _check_context_parallel(cfg: RunConfig, world: int) -> None:
+    """engine.context_parallel: K divides the world, and every shape the run feeds the denoiser
+    (each stage, its buckets and frames, the sample clips) has a token count and a head count
+    that K divides (models/context_parallel.py); one line before launch otherwise."""
+    k = cfg.engine.context_parallel
+    if k == 1:
+        return
+    if world % k:
+        raise ValueError(f"engine.context_parallel={k} does not divide the world size {world}; use a divisor of "
+                         f"{world} (ranks r..r+K-1 form one context group)")
+    if cfg.engine.kind == "fsdp" and cfg.engine.fsdp.mesh_shape(world) is not None:
+        raise ValueError("engine.context_parallel > 1 with engine.fsdp.shard_size/replicate_size (HSDP) is not "
+                         "supported; drop the HSDP sizes (FSDP2 then shards over all ranks)")
+    from scaletrain.models.context_parallel import check_context_parallel
+    from scaletrain.models.registry import get_preset
+
+    preset = get_preset(cfg.model.preset)
+    shapes = []
+    for i, st in enumerate(cfg.train.stages):
+        frames = cfg.stage_frames(i)
+        sizes = [(h, w) for w, h in cfg.stage_buckets(i)] or [(st.resolution, st.resolution)]
+        shapes += [(f"train.stages.{i} ({h}x{w} px{_frames_text(frames)})",
+                    preset.tokens(h, w, frames)) for h, w in sizes]
+    if cfg.sample.at_end:
+        side = cfg.sample.resolution or cfg.train.stages[-1].resolution
+        frames = (cfg.sample.frames or cfg.stage_frames(len(cfg.train.stages) - 1)) if preset.video else 0
+        shapes.append((f"the end-of-run samples ({side} px{_frames_text(frames)})",
+                       preset.tokens(side, side, frames)))
+    check_context_parallel(preset, k, shapes)
 
 
 def _check_engine_knobs(cfg: RunConfig, world: int) -> None:

@@ -11,7 +11,11 @@ from scaletrain.engines.base import Engine, StepStats
 
 def build_engine(cfg: RunConfig, denoiser: nn.Module, dist_info: DistInfo, *, micro_batch: int, grad_accum: int) -> Engine:
     """Wrap the trainable denoiser in the engine ``cfg.engine.kind`` names."""
-    kind = cfg.engine.kind
+    kind, k = cfg.engine.kind, cfg.engine.context_parallel
+    if k > 1:  # before checkpointing, compile and sharding wrap the units (models/context_parallel.py)
+        from scaletrain.models.context_parallel import enable_context_parallel
+
+        enable_context_parallel(denoiser, k, dist_info.device)
     if kind == "fsdp":
         from scaletrain.engines.fsdp import FSDPEngine
         from scaletrain.models import parallel_units
@@ -31,6 +35,7 @@ def build_engine(cfg: RunConfig, denoiser: nn.Module, dist_info: DistInfo, *, mi
         engine = DeepSpeedEngine(denoiser, cfg, dist_info, micro_batch, grad_accum)
     else:  # config validation makes this unreachable
         raise ValueError(f"engine.kind={kind!r} is unknown; use fsdp, deepspeed or ddp")
+    engine.grad_scale = float(k)  # the engines average over all ranks; a context group's K hold one sample's parts
     engine.configure_stage(micro_batch, grad_accum)
     return engine
 

@@ -157,6 +157,11 @@ class Engine(ABC):
     def _autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    # Multiplies the loss before backward: engine.context_parallel K (build_engine sets it), since
+    # a context group's K ranks each hold the gradient of their tokens' part of one sample and the
+    # engines average over all ranks (models/context_parallel.py).
+    grad_scale: float = 1.0
+
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
 

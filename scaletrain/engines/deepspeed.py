@@ -78,7 +78,7 @@ class DeepSpeedEngine(Engine):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.ds.backward(loss)
+        self.ds.backward(loss * self.grad_scale if self.grad_scale != 1.0 else loss)
 
     _pending_norm: float | None = None  # grad_norm() of this step, reused by skip_step()
 

@@ -86,7 +86,7 @@ class TorchOptimizerEngine(Engine):
         return self.scaler is not None
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss = loss / self.grad_accum
+        loss = loss * self.grad_scale / self.grad_accum
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     _pending_norm: tuple[torch.Tensor, float] | None = None  # grad_norm() result, used by step()

@@ -164,6 +164,15 @@ class ModelPreset:
         """Frames the denoiser sees for a clip of ``frames`` frames."""
         return 1 + (frames - 1) // self.vae_frame_factor
 
+    def tokens(self, height: int, width: int, frames: int = 0) -> int:
+        """Tokens per sample of an image (``frames`` 0) or clip at (height, width) pixels: the
+        denoiser's grid after its patching (its down-sampling factor, and in time its frame factor)."""
+        f = get_family(self.family)
+        grid = (height // self.downsample_factor) * (width // self.downsample_factor)
+        if not self.video:
+            return grid
+        return -(-self.latent_frames(max(frames, 1)) // f.frame_factor(self.denoiser_config)) * grid
+
     @property
     def max_resolution(self) -> int | None:
         """Largest image side (pixels) the network accepts, or None."""

@@ -46,6 +46,12 @@ def checkpointed_units(units: list[nn.Module], mode: str, every: int, select: st
 
 def _replace_forward(unit: nn.Module, *, recompute: bool, compile: bool) -> None:
     base = type(unit).forward  # the class's forward; FSDP2's per-instance subclass inherits it
+    installed = unit.__dict__.get("forward")
+    if installed is not None:
+        # Another layer already replaced this instance's forward (diffusers' hook registry:
+        # context parallelism splits the first block's input there): checkpoint/compile that.
+        def base(self, *args, **kwargs):
+            return installed(*args, **kwargs)
 
     if recompute:
         def forward(self, *args, **kwargs):

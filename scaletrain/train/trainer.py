@@ -108,6 +108,11 @@ class Trainer:
         """``loss`` builds the micro-batch loss once the engine exists (default: the objective's
         denoising loss); ``batches`` replaces the image stream (e.g. DPO's preference pairs)."""
         self.cfg, self.dist = cfg, dist_info
+        # Data parallelism is over context groups (engine.context_parallel = K): ranks r..r+K-1
+        # read the same samples, so the stream's rank and world are the group's.
+        k = cfg.engine.context_parallel
+        self.data_rank, self.data_world = dist_info.rank // k, max(dist_info.world_size // k, 1)
+        self.context_leader = dist_info.rank % k == 0  # counts its group's data once
         self.batch_builder = batches
         self.device = dist_info.device
         self.run_dir = Path(cfg.run.dir)
@@ -198,7 +203,8 @@ class Trainer:
     def train(self) -> dict:
         self.logger.event(
             f"scaletrain: {self.cfg.model.preset} on {self.engine.name} x{self.dist.world_size} "
-            f"({self.dist.backend}), {self.engine.full_param_numel() / 1e6:.2f}M params, "
+            + (f"(context parallel {self.cfg.engine.context_parallel}) " if self.cfg.engine.context_parallel > 1 else "")
+            + f"({self.dist.backend}), {self.engine.full_param_numel() / 1e6:.2f}M params, "
             f"{self.engine.local_param_numel() / 1e6:.2f}M stored on rank 0, {self.total_steps} steps"
         )
         trainable, total = self.engine.trainable_param_numel(), self.engine.full_param_numel()
@@ -297,7 +303,7 @@ class Trainer:
         # After a health rollback the stream also skips the stretch rolled back over (data_skip).
         batches = self.build_batches(stage.resolution, stage.micro_batch,
                                      skip=start * stage.grad_accum + self.health.data_skip.get(index, 0))
-        global_batch = stage.micro_batch * stage.grad_accum * world
+        global_batch = cfg.stage_global_batch(index, world)
         if start == 0 or self.stage_images_seen is None:  # None: a checkpoint from before this counter
             self.stage_images_seen = start * global_batch
         # Stage length (steps, or images re-planned from those left) and objective (curriculum.py).
@@ -309,7 +315,12 @@ class Trainer:
         buckets = cfg.stage_buckets(index)
         length = stage_length_text(cfg, index, world, steps, steps_done=start, images_done=self.stage_images_seen)
         self.logger.event(f"stage {index} '{stage.name}': {stage.resolution}px, {length}, "
-                          f"global batch {global_batch} = {stage.micro_batch} x {stage.grad_accum} x {world}, "
+                          f"global batch {global_batch} = {stage.micro_batch} x {stage.grad_accum} x {self.data_world}"
+                          + (f" (data-parallel groups of {cfg.engine.context_parallel} context-parallel ranks)"
+                             if cfg.engine.context_parallel > 1 else "")
+                          + (f", {cfg.stage_frames(index)}-frame clips"
+                             + (f" at {stage.fps:g} fps" if stage.fps else "") if cfg.stage_frames(index) else "")
+                          + ", "
                           f"{self.objective.describe()}"
                           + (f", buckets (WxH) {' '.join(f'{w}x{h}' for w, h in buckets)}" if buckets else ""))
         return StagePlan(start=start, steps=steps, batches=batches, global_batch=global_batch, lr=lr)
@@ -349,8 +360,12 @@ class Trainer:
         norm = self.engine.grad_norm() if self.cfg.health.enabled else float("nan")
         minutes_due = self.dist.is_main and self.ckpt.minutes_due()
         local_counts, local_objective = self.data_counts.local_vector(), self.loss.local_sums()
+        if not self.context_leader:  # the group's other ranks read the same samples: count them once
+            local_counts, skipped_here = [0.0] * len(local_counts), 0
+        else:
+            skipped_here = micro.skipped
         loss, wait, norm, skipped, sigterm, minutes_due, *rest = all_reduce_sum(
-            [micro.local_loss, micro.wait, norm, micro.skipped, self._sigterm, minutes_due, *local_counts,
+            [micro.local_loss, micro.wait, norm, skipped_here, self._sigterm, minutes_due, *local_counts,
              *local_objective], self.device)
         self.data_counts.commit(rest[:len(local_counts)])
         return Agreed(loss=loss / world, wait=wait / world, norm=norm / world, skipped=int(skipped),
@@ -574,13 +589,13 @@ class Trainer:
         """The stage's batches: the batch builder's when the run has one, else the image stream."""
         if self.batch_builder is not None:
             return self.batch_builder(BatchRequest(
-                cfg=self.cfg, stage_index=self.stage_index, rank=self.dist.rank, world_size=self.dist.world_size,
+                cfg=self.cfg, stage_index=self.stage_index, rank=self.data_rank, world_size=self.data_world,
                 resolution=resolution, micro_batch=micro_batch, skip=skip))
         d = self.cfg.data
         spec = LoaderSpec(
             resolution=resolution, micro_batch=micro_batch,
             caption_dropout=d.caption_dropout, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-            seed=self.cfg.run.seed, split=d.split, rank=self.dist.rank, world_size=self.dist.world_size,
+            seed=self.cfg.run.seed, split=d.split, rank=self.data_rank, world_size=self.data_world,
             skip_batches=skip, **self.stage_data_fields(resolution),
             frames=self.cfg.stage_frames(self.stage_index), fps=self.cfg.train.stages[self.stage_index].fps,
             buckets=tuple(d.buckets.sizes(resolution, self.model.preset.downsample_factor) if d.buckets.enabled else ()),

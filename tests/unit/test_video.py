@@ -255,3 +255,34 @@ def test_video_recipe_validates_and_counts_clip_flops(shards):
     assert b["linear"] / a["linear"] == pytest.approx(5, rel=0.05)  # per token (text and time projections: per clip)
     assert 5 < b["attention"] / a["attention"] < 25  # self-attention x25, cross-attention x5
     assert 5 < five / one < 25
+
+
+CP_BATCHES = ["train.stages.0.global_batch=8", "train.stages.1.global_batch=4", "train.stages.2.global_batch=2"]
+
+
+@pytest.mark.parametrize("overrides,world,fragment", [
+    (["engine.context_parallel=3"], 2, "engine.context_parallel=3 does not divide the world size 2"),
+    (["engine.context_parallel=8"], 8, "engine.context_parallel=8 does not divide the 4 attention heads of "
+                                       "model.preset='wan-tiny'"),
+    (["engine.context_parallel=2", "train.stages.0.resolution=34"], 2,
+     "engine.context_parallel=2 does not divide the 289 tokens per sample of train.stages.0 (34x34 px, 1 frame)"),
+    (["engine.context_parallel=2", "train.stages.0.global_batch=16"], 2,
+     "x 1 data-parallel replicas (world size 2 / engine.context_parallel 2) = 8; set train.stages.0.grad_accum=2"),
+])
+def test_context_parallel_config_errors_are_one_line(shards, overrides, world, fragment):
+    base = [f"data.shards={shards['images']}/shard-{{000000..000001}}.tar",
+            f"train.stages.1.data.sources.0.shards={shards['clips']}/shard-{{000000..000001}}.tar",
+            f"train.stages.1.data.sources.1.shards={shards['images']}/shard-{{000000..000001}}.tar",
+            f"train.stages.2.data.shards={shards['clips']}/shard-{{000000..000001}}.tar"]
+    batches = [b for b in CP_BATCHES if b.split("=")[0] not in {o.split("=")[0] for o in overrides}]
+    with pytest.raises(ConfigError) as e:
+        load_config(VIDEO, base + batches + overrides, world_size=world)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_context_parallel_on_a_network_without_a_plan_is_one_line(shards):
+    sets = [f"data.shards={shards['images']}/shard-{{000000..000001}}.tar", "engine.context_parallel=2",
+            "train.stages.0.global_batch=8", "train.stages.1.global_batch=4"]
+    with pytest.raises(ConfigError, match="diffusers has no context-parallel plan for UNet2DConditionModel "
+                                          r"\(model.preset='unet-tiny'\)"):
+        load_config(REPO / "configs" / "demo.yaml", sets, world_size=2)
