@@ -5,8 +5,8 @@ process group exists.
 preset's shapes); it imports no checkpoint or engine module. What needs those runs here, in
 one step the launchers and the CLI call (``load_run_config``): the post-training start weights
 (``init.*``: present, built for the preset, and for DPO trained with the same objective),
-precomputed-latent shards against the recipe's encoders, and the DeepSpeed JSON filled for
-every stage. Each failure is one line (``ConfigError``).
+precomputed-latent shards against the recipe's encoders, a video stage's fps against its shards,
+and the DeepSpeed JSON filled for every stage. Each failure is one line (``ConfigError``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ def check_launch(cfg: RunConfig, world_size: int | None = None) -> None:
         from scaletrain.data.latents import check_precomputed
 
         check_precomputed(cfg)
+        from scaletrain.data.video import check_video_shards
+
+        check_video_shards(cfg)
         if cfg.engine.kind == "deepspeed":
             from scaletrain.engines.ds_config import fill_deepspeed_config, load_deepspeed_json
 

@@ -137,3 +137,54 @@ def encode_video(frames: list[Image.Image], fps: int, fmt: str = "mp4") -> bytes
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def first_video_fps(url: str, max_members: int = 256) -> tuple[str, float] | None:
+    """(key, fps) of the first video in a local shard: its metadata's ``fps`` (video2dataset
+    writes it), else the container header. None: no video in the first ``max_members``."""
+    import json
+    import tarfile
+
+    with tarfile.open(url) as tar:
+        meta: dict[str, dict] = {}
+        for n, member in enumerate(tar):
+            if n >= max_members:
+                return None
+            key, _, ext = member.name.partition(".")
+            if ext == "json":
+                try:
+                    meta[key] = json.loads(tar.extractfile(member).read())
+                except ValueError:
+                    meta[key] = {}
+            elif ext in VIDEO_EXTS:
+                data = tar.extractfile(member).read()
+                fps = (meta.get(key) or {}).get("fps")
+                if not isinstance(fps, (int, float)):
+                    # the json may follow the video: the header then
+                    fps = probe_video(data)[1]
+                return key, float(fps)
+    return None
+
+
+def check_video_shards(cfg) -> None:
+    """Before launch: a stage whose ``fps`` is above its videos' frame rate is one line (its first
+    shard's first video stands for the set, as video2dataset writes one rate per dataset); a
+    video preset on precomputed latents is refused (not built yet)."""
+    from scaletrain.data.pipeline import expand_shards
+    from scaletrain.models.registry import get_preset
+
+    if not get_preset(cfg.model.preset).video:
+        return
+    if cfg.data.precomputed:
+        raise ValueError(f"data.precomputed: precomputed latents of video presets ({cfg.model.preset}) are not "
+                         "built yet; train from the clip shards")
+    for i, st in enumerate(cfg.train.stages):
+        if not (st.frames and st.fps):
+            continue
+        for where, shards in cfg.stage_shard_sets(i):
+            urls = [u for u in expand_shards(shards) if "://" not in u and not u.startswith("pipe:")]
+            found = first_video_fps(urls[0]) if urls else None
+            if found is not None and found[1] + 1e-6 < st.fps:
+                raise ValueError(f"train.stages.{i}.fps={st.fps:g} is above the {found[1]:g} fps of the videos in "
+                                 f"{where} (sample {found[0]!r} of {urls[0]}); lower the stage's fps to at most "
+                                 f"{found[1]:g} or use other shards")

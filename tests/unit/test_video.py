@@ -286,3 +286,20 @@ def test_context_parallel_on_a_network_without_a_plan_is_one_line(shards):
     with pytest.raises(ConfigError, match="diffusers has no context-parallel plan for UNet2DConditionModel "
                                           r"\(model.preset='unet-tiny'\)"):
         load_config(REPO / "configs" / "demo.yaml", sets, world_size=2)
+
+
+def test_stage_fps_above_the_videos_is_one_line_before_launch(shards):
+    """The launch checks read the first video of each of the stage's shard sets (8 fps here)."""
+    from scaletrain.checks import load_run_config
+
+    base = [f"data.shards={shards['images']}/shard-{{000000..000001}}.tar",
+            f"train.stages.1.data.sources.0.shards={shards['clips']}/shard-{{000000..000001}}.tar",
+            f"train.stages.1.data.sources.1.shards={shards['images']}/shard-{{000000..000001}}.tar",
+            f"train.stages.2.data.shards={shards['clips']}/shard-{{000000..000001}}.tar"]
+    load_run_config(VIDEO, base + ["train.stages.1.fps=8"], world_size=2)  # equal: fine
+    with pytest.raises(ConfigError) as e:
+        load_run_config(VIDEO, base + ["train.stages.1.fps=12"], world_size=2)
+    msg = str(e.value)
+    assert msg.startswith("train.stages.1.fps=12 is above the 8 fps of the videos in train.stages.1.data.sources "
+                          "'clips' (sample '000000000' of ") and "lower the stage's fps to at most 8" in msg
+    assert "\n" not in msg
