@@ -77,8 +77,10 @@ def run_config(spec: dict, world_size: int):
             "data": {"shards": spec["shards"], "num_workers": spec.get("num_workers", 1),
                      "shuffle_buffer": 0, "caption_dropout": 0.1},
             "train": {"stages": [{"name": "bench", "resolution": spec["resolution"],
-                                  "steps": spec["warmup"] + spec["reps"], "micro_batch": spec["micro_batch"]}]},
-            "engine": engine, "log": {"wandb": "disabled", "progress": False}}
+                                  "steps": spec["warmup"] + spec["reps"], "micro_batch": spec["micro_batch"],
+                                  **({"frames": spec["frames"]} if spec.get("frames") else {})}]},
+            "engine": engine, "log": {"wandb": "disabled", "progress": False},
+            "validate": {"every_steps": 0, "at_end": False}, "sample": {"at_end": False}}
     return validate_config(data, world_size=world_size)
 
 
@@ -150,7 +152,7 @@ def run_cell(spec: dict, dist_info: DistInfo) -> dict:
     loader = LoaderSpec(shards=urls, resolution=spec["resolution"], micro_batch=spec["micro_batch"],
                         num_workers=cfg.data.num_workers, seed=0, rank=dist_info.rank,
                         world_size=dist_info.world_size, precomputed=encoding is not None,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", frames=cfg.stage_frames(0))
     batches = iter(build_loader(loader))
     steps = []
 

@@ -38,6 +38,9 @@ def add_bench_parsers(sub) -> None:
                    help="measure every cell this many times, a group's 1-rank, loaded and N-rank runs back to back "
                         "in each round, and pool the repetitions (for hosts whose speed drifts between minutes)")
     b.add_argument("--shards", default=None, help="default: synthetic shards written into --out")
+    b.add_argument("--frames", nargs="+", type=int, default=None,
+                   help="video presets: frames per clip as an axis, e.g. 1 9 17 (default synthetic clips written "
+                        "into --out)")
     b.add_argument("--out", required=True, help="folder for results.json, results.md, *.png")
 
     s = sub.add_parser("size", help="memory per GPU, nodes needed, img/s, time and cost for a curriculum")
@@ -46,7 +49,8 @@ def add_bench_parsers(sub) -> None:
     s.add_argument("--stage", action="append", default=[], metavar="RES:IMAGES[:MICRO[:GLOBAL]]",
                    help="a curriculum stage, e.g. 256:200000000:64:2048 (repeatable): MICRO is the largest "
                         "micro-batch per GPU, GLOBAL the global batch kept fixed at every node count "
-                        "(default: MICRO on every GPU of the largest --nodes)")
+                        "(default: MICRO on every GPU of the largest --nodes); a video preset's stage is "
+                        "RES:CLIPS[:MICRO[:FRAMES[:GLOBAL]]], e.g. 480:2000000:1:81:512 (FRAMES 1: images)")
     s.add_argument("--gpu", default="H100")
     s.add_argument("--gpus-per-node", type=int, default=8)
     s.add_argument("--price", type=float, required=True, help="USD per GPU-hour")
@@ -95,7 +99,7 @@ def bench_main(args: argparse.Namespace) -> int:
                       num_workers=args.num_workers, max_memory_gib=args.max_memory_gib,
                       peak_tflops=args.peak_tflops, timeout_s=args.cell_timeout,
                       comm_sweep=not args.no_comm_sweep, loaded=not args.no_loaded,
-                      rounds=args.rounds, shards=args.shards)
+                      rounds=args.rounds, shards=args.shards, frames=args.frames or [])
     run_matrix(spec, Path(args.out))
     print(Path(args.out, "results.md").read_text())
     return 0
@@ -116,24 +120,41 @@ def _parse_measured(texts: list[str]) -> list[tuple[int, float, int, str | None]
 def _parse_stages(args: argparse.Namespace) -> list[tuple[int, ...]]:
     stages = []
     if args.recipe:
+        import yaml
+
         from scaletrain.config import load_config
 
-        cfg = load_config(args.recipe, check_paths=False)
+        # Validate at the world size the recipe's global batches were written for (the first
+        # stage that states one), not this process's: a recipe is not launched here.
+        raw = yaml.safe_load(Path(args.recipe).read_text()) or {}
+        stated = [st for st in (raw.get("train") or {}).get("stages", []) if isinstance(st, dict)
+                  and st.get("global_batch") and st.get("micro_batch")]
+        world = (stated[0]["global_batch"] // (stated[0]["micro_batch"] * stated[0].get("grad_accum", 1))
+                 if stated else None)
+        cfg = load_config(args.recipe, check_paths=False, world_size=world or None)
         for i, st in enumerate(cfg.train.stages):
             # The recipe's global batch where it states one; else one node's worth. A stage given
             # in images is that many images at any batch (RunConfig.stage_images).
             world = st.global_batch // (st.micro_batch * st.grad_accum) if st.global_batch else args.gpus_per_node
             gb = st.global_batch or st.micro_batch * st.grad_accum * world
-            stages.append((st.resolution, cfg.stage_images(i, world), st.micro_batch, gb))
+            stages.append((st.resolution, cfg.stage_images(i, world), st.micro_batch, gb, cfg.stage_frames(i)))
+    from scaletrain.models import get_preset
+
+    video = get_preset(args.preset).video
+    form = "RES:CLIPS[:MICRO[:FRAMES[:GLOBAL]]]" if video else "RES:IMAGES[:MICRO[:GLOBAL]]"
+    example = "--stage 480:2000000:1:81:512" if video else "--stage 256:200000000:64:2048"
     for text in args.stage:
         parts = text.split(":")
-        if len(parts) not in (2, 3, 4) or not all(p.isdigit() for p in parts):
-            raise ConfigError(f"--stage {text!r} is not RES:IMAGES[:MICRO[:GLOBAL]]; write e.g. "
-                              "--stage 256:200000000:64:2048")
-        micro = int(parts[2]) if len(parts) >= 3 else 16
-        stages.append((int(parts[0]), int(parts[1]), micro, int(parts[3]) if len(parts) == 4 else 0))
+        if len(parts) not in ((2, 3, 4, 5) if video else (2, 3, 4)) or not all(p.isdigit() for p in parts):
+            raise ConfigError(f"--stage {text!r} is not {form}; write e.g. {example}")
+        micro = int(parts[2]) if len(parts) >= 3 else (1 if video else 16)
+        if video:  # a video preset's 4th field is the clip's frames (1: images), the 5th the global batch
+            frames = int(parts[3]) if len(parts) >= 4 else 1
+            stages.append((int(parts[0]), int(parts[1]), micro, int(parts[4]) if len(parts) == 5 else 0, frames))
+        else:
+            stages.append((int(parts[0]), int(parts[1]), micro, int(parts[3]) if len(parts) == 4 else 0, 0))
     if not stages:
-        raise ConfigError("size needs a curriculum: pass --recipe FILE or --stage RES:IMAGES[:MICRO]")
+        raise ConfigError(f"size needs a curriculum: pass --recipe FILE or --stage {form}")
     return stages
 
 

@@ -54,6 +54,9 @@ class MatrixSpec:
     # N-rank runs back to back in every round; repetitions are pooled over the rounds
     rounds: int = 1
     shards: str | None = None  # default: synthetic shards written into the output folder
+    # Video presets: frames per clip as a matrix axis ([]: images). Cells carry "frames"; the
+    # default data is synthetic clips (data synth --video) long enough for the largest.
+    frames: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         bad = [e for e in self.engines if e not in ENGINE_VARIANTS]
@@ -61,9 +64,25 @@ class MatrixSpec:
             raise ValueError(f"--engines {bad[0]!r} is unknown; choose from {', '.join(ENGINE_VARIANTS)}")
         if self.rounds < 1:
             raise ValueError(f"--rounds {self.rounds} must be at least 1")
+        if self.frames:
+            from scaletrain.models import get_preset
+
+            still = [p for p in self.presets if not get_preset(p).video]
+            if still:
+                raise ValueError(f"--frames needs video presets; {still[0]!r} takes images (drop it or --frames)")
+            if any(f < 1 for f in self.frames):
+                raise ValueError(f"--frames {self.frames}: frame counts are >= 1 (1: images as 1-frame clips)")
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        d = asdict(self)
+        if not d["frames"]:  # image matrices hash as before the axis existed
+            del d["frames"]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cell_label(c: dict) -> str:
+    """Resolution, with the clip's frames for a video cell ("64x9f")."""
+    return f"{c['resolution']}x{c['frames']}f" if c.get("frames") else f"{c['resolution']}"
 
 
 def _stats(xs: list[float]) -> dict:
@@ -179,7 +198,7 @@ def summarize_cell(records: list[dict], cell: dict) -> dict:
         out["memory_split_mib"] = {k: max(s[k] for s in splits) for k in splits[0]}
     from scaletrain.bench.flops import train_flops_per_image
 
-    per_device = train_flops_per_image(cell["preset"], cell["resolution"]) * cell["micro_batch"]
+    per_device = train_flops_per_image(cell["preset"], cell["resolution"], cell.get("frames", 0)) * cell["micro_batch"]
     out["tflops_per_device"] = per_device / out["step_seconds"]["median"] / 1e12
     out["mfu"] = out["tflops_per_device"] / out["peak_tflops"]
     return out
@@ -234,10 +253,10 @@ def add_exposed_comm(cells: list[dict]) -> None:
     at the same per-rank micro-batch (a 1-rank group moves no bytes), the loaded 1-rank time
     when measured (``solo_basis``). Also per phase, which shows where it surfaced (FSDP
     all-gathers in forward, reduce-scatter in backward, ...)."""
-    solo = {(c["preset"], c["resolution"], c["engine"], c["micro_batch"]): c
+    solo = {(c["preset"], c["resolution"], c.get("frames", 0), c["engine"], c["micro_batch"]): c
             for c in cells if c["world_size"] == 1 and c["status"] == "ok"}
     for c in cells:
-        base = solo.get((c["preset"], c["resolution"], c["engine"], c["micro_batch"]))
+        base = solo.get((c["preset"], c["resolution"], c.get("frames", 0), c["engine"], c["micro_batch"]))
         if c["status"] != "ok" or base is None:
             c["exposed_comm_seconds"] = None
             continue
@@ -303,6 +322,14 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
         if not Path(shards).is_dir():  # enough shards for 2 ranks x 1 worker with shard split
             write_synthetic_shards(shards, num_samples=256, samples_per_shard=32,
                                    resolution=max(spec.resolutions), seed=0)
+    clip_shards = spec.shards
+    if spec.frames and clip_shards is None:
+        from scaletrain.data.synth import write_synthetic_video_shards
+
+        clip_shards = str(out_dir / "shards-video")
+        if not Path(clip_shards).is_dir():  # clips as long as the largest --frames, at their own rate
+            write_synthetic_video_shards(clip_shards, num_samples=64, samples_per_shard=8,
+                                         resolution=max(spec.resolutions), frames=max(max(spec.frames), 2), fps=8)
     load_before = os.getloadavg()
     t_start = time.time()
     cells: list[dict] = []
@@ -314,12 +341,13 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
         return {**base, **cell, "warmup": warmup, "reps": reps, "run_dir": str(work / "run")}
 
     def measure(preset: str, res: int, engine: str, mb: int, world: int, warmup: int, reps: int) -> dict:
-        cell = {"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb, "world_size": world}
+        cell = {"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb, "world_size": world, **fr}
         return summarize_cell(launch(run(cell, warmup, reps), world, work, spec.timeout_s),
                               {**cell, "warmup": warmup, "reps": reps})
 
-    for preset in spec.presets:
-        for res in spec.resolutions:
+    for preset, res, frames in [(p, r, f) for p in spec.presets for r in spec.resolutions for f in spec.frames or [0]]:
+            fr = {"frames": frames, "shards": clip_shards} if frames else {}
+            at = cell_label({"resolution": res, **fr}) + "px"
             for engine in spec.engines:
                 group: list[tuple[dict, bool]] = []  # (cell, its micro-batch found by the search)
                 for world in spec.world_sizes:
@@ -332,13 +360,13 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
                             return probes[mb]["status"] == "ok"
 
                         best = search_micro_batch(fits, 1, spec.search_max)
-                        log(f"  search {preset} {res}px {engine} x{world}: largest micro-batch that fits = {best} "
+                        log(f"  search {preset} {at} {engine} x{world}: largest micro-batch that fits = {best} "
                             f"(probed {sorted(probes)})")
                         cells.extend({**c, "search_probe": True} for c in probes.values())
                         if best is not None and best not in mbs:
                             mbs.append(best)
                     group += [({"preset": preset, "resolution": res, "engine": engine, "micro_batch": mb,
-                                "world_size": world}, spec.search and mb == mbs[-1] and mb not in spec.micro_batches)
+                                "world_size": world, **fr}, spec.search and mb == mbs[-1] and mb not in spec.micro_batches)
                               for mb in mbs]
                 # Rounds: this VM's speed drifts by tens of per cent between minutes, so a 1-rank
                 # basis and the N-rank cell it predicts are measured close together, several times.
@@ -353,7 +381,7 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
                         if world == 1 and copies > 1 and all(r["status"] == "ok" for r in recs):
                             loads[i].append(launch_loaded(run(cell, spec.warmup, spec.reps), copies, work, spec.timeout_s))
                         if spec.rounds > 1:
-                            log(f"  round {k + 1}/{spec.rounds} {preset} {res}px {engine} x{world} "
+                            log(f"  round {k + 1}/{spec.rounds} {preset} {at} {engine} x{world} "
                                 f"mb{cell['micro_batch']}: " + ", ".join(sorted({r['status'] for r in recs})))
                 for i, (cell, largest) in enumerate(group):
                     world, mb = cell["world_size"], cell["micro_batch"]
@@ -367,7 +395,7 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
                             c["loaded"]["round_step_medians"] = round_medians(c["loaded"]["step_seconds_all"], c["rounds"])
                     c["largest_fitting"] = largest
                     cells.append(c)
-                    log(f"  {preset} {res}px {engine} x{world} mb{mb}: {c['status']}"
+                    log(f"  {preset} {at} {engine} x{world} mb{mb}: {c['status']}"
                         + (f", {c['images_per_second']['median']:.1f} img/s, peak {c['peak_memory_gib']:.2f} GiB"
                            if c["status"] == "ok" else ""))
     timed = [c for c in cells if not c.get("search_probe")]
@@ -414,7 +442,7 @@ def markdown_table(results: dict) -> str:
     for c in results["cells"]:
         if c.get("search_probe"):
             continue
-        head = f"| {c['preset']} | {c['resolution']} | {c['engine']} | {c['world_size']} | {c['micro_batch']}" \
+        head = f"| {c['preset']} | {cell_label(c)} | {c['engine']} | {c['world_size']} | {c['micro_batch']}" \
                + ("*" if c.get("largest_fitting") else "")
         if c["status"] != "ok":
             lines.append(head + f" | {c['status']} |" + " |" * 12)
@@ -434,7 +462,7 @@ def markdown_table(results: dict) -> str:
                   "| total |", "|" + "---|" * 11]
         for c in split:
             m = c["memory_split_mib"]
-            lines.append(f"| {c['preset']} | {c['resolution']} | {c['engine']} | {c['world_size']} | "
+            lines.append(f"| {c['preset']} | {cell_label(c)} | {c['engine']} | {c['world_size']} | "
                          f"{c['micro_batch']} | " + " | ".join(f"{m[k]:.1f}" for k in
                          ("params", "grads", "optimizer", "activations", "comm_buffers", "total")) + " |")
     loaded = [c for c in results["cells"] if (c.get("loaded") or {}).get("status") == "ok"]
@@ -445,7 +473,7 @@ def markdown_table(results: dict) -> str:
                   "|" + "---|" * 8]
         for c in loaded:
             s, solo = c["loaded"]["step_seconds"], c["step_seconds"]["median"]
-            lines.append(f"| {c['preset']} | {c['resolution']} | {c['engine']} | {c['micro_batch']} | "
+            lines.append(f"| {c['preset']} | {cell_label(c)} | {c['engine']} | {c['micro_batch']} | "
                          f"{c['loaded']['copies']} | {solo:.3f} | {s['median']:.3f} ({s['p25']:.3f}-{s['p75']:.3f}) | "
                          f"{s['median'] / solo - 1:+.1%} |")
     rounds = [c for c in results["cells"] if c.get("rounds", 1) > 1 and c["status"] == "ok"]
@@ -456,7 +484,7 @@ def markdown_table(results: dict) -> str:
                   "| preset | res | engine | ranks | micro | rounds | N copies at once |", "|" + "---|" * 7]
         for c in rounds:
             ld = (c.get("loaded") or {}).get("round_step_medians")
-            lines.append(f"| {c['preset']} | {c['resolution']} | {c['engine']} | {c['world_size']} | {c['micro_batch']} | "
+            lines.append(f"| {c['preset']} | {cell_label(c)} | {c['engine']} | {c['world_size']} | {c['micro_batch']} | "
                          + " / ".join(f"{x:.3f}" for x in c["round_step_medians"]) + " | "
                          + (" / ".join(f"{x:.3f}" for x in ld) if ld else "-") + " |")
     lines += ["", "`*` largest micro-batch that fit (search). Memory: CUDA max allocated on GPUs, peak process RSS "

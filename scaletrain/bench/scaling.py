@@ -204,10 +204,14 @@ class StepPlan:
 
 
 def plan_step(*, gpus: int, global_batch: int, max_micro: int, micro_time: MicroTime, comms: list[Comm],
-              fabric: Fabric, eta: float) -> StepPlan | None:
+              fabric: Fabric, eta: float, context: int = 1) -> StepPlan | None:
     """Largest micro-batch <= ``max_micro`` dividing the per-GPU share of ``global_batch``, the
-    accumulation it needs, and the step time; None when the batch is smaller than the GPUs."""
-    per_gpu = global_batch // gpus
+    accumulation it needs, and the step time; None when the batch is smaller than the GPUs.
+    ``context`` > 1: groups of that many GPUs share each sample (context parallelism), so the
+    batch is split over gpus / context replicas and ``micro_time`` is a group's (per sample, its
+    share of the compute plus its all-to-alls); the engine's collectives still span all GPUs."""
+    replicas = gpus // context
+    per_gpu = global_batch // replicas if replicas else 0
     if per_gpu < 1:
         return None
     micro = max(d for d in range(1, min(max_micro, per_gpu) + 1) if per_gpu % d == 0)
@@ -215,10 +219,10 @@ def plan_step(*, gpus: int, global_batch: int, max_micro: int, micro_time: Micro
     t = micro_time(micro)
     per_micro, per_step, gathers, others = exposed(comms, fabric, gpus, t, eta)
     step = accum * (t + per_micro) + per_step
-    ips = per_gpu * gpus / step
+    ips = per_gpu * replicas / step
     ideal = max_micro / micro_time(max_micro)
-    return StepPlan(gpus, micro, accum, per_gpu * gpus, step, accum * gathers + others,
-                    accum * per_micro + per_step, ips, ips / (gpus * ideal))
+    return StepPlan(gpus, micro, accum, per_gpu * replicas, step, accum * gathers + others,
+                    accum * per_micro + per_step, ips, ips / (replicas * ideal))
 
 
 def fit_eta(cells: list[tuple[float, float, list[Comm], Fabric, int]]) -> float | None:

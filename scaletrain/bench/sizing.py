@@ -99,6 +99,15 @@ def denoiser_side(preset: str, resolution: int) -> int:
     return denoiser_input_size(get_preset(preset), resolution)
 
 
+def act_elems(preset: str, resolution: int, frames: int = 0) -> int:
+    """Input elements per sample that activations scale with: S^2, times the denoiser's frames
+    for a clip (a video VAE's latent frames)."""
+    from scaletrain.models import get_preset
+
+    p = get_preset(preset)
+    return denoiser_side(preset, resolution) ** 2 * (p.latent_frames(frames) if frames else 1)
+
+
 @dataclass
 class ActivationFit:
     """Activation bytes = per_elem[preset] x micro_batch x S^2, plus a constant per engine
@@ -110,10 +119,12 @@ class ActivationFit:
     points: dict[str, int] = field(default_factory=dict)
     from_split: set[str] = field(default_factory=set)  # presets whose ``a`` is the measured split
 
-    def bytes(self, preset: str, micro_batch: int, resolution: int, engine: str | None = None) -> float | None:
+    def bytes(self, preset: str, micro_batch: int, resolution: int, engine: str | None = None,
+              frames: int = 0, context: int = 1) -> float | None:
+        """``context``: a context-parallel degree splits each sample's activations over K ranks."""
         if preset not in self.per_elem:
             return None
-        return self.per_elem[preset] * micro_batch * denoiser_side(preset, resolution) ** 2 + \
+        return self.per_elem[preset] * micro_batch * act_elems(preset, resolution, frames) / context + \
             self.engine_bytes.get(engine, 0.0)
 
 
@@ -144,7 +155,7 @@ def fit_activations(cells: list[dict], host_is_device: bool = True) -> Activatio
         facts = model_facts(c["preset"])
         rest = (c["peak_memory_gib"] - c["baseline_gib"]) * 2**30 - state_bytes(
             c["engine"], facts, c["world_size"], c.get("precision", "fp32"), host_is_device) - frozen_bytes(c, facts)
-        x = c["micro_batch"] * denoiser_side(c["preset"], c["resolution"]) ** 2
+        x = c["micro_batch"] * act_elems(c["preset"], c["resolution"], c.get("frames", 0)) / c.get("context", 1)
         split = c.get("memory_split_mib")
         if split and split.get("activations") is not None:
             measured.append((c["preset"], c["engine"], x, split["activations"] * 2**20, rest))
@@ -184,7 +195,8 @@ def fit_activations(cells: list[dict], host_is_device: bool = True) -> Activatio
 
 def predict_memory_gib(cell: dict, fit: ActivationFit, baseline_gib: float, host_is_device: bool = True) -> float | None:
     facts = model_facts(cell["preset"])
-    act = fit.bytes(cell["preset"], cell["micro_batch"], cell["resolution"], cell["engine"])
+    act = fit.bytes(cell["preset"], cell["micro_batch"], cell["resolution"], cell["engine"], cell.get("frames", 0),
+                    cell.get("context", 1))
     if act is None:
         return None
     states = state_bytes(cell["engine"], facts, cell["world_size"], cell.get("precision", "fp32"), host_is_device)
@@ -308,7 +320,8 @@ def calibrate(results: dict, overlap: float = 0.0) -> list[dict]:
     fit = fit_activations([c for c in cells if c["world_size"] == 1], host_is_device)
     world = max(c["world_size"] for c in cells)
     comm = comm_from_sweep(results["comm"], world, overlap) if results.get("comm") and "error" not in results["comm"] else None
-    solo = {(c["preset"], c["resolution"], c["engine"], c["micro_batch"]): c for c in cells if c["world_size"] == 1}
+    solo = {(c["preset"], c["resolution"], c.get("frames", 0), c["engine"], c["micro_batch"]): c
+            for c in cells if c["world_size"] == 1}
     rows = []
     for c in cells:
         mem = predict_memory_gib(c, fit, c["baseline_gib"], host_is_device)
@@ -316,7 +329,7 @@ def calibrate(results: dict, overlap: float = 0.0) -> list[dict]:
         row.update(memory_measured_gib=c["peak_memory_gib"], memory_predicted_gib=mem,
                    memory_error=(mem - c["peak_memory_gib"]) / c["peak_memory_gib"],
                    above_baseline_error=(mem - c["peak_memory_gib"]) / (c["peak_memory_gib"] - c["baseline_gib"]))
-        base = solo.get((c["preset"], c["resolution"], c["engine"], c["micro_batch"]))
+        base = solo.get((c["preset"], c["resolution"], c.get("frames", 0), c["engine"], c["micro_batch"]))
         if c["world_size"] > 1 and base is not None and comm is not None:
             t = predict_step_seconds(solo_basis(base)[0], c["engine"], c["preset"], c["world_size"], comm,
                                      c.get("precision", "fp32"))
@@ -355,10 +368,42 @@ class SizeInputs:
     plot: str | None = None  # PNG: img/s and scaling efficiency vs GPUs
 
 
-def _measured_solo(bench: dict | None, preset: str, res: int, engine: str, mb: int) -> float | None:
+def context_degrees(preset: str, gpus_per_node: int) -> list[int]:
+    """Context-parallel degrees the preset can use inside one node: 1, and the powers of two
+    that divide its attention heads, when its diffusers network has a context-parallel plan."""
+    from scaletrain.models import get_preset
+    from scaletrain.models.context_parallel import has_context_parallel_plan
+    from scaletrain.models.family import get_family
+
+    p = get_preset(preset)
+    if not has_context_parallel_plan(get_family(p.family).net_class):
+        return [1]
+    heads = p.denoiser_config.get("num_attention_heads", 1)
+    return [1] + [k for k in (2, 4, 8, 16) if k <= gpus_per_node and heads % k == 0]
+
+
+def ulysses_seconds(preset: str, resolution: int, frames: int, k: int, link: CommModel, precision: str) -> float:
+    """All-to-all seconds per sample at context degree ``k``: each self-attention layer runs 4
+    (query, key and value in, the output back) in forward and 4 in backward, each moving a rank's
+    N/K tokens x hidden width, (K-1)/K of it off the rank; costed as an all-gather of that size
+    on ``link`` (the same bytes leave each rank; nccl-tests' busbw convention)."""
+    from scaletrain.models import get_preset
+    from scaletrain.models.family import get_family
+
+    p = get_preset(preset)
+    cfg = p.denoiser_config
+    layers = cfg.get("num_layers") or len(cfg.get("block_out_channels", ())) or 1
+    width = get_family(p.family).hidden_size(cfg)
+    nbytes = p.tokens(resolution, resolution, frames) * width * (2 if precision in ("bf16", "fp16") else 4) / k
+    one = link.latency["all_gather"] + nbytes * (k - 1) / k / link.bw("all_gather", nbytes)
+    return 8 * layers * one
+
+
+def _measured_solo(bench: dict | None, preset: str, res: int, engine: str, mb: int, frames: int = 0) -> float | None:
     for c in (bench or {}).get("cells", []):
         if (c["status"] == "ok" and not c.get("search_probe") and c["world_size"] == 1 and c["preset"] == preset
-                and c["resolution"] == res and c["engine"] == engine and c["micro_batch"] == mb):
+                and c["resolution"] == res and c["engine"] == engine and c["micro_batch"] == mb
+                and c.get("frames", 0) == frames):
             return solo_basis(c)[0]
     return None
 
@@ -367,12 +412,13 @@ def _measured_solo(bench: dict | None, preset: str, res: int, engine: str, mb: i
 _COMPUTE_LIKE = {"hsdp": "fsdp", "zero3-hpz": "zero3", "zero3-offload": "zero3"}
 
 
-def _bench_points(bench: dict | None, preset: str, res: int, engine: str) -> list[tuple[int, float]]:
-    """(micro-batch, 1-rank step s) of the bench's cells for this preset, resolution and engine."""
+def _bench_points(bench: dict | None, preset: str, res: int, engine: str, frames: int = 0) -> list[tuple[int, float]]:
+    """(micro-batch, 1-rank step s) of the bench's cells for this preset, resolution, frames and engine."""
     want = {engine, _COMPUTE_LIKE.get(engine, engine)}
     return [(c["micro_batch"], solo_basis(c)[0]) for c in (bench or {}).get("cells", [])
             if c["status"] == "ok" and not c.get("search_probe") and c["world_size"] == 1
-            and c["preset"] == preset and c["resolution"] == res and c["engine"] in want]
+            and c["preset"] == preset and c["resolution"] == res and c["engine"] in want
+            and c.get("frames", 0) == frames and c.get("context", 1) == 1]
 
 
 def _fabric(inp: SizeInputs, notes: list[str]):
@@ -396,14 +442,15 @@ def eta_from_bench(bench: dict | None) -> tuple[float | None, int]:
 
     bench = bench or {}
     cells = [c for c in bench.get("cells", []) if c["status"] == "ok" and not c.get("search_probe")]
-    solo = {(c["preset"], c["resolution"], c["engine"], c["micro_batch"]): c for c in cells if c["world_size"] == 1}
+    solo = {(c["preset"], c["resolution"], c.get("frames", 0), c["engine"], c["micro_batch"]): c
+            for c in cells if c["world_size"] == 1}
     sweep = bench.get("comm")
     if not sweep or "error" in sweep:
         return None, 0
     rows = []
     for c in cells:
-        base = solo.get((c["preset"], c["resolution"], c["engine"], c["micro_batch"]))
-        if c["world_size"] > 1 and base is not None and c["engine"] in ENGINES:
+        base = solo.get((c["preset"], c["resolution"], c.get("frames", 0), c["engine"], c["micro_batch"]))
+        if c["world_size"] > 1 and base is not None and c["engine"] in ENGINES and c.get("context", 1) == 1:
             measured_link = per_hop(comm_from_sweep(sweep, c["world_size"]), c["world_size"])
             fab = Fabric(measured_link, measured_link, c["world_size"])
             comms = step_comms(c["engine"], model_facts(c["preset"]), c.get("precision", "fp32"),
@@ -436,6 +483,7 @@ def size_report(inp: SizeInputs) -> str:
     scaling efficiency, time and cost; then which inputs were measured and which assumed
     (scaling model: scaletrain/bench/scaling.py)."""
     from scaletrain.bench.flops import gpu_peak_tflops, train_flops_per_image
+    from scaletrain.models import get_preset
     from scaletrain.bench.scaling import (
         SMALL_MICRO_EFFICIENCY, MicroTime, calibrate_link, fit_micro_time, plan_step, step_comms,
     )
@@ -471,23 +519,36 @@ def size_report(inp: SizeInputs) -> str:
                  + ("; not on the GPUs: precomputed latents)" if inp.precomputed else
                     f", held in {inp.precision} on every GPU)"))
     max_gpus = max(inp.nodes) * inp.gpus_per_node
-    stages = [(s[0], s[1], s[2], s[3] if len(s) > 3 and s[3] else s[2] * max_gpus) for s in inp.stages]
+    # (res, images, micro, global, frames): frames 0 = images; a video stage counts clips
+    stages = [(s[0], s[1], s[2], s[3] if len(s) > 3 and s[3] else s[2] * max_gpus, s[4] if len(s) > 4 else 0)
+              for s in inp.stages]
 
-    def micro_time(res: int, mb: int, engine: str) -> MicroTime:
-        points = _bench_points(inp.bench, inp.preset, res, engine)
+    def micro_time(res: int, mb: int, engine: str, frames: int = 0) -> MicroTime:
+        points = _bench_points(inp.bench, inp.preset, res, engine, frames)
         if points:
             return fit_micro_time(points, "measured (bench)")
-        ones = [m for m in inp.measured if m[0] == 1 and m[2] == res]
+        ones = [m for m in inp.measured if m[0] == 1 and m[2] == res] if not frames else []
         if ones:
             return MicroTime(0.0, 1 / ones[0][1], f"measured (--measured 1:{ones[0][1]:g}@{res})")
-        per_image = train_flops_per_image(inp.preset, res) / (peak[0] * 1e12 * inp.assumed_mfu)
+        per_image = train_flops_per_image(inp.preset, res, frames) / (peak[0] * 1e12 * inp.assumed_mfu)
         return MicroTime(0.0, per_image, f"assumed MFU {inp.assumed_mfu:.0%}")
+
+    degrees = context_degrees(inp.preset, inp.gpus_per_node)
+
+    def with_context(mt: MicroTime, res: int, frames: int, k: int) -> MicroTime:
+        """A context group's time per micro-batch: the compute split K ways, plus the Ulysses
+        all-to-alls over the intra-node link (none are hidden: attention waits for them)."""
+        if k == 1:
+            return mt
+        a2a = ulysses_seconds(inp.preset, res, frames, k, fabric.intra, inp.precision)
+        return MicroTime(mt.fixed, mt.per_image / k + a2a, f"{mt.source}, / K={k} + {a2a * 1e3:.1f} ms all-to-all "
+                                                            "per sample")
 
     # --measured points: one line each when they contradict the bench file; multi-GPU points
     # calibrate the link they crossed (inside a node, or between nodes), taken at the stage's
     # global batch (micro-batch and accumulation as the plan would choose them).
     for gpus, ips, res, engine in inp.measured:
-        st = next((s for s in stages if s[0] == res), None)
+        st = next((s for s in stages if s[0] == res and not s[4]), None)
         if st is None:
             raise ValueError(f"--measured {gpus}:{ips:g}@{res}: no stage at {res} px")
         engine = engine or inp.engines[0]
@@ -515,16 +576,19 @@ def size_report(inp: SizeInputs) -> str:
              f"${inp.price_per_gpu_hour}/GPU-hour", ""]
     total: dict[tuple[str, int], list[float]] = {}
     curves: dict[tuple[int, str], list[tuple[int, float, float]]] = {}
-    for res, images, mb, gb in stages:
-        lines.append(f"stage {res} px, {images:,} images, global batch {gb} (micro-batch <= {mb} per GPU)")
+    for res, images, mb, gb, frames in stages:
+        what = "clips" if frames else "images"
+        clip = (f" x {frames} frame{'s' if frames != 1 else ''} "
+                f"({get_preset(inp.preset).tokens(res, res, frames):,} tokens)") if frames else ""
+        lines.append(f"stage {res} px{clip}, {images:,} {what}, global batch {gb} (micro-batch <= {mb} per GPU)")
         for engine in inp.engines:
             cell = {"preset": inp.preset, "resolution": res, "engine": engine, "micro_batch": mb,
-                    "precision": inp.precision, "precomputed": inp.precomputed}
+                    "precision": inp.precision, "precomputed": inp.precomputed, "frames": frames}
 
-            def mem(nodes: int, micro: int, engine=engine, cell=cell) -> float:
+            def mem(nodes: int, micro: int, engine=engine, cell=cell, k: int = 1) -> float:
                 world = nodes * inp.gpus_per_node
                 like = _COMPUTE_LIKE.get(engine, engine) if engine in ("hsdp", "zero3-hpz") else engine
-                c = {**cell, "engine": like, "micro_batch": micro, "world_size": world}
+                c = {**cell, "engine": like, "micro_batch": micro, "world_size": world, "context": k}
                 if engine == "hsdp":  # shards within a node only
                     c["world_size"] = min(world, inp.gpus_per_node)
                 m = predict_memory_gib(c, fit, base, host_is_device=False)
@@ -535,28 +599,49 @@ def size_report(inp: SizeInputs) -> str:
                     m += facts.params * (2 if inp.precision in ("bf16", "fp16") else 4) / min(world, inp.gpus_per_node) / 2**30
                 return m
 
-            def fits(nodes: int) -> int | None:
-                """Largest micro-batch <= mb that fits at this node count."""
-                return next((m for m in range(mb, 0, -1) if mem(nodes, m) <= inp.memory_headroom * gpu_mem), None)
+            def fits(nodes: int, k: int = 1) -> int | None:
+                """Largest micro-batch <= mb that fits at this node count (context degree k)."""
+                return next((m for m in range(mb, 0, -1) if mem(nodes, m, k=k) <= inp.memory_headroom * gpu_mem), None)
 
-            min_nodes = next((n for n in range(1, 4097) if fits(n)), None)
-            mt = micro_time(res, mb, engine)
-            lines.append(f"  {engine:<14}{mem(1, mb):>8.1f} GiB/GPU at 1 node (micro-batch {mb}); "
-                         + (f"fits from {min_nodes} node(s) at micro-batch {fits(min_nodes)}" if min_nodes
-                            else "no fit up to 4096 nodes")
-                         + f"; 1-GPU step {mt(mb):.3f} s at micro-batch {mb} ({mt.source})")
-            lines.append(f"    {'nodes':>5}{'GPUs':>6}{'micro x accum':>15}{'img/s':>11}{'scaling eff.':>14}"
-                         f"{'hours':>9}{'$':>11}")
+            # Context parallelism where one sample's activations do not fit: at each node count
+            # the smallest K (inside a node, dividing the heads and the tokens) that fits.
+            tokens = get_preset(inp.preset).tokens(res, res, frames)
+            usable = [c for c in degrees if tokens % c == 0]
+
+            def best_k(nodes: int) -> int | None:
+                return next((c for c in usable if fits(nodes, c)), None)
+
+            min_nodes = next((n for n in range(1, 4097) if best_k(n)), None)
+            k = best_k(min_nodes) if min_nodes else 1
+            if not fits(min_nodes or 1) and (min_nodes is None or k > 1) and len(degrees) > 1:
+                one = mem(max(inp.nodes), 1) - mem(max(inp.nodes), 1, k=10**9)  # one sample's activations
+                budget = inp.memory_headroom * gpu_mem - mem(max(inp.nodes), 1, k=10**9)
+                lines.append(f"  {engine:<14}context parallelism needed: one {'clip' if frames else 'image'}'s "
+                             f"activations are {one:.1f} GiB per GPU, above the {budget:.1f} GiB left beside the "
+                             "model states at micro-batch 1; "
+                             + (f"engine.context_parallel=K splits them (K per row below, the smallest that fits)"
+                                if k > 1 else f"no K in {degrees[1:]} that divides its {tokens:,} tokens fits"))
+            base_mt = micro_time(res, mb, engine, frames)
+            mt = with_context(base_mt, res, frames, k)
+            lines.append(f"  {engine:<14}{mem(1, mb, k=k):>8.1f} GiB/GPU at 1 node (micro-batch {mb}"
+                         + (f", K={k}" if k > 1 else "") + "); "
+                         + (f"fits from {min_nodes} node(s) at micro-batch {fits(min_nodes, k)}"
+                            + (f" with K={k}" if k > 1 else "") if min_nodes else "no fit up to 4096 nodes")
+                         + f"; 1-{'group' if k > 1 else 'GPU'} step {mt(mb):.3f} s at micro-batch {mb} ({mt.source})")
+            lines.append(f"    {'nodes':>5}{'GPUs':>6}{'micro x accum':>15}{'clips/s' if frames else 'img/s':>11}"
+                         f"{'scaling eff.':>14}{'hours':>9}{'$':>11}")
             small = None
             for n in inp.nodes:
                 world = n * inp.gpus_per_node
-                top = fits(n)
+                k = best_k(n) or 1
+                mt = with_context(base_mt, res, frames, k)
+                top = fits(n, k)
                 if top is None:
                     lines.append(f"    {n:>5}{world:>6}{'no fit':>15}")
                     continue
                 p = plan_step(gpus=world, global_batch=gb, max_micro=top, micro_time=mt,
                               comms=step_comms(engine, facts, inp.precision, inp.gpus_per_node, world),
-                              fabric=fabric, eta=eta)
+                              fabric=fabric, eta=eta, context=k)
                 if p is None:
                     lines.append(f"    {n:>5}{world:>6}{'batch < GPUs':>15}")
                     continue
@@ -568,8 +653,8 @@ def size_report(inp: SizeInputs) -> str:
                 flag = " *" if mt.efficiency(p.micro) < SMALL_MICRO_EFFICIENCY * mt.efficiency(mb) else ""
                 if flag and small is None:
                     small = (world, p.micro, mt.efficiency(p.micro) / mt.efficiency(mb))
-                lines.append(f"    {n:>5}{world:>6}{f'{p.micro} x {p.accum}':>15}{ips:>11,.0f}{p.efficiency:>13.0%}"
-                             f"{hours:>9.1f}{cost:>11,.0f}{flag}")
+                lines.append(f"    {n:>5}{world:>6}{f'{p.micro} x {p.accum}':>15}{ips:>11,.{0 if ips >= 10 else 2}f}"
+                             f"{p.efficiency:>13.0%}{hours:>9.1f}{cost:>11,.0f}{flag}" + (f"  K={k}" if k > 1 else ""))
             if small:
                 lines.append(f"    * from {small[0]} GPUs the micro-batch per GPU is {small[1]}: each GPU runs at "
                              f"{small[2]:.0%} of its speed at micro-batch {mb} (fixed costs per step dominate)")

@@ -84,3 +84,24 @@ def test_out_of_memory_is_a_result_not_a_crash(synth_shards, tmp_path):
     assert "| unet-tiny | 16 | fsdp | 2 | 2 | oom |" in (out / "results.md").read_text()
     # No ok cell, so nothing to plot; the plots exist (empty axes) rather than crashing.
     assert (out / "throughput.png").is_file() and (out / "memory.png").is_file()
+
+
+def test_frames_axis_measures_clips(tmp_path):
+    """`scaletrain bench --frames 1 5` on a video preset: one cell per frame count on synthetic
+    clips written into --out, labelled 32x1f / 32x5f; a 5-frame clip holds about 5x the
+    activations of a 1-frame one, and its FLOPs (hence MFU) count the frames."""
+    from tests.conftest import BIN, run_cmd
+
+    r = run_cmd([str(BIN / "scaletrain"), "bench", "--presets", "wan-tiny", "--resolutions", "32", "--frames", "1", "5",
+                 "--engines", "fsdp", "--world-sizes", "1", "--micro-batches", "2", "--warmup", "1", "--reps", "1",
+                 "--no-comm-sweep", "--no-loaded", "--num-workers", "0", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert [(c["frames"], c["status"]) for c in cells] == [(1, "ok"), (5, "ok")]
+    one, five = (c["memory_split_mib"]["activations"] for c in cells)
+    assert 4 < five / one < 6
+    assert "| wan-tiny | 32x5f | fsdp | 1 | 2 | ok |" in (tmp_path / "results.md").read_text()
+    from scaletrain.bench.flops import train_flops_per_image
+
+    assert cells[1]["tflops_per_device"] == pytest.approx(
+        train_flops_per_image("wan-tiny", 32, 5) * 2 / cells[1]["step_seconds"]["median"] / 1e12)

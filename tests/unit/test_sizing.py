@@ -182,3 +182,69 @@ def test_activation_fit_uses_the_measured_split_and_the_encoders_a_cell_really_h
         assert predict_memory_gib(c, fit, base) == pytest.approx(c["peak_memory_gib"])
     assert frozen_bytes({"precomputed": True}, facts) == 0
     assert frozen_bytes({"precision": "fp32"}, facts) == 4 * facts.frozen
+
+
+def test_size_by_frames_says_where_context_parallelism_is_needed_and_prices_it():
+    """Wan 2.1 14B on H100s: images (1-frame clips) fit without it; 81-frame 768 px clips
+    (48,384 tokens) do not fit one per GPU, so each node count gets the smallest K that fits
+    (more GPUs shard the states further, leaving room for a smaller K); the step carries the
+    Ulysses all-to-alls."""
+    from scaletrain.bench.sizing import context_degrees, ulysses_seconds
+    from scaletrain.bench.sizing import comm_given
+
+    text = size_report(SizeInputs(preset="wan-2.1-14b", stages=[(256, 10_000_000, 8, 1024, 1),
+                                                               (768, 1_000_000, 1, 256, 81)],
+                                  gpu="H100", gpus_per_node=8, price_per_gpu_hour=2.5, engines=["fsdp"],
+                                  nodes=[1, 4], act_gib_per_image=(0.6, 256)))
+    lines = text.splitlines()
+    stage2 = lines.index(next(ln for ln in lines if ln.startswith("stage 768 px x 81 frames (48,384 tokens)")))
+    assert "context parallelism" not in "\n".join(lines[:stage2])
+    assert "context parallelism needed: one clip's activations are 113.4 GiB per GPU" in lines[stage2 + 1]
+    rows = [ln for ln in lines[stage2:] if ln.strip().startswith(("1 ", "4 "))]
+    assert rows[0].split()[:2] == ["1", "8"] and rows[0].endswith("K=4")
+    assert rows[1].split()[:2] == ["4", "32"] and rows[1].endswith("K=2")
+    assert "all-to-all per sample" in lines[stage2 + 2] and "whole curriculum" in text
+    # the degrees a preset can use, and the all-to-all term's scaling
+    assert context_degrees("wan-2.1-14b", 8) == [1, 2, 4, 8] and context_degrees("unet-sd2", 8) == [1]
+    link = comm_given(360.0, 1.5, 0.0)
+    t2, t4 = (ulysses_seconds("wan-2.1-14b", 768, 81, k, link, "bf16") for k in (2, 4))
+    assert 0 < t4 < t2  # each rank moves N/K tokens, (K-1)/K of them off the rank
+
+
+def test_video_stage_arguments(tmp_path):
+    import argparse
+
+    from scaletrain.bench.commands import _parse_stages
+    from scaletrain.config import ConfigError
+
+    def parse(preset, *stages):
+        return _parse_stages(argparse.Namespace(preset=preset, recipe=None, stage=list(stages), gpus_per_node=8))
+
+    assert parse("wan-2.1-1.3b", "480:2000000:1:81:512", "256:1000:8") == [(480, 2000000, 1, 512, 81),
+                                                                           (256, 1000, 8, 0, 1)]
+    assert parse("unet-sd2", "256:1000:64:2048") == [(256, 1000, 64, 2048, 0)]
+    with pytest.raises(ConfigError, match=r"is not RES:CLIPS\[:MICRO\[:FRAMES\[:GLOBAL\]\]\]; write e.g. "):
+        parse("wan-2.1-1.3b", "480:x")
+    # a recipe's stages carry their frames (images on a video preset: 1)
+    from tests.conftest import REPO
+
+    recipe = _parse_stages(argparse.Namespace(preset="wan-tiny", recipe=str(REPO / "configs" / "video.yaml"),
+                                              stage=[], gpus_per_node=8))
+    assert [s[4] for s in recipe] == [1, 5, 9]
+
+
+def test_activation_fit_counts_frames():
+    """Two cells of one video preset at 1 and 5 frames: one bytes-per-element slope explains both."""
+    from scaletrain.bench.sizing import act_elems, fit_activations
+
+    cells = []
+    for frames, mib in ((1, 11.5), (5, 56.9)):
+        cells.append({"status": "ok", "preset": "wan-tiny", "engine": "fsdp", "world_size": 1, "micro_batch": 2,
+                      "resolution": 32, "frames": frames, "precision": "fp32", "peak_memory_gib": 0.5,
+                      "baseline_gib": 0.37, "memory_split_mib": {"activations": mib}, "params_frozen": 0})
+    fit = fit_activations(cells)
+    assert act_elems("wan-tiny", 32, 5) == 5 * act_elems("wan-tiny", 32, 1)
+    for frames, mib in ((1, 11.5), (5, 56.9)):
+        got = fit.bytes("wan-tiny", 2, 32, None, frames) / 2**20
+        assert got == pytest.approx(mib, rel=0.05)
+    assert fit.bytes("wan-tiny", 2, 32, None, 5, context=2) == pytest.approx(fit.bytes("wan-tiny", 2, 32, None, 5) / 2)
