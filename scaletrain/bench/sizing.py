@@ -619,7 +619,7 @@ def size_report(inp: SizeInputs) -> str:
                 lines.append(f"  {engine:<14}context parallelism needed: one {'clip' if frames else 'image'}'s "
                              f"activations are {one:.1f} GiB per GPU, above the {budget:.1f} GiB left beside the "
                              "model states at micro-batch 1; "
-                             + (f"engine.context_parallel=K splits them (K per row below, the smallest that fits)"
+                             + ("engine.context_parallel=K splits them (K per row below, the smallest that fits)"
                                 if k > 1 else f"no K in {degrees[1:]} that divides its {tokens:,} tokens fits"))
             base_mt = micro_time(res, mb, engine, frames)
             mt = with_context(base_mt, res, frames, k)
