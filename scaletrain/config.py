@@ -442,6 +442,12 @@ class ValidateSection(_Section):
     safety_model: str | None = None
     safety_threshold: float = Field(0.5, ge=0.0, le=1.0)
     safety_nsfw_labels: list[str] | None = None  # default: labels containing nsfw/porn/hentai/sexy/...
+    # Video presets: frames per validation clip (default: the last stage's) at fps (default: the
+    # last stage's; null: the videos' own). FID is per frame (every frame of the generated clips
+    # against every frame of the reference clips; image shards give 1-frame references), and
+    # validation/temporal_consistency is the mean feature cosine of consecutive frames.
+    frames: int | None = Field(None, gt=0)
+    fps: float | None = Field(None, gt=0.0)
 
 
 class HealthSection(_Section):
@@ -599,6 +605,17 @@ class RunConfig(_Section):
             return st.frames
         return 1 if get_preset(self.model.preset).video else 0
 
+    def validation_frames(self) -> int:
+        """Frames per validation clip: validate.frames, else the last stage's (0: images)."""
+        from scaletrain.models.registry import get_preset
+
+        if not get_preset(self.model.preset).video:
+            return 0
+        return self.validate.frames or self.stage_frames(len(self.train.stages) - 1)
+
+    def validation_fps(self) -> float | None:
+        return self.validate.fps if self.validate.fps is not None else self.train.stages[-1].fps
+
     def stage_buckets(self, index: int) -> list[tuple[int, int]]:
         """(width, height) aspect-ratio buckets of stage ``index`` ([] when data.buckets is off)."""
         from scaletrain.models.registry import get_preset
@@ -731,9 +748,14 @@ def _check_validate(cfg: RunConfig, world: int, *, check_paths: bool) -> None:
         return
     from scaletrain.models.registry import get_preset
 
-    if get_preset(cfg.model.preset).video:
-        raise ValueError(f"validate: FID validation of video presets ({cfg.model.preset}) is not built yet; set "
-                         "validate.every_steps=0 and validate.at_end=false (the end-of-run samples.gif still shows it)")
+    preset = get_preset(cfg.model.preset)
+    if v.frames is not None and not preset.video:
+        raise ValueError(f"validate.frames={v.frames}: model.preset={preset.name!r} ({preset.family}) is an image family; "
+                         "remove validate.frames")
+    if v.frames is not None and (v.frames - 1) % preset.vae_frame_factor:
+        n = v.frames - 1 - (v.frames - 1) % preset.vae_frame_factor
+        raise ValueError(f"validate.frames={v.frames}: {preset.name!r}'s video VAE takes 1 + {preset.vae_frame_factor}k "
+                         f"frames; use {n + 1} or {n + 1 + preset.vae_frame_factor}")
 
     f = get_preset(cfg.model.preset).downsample_factor
     if v.resolution is not None and v.resolution % f:
@@ -827,6 +849,11 @@ def _check_context_parallel(cfg: RunConfig, world: int) -> None:
         sizes = [(h, w) for w, h in cfg.stage_buckets(i)] or [(st.resolution, st.resolution)]
         shapes += [(f"train.stages.{i} ({h}x{w} px{_frames_text(frames)})",
                     preset.tokens(h, w, frames)) for h, w in sizes]
+    v = cfg.validate
+    if v.every_steps or v.at_end:
+        frames = cfg.validation_frames()
+        sides = [v.resolution] if v.resolution else sorted({st.resolution for st in cfg.train.stages})
+        shapes += [(f"validation ({side} px{_frames_text(frames)})", preset.tokens(side, side, frames)) for side in sides]
     if cfg.sample.at_end:
         side = cfg.sample.resolution or cfg.train.stages[-1].resolution
         frames = (cfg.sample.frames or cfg.stage_frames(len(cfg.train.stages) - 1)) if preset.video else 0

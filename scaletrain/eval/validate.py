@@ -38,7 +38,7 @@ from scaletrain.data.pipeline import LoaderSpec, expand_shards, iter_epoch_sampl
 from scaletrain.diffusion import Objective
 from scaletrain.distributed import all_reduce_sum
 from scaletrain.eval.fid import build_feature_extractor, build_fid
-from scaletrain.eval.samples import generate_samples, save_image_grid
+from scaletrain.eval.samples import generate_samples, save_image_grid, save_video_grid
 
 Denoiser = Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
 
@@ -64,27 +64,53 @@ def rank_block(num_images: int, rank: int, world_size: int) -> tuple[int, int, i
     return start, stop, math.ceil(num_images / world_size)
 
 
-def read_reference(shards: list[str], resolution: int, num_images: int, start: int, stop: int) -> tuple[Tensor, list[str]]:
+def read_reference(shards: list[str], resolution: int, num_images: int, start: int, stop: int,
+                   frames: int = 0, fps: float | None = None) -> tuple[Tensor | list[Tensor], list[str]]:
     """Pixels of images [start, stop) at ``resolution`` and the captions of all ``num_images``.
+    ``frames`` > 0 (video presets): a list of clips (3, F, H, W), F = ``frames`` for videos and 1
+    for images in the shards.
 
     Every rank reads the same prefix of the stream (sample split over one slot) so the
     global index of an image does not depend on the world size.
     """
-    spec = LoaderSpec(shards=shards, resolution=resolution, micro_batch=1, num_workers=0, split="sample")
+    spec = LoaderSpec(shards=shards, resolution=resolution, micro_batch=1, num_workers=0, split="sample",
+                      frames=frames, fps=fps)
     items = list(itertools.islice(iter_epoch_samples(spec), num_images))
     if len(items) < num_images:
         raise ValueError(
-            f"validate.num_images={num_images} but validate.shards hold only {len(items)} decodable images; "
-            f"lower validate.num_images or add shards"
+            f"validate.num_images={num_images} but validate.shards hold only {len(items)} decodable "
+            f"{'clips' if frames else 'images'}; lower validate.num_images or add shards"
         )
-    return torch.stack([it["pixels"] for it in items[start:stop]]), [it["caption"] for it in items]
+    mine = [it["pixels"] for it in items[start:stop]]
+    return (mine if frames else torch.stack(mine)), [it["caption"] for it in items]
 
 
-def count_reference_images(shards: list[str], num_images: int) -> int:
+def frames_of(clips: Tensor | list[Tensor]) -> Tensor:
+    """Every frame of (B, 3, F, H, W) clips (or a list of (3, F, H, W)) as (sum F, 3, H, W) images."""
+    seq = list(clips) if isinstance(clips, list) else list(clips.unbind(0))
+    return torch.cat([c.transpose(0, 1) for c in seq]) if seq else torch.empty(0)
+
+
+@torch.no_grad()
+def temporal_sums(clips: Tensor | list[Tensor], extractor: Callable[[Tensor], Tensor]) -> tuple[float, int]:
+    """(sum, count) over consecutive frame pairs of the cosine similarity of their features (1:
+    the clip does not change; lower: it flickers or jumps), for clips of at least 2 frames."""
+    total, count = 0.0, 0
+    for clip in (list(clips) if isinstance(clips, list) else clips.unbind(0)):
+        if clip.shape[1] < 2:
+            continue
+        f = extractor(clip.transpose(0, 1)).float().flatten(1)
+        total += float(torch.nn.functional.cosine_similarity(f[:-1], f[1:], dim=1).sum())
+        count += f.shape[0] - 1
+    return total, count
+
+
+def count_reference_images(shards: list[str], num_images: int, frames: int = 0, fps: float | None = None) -> int:
     """How many of the ``num_images`` reference images ``read_reference`` would find: decodable
     images of the same stream, counted up to ``num_images``. Decodability does not depend on
     the resolution, so a tiny one keeps this start-up check cheap."""
-    spec = LoaderSpec(shards=shards, resolution=8, micro_batch=1, num_workers=0, split="sample")
+    spec = LoaderSpec(shards=shards, resolution=8, micro_batch=1, num_workers=0, split="sample",
+                      frames=frames, fps=fps)
     return sum(1 for _ in itertools.islice(iter_epoch_samples(spec), num_images))
 
 
@@ -97,6 +123,9 @@ class SamplingSpec:
     in_channels: int
     latent_factor: int
     objective: Objective  # samples with its sampler; the trainer sets the current stage's
+    frames: int = 0  # video presets: frames per validation clip (0: images)
+    latent_frames: int = 0  # what the denoiser sees for them (a video VAE's latent frames)
+    fps: float | None = None  # the validation clips' frame rate (reference sampling, GIF speed)
 
 
 class Validator:
@@ -112,6 +141,7 @@ class Validator:
         self.label: str = self.extractor.label
         self._fids: dict[int, Any] = {}
         self._captions: dict[int, list[str]] = {}
+        self._ref_temporal: dict[int, tuple[float, int]] = {}  # video: this rank's reference (sum, count)
         # Optional NSFW gate on the generated images (scaletrain/curate/safety.py), the last check
         # before a model ships; its rate goes into the validation record via `metrics`.
         self.safety = None
@@ -126,8 +156,13 @@ class Validator:
         """The FID metric for ``resolution`` with this rank's reference features already in it."""
         if resolution not in self._fids:
             start, stop, _ = rank_block(self.cfg.num_images, self.rank, self.world_size)
-            pixels, captions = read_reference(self.shards, resolution, self.cfg.num_images, start, stop)
+            s = self.sampling
+            pixels, captions = read_reference(self.shards, resolution, self.cfg.num_images, start, stop,
+                                              s.frames, s.fps)
             fid = build_fid(self.extractor, self.device)
+            if s.frames:  # per-frame FID: every frame of every reference clip
+                self._ref_temporal[resolution] = temporal_sums([p.to(self.device) for p in pixels], self.extractor)
+                pixels = frames_of(pixels)
             for chunk in pixels.split(self.cfg.batch_size):
                 fid.update(chunk.to(self.device), real=True)
             self._fids[resolution], self._captions[resolution] = fid, captions
@@ -139,7 +174,7 @@ class Validator:
             denoise, s.encode_text, s.decode, prompts=prompts, resolution=resolution,
             in_channels=s.in_channels, latent_factor=s.latent_factor,
             objective=s.objective, num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance_scale,
-            seed=seed, device=self.device,
+            seed=seed, device=self.device, frames=s.latent_frames if s.frames > 1 else 0,
         )
 
     def run(self, denoise: Denoiser, resolution: int, grid_path: Path | None) -> float:
@@ -150,7 +185,7 @@ class Validator:
             num = self.cfg.num_images
             start, stop, per = rank_block(num, self.rank, self.world_size)
             fid.reset()  # generated statistics only; reset_real_features=False keeps the reference
-            flagged = 0
+            flagged, temporal = 0, [0.0, 0]
             for lo in range(0, per, self.cfg.batch_size):
                 hi = min(lo + self.cfg.batch_size, per)
                 # Global indices past the end are padding: any caption works, the images are dropped.
@@ -158,16 +193,33 @@ class Validator:
                 images = self._generate(denoise, prompts, self.cfg.seed + start + lo, resolution)
                 keep = min(hi, stop - start) - lo
                 if keep > 0:
-                    fid.update(images[:keep], real=False)
-                    flagged += self._count_flagged(images[:keep])
+                    kept = images[:keep]
+                    if kept.ndim == 5:  # clips: per-frame FID, and their consecutive frames' similarity
+                        t_sum, t_count = temporal_sums(kept, self.extractor)
+                        temporal = [temporal[0] + t_sum, temporal[1] + t_count]
+                        kept = frames_of(kept)
+                    fid.update(kept, real=False)
+                    flagged += self._count_flagged(kept)
             value = float(fid.compute())
+            self.metrics = {}
             if self.safety is not None:  # every rank has the same config, so all join this collective
                 total = all_reduce_sum([float(flagged)], self.device)[0]
-                self.metrics = {"validation/nsfw_flagged_rate": total / num}
+                self.metrics["validation/nsfw_flagged_rate"] = total / num
+            if self.sampling.frames > 1:  # every rank joins: the same config everywhere
+                ref = self._ref_temporal.get(resolution, (0.0, 0))
+                g_sum, g_n, r_sum, r_n = all_reduce_sum([temporal[0], float(temporal[1]), ref[0], float(ref[1])],
+                                                        self.device)
+                self.metrics["validation/temporal_consistency"] = g_sum / g_n if g_n else float("nan")
+                if r_n:  # the same figure on the reference clips, for scale
+                    self.metrics["validation/temporal_consistency_ref"] = r_sum / r_n
             if grid_path is not None:
                 grid = self._generate(denoise, self.grid_prompts, self.grid_seed, resolution)
                 if self.rank == 0:
-                    save_image_grid(grid, grid_path, captions=self.grid_prompts)
+                    if grid.ndim == 5:
+                        save_video_grid(grid, grid_path.with_suffix(".gif"), fps=self.sampling.fps or 8.0,
+                                        captions=self.grid_prompts)
+                    else:
+                        save_image_grid(grid, grid_path, captions=self.grid_prompts)
         return value
 
     def _count_flagged(self, images: Tensor) -> int:

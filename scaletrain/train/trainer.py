@@ -420,10 +420,12 @@ class Trainer:
         from scaletrain.eval.validate import count_reference_images
 
         shards = expand_shards(v.shards or self.default_shards())
-        found = count_reference_images(shards, v.num_images)
+        frames = self.cfg.validation_frames()
+        found = count_reference_images(shards, v.num_images, frames, self.cfg.validation_fps())
         if found < v.num_images:
             where = "validate.shards" if v.shards else "the training shards (validate.shards is unset)"
-            raise ConfigError(f"validate.num_images={v.num_images} but {where} hold only {found} decodable images; "
+            what = f"{frames}-frame clips (or images)" if frames else "images"
+            raise ConfigError(f"validate.num_images={v.num_images} but {where} hold only {found} decodable {what}; "
                               f"lower validate.num_images or point validate.shards at a larger set")
 
     def save_checkpoint(self) -> None:
@@ -709,6 +711,9 @@ class Trainer:
                 decode=self.model.decode, in_channels=self.model.preset.in_channels,
                 latent_factor=self.model.preset.vae_factor,
                 objective=self.objective,
+                frames=self.cfg.validation_frames(),
+                latent_frames=self.model.preset.latent_frames(max(self.cfg.validation_frames(), 1)),
+                fps=self.cfg.validation_fps(),
             )
             self.validator = Validator(v, grid_prompts=list(self.cfg.sample.prompts), grid_seed=self.cfg.sample.seed,
                                        default_shards=self.default_shards(), sampling=sampling,
@@ -728,8 +733,13 @@ class Trainer:
         label = self.validator.label
         self.logger.log(validation_record(self.step, label, value, seconds, v.num_images, resolution, ema is not None,
                                           self.validator.metrics))
-        self.logger.event(f"validation at step {self.step}: {label}={value:.4f} ({v.num_images} images at "
-                          f"{resolution}px, {'EMA' if ema else 'raw'} weights, {seconds:.1f}s) -> {grid}")
+        frames = self.cfg.validation_frames()
+        what = f"{frames}-frame clips, per-frame" if frames > 1 else "images"
+        extra = "".join(f", {k.removeprefix('validation/')}={x:.4f}" for k, x in self.validator.metrics.items()
+                        if k.startswith("validation/temporal"))
+        shown = grid.with_suffix(".gif") if frames > 1 else grid
+        self.logger.event(f"validation at step {self.step}: {label}={value:.4f} ({v.num_images} {what} at "
+                          f"{resolution}px, {'EMA' if ema else 'raw'} weights, {seconds:.1f}s){extra} -> {shown}")
         self.last_validated_step = self.step
         return seconds
 

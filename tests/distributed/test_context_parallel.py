@@ -35,7 +35,7 @@ def _sets(shards, run_dir, *extra: str) -> list[str]:
     sets = [f"data.shards={images}", f"train.stages.1.data.sources.0.shards={clips}",
             f"train.stages.1.data.sources.1.shards={images}", f"train.stages.2.data.shards={clips}",
             f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false", "data.shuffle_buffer=0",
-            "data.num_workers=1", "sample.at_end=false", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
+            "data.num_workers=1", "sample.at_end=false", "validate.at_end=false", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
             "train.stages.0.steps=2", "train.stages.1.steps=2", "train.stages.2.steps=2",
             # one data-parallel replica either way: the same samples in every step
             "train.stages.0.global_batch=8", "train.stages.1.global_batch=4", "train.stages.2.global_batch=2",

@@ -31,7 +31,8 @@ def _launch(shards, run_dir, *extra: str) -> list[str]:
     sets = [f"data.shards={images}", f"train.stages.1.data.sources.0.shards={clips}",
             f"train.stages.1.data.sources.1.shards={images}", f"train.stages.2.data.shards={clips}",
             f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false", "data.shuffle_buffer=8",
-            "sample.steps=2", *(f"train.stages.{i}.steps={n}" for i, n in enumerate(STEPS)), *extra]
+            "sample.steps=2", f"validate.shards={clips}", "validate.num_images=4", "validate.steps=2",
+            *(f"train.stages.{i}.steps={n}" for i, n in enumerate(STEPS)), *extra]
     return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
             "launchers/pretrain.py", "--config", "configs/video.yaml", *[x for p in sets for x in ("--set", p)]]
 
@@ -78,6 +79,22 @@ def test_samples_are_an_animated_gif_of_the_last_stage_frames(runs):
     with Image.open(runs["straight"] / "samples.gif") as gif:
         assert gif.is_animated and gif.n_frames == 9
     assert not (runs["straight"] / "samples.png").exists()
+
+
+def test_validation_logs_per_frame_fid_and_temporal_consistency_with_an_animated_grid(runs):
+    """validate.at_end on 4 reference clips of 9 frames (the last stage's): FID over every frame,
+    the generated clips' consecutive-frame feature similarity and the reference clips' for scale;
+    the grid is a GIF."""
+    from PIL import Image
+
+    (rec,) = [m for m in read_metrics(runs["straight"], steps_only=False) if m.get("validation")]
+    assert rec["step"] == 8 and rec["val_images"] == 4 and rec["fid_offline-gridorient"] > 0
+    assert 0 < rec["validation/temporal_consistency"] <= 1
+    assert 0.5 < rec["validation/temporal_consistency_ref"] <= 1  # real clips: a shape moving smoothly
+    assert "validation at step 8: fid_offline-gridorient=" in runs["out"]
+    assert "4 9-frame clips, per-frame" in runs["out"] and "temporal_consistency=" in runs["out"]
+    with Image.open(runs["straight"] / "validation" / "step-000008.gif") as gif:
+        assert gif.n_frames == 9
 
 
 EXPORT_CHECK = """

@@ -224,7 +224,9 @@ def test_animated_sample_grid(tmp_path):
     (["model.preset=wan-2.1-1.3b", "train.stages.1.frames=6", "train.stages.1.resolution=256",
       "train.stages.0.resolution=256", "train.stages.2.resolution=256", "train.stages.2.frames=9"],
      "train.stages.1.frames=6: 'wan-2.1-1.3b''s video VAE takes 1 + 4k frames; use 5 or 9"),
-    (["validate.at_end=true"], "validate: FID validation of video presets (wan-tiny) is not built yet"),
+    (["validate.frames=6", "model.preset=wan-2.1-1.3b", "train.stages.0.resolution=256",
+      "train.stages.1.resolution=256", "train.stages.2.resolution=256", "validate.resolution=256"],
+     "validate.frames=6: 'wan-2.1-1.3b''s video VAE takes 1 + 4k frames; use 5 or 9"),
 ])
 def test_frames_config_errors_are_one_line(shards, overrides, fragment):
     if overrides == ["train.stages.2.frames=null"]:
@@ -232,7 +234,8 @@ def test_frames_config_errors_are_one_line(shards, overrides, fragment):
     base = [f"data.shards={shards['images']}/shard-{{000000..000001}}.tar",
             f"train.stages.1.data.sources.0.shards={shards['clips']}/shard-{{000000..000001}}.tar",
             f"train.stages.1.data.sources.1.shards={shards['images']}/shard-{{000000..000001}}.tar",
-            f"train.stages.2.data.shards={shards['clips']}/shard-{{000000..000001}}.tar"]
+            f"train.stages.2.data.shards={shards['clips']}/shard-{{000000..000001}}.tar",
+            f"validate.shards={shards['clips']}/shard-{{000000..000001}}.tar"]
     with pytest.raises(ConfigError) as e:
         load_config(VIDEO, base + overrides, world_size=2)
     assert fragment in str(e.value) and "\n" not in str(e.value)
@@ -242,7 +245,8 @@ def test_video_recipe_validates_and_counts_clip_flops(shards):
     base = [f"data.shards={shards['images']}/shard-{{000000..000001}}.tar",
             f"train.stages.1.data.sources.0.shards={shards['clips']}/shard-{{000000..000001}}.tar",
             f"train.stages.1.data.sources.1.shards={shards['images']}/shard-{{000000..000001}}.tar",
-            f"train.stages.2.data.shards={shards['clips']}/shard-{{000000..000001}}.tar"]
+            f"train.stages.2.data.shards={shards['clips']}/shard-{{000000..000001}}.tar",
+            f"validate.shards={shards['clips']}/shard-{{000000..000001}}.tar"]
     cfg = load_config(VIDEO, base, world_size=2)
     assert [cfg.stage_frames(i) for i in range(3)] == [1, 5, 9]
     from scaletrain.bench.flops import train_flops_per_image
@@ -273,7 +277,8 @@ def test_context_parallel_config_errors_are_one_line(shards, overrides, world, f
     base = [f"data.shards={shards['images']}/shard-{{000000..000001}}.tar",
             f"train.stages.1.data.sources.0.shards={shards['clips']}/shard-{{000000..000001}}.tar",
             f"train.stages.1.data.sources.1.shards={shards['images']}/shard-{{000000..000001}}.tar",
-            f"train.stages.2.data.shards={shards['clips']}/shard-{{000000..000001}}.tar"]
+            f"train.stages.2.data.shards={shards['clips']}/shard-{{000000..000001}}.tar",
+            f"validate.shards={shards['clips']}/shard-{{000000..000001}}.tar"]
     batches = [b for b in CP_BATCHES if b.split("=")[0] not in {o.split("=")[0] for o in overrides}]
     with pytest.raises(ConfigError) as e:
         load_config(VIDEO, base + batches + overrides, world_size=world)
@@ -295,7 +300,8 @@ def test_stage_fps_above_the_videos_is_one_line_before_launch(shards):
     base = [f"data.shards={shards['images']}/shard-{{000000..000001}}.tar",
             f"train.stages.1.data.sources.0.shards={shards['clips']}/shard-{{000000..000001}}.tar",
             f"train.stages.1.data.sources.1.shards={shards['images']}/shard-{{000000..000001}}.tar",
-            f"train.stages.2.data.shards={shards['clips']}/shard-{{000000..000001}}.tar"]
+            f"train.stages.2.data.shards={shards['clips']}/shard-{{000000..000001}}.tar",
+            f"validate.shards={shards['clips']}/shard-{{000000..000001}}.tar"]
     load_run_config(VIDEO, base + ["train.stages.1.fps=8"], world_size=2)  # equal: fine
     with pytest.raises(ConfigError) as e:
         load_run_config(VIDEO, base + ["train.stages.1.fps=12"], world_size=2)
