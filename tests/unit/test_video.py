@@ -309,3 +309,41 @@ def test_stage_fps_above_the_videos_is_one_line_before_launch(shards):
     assert msg.startswith("train.stages.1.fps=12 is above the 8 fps of the videos in train.stages.1.data.sources "
                           "'clips' (sample '000000000' of ") and "lower the stage's fps to at most 8" in msg
     assert "\n" not in msg
+
+
+def test_wan_vae_latent_path_per_channel_scaling_and_images():
+    """The real-size presets' path at toy size: a 2-level AutoencoderKLWan (2x space, 2x time)
+    registered as a preset; clips encode to (B, C, 1 + (F-1)/2, H/2, W/2), scaled per channel by
+    latents_mean / latents_std as diffusers' Wan pipeline does, the denoiser keeps the shape, decode
+    gives the clip's shape back; an image goes through the video VAE as one frame."""
+    from scaletrain.models.components import TINY_TEXT, TINY_TEXT_DIM, TINY_TEXT_LEN
+    from scaletrain.models.families.wan import wan_tiny_config
+    from scaletrain.models.family import PRESETS, add_preset
+
+    mean, std = [0.1, -0.2, 0.3, 0.0], [1.5, 2.0, 0.5, 1.0]
+    vae = dict(_class_name="AutoencoderKLWan", base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+               temperal_downsample=[True], latents_mean=mean, latents_std=std)
+    add_preset("wan-test-latent", "wan", vae, dict(wan_tiny_config(TINY_TEXT_DIM), in_channels=4, out_channels=4),
+               TINY_TEXT, TINY_TEXT_LEN, "test only")
+    try:
+        p = get_preset("wan-test-latent")
+        assert (p.vae_factor, p.vae_frame_factor, p.latent_frames(5), p.downsample_factor, p.tokens(16, 16, 5)) == \
+            (2, 2, 3, 4, 48)
+        torch.manual_seed(0)
+        model = build_model("wan-test-latent")
+        x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+        gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+        z = model.encode_images(x, gens())
+        assert z.shape == (2, 4, 3, 8, 8)
+        m, logvar = model.encode_posterior(x)
+        noise = torch.stack([torch.randn(tuple(m.shape[1:]), generator=g) for g in gens()])
+        expect = (m + torch.exp(0.5 * logvar) * noise - torch.tensor(mean).view(1, -1, 1, 1, 1)) \
+            / torch.tensor(std).view(1, -1, 1, 1, 1)
+        torch.testing.assert_close(z, expect, rtol=1e-5, atol=1e-5)
+        emb, mask = model.encode_text(["a red circle moving left", ""], "cpu")
+        assert model.denoiser(z, torch.tensor([1.0, 500.0]), emb, mask).shape == z.shape
+        assert model.decode(z).shape == x.shape
+        img = model.encode_images(torch.rand(2, 3, 16, 16) * 2 - 1, gens())
+        assert img.shape == (2, 4, 8, 8) and model.decode(img).shape == (2, 3, 16, 16)
+    finally:
+        PRESETS.pop("wan-test-latent")
