@@ -323,15 +323,20 @@ def decode_image(data: bytes, resolution: int, buckets: tuple[tuple[int, int], .
         img = img.convert("RGB")
     w, h = img.size
     tw, th = buckets[nearest_bucket(w, h, buckets)] if buckets else (resolution, resolution)
+    arr = np.asarray(resize_crop(img, tw, th), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def resize_crop(img: Image.Image, tw: int, th: int) -> Image.Image:
+    """Resize (bicubic) to cover (tw, th), then center-crop to it: images and video frames alike."""
+    w, h = img.size
     scale = max(tw / w, th / h)  # = R / min(w, h) for the square target
     nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
     if (nw, nh) != (w, h):
         # PIL widens the bicubic kernel when downscaling, i.e. it antialiases.
         img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - tw) // 2, (nh - th) // 2
-    img = img.crop((left, top, left + tw, top + th))
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    return img.crop((left, top, left + tw, top + th))
 
 
 @dataclass(frozen=True)

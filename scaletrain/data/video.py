@@ -62,17 +62,6 @@ def clip_indices(num_frames: int, src_fps: float, clip: ClipSpec, rng: random.Ra
     return [start + round(i * stride) for i in range(clip.frames)]
 
 
-def _fit(img: Image.Image, tw: int, th: int) -> np.ndarray:
-    """Resize (bicubic, antialiased) to cover (tw, th), center-crop: ``decode_image``'s rule."""
-    w, h = img.size
-    scale = max(tw / w, th / h)
-    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - tw) // 2, (nh - th) // 2
-    return np.asarray(img.crop((left, top, left + tw, top + th)), dtype=np.float32)
-
-
 def probe_video(data: bytes) -> tuple[int, float, int, int]:
     """(frames, fps, width, height) from the container header, nothing decoded."""
     import av
@@ -96,6 +85,7 @@ def decode_video(data: bytes, clip: ClipSpec, resolution: int, rng: random.Rando
     import av
 
     from scaletrain.data.buckets import nearest_bucket
+    from scaletrain.data.pipeline import resize_crop  # the images' rule, frame by frame
 
     num_frames, src_fps, width, height = probe_video(data)
     tw, th = buckets[nearest_bucket(width, height, buckets)] if buckets else (resolution, resolution)
@@ -110,7 +100,7 @@ def decode_video(data: bytes, clip: ClipSpec, resolution: int, rng: random.Rando
     with av.open(io.BytesIO(data)) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i in wanted:
-                picked[i] = _fit(frame.to_image(), tw, th)
+                picked[i] = np.asarray(resize_crop(frame.to_image(), tw, th), dtype=np.float32)
             if i >= want[-1]:
                 break
     if len(picked) < len(wanted):  # the header promised more frames than the stream holds
