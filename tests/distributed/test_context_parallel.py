@@ -100,11 +100,12 @@ def test_k2_checkpoint_resumes_at_k1(runs):
 
 def test_activation_memory_per_rank_at_k2_is_at_most_0_6_of_k1():
     """One training forward of a 9-frame 32 px clip (2304 tokens) through wan-tiny: bytes autograd
-    saves for backward on each rank, K=1 vs K=2 (the worker checks the outputs agree)."""
+    saves for backward on each rank, K=1 vs K=2 (benchmarks/context_parallel_memory.py, which
+    also checks the two outputs agree)."""
     r = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                 str(free_port()), str(REPO / "tests" / "distributed" / "_cp_memory_worker.py"), "9", "32"], env=ENV)
+                 str(free_port()), str(REPO / "benchmarks" / "context_parallel_memory.py"), "--clips", "9x32"], env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 2
+    assert len(rows) == 2 and all(row["tokens"] == 2304 for row in rows)
     for row in rows:
         assert row["ratio"] <= 0.6, row
