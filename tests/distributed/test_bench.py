@@ -14,36 +14,6 @@ from tests.conftest import run_cmd, shard_pattern
 pytestmark = pytest.mark.dist
 
 
-def test_runner_records_repetitions_and_schema(synth_shards, tmp_path):
-    spec = MatrixSpec(presets=["unet-tiny"], resolutions=[16], engines=["ddp"], micro_batches=[2], world_sizes=[2],
-                      warmup=1, reps=2, num_workers=0, comm_sweep=False, shards=shard_pattern(synth_shards))
-    res = run_matrix(spec, tmp_path, log=lambda s: None)
-    on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert on_disk["schema"] == "scaletrain.bench/1" and on_disk["config_hash"] == spec.config_hash()
-    for key in ("hardware", "versions", "conditions", "spec", "cells"):
-        assert key in on_disk
-    (cell,) = res["cells"]
-    assert cell["status"] == "ok", cell.get("error")
-    assert cell["step_seconds"]["n"] == 2 and len(cell["step_seconds_all"]) == 2  # warm-up step excluded
-    assert cell["step_seconds"]["min"] <= cell["step_seconds"]["median"] <= cell["step_seconds"]["max"]
-    assert set(cell["phases_seconds"]) == {"data", "encode", "forward", "backward", "optimizer"}
-    assert sum(cell["phases_seconds"].values()) <= cell["step_seconds"]["max"] * 1.05
-    assert cell["params_local"] == cell["params_total"]  # DDP replicates
-    assert cell["peak_memory_gib"] > cell["baseline_gib"] > 0
-    assert 0 < cell["mfu"] and cell["peak_source"].startswith("measured")
-    assert cell["images_per_second"]["median"] == pytest.approx(4 / cell["step_seconds"]["median"])
-    assert "| unet-tiny | 16 | ddp | 2 | 2 | ok |" in (tmp_path / "results.md").read_text()
-    # measured memory split (torch's tracker, one extra step): the replicated fp32 weights and
-    # AdamW's two moments are what the model's size says; activations are there; parts sum to total
-    split = cell["memory_split_mib"]
-    weights = cell["params_total"] * 4 / 2**20
-    assert split["params"] == pytest.approx(weights, rel=0.05) and split["optimizer"] == pytest.approx(2 * weights, rel=0.05)
-    assert split["activations"] > 0
-    parts = sum(split[k] for k in ("params", "grads", "optimizer", "activations", "comm_buffers", "other"))
-    assert parts == pytest.approx(split["total"], rel=0.02)
-    assert "| unet-tiny | 16 | ddp | 2 | 2 | " + f"{split['params']:.1f} |" in (tmp_path / "results.md").read_text()
-
-
 def test_one_rank_cell_is_also_timed_with_every_device_busy_in_rounds(synth_shards, tmp_path):
     """With world sizes 1 and 2, each 1-rank cell runs again as 2 independent copies at once:
     per repetition the slower copy's step, the basis the 2-rank prediction and the exposed
@@ -53,8 +23,32 @@ def test_one_rank_cell_is_also_timed_with_every_device_busy_in_rounds(synth_shar
                       world_sizes=[1, 2], warmup=1, reps=2, num_workers=0, comm_sweep=False, rounds=2,
                       shards=shard_pattern(synth_shards))
     res = run_matrix(spec, tmp_path, log=lambda s: None)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["schema"] == "scaletrain.bench/1" and on_disk["config_hash"] == spec.config_hash()
+    for key in ("hardware", "versions", "conditions", "spec", "cells"):
+        assert key in on_disk
     one, two = res["cells"]
     assert (one["world_size"], two["world_size"]) == (1, 2) and one["status"] == two["status"] == "ok"
+    # each cell: repetitions after warm-up, phases, memory, MFU (the 2-rank DDP cell)
+    cell = two
+    assert cell["step_seconds"]["min"] <= cell["step_seconds"]["median"] <= cell["step_seconds"]["max"]
+    assert set(cell["phases_seconds"]) == {"data", "encode", "forward", "backward", "optimizer"}
+    assert sum(cell["phases_seconds"].values()) <= cell["step_seconds"]["max"] * 1.05
+    assert cell["params_local"] == cell["params_total"]  # DDP replicates
+    assert cell["peak_memory_gib"] > cell["baseline_gib"] > 0
+    assert 0 < cell["mfu"] and cell["peak_source"].startswith("measured")
+    assert cell["images_per_second"]["median"] == pytest.approx(4 / cell["step_seconds"]["median"])
+    # measured memory split (torch's tracker, one extra step): the replicated fp32 weights and
+    # AdamW's two moments are what the model's size says; activations are there; parts sum to total
+    split = cell["memory_split_mib"]
+    weights = cell["params_total"] * 4 / 2**20
+    assert split["params"] == pytest.approx(weights, rel=0.05) and split["optimizer"] == pytest.approx(2 * weights, rel=0.05)
+    assert split["activations"] > 0
+    parts = sum(split[k] for k in ("params", "grads", "optimizer", "activations", "comm_buffers", "other"))
+    assert parts == pytest.approx(split["total"], rel=0.02)
+    md_all = (tmp_path / "results.md").read_text()
+    assert "| unet-tiny | 16 | ddp | 2 | 2 | ok |" in md_all
+    assert "| unet-tiny | 16 | ddp | 2 | 2 | " + f"{split['params']:.1f} |" in md_all
     loaded = one["loaded"]
     assert loaded["status"] == "ok" and loaded["copies"] == 2
     for timed in (one, two, loaded):  # 2 rounds x 2 repetitions, each round's median kept
