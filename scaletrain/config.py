@@ -77,6 +77,11 @@ class ModelSection(_Section):
     activation_checkpointing_selective: Literal["every", "attention"] = "every"
     activation_checkpointing_every: int = Field(2, ge=2)
     compile: bool = False  # regional: each unit's forward compiled (torch.compile), not the whole graph
+    # torch.compile's backend: inductor generates kernels (the speed); aot_eager traces the same
+    # regions through dynamo and AOT autograd without code generation, the usual first step when
+    # a compiled run misbehaves (and what the suite uses to prove the wiring under each engine
+    # at a fraction of inductor's CPU compile time).
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
 
 
 DEFAULT_SHARDS = "data/synth/shard-{000000..000007}.tar"
@@ -517,7 +522,9 @@ class RunConfig(_Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
-    diffusion: DiffusionSection = DiffusionSection()
+    # A factory, not an instance: validating the default imports the objectives (torch, diffusers),
+    # which `import scaletrain.config` must not pay (`scaletrain --help` starts without torch).
+    diffusion: DiffusionSection = Field(default_factory=DiffusionSection)
     optim: OptimSection = OptimSection()
     train: TrainSection
     engine: EngineSection = EngineSection()

@@ -1,27 +1,32 @@
-"""Data: synthetic captioned shards and the webdataset training pipeline."""
+"""Data: synthetic captioned shards and the webdataset training pipeline.
 
-from scaletrain.data.pipeline import (
-    LoaderSpec,
-    build_loader,
-    caption_is_dropped,
-    decode_image,
-    expand_shards,
-    iter_epoch_samples,
-    missing_local_shards,
-    resolve_split,
-)
-from scaletrain.data.synth import make_synthetic_sample, write_synthetic_shards, write_tar_shard
+The names below load on first use (PEP 562): ``config`` imports ``data.buckets`` and
+``data.filters`` (pydantic only), which must not pull the pipeline's torch, PIL and PyAV.
+"""
 
-__all__ = [
-    "LoaderSpec",
-    "build_loader",
-    "caption_is_dropped",
-    "decode_image",
-    "expand_shards",
-    "iter_epoch_samples",
-    "make_synthetic_sample",
-    "missing_local_shards",
-    "resolve_split",
-    "write_synthetic_shards",
-    "write_tar_shard",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LoaderSpec": "pipeline",
+    "build_loader": "pipeline",
+    "caption_is_dropped": "pipeline",
+    "decode_image": "pipeline",
+    "expand_shards": "pipeline",
+    "iter_epoch_samples": "pipeline",
+    "missing_local_shards": "pipeline",
+    "resolve_split": "pipeline",
+    "make_synthetic_sample": "synth",
+    "write_synthetic_shards": "synth",
+    "write_tar_shard": "synth",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'scaletrain.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"scaletrain.data.{_EXPORTS[name]}"), name)

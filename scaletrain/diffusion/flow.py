@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from pydantic import Field, model_validator
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
 from scaletrain.diffusion.base import Objective, ObjectiveParams, Sampler, TrainingBatch, register
 from scaletrain.diffusion.objective import per_sample_generators
@@ -91,6 +92,8 @@ class FlowMatchingObjective(Objective):
             raise ValueError(f"got {len(keys)} keys for a batch of {x0.shape[0]}")
         # sigma first, then the noise (as DDPM draws its timestep first): sigma does not depend
         # on the latent shape's element count.
+        from diffusers.training_utils import compute_density_for_timestep_sampling  # lazy: see sampler()
+
         u = torch.cat([compute_density_for_timestep_sampling(p.timestep_sampling, 1, p.logit_mean, p.logit_std,
                                                              p.mode_scale, generator=g) for g in gens])
         # keep sigma inside (0, 1): 1/u and the sigma_sqrt weight are finite
@@ -112,9 +115,14 @@ class FlowMatchingObjective(Objective):
     def weights(self, batch: TrainingBatch) -> Tensor | None:
         if self.params.weighting == "none":
             return None
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
         return compute_loss_weighting_for_sd3(self.params.weighting, batch.t.float())
 
     def sampler(self, num_inference_steps: int, device: torch.device, *, latent_shape: Sequence[int]) -> Sampler:
+        # diffusers (~1.5 s to import) only where its code runs: validating a recipe needs none of it.
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config())
         mu = self.mu(latent_shape) if self.params.dynamic_shift else None
         scheduler.set_timesteps(num_inference_steps, device=device, mu=mu)

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from torch import Tensor
 
-TargetFn = Callable[[DDPMScheduler, Tensor, Tensor, Tensor], Tensor]
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
+
+TargetFn = Callable[["DDPMScheduler", Tensor, Tensor, Tensor], Tensor]
 
 
 def _epsilon_target(scheduler: DDPMScheduler, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -93,6 +96,8 @@ class ObjectiveConfig:
 
 
 def build_noise_scheduler(cfg: ObjectiveConfig) -> DDPMScheduler:
+    from diffusers import DDPMScheduler  # lazy: `import scaletrain.diffusion` must not load diffusers
+
     # clip_sample=False: latents are not bounded to [-1, 1], and the inference
     # scheduler is built from this config, so clipping here would leak into sampling.
     return DDPMScheduler(

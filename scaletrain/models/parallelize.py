@@ -44,7 +44,19 @@ def checkpointed_units(units: list[nn.Module], mode: str, every: int, select: st
     return []
 
 
-def _replace_forward(unit: nn.Module, *, recompute: bool, compile: bool) -> None:
+class LeverCounts:
+    """What the levers did in this run, counted on the units themselves (so a test or the run
+    summary can show activation checkpointing and compile were applied, not only configured):
+    ``calls`` forwards through the replaced ``forward``, ``inner`` runs of the unit's own
+    forward (each recomputation in backward is one more ``inner`` than ``calls``)."""
+
+    def __init__(self, recompute: bool, compile: bool) -> None:
+        self.recompute, self.compile = recompute, compile
+        self.calls = 0
+        self.inner = 0
+
+
+def _replace_forward(unit: nn.Module, *, recompute: bool, compile: bool, backend: str = "inductor") -> None:
     base = type(unit).forward  # the class's forward; FSDP2's per-instance subclass inherits it
     installed = unit.__dict__.get("forward")
     if installed is not None:
@@ -53,19 +65,50 @@ def _replace_forward(unit: nn.Module, *, recompute: bool, compile: bool) -> None
         def base(self, *args, **kwargs):
             return installed(*args, **kwargs)
 
+    counts = LeverCounts(recompute, compile)
+    unit._scaletrain_levers = counts
+    own = base
+
+    def counted(self, *args, **kwargs):
+        counts.inner += 1  # plain Python side effect: dynamo runs it at trace time only, hence
+        return own(self, *args, **kwargs)  # the calls/inner pair is read for recompute alone
+
     if recompute:
         def forward(self, *args, **kwargs):
             # Non-reentrant: works with keyword arguments, FSDP2/ZeRO-3 parameter hooks and
             # DDP; preserves the RNG state so dropout recomputes identically.
-            return checkpoint(base, self, *args, use_reentrant=False, **kwargs)
+            return checkpoint(counted, self, *args, use_reentrant=False, **kwargs)
     else:
         forward = base
     if compile:
         # Regional compile of the unit's forward: repeated blocks of one class share a code
         # object, so dynamo reuses the graph across them (diffusers' compile_repeated_blocks
         # compiles per block the same way).
-        forward = torch.compile(forward)
-    unit.forward = types.MethodType(forward, unit)
+        forward = torch.compile(forward, backend=backend)
+    compiled_or_plain = forward
+
+    def entry(self, *args, **kwargs):
+        counts.calls += 1
+        return compiled_or_plain(self, *args, **kwargs)
+
+    unit.forward = types.MethodType(entry, unit)
+
+
+def lever_report(root: nn.Module) -> dict:
+    """The levers applied under ``root`` in this process: units checkpointed and compiled, unit
+    forwards recomputed in backward, and graphs dynamo compiled (its counters since the last
+    ``torch._dynamo.reset()``)."""
+    counts = [m._scaletrain_levers for m in root.modules() if hasattr(m, "_scaletrain_levers")]
+    rec = [c for c in counts if c.recompute]
+    report = {"checkpointed_units": len(rec),
+              "recomputed_forwards": sum(c.inner - c.calls for c in rec if not c.compile),
+              "compiled_units": sum(c.compile for c in counts)}
+    if report["compiled_units"]:
+        from torch._dynamo.utils import counters
+
+        report["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+        report["compiled_unit_calls"] = sum(c.calls for c in counts if c.compile)
+    return report
 
 
 def parallelize(denoiser: nn.Module, model_cfg: ModelSection, shard: Callable[[nn.Module], None] | None = None) -> list[nn.Module]:
@@ -82,7 +125,8 @@ def parallelize_units(root: nn.Module, units: list[nn.Module], model_cfg: ModelS
                                                    model_cfg.activation_checkpointing_selective)}
     for unit in units:
         if id(unit) in recompute or model_cfg.compile:
-            _replace_forward(unit, recompute=id(unit) in recompute, compile=model_cfg.compile)
+            _replace_forward(unit, recompute=id(unit) in recompute, compile=model_cfg.compile,
+                             backend=model_cfg.compile_backend)
     if shard is not None:
         for unit in units:
             shard(unit)

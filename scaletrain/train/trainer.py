@@ -32,6 +32,7 @@ from scaletrain.distributed import DistInfo, all_reduce_sum
 from scaletrain.engines import StepStats, build_engine
 from scaletrain.eval.samples import generate_samples, save_image_grid, save_video_grid
 from scaletrain.models import build_model, frozen_dtype
+from scaletrain.models.parallelize import lever_report
 from scaletrain.train.ema import build_ema
 from scaletrain.train.health import HealthGuard, HealthStop, poison, quarantine
 from scaletrain.train.comm_profile import CommProfiler
@@ -804,6 +805,7 @@ class Trainer:
             "checkpoint_save_failures": self.save_failures,
             "rollbacks": self.health.rollbacks,
             "lr_scale": self.health.lr_scale,
+            "levers": lever_report(self.model.denoiser),  # checkpointing/compile as applied, counted
             **self.loss.summary(),
         }
 
