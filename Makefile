@@ -50,11 +50,14 @@ video: $(STAMP) $(SHARDS) $(VIDEO_SHARDS)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launchers/pretrain.py --config configs/video.yaml \
 		--set checkpoint.resume=never $(ARGS)
 
+# Every tier (CI runs this); the 30 slowest tests are listed so each log shows where the time goes,
+# and the last line is the skip count (CI must show 0).
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests --durations=30 $(PYTEST_ARGS)
 
+# The developers' loop (not CI): the unit tier plus one short run per engine (tests marked fast).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests -m "unit or fast" --durations=10 $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf runs/demo data/synth runs/video data/synth-video

@@ -351,11 +351,12 @@ def check_deepspeed_accum(tmp: str) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def main(group: str) -> None:
+def main(groups: list[str]) -> None:
+    """Run the checks of each group ("torch", "deepspeed") in one launch: start-up is the cost."""
     torch.set_num_threads(1)
-    init_distributed("deepspeed" if group == "deepspeed" else "fsdp")
+    init_distributed("deepspeed" if "deepspeed" in groups else "fsdp")
     try:
-        if group == "torch":
+        if "torch" in groups:
             check_ddp_buckets()
             check_ddp_static_graph()
             check_ddp_compress_hook()
@@ -368,7 +369,7 @@ def main(group: str) -> None:
             engine, _ = fsdp_engine(mlp())
             check_accum_skips_sync(engine, "fsdp")
             engine.close()
-        else:
+        if "deepspeed" in groups:
             with tempfile.TemporaryDirectory() as tmp:
                 check_deepspeed_knobs(tmp)
                 check_deepspeed_accum(tmp)
@@ -378,4 +379,4 @@ def main(group: str) -> None:
 
 if __name__ == "__main__":
     with contextlib.suppress(BrokenPipeError):
-        main(sys.argv[1])
+        main(sys.argv[1:])

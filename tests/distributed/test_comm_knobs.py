@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, run_cmd, shard_pattern
-from tests.distributed.util import free_port, read_metrics
+from tests.distributed.util import read_metrics
+from tests.launch import torchrun
 
 pytestmark = pytest.mark.dist
 
@@ -39,23 +39,14 @@ DS_CHECKS = [
 ]
 
 
-def _launch(group: str) -> str:
+@pytest.fixture(scope="module")
+def output() -> str:
+    """Both groups' checks in one launch of the worker."""
     env = {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), group]
-    proc = run_cmd(cmd, env=env, timeout=600)
+    proc = run_cmd(torchrun(str(WORKER), "torch", "deepspeed", script=None), env=env, timeout=600)
     assert proc.returncode == 0, f"workers exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return proc.stdout
 
-
-@pytest.fixture(scope="module")
-def torch_output() -> str:
-    return _launch("torch")
-
-
-@pytest.fixture(scope="module")
-def deepspeed_output() -> str:
-    return _launch("deepspeed")
 
 
 def _ranks(check: str, output: str) -> list[str]:
@@ -64,13 +55,13 @@ def _ranks(check: str, output: str) -> list[str]:
 
 
 @pytest.mark.parametrize("check", TORCH_CHECKS)
-def test_ddp_and_fsdp_knobs(check: str, torch_output: str) -> None:
-    assert _ranks(check, torch_output) == ["0", "1"], torch_output
+def test_ddp_and_fsdp_knobs(check: str, output: str) -> None:
+    assert _ranks(check, output) == ["0", "1"], output
 
 
 @pytest.mark.parametrize("check", DS_CHECKS)
-def test_deepspeed_knobs(check: str, deepspeed_output: str) -> None:
-    assert _ranks(check, deepspeed_output) == ["0", "1"], deepspeed_output
+def test_deepspeed_knobs(check: str, output: str) -> None:
+    assert _ranks(check, output) == ["0", "1"], output
 
 
 def test_sampled_steps_log_the_comm_split(synth_shards, tmp_path) -> None:
@@ -80,9 +71,7 @@ def test_sampled_steps_log_the_comm_split(synth_shards, tmp_path) -> None:
             "log.wandb=disabled", "log.progress=false", "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false", "checkpoint.at_stage_end=false",
             "engine.comm_profile_every=2", "data.num_workers=0",
             "train.stages=[{name: a, resolution: 32, steps: 4, micro_batch: 4, grad_accum: 2}]"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "launchers/pretrain.py", "--config", "configs/demo.yaml",
-           *[x for s in sets for x in ("--set", s)]]
+    cmd = torchrun("--config", "configs/demo.yaml", *[x for s in sets for x in ("--set", s)])
     proc = run_cmd(cmd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = read_metrics(tmp_path / "run")

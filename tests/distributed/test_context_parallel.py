@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 
 from tests.conftest import REPO, run_cmd
-from tests.distributed.util import free_port, read_metrics
+from tests.distributed.util import read_metrics
+from tests.launch import run_batch, torchrun
 
 pytestmark = pytest.mark.dist
 
@@ -23,11 +23,6 @@ ENV = {"OMP_NUM_THREADS": "1"}
 # Measured (2026-12-02, this machine): K=2 on FSDP2 equals K=1 in one process bit for bit over
 # these 6 steps (max relative difference 0.0); 1e-5 is the issue's bar.
 RTOL = 1e-5
-
-
-def _ok(r):
-    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
-    return r
 
 
 def _sets(shards, run_dir, *extra: str) -> list[str]:
@@ -43,15 +38,6 @@ def _sets(shards, run_dir, *extra: str) -> list[str]:
     return [x for p in sets for x in ("--set", p)]
 
 
-def _single(*args: str) -> list[str]:
-    return [sys.executable, "launchers/pretrain.py", "--config", "configs/video.yaml", *args]
-
-
-def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(free_port()), "launchers/pretrain.py", "--config", "configs/video.yaml", *args]
-
-
 def _losses(run_dir) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir)]
 
@@ -63,18 +49,21 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cp")
     write_synthetic_video_shards(root / "clips", num_samples=32, samples_per_shard=8, resolution=32, frames=12, fps=8)
     write_synthetic_shards(root / "images", num_samples=32, samples_per_shard=8, resolution=32)
-    out = {"root": root}
-    _ok(run_cmd(_single(*_sets(root, root / "k1")), env=ENV))
-    out["k2_log"] = _ok(run_cmd(_torchrun(*_sets(root, root / "k2", "engine.context_parallel=2")), env=ENV))
-    # ZeRO-2, with full activation checkpointing (the checkpointed blocks keep the plan's split hook)
-    _ok(run_cmd(_torchrun(*_sets(root, root / "k2ds", "engine.context_parallel=2", "engine.kind=deepspeed",
-                                 "engine.deepspeed_config=ds_configs/zero2.json",
-                                 "model.activation_checkpointing=full")), env=ENV))
+    video = ["--config", "configs/video.yaml"]
+    # the 2-rank runs in one batch launch, the one-process ones in another (tests/launch.py)
+    two = run_batch({
+        "k2": video + _sets(root, root / "k2", "engine.context_parallel=2"),
+        # ZeRO-2, with full activation checkpointing (the checkpointed blocks keep the plan's split hook)
+        "k2ds": video + _sets(root, root / "k2ds", "engine.context_parallel=2", "engine.kind=deepspeed",
+                              "engine.deepspeed_config=ds_configs/zero2.json", "model.activation_checkpointing=full"),
+    }, root / "two")
     # the K=2 run's step-3 checkpoint (the joint stage's first step) resumed by one process at K=1
     src = root / "k2" / "checkpoints" / "step-00000003"
     shutil.copytree(src, root / "k2to1" / "checkpoints" / src.name)
-    out["k2to1_log"] = _ok(run_cmd(_single(*_sets(root, root / "k2to1")), env=ENV))
-    return out
+    one = run_batch({"k1": video + _sets(root, root / "k1"), "k2to1": video + _sets(root, root / "k2to1")},
+                    root / "one", nproc=1)
+    runs = {name: r.ok() for name, r in {**two, **one}.items()}
+    return {"root": root, "k2_log": runs["k2"], "k2to1_log": runs["k2to1"]}
 
 
 def test_k2_equals_k1_on_fsdp2(runs):
@@ -102,8 +91,7 @@ def test_activation_memory_per_rank_at_k2_is_at_most_0_6_of_k1():
     """One training forward of a 9-frame 32 px clip (2304 tokens) through wan-tiny: bytes autograd
     saves for backward on each rank, K=1 vs K=2 (benchmarks/context_parallel_memory.py, which
     also checks the two outputs agree)."""
-    r = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                 str(free_port()), str(REPO / "benchmarks" / "context_parallel_memory.py"), "--clips", "9x32"], env=ENV)
+    r = run_cmd(torchrun(str(REPO / "benchmarks" / "context_parallel_memory.py"), "--clips", "9x32", script=None), env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 2 and all(row["tokens"] == 2304 for row in rows)

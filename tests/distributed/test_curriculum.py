@@ -8,13 +8,13 @@ trainer's objective carries it.)"""
 from __future__ import annotations
 
 import shutil
-import sys
 
 import pytest
 
 from scaletrain.data.synth import write_synthetic_shards
 from tests.conftest import run_cmd
-from tests.distributed.util import free_port, read_metrics
+from tests.distributed.util import read_metrics
+from tests.launch import python, run_batch, sets
 
 pytestmark = pytest.mark.dist
 
@@ -32,16 +32,15 @@ def wide_shards(tmp_path_factory):
     return out
 
 
-def _run(shards, run_dir, *extra: str, ranks: int = 2):
-    sets = [f"data.shards={shards}", "data.split=sample", "data.shuffle_buffer=0", "data.num_workers=1",
-            "data.buckets.enabled=true", f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false",
-            "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false", STAGES, *extra]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-              "--rdzv-endpoint", f"127.0.0.1:{free_port()}"] if ranks == 2 else [sys.executable]
-    cmd = [*launch, "launchers/pretrain.py", "--config", "configs/demo.yaml", *[x for s in sets for x in ("--set", s)]]
-    r = run_cmd(cmd, env=ENV, timeout=300)
-    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
-    return r.stdout + r.stderr
+def _recipe(shards, run_dir, *extra: str) -> list[str]:
+    return ["--config", "configs/demo.yaml", *sets(
+        f"data.shards={shards}", "data.split=sample", "data.shuffle_buffer=0", "data.num_workers=1",
+        "data.buckets.enabled=true", f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false",
+        "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false", STAGES, *extra)]
+
+
+def _log(run) -> str:
+    return run.ok().stdout + run.stderr
 
 
 def _losses(run_dir) -> list[float]:
@@ -49,8 +48,13 @@ def _losses(run_dir) -> list[float]:
 
 
 def test_bucketed_images_stage_resumes_mid_stage(wide_shards, tmp_path):
-    straight = tmp_path / "straight"
-    log = _run(wide_shards, straight)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    # the straight run, and the same stopped 2 steps into stage 1 then resumed by the same
+    # recipe: one batch launch (tests/launch.py)
+    runs = run_batch({"straight": _recipe(wide_shards, straight),
+                      "first": _recipe(wide_shards, resumed, "run.stop_at_step=5"),
+                      "second": _recipe(wide_shards, resumed)}, tmp_path)
+    log = _log(runs["straight"])
     assert "stage 1 'b': 48px, 5 steps (images=20 / global batch 4, rounded up: 20 images" in log
     assert "noise offset 0.3, buckets (WxH) 34x66" in log
     records = read_metrics(straight)
@@ -61,10 +65,8 @@ def test_bucketed_images_stage_resumes_mid_stage(wide_shards, tmp_path):
     assert all(m["images_seen"] == 8 * min(i + 1, 3) + 4 * max(i - 2, 0) for i, m in enumerate(records))
 
     # stopped 2 steps into stage 1, then resumed by the same command: the same losses, step for step
-    resumed = tmp_path / "resumed"
-    first = _run(wide_shards, resumed, "run.stop_at_step=5")
+    first, second = _log(runs["first"]), _log(runs["second"])
     assert "stopping at step 5" in first
-    second = _run(wide_shards, resumed)
     assert "resumed at step 5 (stage 1, step 2 of it)" in second and "stored on rank 0, 8 steps" in second
     assert _losses(resumed) == _losses(straight)
 
@@ -72,7 +74,9 @@ def test_bucketed_images_stage_resumes_mid_stage(wide_shards, tmp_path):
     # the images stage is re-planned from the 12 images left, 6 more steps, 11 in the run
     one = tmp_path / "one"
     shutil.copytree(resumed / "checkpoints" / "step-00000005", one / "checkpoints" / "step-00000005")
-    log = _run(wide_shards, one, ranks=1)
+    r = run_cmd(python("launchers/pretrain.py", *_recipe(wide_shards, one)), env=ENV, timeout=300)
+    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    log = r.stdout + r.stderr
     assert "stored on rank 0, 11 steps" in log
     assert "stage 1 'b': 48px, 8 steps (images=20: 2 steps done with 8 images, 6 more at global batch 2" in log
     records = read_metrics(one)

@@ -5,13 +5,11 @@ same realised per-source and per-class counts (checkpointed trainer state)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
-from tests.conftest import run_cmd
-from tests.distributed.test_checkpoint import ENV, _ok, _torchrun
 from tests.distributed.util import read_metrics
+from tests.launch import run_batch, sets
 
 pytestmark = pytest.mark.dist
 
@@ -45,7 +43,7 @@ def _sets(sources, run_dir, *extra: str) -> list[str]:
         "train.stages.1.data={sources: [{name: real, weight: 1}, {name: synthetic, weight: 1}], balance: null}",
         *extra,
     ]
-    return [x for p in pairs for x in ("--set", p)]
+    return sets(*pairs)
 
 
 def _counts(run_dir) -> list[dict]:
@@ -54,20 +52,22 @@ def _counts(run_dir) -> list[dict]:
 
 
 def test_mixed_balanced_filtered_run_resumes_mid_stage(sources, tmp_path):
-    """Two launches, not three: the resumed run starts from the straight run's step-2 checkpoint
-    (mid stage 0), written by the same Trainer.save_checkpoint as a run.stop_at_step=2 exit."""
-    straight = tmp_path / "straight"
-    _ok(run_cmd(_torchrun(*_sets(sources, straight, "checkpoint.every_steps=2", "checkpoint.keep_last=10")), env=ENV))
-    d = tmp_path / "resumed"
-    shutil.copytree(straight / "checkpoints" / "step-00000002", d / "checkpoints" / "step-00000002")
-    second = _ok(run_cmd(_torchrun(*_sets(sources, d)), env=ENV))
-    assert "resumed at step 2" in second.stdout + second.stderr
+    """One batch launch (tests/launch.py): the straight run, and the same stopped mid stage 0
+    (step 2) and resumed by the same recipe."""
+    straight, d = tmp_path / "straight", tmp_path / "resumed"
+    demo = ["--config", "configs/demo.yaml"]
+    runs = run_batch({"straight": demo + _sets(sources, straight), "first": demo + _sets(sources, d, "run.stop_at_step=2"),
+                      "second": demo + _sets(sources, d)}, tmp_path)
+    assert "stopping at step 2" in runs["first"].ok().stdout + runs["first"].stderr
+    assert "resumed at step 2" in runs["second"].ok().stdout + runs["second"].stderr
+    runs["straight"].ok()
 
     ref = read_metrics(straight)
-    assert [m["step"] for m in read_metrics(d)] == [3, 4, 5]
-    assert [m["loss"] for m in read_metrics(d)] == [m["loss"] for m in ref[2:]]
+    # steps 1-2 from the stopped launch, 3-5 from the resumed one, in the same metrics file
+    assert [m["step"] for m in read_metrics(d)] == [1, 2, 3, 4, 5]
+    assert [m["loss"] for m in read_metrics(d)] == [m["loss"] for m in ref]
     # The cumulative counts continue from the checkpoint (step 3 includes steps 1-2's samples).
-    assert _counts(d) == _counts(straight)[2:]
+    assert _counts(d) == _counts(straight)
     # Stage 0: 3 steps x 8 samples, all tagged; sources and classes are both logged.
     end0, end1 = ref[2], ref[4]
     assert end0["source_count/real"] + end0["source_count/synthetic"] == 24

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cmd, shard_pattern
+from tests.conftest import require_or_skip, REPO, run_cmd, shard_pattern
 from tests.distributed.util import free_port, one_error_line, read_metrics
 
 pytestmark = pytest.mark.dist
@@ -35,7 +35,7 @@ def tmpfs(path: Path, size_mib: int, *options: str):
     opts = ",".join((f"size={size_mib}m", *options))
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
     if r.returncode != 0:  # CI runs as root on this machine type; elsewhere say why it did not run
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); run as root")
+        require_or_skip("tmpfs", f"cannot mount a tmpfs here ({r.stderr.strip()}); run as root")
     try:
         yield path
     finally:

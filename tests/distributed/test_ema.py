@@ -13,14 +13,14 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import BIN, REPO, run_cmd, shard_pattern
-from tests.distributed.util import free_port, no_checkpoint_loads, one_error_line, tamper_dcp_metadata
+from tests.distributed.util import no_checkpoint_loads, one_error_line, tamper_dcp_metadata
+from tests.launch import run_batch, sets, torchrun
 
 pytestmark = pytest.mark.dist
 
@@ -38,8 +38,7 @@ def _ok(r):
 def worker_output(tmp_path_factory) -> str:
     # One launch for every engine: process and DeepSpeed start-up are most of the cost.
     out = tmp_path_factory.mktemp("ema-worker")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(WORKER), str(out), *KINDS]
+    cmd = torchrun(str(WORKER), str(out), *KINDS, script=None)
     return _ok(run_cmd(cmd, env=ENV)).stdout
 
 
@@ -67,14 +66,21 @@ def _sets(synth_shards, run_dir: Path, *extra: str) -> list[str]:
         "optim.warmup_steps=0", "train.stages.1.warmup_steps=0",  # weights move from step 1
         "ema.enabled=true", "ema.decay=0.9", *extra,
     ]
-    return [x for p in pairs for x in ("--set", p)]
+    return sets(*pairs)
 
 
-def _train(synth_shards, run_dir: Path, *extra: str):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "launchers/pretrain.py", "--config", "configs/demo.yaml",
-           *_sets(synth_shards, run_dir, *extra)]
-    return _ok(run_cmd(cmd, env=ENV))
+@pytest.fixture(scope="module")
+def trained(synth_shards, tmp_path_factory) -> dict[str, Path]:
+    """One batch launch (tests/launch.py): the straight FSDP2 run, the same stopped at step 2 and
+    resumed (same folder), and ZeRO-3."""
+    root = tmp_path_factory.mktemp("ema-runs")
+    demo = ["--config", "configs/demo.yaml"]
+    runs = run_batch({"straight": demo + _sets(synth_shards, root / "straight"),
+                      "stopped": demo + _sets(synth_shards, root / "resumed", "run.stop_at_step=2"),
+                      "resumed": demo + _sets(synth_shards, root / "resumed"),
+                      "zero3": demo + _sets(synth_shards, root / "zero3", "engine.kind=deepspeed")}, root)
+    assert "stopping at step 2" in runs["stopped"].ok().stdout + runs["stopped"].stderr
+    return {name: r.ok().dir for name, r in runs.items()}
 
 
 def _dcp_full(folder: Path) -> dict:
@@ -90,17 +96,13 @@ def _final(run_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def straight(synth_shards, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ema-straight")
-    _train(synth_shards, d)
-    return d
+def straight(trained) -> Path:
+    return trained["straight"]
 
 
-def test_resumed_run_ends_with_the_same_ema(synth_shards, straight, tmp_path) -> None:
-    d = tmp_path / "run"
-    _train(synth_shards, d, "run.stop_at_step=2")
+def test_resumed_run_ends_with_the_same_ema(trained, straight) -> None:
+    d = trained["resumed"]
     assert (d / "checkpoints" / "step-00000002" / "ema").is_dir()
-    _train(synth_shards, d)
     want, got = _dcp_full(_final(straight) / "ema"), _dcp_full(_final(d) / "ema")
     assert int(got["num_updates"]) == int(want["num_updates"]) == 5
     assert want["params"].keys() == got["params"].keys() and len(want["params"]) > 10
@@ -135,10 +137,8 @@ def test_export_writes_ema_weights_fsdp(straight, tmp_path) -> None:
     _check_export(straight, tmp_path)
 
 
-def test_export_writes_ema_weights_zero3(synth_shards, tmp_path) -> None:
-    d = tmp_path / "run"
-    _train(synth_shards, d, "engine.kind=deepspeed")
-    _check_export(d, tmp_path)
+def test_export_writes_ema_weights_zero3(trained, tmp_path) -> None:
+    _check_export(trained["zero3"], tmp_path)
 
 
 def test_tampered_ema_metadata_is_refused_by_resume_and_export(synth_shards, straight, tmp_path) -> None:
@@ -148,9 +148,7 @@ def test_tampered_ema_metadata_is_refused_by_resume_and_export(synth_shards, str
     shutil.copytree(_final(straight), _final(d))
     marker = tmp_path / "ran"
     f = tamper_dcp_metadata(_final(d) / "ema", marker)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "launchers/pretrain.py", "--config", "configs/demo.yaml",
-           *_sets(synth_shards, d)]
+    cmd = torchrun("--config", "configs/demo.yaml", *_sets(synth_shards, d))
     needle = f"{f}: refusing to unpickle posix.system"
     r = run_cmd(cmd, env=ENV, timeout=300)
     assert r.returncode != 0

@@ -12,13 +12,10 @@ vs full AdamW updates), hence a tolerance rather than bit equality.
 
 from __future__ import annotations
 
-import json
-import sys
-
 import pytest
 
-from tests.conftest import run_cmd, shard_pattern
-from tests.distributed.util import free_port, read_metrics
+from tests.conftest import ref_sets
+from tests.launch import run_batch, sets
 
 pytestmark = pytest.mark.dist
 
@@ -46,111 +43,131 @@ FAMILY_RUNS = [("mmdit-tiny", "flow_matching"), ("mmdit-tiny", "ddpm"), ("dit-ti
 AC_RUNS = {"fsdp": "full", "zero3": "full", "zero2": "selective", "zero1": "full", "ddp": "full"}
 
 
-def _common(synth_shards, run_dir, micro: int, accum: int) -> list[str]:
-    sets = [
-        f"data.shards={shard_pattern(synth_shards)}", "data.split=sample", "data.shuffle_buffer=0",
-        "data.num_workers=0", f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false",
-        "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false", "optim.warmup_steps=0", "optim.lr=1e-3",
-        f"train.stages=[{{name: s0, resolution: 32, steps: {STEPS}, micro_batch: {micro}, grad_accum: {accum}, global_batch: 8}}]",
-    ]
-    return [x for s in sets for x in ("--set", s)]
+ZERO = {k: ["engine.kind=deepspeed", f"engine.deepspeed_config=ds_configs/{k}.json"] for k in ("zero1", "zero2", "zero3")}
+ENGINES = {"fsdp": ["engine.kind=fsdp"], **ZERO, "ddp": ["engine.kind=ddp"]}
+# Regional compile on every engine family: FSDP2, DDP and DeepSpeed (ZeRO-2) wrap the same units.
+# FSDP2 compiles with inductor (the kernels, hence the 1e-4 tolerance); DDP and ZeRO-2 with
+# aot_eager, which captures the same regions under their hooks through dynamo and AOT autograd
+# without inductor's C++ code generation (~50-150 s per engine on this CPU, measured 2026-12-05).
+COMPILE_RUNS = {"fsdp": "inductor", "ddp": "aot_eager", "zero2": "aot_eager"}
+UNITS = 5  # unet-tiny's parallel units: 2 down blocks, the mid block, 2 up blocks
 
 
-def _torchrun(args: list[str]):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "launchers/pretrain.py", *args]
+def _batch(synth_shards, root, runs: dict[str, list[str]], **kw):
+    recipes = {name: ["--config", "configs/demo.yaml", *ref_sets(synth_shards, accum=kw.pop("accum", 1)), *extra]
+               for name, extra in runs.items()}
+    return {name: r.ok() for name, r in run_batch(recipes, root, **kw).items()}
 
 
 @pytest.fixture(scope="module")
-def curves(synth_shards, tmp_path_factory):
-    out = {}
-    runs = {
-        "fsdp": _torchrun(["--config", "configs/demo.yaml", "--set", "engine.kind=fsdp"]),
-        "zero3": _torchrun(["--config", "configs/demo.yaml", "--set", "engine.kind=deepspeed",
-                            "--set", "engine.deepspeed_config=ds_configs/zero3.json"]),
-        "zero1": _torchrun(["--config", "configs/demo.yaml", "--set", "engine.kind=deepspeed",
-                            "--set", "engine.deepspeed_config=ds_configs/zero1.json"]),
-        "zero2": _torchrun(["--config", "configs/demo.yaml", "--set", "engine.kind=deepspeed",
-                            "--set", "engine.deepspeed_config=ds_configs/zero2.json"]),
-        "ddp": _torchrun(["--config", "configs/demo.yaml", "--set", "engine.kind=ddp"]),
-        "single": [sys.executable, "launchers/pretrain.py", "--config", "configs/demo.yaml", "--set", "engine.kind=fsdp"],
-    }
-    # Activation checkpointing recomputes each unit's forward in backward: the same numbers.
-    for name, mode in AC_RUNS.items():
-        runs[f"{name}-ac"] = runs[name] + ["--set", f"model.activation_checkpointing={mode}"]
-    # bf16 on the three engines (FSDP2 MixedPrecisionPolicy, DeepSpeed bf16, DDP autocast)
-    for name in BF16_RUNS:
-        runs[f"{name}-bf16"] = runs[name] + ["--set", "engine.precision=bf16"]
-    # Regional compile under FSDP2: every unit's forward compiled, the all-gather hooks outside
-    runs["fsdp-compile"] = runs["fsdp"] + ["--set", "model.compile=true"]
-    # Offload: FSDP2's CPUOffloadPolicy; DeepSpeed ZeRO-3 parameters and optimizer (its CPU Adam)
-    runs["fsdp-offload"] = runs["fsdp"] + ["--set", "engine.fsdp.offload=params"]
-    runs["zero3-offload"] = _torchrun(["--config", "configs/demo.yaml", "--set", "engine.kind=deepspeed", "--set",
-                                       "engine.deepspeed_config=ds_configs/zero3_offload_param.json"])
-    # Flow matching: the same recipe with diffusion.objective switched (its own keys in
-    # demo.yaml's flow_matching subsection), on FSDP2 and ZeRO-3
-    for name in ("fsdp", "zero3"):
-        runs[f"{name}-flow"] = runs[name] + ["--set", "diffusion.objective=flow_matching",
-                                             "--set", "diffusion.flow_matching.shift=2.0"]
-    # The ZeRO-3 JSON users copy from accelerate / transformers ("auto" almost everywhere, a
-    # DeepSpeed optimizer and scheduler block), as it is
-    runs["zero3-template"] = _torchrun(["--config", "configs/demo.yaml", "--set", "engine.kind=deepspeed", "--set",
-                                        "engine.deepspeed_config=tests/data/accelerate_zero3.json"])
-    # The other families: (family, objective) pairs beyond the UNet's, each on FSDP2 and ZeRO-3
-    for name in ("fsdp", "zero3"):
-        for preset, objective in FAMILY_RUNS:
-            runs[f"{name}-{preset}-{objective}"] = runs[name] + [
-                "--set", f"model.preset={preset}", "--set", f"diffusion.objective={objective}"]
-    for name, cmd in runs.items():
-        run_dir = tmp_path_factory.mktemp(name)
-        micro, accum = (4, 2) if name == "single" else (4, 1)
-        env = {"OMP_NUM_THREADS": "1"}
-        r = run_cmd(cmd + _common(synth_shards, run_dir, micro, accum), env=env, timeout=600)
-        assert r.returncode == 0, f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        out[name] = (read_metrics(run_dir), json.loads((run_dir / "summary.json").read_text()))
-        out.setdefault("stdout", {})[name] = r.stdout
+def engines(synth_shards, demo_reference, tmp_path_factory):
+    """The five 2-rank engines in one batch launch (tests/launch.py says why) and the one-process
+    run with accumulation; ``fsdp`` is also launched on its own (the session's demo reference)
+    and the batch must reproduce it exactly. `make test-fast` runs the tests on these alone."""
+    root = tmp_path_factory.mktemp("engines")
+    out = _batch(synth_shards, root, {name: sets(*v) for name, v in ENGINES.items()})
+    out.update(_batch(synth_shards, root / "one-process", {"single": sets("engine.kind=fsdp")}, nproc=1, accum=2))
+    out["fsdp-launched"] = demo_reference
     return out
 
 
+@pytest.fixture(scope="module")
+def curves(synth_shards, engines, tmp_path_factory):
+    """The levers, precisions, objectives and families on top of ``engines``, in one batch."""
+    runs = {name: sets(*v) for name, v in ENGINES.items()}
+    # Activation checkpointing recomputes each unit's forward in backward: the same numbers.
+    for name, mode in AC_RUNS.items():
+        runs[f"{name}-ac"] = runs[name] + sets(f"model.activation_checkpointing={mode}")
+    # bf16 on the three engines (FSDP2 MixedPrecisionPolicy, DeepSpeed bf16, DDP autocast)
+    for name in BF16_RUNS:
+        runs[f"{name}-bf16"] = runs[name] + sets("engine.precision=bf16")
+    # Regional compile: every unit's forward compiled, the engine's hooks outside
+    for name in COMPILE_RUNS:
+        runs[f"{name}-compile"] = runs[name] + sets("model.compile=true", f"model.compile_backend={COMPILE_RUNS[name]}")
+    # Offload: FSDP2's CPUOffloadPolicy; DeepSpeed ZeRO-3 parameters and optimizer (its CPU Adam)
+    runs["fsdp-offload"] = runs["fsdp"] + sets("engine.fsdp.offload=params")
+    runs["zero3-offload"] = sets("engine.kind=deepspeed", "engine.deepspeed_config=ds_configs/zero3_offload_param.json")
+    # Flow matching: the same recipe with diffusion.objective switched (its own keys in
+    # demo.yaml's flow_matching subsection), on FSDP2 and ZeRO-3
+    for name in ("fsdp", "zero3"):
+        runs[f"{name}-flow"] = runs[name] + sets("diffusion.objective=flow_matching", "diffusion.flow_matching.shift=2.0")
+    # The ZeRO-3 JSON users copy from accelerate / transformers ("auto" almost everywhere, a
+    # DeepSpeed optimizer and scheduler block), as it is
+    runs["zero3-template"] = sets("engine.kind=deepspeed", "engine.deepspeed_config=tests/data/accelerate_zero3.json")
+    # The other families: (family, objective) pairs beyond the UNet's, each on FSDP2 and ZeRO-3
+    for name in ("fsdp", "zero3"):
+        for preset, objective in FAMILY_RUNS:
+            runs[f"{name}-{preset}-{objective}"] = runs[name] + sets(f"model.preset={preset}",
+                                                                     f"diffusion.objective={objective}")
+    variants = {name: extra for name, extra in runs.items() if name not in engines}
+    return {**engines, **_batch(synth_shards, tmp_path_factory.mktemp("variants"), variants)}
+
+
+@pytest.mark.fast
+def test_a_batch_launch_reproduces_a_launch_of_its_own(engines):
+    """The batch (several recipes in one process group) gives exactly the curve and storage of
+    the same recipe launched alone with torchrun launchers/pretrain.py."""
+    alone, batched = engines["fsdp-launched"], engines["fsdp"]
+    assert batched.losses == alone.losses and len(alone.losses) == STEPS
+    assert [m["grad_norm"] for m in batched.metrics] == [m["grad_norm"] for m in alone.metrics]
+    assert batched.summary["params_local_rank0"] == alone.summary["params_local_rank0"]
+
+
+@pytest.mark.fast
 @pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3", "ddp", "single"])
-def test_loss_curves_agree_with_fsdp(curves, engine):
-    ref = [m["loss"] for m in curves["fsdp"][0]]
-    got = [m["loss"] for m in curves[engine][0]]
+def test_loss_curves_agree_with_fsdp(engines, engine):
+    curves = engines
+    ref = [m["loss"] for m in curves["fsdp"].metrics]
+    got = [m["loss"] for m in curves[engine].metrics]
     assert len(ref) == len(got) == STEPS
     assert got == pytest.approx(ref, rel=RTOL), f"{engine}: {got} vs fsdp {ref}"
     # grad norms are pre-clip global norms on every engine
-    assert [m["grad_norm"] for m in curves[engine][0]] == pytest.approx(
-        [m["grad_norm"] for m in curves["fsdp"][0]], rel=1e-3)
+    assert [m["grad_norm"] for m in curves[engine].metrics] == pytest.approx(
+        [m["grad_norm"] for m in curves["fsdp"].metrics], rel=1e-3)
 
 
 @pytest.mark.parametrize("engine", sorted(AC_RUNS))
 def test_activation_checkpointing_keeps_the_curve(curves, engine):
     """model.activation_checkpointing on each engine: per-step losses and grad norms equal the
     same engine's run without it (rtol 1e-5 as above; measured: identical in fp32)."""
-    ref, got = curves[engine][0], curves[f"{engine}-ac"][0]
+    ref, got = curves[engine].metrics, curves[f"{engine}-ac"].metrics
     assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in ref], rel=RTOL)
     assert [m["grad_norm"] for m in got] == pytest.approx([m["grad_norm"] for m in ref], rel=RTOL)
+    # ... and the lever was applied in that very run: unet-tiny's 8 units (every 2nd under
+    # selective), each recomputed once per micro-batch in backward (5 steps x 1 micro-batch)
+    levers, plain = curves[f"{engine}-ac"].summary["levers"], curves[engine].summary["levers"]
+    units = UNITS if AC_RUNS[engine] == "full" else UNITS // 2
+    assert levers["checkpointed_units"] == units, levers
+    assert levers["recomputed_forwards"] == units * STEPS, levers
+    assert plain == {"checkpointed_units": 0, "recomputed_forwards": 0, "compiled_units": 0}, plain
 
 
 @pytest.mark.parametrize("engine", ["zero3", "ddp"])
 def test_bf16_curves_agree_with_fsdp_bf16(curves, engine):
     """The same recipe in bf16 on ZeRO-3 and DDP follows FSDP2's bf16 curve within the bf16
     tolerance above; the first step (same weights, same batch: one forward's rounding) closer."""
-    ref = curves["fsdp-bf16"][0]
-    got = curves[f"{engine}-bf16"][0]
+    ref = curves["fsdp-bf16"].metrics
+    got = curves[f"{engine}-bf16"].metrics
     assert len(got) == STEPS
     assert got[0]["loss"] == pytest.approx(ref[0]["loss"], rel=BF16_FIRST_RTOL)
     assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in ref], rel=BF16_RTOL)
     assert [m["grad_norm"] for m in got] == pytest.approx([m["grad_norm"] for m in ref], rel=BF16_NORM_RTOL)
     # and bf16 really ran: the curve is not the fp32 one
-    assert [m["loss"] for m in got] != pytest.approx([m["loss"] for m in curves[engine][0]], rel=1e-6)
+    assert [m["loss"] for m in got] != pytest.approx([m["loss"] for m in curves[engine].metrics], rel=1e-6)
 
 
-def test_compile_keeps_the_curve_within_1e4(curves):
-    """model.compile on FSDP2 (2 ranks): inductor's fused kernels reorder float math, so the
-    curve matches eager within 1e-4 rather than bit for bit."""
-    ref, got = curves["fsdp"][0], curves["fsdp-compile"][0]
+@pytest.mark.parametrize("engine", sorted(COMPILE_RUNS))
+def test_compile_keeps_the_curve_within_1e4(curves, engine):
+    """model.compile on FSDP2 (inductor), DDP and ZeRO-2 (aot_eager), 2 ranks: inductor's fused
+    kernels reorder float math, so the curve matches eager within 1e-4 rather than bit for bit;
+    and the run really ran compiled units: every unit compiled, dynamo made graphs, each unit
+    called through its compiled forward once per step."""
+    ref, got = curves[engine].metrics, curves[f"{engine}-compile"].metrics
     assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in ref], rel=1e-4)
+    levers = curves[f"{engine}-compile"].summary["levers"]
+    assert levers["compiled_units"] == UNITS and levers["compiled_graphs"] >= 1, levers
+    assert levers["compiled_unit_calls"] == UNITS * STEPS, levers
+    assert "compiled_units" in curves[engine].summary["levers"] and not curves[engine].summary["levers"]["compiled_units"]
 
 
 @pytest.mark.parametrize("run", ["fsdp-offload", "zero3-offload"])
@@ -158,8 +175,8 @@ def test_offload_runs_to_the_end_on_the_same_curve(curves, run):
     """Offloaded runs finish the recipe with the FSDP2 curve (FSDP2 offload is the same math
     on host memory; ZeRO-3 offload steps with DeepSpeed's CPU Adam) and still hold half the
     parameters per rank."""
-    metrics, summary = curves[run]
-    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in curves["fsdp"][0]], rel=RTOL)
+    metrics, summary = curves[run].metrics, curves[run].summary
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in curves["fsdp"].metrics], rel=RTOL)
     assert summary["params_local_rank0"] / summary["params_total"] == pytest.approx(0.5, abs=0.03)
 
 
@@ -167,10 +184,10 @@ def test_accelerate_zero3_template_runs_as_it_is(curves):
     """tests/data/accelerate_zero3.json (the docs' template: "auto" precision, optimizer,
     scheduler, batch, clipping and buckets) trains the FSDP2 curve; rank 0 says what it did
     with the scheduler block and the "auto" buckets."""
-    metrics, summary = curves["zero3-template"]
-    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in curves["fsdp"][0]], rel=RTOL)
+    metrics, summary = curves["zero3-template"].metrics, curves["zero3-template"].summary
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in curves["fsdp"].metrics], rel=RTOL)
     assert summary["params_local_rank0"] / summary["params_total"] == pytest.approx(0.5, abs=0.03)
-    out = curves["stdout"]["zero3-template"]
+    out = curves["zero3-template"].stdout
     assert out.count("deepspeed: DeepSpeed JSON scheduler WarmupDecayLR dropped") == 1, out[-2000:]
     assert "buckets from unet-tiny's hidden size 64 (accelerate's rule): reduce_bucket_size=4096" in out
 
@@ -178,11 +195,11 @@ def test_accelerate_zero3_template_runs_as_it_is(curves):
 def test_flow_matching_curves_agree_across_engines(curves):
     """diffusion.objective=flow_matching on FSDP2 and ZeRO-3: the same per-step losses (rtol as
     above) and grad norms; and the objective really switched (not DDPM's curve, logged as flow)."""
-    ref, got = curves["fsdp-flow"][0], curves["zero3-flow"][0]
+    ref, got = curves["fsdp-flow"].metrics, curves["zero3-flow"].metrics
     assert len(got) == STEPS
     assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in ref], rel=RTOL)
     assert [m["grad_norm"] for m in got] == pytest.approx([m["grad_norm"] for m in ref], rel=1e-3)
-    assert [m["loss"] for m in ref] != pytest.approx([m["loss"] for m in curves["fsdp"][0]], rel=1e-2)
+    assert [m["loss"] for m in ref] != pytest.approx([m["loss"] for m in curves["fsdp"].metrics], rel=1e-2)
     losses = [m["loss"] for m in ref]
     assert losses[-1] < losses[0]  # the velocity loss falls over the 5 steps
 
@@ -193,23 +210,27 @@ def test_families_and_objectives_agree_across_engines(curves, preset, objective)
     FSDP2 units): the same per-step losses and grad norms, sharded about half per rank, and
     the loss falls over the 5 steps."""
     ref, got = curves[f"fsdp-{preset}-{objective}"], curves[f"zero3-{preset}-{objective}"]
-    assert len(got[0]) == STEPS
-    assert [m["loss"] for m in got[0]] == pytest.approx([m["loss"] for m in ref[0]], rel=RTOL)
-    assert [m["grad_norm"] for m in got[0]] == pytest.approx([m["grad_norm"] for m in ref[0]], rel=1e-3)
-    losses = [m["loss"] for m in ref[0]]
+    assert len(got.metrics) == STEPS
+    assert got.losses == pytest.approx(ref.losses, rel=RTOL)
+    assert [m["grad_norm"] for m in got.metrics] == pytest.approx([m["grad_norm"] for m in ref.metrics], rel=1e-3)
+    losses = ref.losses
     assert losses[-1] < losses[0]
-    for summary in (ref[1], got[1]):
+    for summary in (ref.summary, got.summary):
         assert summary["params_local_rank0"] / summary["params_total"] == pytest.approx(0.5, abs=0.05), summary
 
 
-def test_curve_actually_moves(curves):
-    losses = [m["loss"] for m in curves["fsdp"][0]]
+@pytest.mark.fast
+def test_curve_actually_moves(engines):
+    curves = engines
+    losses = [m["loss"] for m in curves["fsdp"].metrics]
     assert len(set(round(x, 6) for x in losses)) == STEPS  # every step sees a new batch
 
 
 @pytest.mark.parametrize("engine,fraction", [("fsdp", 0.5), ("zero3", 0.5), ("zero1", 1.0), ("zero2", 1.0), ("ddp", 1.0), ("single", 1.0)])
-def test_per_rank_parameter_storage(curves, engine, fraction):
-    summary = curves[engine][1]
+@pytest.mark.fast
+def test_per_rank_parameter_storage(engines, engine, fraction):
+    curves = engines
+    summary = curves[engine].summary
     share = summary["params_local_rank0"] / summary["params_total"]
     assert share == pytest.approx(fraction, abs=0.03), summary
     assert summary["world_size"] == (1 if engine == "single" else 2)

@@ -8,12 +8,12 @@ scale is checkpointed and resumes where it was."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from tests.conftest import run_cmd, shard_pattern
-from tests.distributed.util import free_port, one_error_line, read_metrics
+from tests.conftest import ref_sets, run_cmd
+from tests.distributed.util import one_error_line, read_metrics
+from tests.launch import run_batch, sets, torchrun
 
 pytestmark = pytest.mark.dist
 
@@ -25,42 +25,27 @@ STEPS = 5
 RTOL_ENGINES = RTOL_FP32 = 1e-3
 
 
-def _sets(*pairs: str) -> list[str]:
-    return [x for p in pairs for x in ("--set", p)]
-
-
-def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), "launchers/pretrain.py", "--config", "configs/demo.yaml", *args]
-
-
-def _common(synth_shards, run_dir, steps: int = STEPS) -> list[str]:
-    return _sets(f"data.shards={shard_pattern(synth_shards)}", "data.split=sample", "data.shuffle_buffer=0",
-                 "data.num_workers=0", f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false",
-                 "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false", "optim.warmup_steps=0",
-                 f"train.stages=[{{name: s0, resolution: 32, steps: {steps}, micro_batch: 4, global_batch: 8}}]")
+def _common(synth_shards, steps: int = STEPS) -> list[str]:
+    return ["--config", "configs/demo.yaml", *ref_sets(synth_shards, steps=steps)]
 
 
 @pytest.fixture(scope="module")
-def runs(synth_shards, tmp_path_factory):
+def runs(synth_shards, demo_reference, tmp_path_factory):
+    """fp16 on FSDP2 and DDP, the overflow run and its resume: one batch launch (tests/launch.py);
+    the fp32 curve is the session's demo reference (the same recipe on FSDP2)."""
     tmp = tmp_path_factory.mktemp("fp16")
-    out = {}
-    variants = {
-        "fsdp-fp32": ["engine.kind=fsdp"],
-        "fsdp-fp16": ["engine.kind=fsdp", "engine.precision=fp16"],
-        "ddp-fp16": ["engine.kind=ddp", "engine.precision=fp16"],
-        # 2^24: the scaled gradients overflow fp16 at first; the scale halves each step until they fit
-        "overflow": ["engine.kind=fsdp", "engine.precision=fp16", "engine.fp16_initial_scale=16777216",
-                     "health.enabled=true", "checkpoint.every_steps=12", "run.stop_at_step=12"],
+    # 2^24: the scaled gradients overflow fp16 at first; the scale halves each step until they fit
+    overflow = ["engine.kind=fsdp", "engine.precision=fp16", "engine.fp16_initial_scale=16777216",
+                "health.enabled=true", "checkpoint.every_steps=12", f"run.dir={tmp / 'overflow'}"]
+    recipes = {
+        "fsdp-fp16": _common(synth_shards) + sets("engine.kind=fsdp", "engine.precision=fp16"),
+        "ddp-fp16": _common(synth_shards) + sets("engine.kind=ddp", "engine.precision=fp16"),
+        "overflow": _common(synth_shards, 16) + sets(*overflow, "run.stop_at_step=12"),
+        # resume the overflow run from its step-12 checkpoint: the scale continues, not 2^24 again
+        "overflow-resumed": _common(synth_shards, 16) + sets(*overflow, "checkpoint.resume=auto"),
     }
-    for name, sets in variants.items():
-        steps = 16 if name == "overflow" else STEPS
-        proc = run_cmd(_torchrun(*_common(synth_shards, tmp / name, steps), *_sets(*sets)))
-        assert proc.returncode == 0, (name, proc.stderr[-3000:])
-        out[name] = tmp / name
-    # resume the overflow run from its step-12 checkpoint: the scale continues, not 2^24 again
-    proc = run_cmd(_torchrun(*_common(synth_shards, tmp / "overflow", 16), *_sets(*variants["overflow"][:-1])))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = {name: r.ok().dir for name, r in run_batch(recipes, tmp).items()}
+    out["fsdp-fp32"] = demo_reference.dir
     return out
 
 
@@ -92,7 +77,7 @@ def test_overflow_is_skipped_by_the_scaler_not_the_guard_and_the_scale_resumes(r
 
 
 def test_fp16_under_deepspeed_without_a_gpu_is_a_config_error(synth_shards, tmp_path) -> None:
-    proc = run_cmd(_torchrun(*_common(synth_shards, tmp_path / "ds"), *_sets(
-        "engine.kind=deepspeed", "engine.precision=fp16")))
+    proc = run_cmd(torchrun(*_common(synth_shards), *sets(f"run.dir={tmp_path / 'ds'}",
+                                                          "engine.kind=deepspeed", "engine.precision=fp16")))
     assert proc.returncode != 0
     one_error_line(proc.stderr, "engine.precision=fp16 under DeepSpeed needs CUDA GPUs")

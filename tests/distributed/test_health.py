@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cmd, shard_pattern
-from tests.distributed.util import free_port, read_metrics
+from tests.distributed.util import read_metrics
+from tests.launch import run_batch, sets, torchrun
 
 pytestmark = pytest.mark.dist
 
@@ -23,48 +23,49 @@ ENV = {"OMP_NUM_THREADS": "1"}
 LR = 1e-3
 
 
-def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), *args]
-
-
-def _train(synth_shards, run_dir: Path, engine: str, *extra: str):
-    sets = [
+def _recipe(synth_shards, engine: str, *extra: str) -> list[str]:
+    return ["--config", "configs/demo.yaml", *sets(
         f"data.shards={shard_pattern(synth_shards)}", "data.split=sample", "data.shuffle_buffer=0",
-        "data.num_workers=0", f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false",
-        "sample.at_end=false", "validate.every_steps=0", "validate.at_end=false", f"optim.lr={LR}", "optim.warmup_steps=0", "optim.schedule=constant",
-        "train.stages=[{name: s0, resolution: 32, steps: 8, micro_batch: 2, global_batch: 4}]",
-        f"engine.kind={engine}", *extra,
-    ]
-    cmd = _torchrun("launchers/pretrain.py", "--config", "configs/demo.yaml", *[x for s in sets for x in ("--set", s)])
-    return run_cmd(cmd, env=ENV, timeout=600)
+        "data.num_workers=0", "log.wandb=disabled", "log.progress=false", "sample.at_end=false",
+        "validate.every_steps=0", "validate.at_end=false", f"optim.lr={LR}", "optim.warmup_steps=0",
+        "optim.schedule=constant", "train.stages=[{name: s0, resolution: 32, steps: 8, micro_batch: 2, global_batch: 4}]",
+        f"engine.kind={engine}", *extra)]
+
+
+NAN = ("checkpoint.every_steps=4", "health.inject_nan_steps=[3,6,7]", "health.window=2", "health.max_bad_in_window=2")
+SPIKE = ("health.inject_spike_steps=[5,7]", "health.min_steps=2", "health.window=8", "health.max_bad_in_window=3")
+
+
+@pytest.fixture(scope="module")
+def guarded(synth_shards, tmp_path_factory):
+    """The NaN and spike runs on both engines in one batch launch (tests/launch.py)."""
+    recipes = {f"{what}-{engine}": _recipe(synth_shards, engine, *extra)
+               for what, extra in (("nan", NAN), ("spike", SPIKE)) for engine in ("fsdp", "deepspeed")}
+    return {name: r.ok().dir for name, r in run_batch(recipes, tmp_path_factory.mktemp("health")).items()}
 
 
 def _quarantine(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "quarantine.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("kinds", [["fsdp", "ddp"], ["zero2", "zero3"]], ids=["torch", "deepspeed"])
-def test_skip_leaves_weights_and_optimizer_bit_identical(kinds):
-    """Engine level (tests/distributed/_health_worker.py): NaN on rank 1 -> non-finite norm on
-    both ranks; skip_step keeps weights, master weights and AdamW moments bit-identical; the
-    next step equals a run that never had the skipped steps."""
-    r = run_cmd(_torchrun("tests/distributed/_health_worker.py", *kinds), env=ENV, timeout=600)
+def test_skip_leaves_weights_and_optimizer_bit_identical():
+    """Engine level (tests/distributed/_health_worker.py, every engine in one launch): NaN on
+    rank 1 -> non-finite norm on both ranks; skip_step keeps weights, master weights and AdamW
+    moments bit-identical; the next step equals a run that never had the skipped steps."""
+    kinds = ["fsdp", "ddp", "zero2", "zero3"]
+    r = run_cmd(torchrun("tests/distributed/_health_worker.py", *kinds, script=None), env=ENV, timeout=600)
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     for kind in kinds:
         assert sum(line.startswith(f"OK {kind} ") for line in r.stdout.splitlines()) == 2, r.stdout
 
 
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])  # deepspeed: ds_configs/zero3.json
-def test_nan_on_one_rank_is_skipped_then_repeated_nans_roll_back(synth_shards, tmp_path, engine):
+def test_nan_on_one_rank_is_skipped_then_repeated_nans_roll_back(guarded, engine):
     """NaN at step 3 (rank 1): skipped. Step 5 trains; NaN at steps 6 and 7: 2 bad within the
     window -> back to the step-4 checkpoint, LR halved, data moved past the bad stretch, run
     completes. The rollback really reloads: the weights before it (step 5 applied) differ from
     the checkpoint's, and after it equal them bit for bit."""
-    d = tmp_path / "run"
-    r = _train(synth_shards, d, engine, "checkpoint.every_steps=4", "health.inject_nan_steps=[3,6,7]",
-               "health.window=2", "health.max_bad_in_window=2")
-    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    d = guarded[f"nan-{engine}"]
     records = read_metrics(d, steps_only=False)
     steps = [m for m in records if "loss" in m]
     # attempts 1-7 are steps 1-7; the rollback returns to step 4; attempts 8-11 are steps 5-8
@@ -95,14 +96,11 @@ def test_nan_on_one_rank_is_skipped_then_repeated_nans_roll_back(synth_shards, t
 
 
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
-def test_loss_spike_on_one_rank_is_skipped_on_every_rank(synth_shards, tmp_path, engine):
+def test_loss_spike_on_one_rank_is_skipped_on_every_rank(guarded, engine):
     """End to end: rank 1's loss x 1000 at steps 5 and 7 (finite, so only the spike check can
     catch it). The all-reduced loss exceeds 3 x its EMA: both steps are skipped on both ranks
     (quarantine has each rank's line), no rollback (2 bad < max_bad_in_window 3), the run ends."""
-    d = tmp_path / "run"
-    r = _train(synth_shards, d, engine, "health.inject_spike_steps=[5,7]", "health.min_steps=2",
-               "health.window=8", "health.max_bad_in_window=3")
-    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    d = guarded[f"spike-{engine}"]
     steps = read_metrics(d)
     assert [m["step"] for m in steps] == list(range(1, 9))
     assert [m["step"] for m in steps if m["skipped_step"]] == [5, 7]
@@ -117,8 +115,9 @@ def test_loss_spike_on_one_rank_is_skipped_on_every_rank(synth_shards, tmp_path,
 
 def test_endless_nans_stop_after_max_rollbacks(synth_shards, tmp_path):
     d = tmp_path / "run"
-    r = _train(synth_shards, d, "fsdp", "checkpoint.every_steps=2", f"health.inject_nan_steps={list(range(3, 30))}",
-               "health.window=2", "health.max_bad_in_window=2", "health.max_rollbacks=1")
+    r = run_cmd(torchrun(*_recipe(synth_shards, "fsdp", f"run.dir={d}", "checkpoint.every_steps=2",
+                                  f"health.inject_nan_steps={list(range(3, 30))}", "health.window=2",
+                                  "health.max_bad_in_window=2", "health.max_rollbacks=1")), env=ENV, timeout=600)
     assert r.returncode != 0 and "exitcode  : 3" in r.stderr + r.stdout
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("scaletrain: health guard stopped")]
     assert len(lines) == 1, r.stderr[-3000:]

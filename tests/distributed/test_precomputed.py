@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cmd, shard_pattern
-from tests.distributed.util import free_port, read_metrics
+from tests.launch import run_batch, sets, torchrun
 
 pytestmark = pytest.mark.dist
 
@@ -20,38 +20,29 @@ STEPS = 4
 RTOL = 1e-5  # as test_engine_equivalence: summation-order noise only
 
 
-def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), *args]
-
-
-def _sets(*pairs: str) -> list[str]:
-    return [x for p in pairs for x in ("--set", p)]
-
-
 @pytest.fixture(scope="module")
 def runs(synth_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("precomputed")
     enc = tmp / "enc"
-    common = _sets(
+    common = sets(
         "data.split=sample", "data.shuffle_buffer=0", "data.num_workers=0", "data.caption_dropout=0.25",
         "log.wandb=disabled", "log.progress=false", "sample.at_end=false", "optim.warmup_steps=0",
         f"train.stages=[{{name: s0, resolution: 32, steps: {STEPS}, micro_batch: 4, grad_accum: 1, global_batch: 8}}]",
     )
-    encode = run_cmd(_torchrun("-m", "scaletrain.cli", "data", "encode", "--config", "configs/latent.yaml",
-                               "--shards", shard_pattern(synth_shards), "--out", str(enc), "--no-progress", *common))
+    encode = run_cmd(torchrun("-m", "scaletrain.cli", "data", "encode", "--config", "configs/latent.yaml",
+                               "--shards", shard_pattern(synth_shards), "--out", str(enc), "--no-progress", *common, script=None))
     assert encode.returncode == 0, encode.stderr[-3000:]
     out = {"encode": encode, "enc": enc}
     engines = {"fsdp": ["engine.kind=fsdp"],
                "zero3": ["engine.kind=deepspeed", "engine.deepspeed_config=ds_configs/zero3.json"]}
-    for name, engine in engines.items():
-        for path, shards in (("online", shard_pattern(synth_shards)), ("precomputed", str(enc))):
-            run_dir = tmp / f"{name}-{path}"
-            proc = run_cmd(_torchrun("launchers/pretrain.py", "--config", "configs/latent.yaml", *common,
-                                     *_sets(f"data.shards={shards}", f"run.dir={run_dir}", *engine)))
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            out[name, path] = (proc, read_metrics(run_dir))
-            out["run_dir", name, path] = run_dir
+    recipes = {(name, path): ["--config", "configs/latent.yaml", *common, *sets(f"data.shards={shards}", *engine)]
+               for name, engine in engines.items()
+               for path, shards in (("online", shard_pattern(synth_shards)), ("precomputed", str(enc)))}
+    batch = run_batch({f"{n}-{p}": r for (n, p), r in recipes.items()}, tmp)  # one launch (tests/launch.py)
+    for name, path in recipes:
+        run = batch[f"{name}-{path}"].ok()
+        out[name, path] = (run, run.metrics)
+        out["run_dir", name, path] = run.dir
     return out
 
 

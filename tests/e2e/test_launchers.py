@@ -4,6 +4,7 @@ hostfile, and plain python. Each leaves a complete run folder."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,8 @@ def test_deepspeed_launcher_with_hostfile(synth_shards, tmp_path):
     launcher = [str(BIN / "deepspeed"), "--hostfile", str(hosts), "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port())]
     if not _ssh_to_localhost_works():
+        if os.environ.get("SCALETRAIN_REQUIRE_SSH") == "1":  # CI: .ci/local_sshd.sh must have started sshd
+            pytest.fail("SCALETRAIN_REQUIRE_SSH=1 but ssh to localhost does not work (.ci/local_sshd.sh)")
         print("ssh to localhost unavailable: launching with --no_ssh_check")
         launcher += ["--no_ssh_check"]
     cmd = launcher + ["launchers/pretrain.py", "--config", "configs/demo.yaml",

@@ -71,6 +71,25 @@ def test_fine_tunes_a_pipeline_folder_from_its_own_configs(runs, name) -> None:
     assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
     state = json.loads(next((run_dir / "checkpoints").glob("step-*/trainer_state.json")).read_text())
     assert state["preset"] == f"diffusers:{root.resolve()}"
+    # The loss trained is the folder's objective: the schedule its scheduler_config.json states.
+    want = dict(x.removeprefix("diffusion.").split("=") for x in OBJECTIVE[name])
+    assert state["objective"]["name"] == "ddpm", state["objective"]
+    got = state["objective"]["params"]
+    assert {k: str(got[k]) for k in want} == want, got
+    # The weights moved: every tensor of the pipeline's denoiser is in the checkpoint, and the
+    # trained ones differ from the folder's (a run that trained nothing, or trained a copy that
+    # was never saved, keeps them equal).
+    from safetensors.torch import load_file
+
+    from scaletrain.checkpoint.export import consolidated_state_dict, resolve_checkpoint
+
+    sub = "unet" if name == "sd" else "transformer"
+    before = load_file(str(root / sub / "diffusion_pytorch_model.safetensors"))
+    after = {k.removeprefix("net."): v for k, v in consolidated_state_dict(resolve_checkpoint(run_dir)).items()}
+    assert before.keys() <= after.keys()
+    moved = [k for k in before if not torch.equal(before[k], after[k].to(before[k].dtype))]
+    assert len(moved) > len(before) // 2, f"{len(moved)} of {len(before)} tensors changed"
+    assert all(torch.isfinite(after[k]).all() for k in before)
 
 
 @pytest.mark.parametrize("name", ["sd", "pixart"])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cmd, shard_pattern
+from tests.conftest import require_or_skip, REPO, run_cmd, shard_pattern
 from tests.distributed.util import free_port, read_metrics
 
 pytestmark = pytest.mark.e2e
@@ -49,9 +49,7 @@ def _unavailable() -> str | None:
 def slurm():
     reason = _unavailable()
     if reason:
-        if os.environ.get("SCALETRAIN_REQUIRE_SLURM") == "1":
-            pytest.fail(f"SCALETRAIN_REQUIRE_SLURM=1 but Slurm cannot run here: {reason}")
-        pytest.skip(f"Slurm test: {reason}")
+        require_or_skip("slurm", f"Slurm cannot run here: {reason}")
     env = {**os.environ, "SLURM_PROTO_DIR": str(SLURM_DIR), "SLURM_NUM_NODES": "2", "SLURM_NODE_CPUS": "2"}
     r = subprocess.run(["bash", "tools/local_slurm/start.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)

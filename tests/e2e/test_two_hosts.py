@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import BIN, REPO, run_cmd, shard_pattern
+from tests.conftest import require_or_skip, BIN, REPO, run_cmd, shard_pattern
 from tests.distributed.util import free_port, read_metrics
 from tests.e2e import netns
 
@@ -34,7 +34,7 @@ RTOL = 1e-5
 def hosts():
     reason = netns.unavailable_reason()
     if reason:
-        pytest.skip(f"two-host test: {reason}")
+        require_or_skip("netns", f"two-host test: {reason}")
     with netns.two_hosts() as pair:
         yield pair
 
