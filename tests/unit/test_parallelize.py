@@ -15,7 +15,7 @@ from scaletrain.models.parallelize import checkpointed_units, parallelize
 
 
 def _levers(ac: str = "none", every: int = 2, compile: bool = False, select: str = "every") -> SimpleNamespace:
-    return SimpleNamespace(activation_checkpointing=ac, activation_checkpointing_every=every, compile=compile,
+    return SimpleNamespace(activation_checkpointing=ac, activation_checkpointing_every=every, compile=compile, compile_backend="inductor",
                            activation_checkpointing_selective=select)
 
 
