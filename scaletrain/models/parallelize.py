@@ -70,14 +70,19 @@ def _replace_forward(unit: nn.Module, *, recompute: bool, compile: bool, backend
     own = base
 
     def counted(self, *args, **kwargs):
-        counts.inner += 1  # plain Python side effect: dynamo runs it at trace time only, hence
-        return own(self, *args, **kwargs)  # the calls/inner pair is read for recompute alone
+        counts.inner += 1
+        return own(self, *args, **kwargs)
+
+    # Under compile the unit's own forward goes in uncounted: a Python side effect inside the
+    # checkpointed region makes dynamo give up on the whole frame (no graph at all, silently;
+    # tests/unit/test_parallelize.py caught it), so recomputations are counted in eager only.
+    inner = own if compile else counted
 
     if recompute:
         def forward(self, *args, **kwargs):
             # Non-reentrant: works with keyword arguments, FSDP2/ZeRO-3 parameter hooks and
             # DDP; preserves the RNG state so dropout recomputes identically.
-            return checkpoint(counted, self, *args, use_reentrant=False, **kwargs)
+            return checkpoint(inner, self, *args, use_reentrant=False, **kwargs)
     else:
         forward = base
     if compile:
