@@ -16,7 +16,10 @@ def build_engine(cfg: RunConfig, denoiser: nn.Module, dist_info: DistInfo, *, mi
         from scaletrain.models.context_parallel import enable_context_parallel
 
         enable_context_parallel(denoiser, k, dist_info.device)
-    if kind == "fsdp":
+    pending = getattr(denoiser, "pending_init", None) is not None  # built on meta (models/meta_init.py)
+    if pending and kind != "fsdp":  # DDP and DeepSpeed take whole parameters: initialise them whole first
+        denoiser.materialize(dist_info.device)
+    if kind == "fsdp":  # FSDP2 shards the meta shell and initialises each rank's shards only
         from scaletrain.engines.fsdp import FSDPEngine
         from scaletrain.models import parallel_units
 

@@ -35,6 +35,8 @@ class FSDPEngine(TorchOptimizerEngine):
                           lambda m: fully_shard(m, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard,
                                                 offload_policy=offload))
         apply_prefetch(denoiser, units, forward=knobs.forward_prefetch, backward=knobs.backward_prefetch)
+        if getattr(denoiser, "pending_init", None) is not None:  # built on meta: allocate and fill the local shards
+            denoiser.materialize(dist_info.device)
         self.module = self.state_module = denoiser
         self.optimizer = build_adamw(denoiser.parameters(), cfg.optim)
         if cfg.engine.precision == "fp16":

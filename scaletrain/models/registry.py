@@ -39,6 +39,17 @@ class Denoiser(nn.Module):
         # the conditioning of a loaded checkpoint. PixArt was trained with the T5 mask.
         self.use_text_mask = use_text_mask
         self._forward_fn: Callable[..., Tensor] = get_family(family).forward
+        # Built on meta, not yet initialised: what models.meta_init.materialize needs (the engine calls it).
+        self.pending_init: Any = None
+
+    def materialize(self, device: torch.device) -> None:
+        """Allocate and initialise a denoiser built with ``defer_init`` (after the engine has
+        sharded it: each rank allocates and fills only its shards)."""
+        from scaletrain.models.meta_init import materialize
+
+        if self.pending_init is not None:
+            materialize(self.net, self.pending_init, device)
+            self.pending_init = None
 
     def forward(self, x: Tensor, timesteps: Tensor, text_emb: Tensor, text_mask: Tensor | None) -> Tensor:
         if timesteps.ndim == 0:  # a single shared timestep: the nets want one per sample
@@ -102,7 +113,8 @@ class DiffusionModel:
 
     def to(self, device: torch.device | str) -> "DiffusionModel":
         self.device = torch.device(device)
-        self.denoiser.to(device)
+        if self.denoiser.pending_init is None:  # else the engine materialises it where it shards it
+            self.denoiser.to(device)
         if self._text is not None:
             self._text[0].to(device)
         if self._vae is not None:
@@ -211,12 +223,16 @@ def build_vae(config: dict[str, Any], path: str | None, dtype: torch.dtype) -> n
 
 def build_model(preset: ModelPreset | str, *, text_encoder_path: str | None = None,
                 vae_path: str | None = None, dtype: torch.dtype = torch.float32, encoders: bool = True,
-                encoder_seed: int = 0) -> DiffusionModel:
+                encoder_seed: int = 0, seed: int | None = None, defer_init: bool = False) -> DiffusionModel:
     """Build the denoiser (+ frozen encoders). Seed torch before calling: identical weights on every rank.
 
+    The denoiser is built on the meta device and initialised by ``models.meta_init``: the same
+    weights at any world size, whole or sharded, from ``seed`` (default: torch's initial seed).
+    ``defer_init``: leave it on ``meta`` (``denoiser.pending_init`` set) for an engine that
+    shards it first and initialises only its shards (FSDP2); else it is initialised whole here.
     `dtype` applies to the frozen text encoder and VAE (inference only, so bf16 is safe and
-    halves their memory). The denoiser is always built in float32: engines keep fp32 master
-    weights and apply mixed precision themselves (FSDP MixedPrecisionPolicy, DeepSpeed bf16).
+    halves their memory). The denoiser is always float32: engines keep fp32 master weights and
+    apply mixed precision themselves (FSDP MixedPrecisionPolicy, DeepSpeed bf16).
     Random-init encoders draw from ``encoder_seed`` only (not from the global RNG), so
     ``scaletrain data encode`` and a training run with the same seed build the same ones.
     ``encoders=False`` defers them to first use (training on precomputed latents).
@@ -228,10 +244,32 @@ def build_model(preset: ModelPreset | str, *, text_encoder_path: str | None = No
                          "pixel space; drop vae_path or choose a latent preset")
     source = EncoderSource(text_encoder_path, vae_path, encoder_seed, dtype)
     check_encoder_paths(source)
-    net = build_denoiser_net(preset)
-    denoiser = Denoiser(net, preset.family, use_text_mask=preset.text_encoder.use_mask, pixel_factor=preset.vae_factor)
+    denoiser = build_denoiser(preset, seed=seed, defer_init=defer_init)
     model = DiffusionModel(preset, denoiser, source)
     return model.build_encoders() if encoders else model
+
+
+def build_denoiser(preset: ModelPreset | str, *, seed: int | None = None, defer_init: bool = False) -> Denoiser:
+    """The trainable Denoiser of ``preset``, built on ``meta`` (``models.meta_init``) and
+    initialised whole on the host, or (``defer_init``) left on ``meta`` with
+    ``pending_init`` for the engine. Under an ambient ``torch.device("meta")`` (shape-only
+    builds: sizing, config checks) it stays on ``meta`` with nothing pending."""
+    from scaletrain.models import meta_init
+
+    if isinstance(preset, str):
+        preset = get_preset(preset)
+    family = get_family(preset.family)
+    if torch.empty(0).is_meta:
+        net, pending = family.build(dict(preset.denoiser_config)), None
+    else:
+        net, pending = meta_init.build_on_meta(lambda: family.build(dict(preset.denoiser_config)),
+                                               torch.initial_seed() if seed is None else seed)
+        if not defer_init:
+            meta_init.materialize(net, pending, torch.device("cpu"))
+            pending = None
+    denoiser = Denoiser(net, preset.family, use_text_mask=preset.text_encoder.use_mask, pixel_factor=preset.vae_factor)
+    denoiser.pending_init = pending
+    return denoiser
 
 
 def check_encoder_paths(source: EncoderSource) -> None:

@@ -43,6 +43,7 @@ from scaletrain.train.curriculum import planned_stage_steps, stage_length_text, 
 from scaletrain.train.data_stats import DataCounts
 from scaletrain.train.metrics import LossEMA, MetricsLogger
 from scaletrain.train.schedule import lr_at
+from scaletrain.train.startup import startup_line, startup_report
 from scaletrain.train.watchers import (
     CommProfileWatcher, EMAWatcher, SamplesWatcher, StepOutcome, ValidationWatcher, Watcher,
 )
@@ -127,7 +128,8 @@ class Trainer:
         self.model = build_model(
             cfg.model.preset, text_encoder_path=cfg.model.text_encoder_path, vae_path=cfg.model.vae_path,
             dtype=frozen_dtype(cfg.engine.precision), encoders=self.encoding is None, encoder_seed=cfg.run.seed,
-        ).to(self.device)
+            seed=cfg.run.seed, defer_init=cfg.init.source is None and not cfg.lora.enabled,
+        ).to(self.device)  # a deferred denoiser stays on meta: the engine initialises it where it keeps it
         # The training objective (diffusion/: ddpm, flow_matching); each stage may change its keys.
         self.objective = build_objective(cfg.diffusion.objective, cfg.diffusion.params())
         self.base_objective = self.objective
@@ -158,6 +160,7 @@ class Trainer:
         self.data_identity: str | None = None
         self._resume_position: dict | None = None
         self.stopped_early = False
+        self.startup: dict | None = None  # train/startup.py, filled right before the first step
         self.save_failures = 0  # checkpoints that could not be written (reported, run went on)
         self._sigterm = False
         self.health = HealthGuard(cfg.health)
@@ -217,6 +220,9 @@ class Trainer:
         if self.step:
             self.logger.event(f"resumed at step {self.step} (stage {self.stage_index}, "
                               f"step {self.step_in_stage} of it) from {self.resumed_from}")
+        # Right before the first step: what reaching it cost, per rank (train/startup.py).
+        self.startup = startup_report(self.dist)
+        self.logger.event(startup_line(self.startup))
         stages = self.cfg.train.stages
         index = self.stage_index
         while index < len(stages):
@@ -806,6 +812,7 @@ class Trainer:
             "rollbacks": self.health.rollbacks,
             "lr_scale": self.health.lr_scale,
             "levers": lever_report(self.model.denoiser),  # checkpointing/compile as applied, counted
+            "startup": self.startup,  # peak host (device) memory per rank and seconds at the first step
             **self.loss.summary(),
         }
 

@@ -61,6 +61,31 @@ def check_preset(name: str, rank: int, world: int) -> None:
           f"ref={ref_loss.item():.6f} max_grad_err={max_grad_err:.2e}", flush=True)
 
 
+def check_meta_init(name: str, rank: int, world: int) -> None:
+    """Built on meta, sharded, then only the local shards allocated and initialised: the full
+    state dict equals the one-process (whole) build of the same seed bit for bit, and before
+    materialising no parameter held any storage."""
+    whole = build_model(name, seed=0, encoders=False).denoiser
+    torch.manual_seed(0)
+    model = build_model(name, seed=0, encoders=False, defer_init=True)
+    den = model.denoiser
+    assert den.pending_init is not None and all(p.is_meta for p in den.parameters())
+    for unit in parallel_units(den):
+        fully_shard(unit)
+    fully_shard(den)
+    assert all(p.is_meta for p in den.parameters())  # sharding a shell allocates nothing
+    den.materialize(torch.device("cpu"))
+    local = sum(p.to_local().numel() for p in den.parameters())
+    full = count_params(whole)
+    assert abs(local - full / world) / (full / world) < 0.03, (name, local, full)
+    ref = dict(whole.named_parameters())
+    same = [n for n, p in den.named_parameters() if torch.equal(p.full_tensor(), ref[n].detach())]
+    assert len(same) == len(ref), (name, sorted(set(ref) - set(same))[:3])
+    bufs = dict(whole.named_buffers())
+    assert all(torch.equal(b, bufs[n]) for n, b in den.named_buffers())
+    print(f"META {name} rank={rank} params={len(same)} local={local} full={full}", flush=True)
+
+
 def main(presets: list[str]) -> None:
     torch.set_num_threads(1)  # same thread count for both paths keeps reductions bit-stable
     dist.init_process_group("gloo")
@@ -68,6 +93,7 @@ def main(presets: list[str]) -> None:
     try:
         for name in presets:
             check_preset(name, rank, world)
+            check_meta_init(name, rank, world)
             gc.collect()  # drop DTensors of this preset before the next one / teardown
     finally:
         # FINDINGS: without freeing DTensors/mesh refs first, ~1 in 3 exits SIGABRT.

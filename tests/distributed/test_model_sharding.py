@@ -39,3 +39,12 @@ def test_sharded_matches_unsharded_on_both_ranks(name: str, worker_output: str) 
     # Ranks share one stdout, so lines can interleave: search, don't split on newlines.
     ranks = re.findall(rf"OK {re.escape(name)} rank=(\d+) ", worker_output)
     assert sorted(ranks) == ["0", "1"], worker_output
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_meta_init_gives_the_whole_builds_weights_at_two_ranks(name: str, worker_output: str) -> None:
+    """FSDP2 start-up: a denoiser built on meta, sharded, then each rank initialising only its
+    shards has the full state dict of the one-process build, bit for bit (dit-tiny includes raw
+    parameters kept from the constructor and a positional buffer)."""
+    ranks = re.findall(rf"META {re.escape(name)} rank=(\d+) ", worker_output)
+    assert sorted(ranks) == ["0", "1"], worker_output
