@@ -36,7 +36,9 @@ class RunSection(_Section):
     name: str | None = None
     # Stop this launch after this global step (checkpointing first), e.g. to fit a job into a
     # scheduler's time slot; relaunching the same command resumes. None = run to the end.
-    stop_at_step: int | None = Field(None, gt=0)
+    # 0 = stop right after the start-up line (no step, no checkpoint): what start-up costs, per
+    # rank, before any GPU-hour is spent on steps (benchmarks/startup_memory.py).
+    stop_at_step: int | None = Field(None, ge=0)
 
 
 class CheckpointSection(_Section):

@@ -12,13 +12,20 @@ from scaletrain.engines.base import Engine, StepStats
 def build_engine(cfg: RunConfig, denoiser: nn.Module, dist_info: DistInfo, *, micro_batch: int, grad_accum: int) -> Engine:
     """Wrap the trainable denoiser in the engine ``cfg.engine.kind`` names."""
     kind, k = cfg.engine.kind, cfg.engine.context_parallel
+    # A denoiser built on meta (models/meta_init.py): FSDP2 shards the shell and initialises each
+    # rank's shards (engines/fsdp.py); DeepSpeed builds it under its own start-up (ZeRO-3:
+    # zero.Init, partitioned as constructed) and DDP whole, both before anything wraps its units.
+    if getattr(denoiser, "pending_init", None) is not None and kind != "fsdp":
+        if kind == "deepspeed":
+            from scaletrain.engines.deepspeed import materialize_for_deepspeed
+
+            materialize_for_deepspeed(denoiser, cfg, dist_info, micro_batch, grad_accum)
+        else:
+            denoiser.materialize(dist_info.device)
     if k > 1:  # before checkpointing, compile and sharding wrap the units (models/context_parallel.py)
         from scaletrain.models.context_parallel import enable_context_parallel
 
         enable_context_parallel(denoiser, k, dist_info.device)
-    pending = getattr(denoiser, "pending_init", None) is not None  # built on meta (models/meta_init.py)
-    if pending and kind != "fsdp":  # DDP and DeepSpeed take whole parameters: initialise them whole first
-        denoiser.materialize(dist_info.device)
     if kind == "fsdp":  # FSDP2 shards the meta shell and initialises each rank's shards only
         from scaletrain.engines.fsdp import FSDPEngine
         from scaletrain.models import parallel_units

@@ -22,6 +22,52 @@ from scaletrain.engines.base import (Engine, LocalShard, StepStats, build_adamw,
 from scaletrain.engines.ds_config import fill_deepspeed_config, load_deepspeed_json
 
 
+def _filled_config(cfg: RunConfig, dist_info: DistInfo, micro_batch: int, grad_accum: int,
+                   notes: list[str] | None = None) -> dict:
+    return fill_deepspeed_config(load_deepspeed_json(cfg.engine.deepspeed_config), cfg, micro_batch=micro_batch,
+                                 grad_accum=grad_accum, world_size=dist_info.world_size,
+                                 notes=notes if notes is not None else [])
+
+
+def materialize_for_deepspeed(denoiser: nn.Module, cfg: RunConfig, dist_info: DistInfo, micro_batch: int,
+                              grad_accum: int) -> None:
+    """Start-up of a denoiser built on meta (``models/meta_init.py``) for DeepSpeed.
+
+    ZeRO-3: the network is constructed again under ``deepspeed.zero.Init``, which partitions
+    each module's parameters as soon as that module is built, so no rank ever holds the whole
+    model; then each module's parameters are gathered (one module at a time), given their
+    ``meta_init`` values on rank 0 and partitioned again (``GatheredParameters(modifier_rank=0)``).
+    The same weights as every other engine at any world size. ZeRO-1/2 keep whole parameters
+    on every rank by design: initialised whole."""
+    import deepspeed
+
+    from scaletrain.models.meta_init import full_values, module_seed, seeded
+
+    pending = denoiser.pending_init
+    ds_cfg = _filled_config(cfg, dist_info, micro_batch, grad_accum)
+    if int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) < 3 or pending.build is None:
+        denoiser.materialize(dist_info.device)
+        return
+    # The constructor's own draws are overwritten below; seeded apart so the caller's RNG is untouched.
+    with seeded(module_seed(pending.seed, "<zero.Init>")), deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+        net = pending.build()
+    rank0 = dist_info.rank == 0
+    with torch.no_grad():
+        for qual, module in net.named_modules():
+            own = list(module.parameters(recurse=False))
+            if not own:
+                continue
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+                if rank0:
+                    values = full_values(module, qual, pending)
+                    for name, p in module.named_parameters(recurse=False):
+                        p.data.copy_(values[name])
+        for name, buf in net.named_buffers():
+            buf.copy_(pending.buffers[name])
+    denoiser.net = net
+    denoiser.pending_init = None
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -33,14 +79,7 @@ class DeepSpeedEngine(Engine):
         self.world_size = dist_info.world_size
         self.device = dist_info.device
         notes: list[str] = []
-        ds_cfg = fill_deepspeed_config(
-            load_deepspeed_json(cfg.engine.deepspeed_config),
-            cfg,
-            micro_batch=micro_batch,
-            grad_accum=grad_accum,
-            world_size=dist_info.world_size,
-            notes=notes,
-        )
+        ds_cfg = _filled_config(cfg, dist_info, micro_batch, grad_accum, notes)
         if dist_info.is_main:
             for line in notes:  # e.g. a template's "auto" scheduler, dropped for the trainer's schedule
                 print(f"deepspeed: {line}", flush=True)

@@ -40,6 +40,9 @@ class PendingInit:
     seed: int
     raw: dict[str, Tensor] = field(default_factory=dict)
     buffers: dict[str, Tensor] = field(default_factory=dict)
+    # The constructor call itself, for an engine that must construct the network its own way
+    # (DeepSpeed ZeRO-3 builds it under deepspeed.zero.Init, partitioned module by module).
+    build: Callable[[], nn.Module] | None = None
 
 
 @contextlib.contextmanager
@@ -68,9 +71,9 @@ def build_on_meta(build: Callable[[], nn.Module], seed: int) -> tuple[nn.Module,
     """``build()`` with every parameter on ``meta``; returns the network and what
     ``materialize`` needs. ``seed``: the run's; torch's global RNG is neither read nor advanced."""
     raw: dict[int, tuple[nn.Module, dict[str, Tensor]]] = {}
-    with _seeded(module_seed(seed, "<constructor>")), _parameters_to_meta(raw):
+    with seeded(module_seed(seed, "<constructor>")), _parameters_to_meta(raw):
         net = build()  # raw parameters' values depend on the seed only, not on the caller's RNG
-    pending = PendingInit(seed)
+    pending = PendingInit(seed, build=build)
     for qual, module in net.named_modules():
         if id(module) in raw and raw[id(module)][0] is module:
             for name, value in raw[id(module)][1].items():
@@ -81,7 +84,7 @@ def build_on_meta(build: Callable[[], nn.Module], seed: int) -> tuple[nn.Module,
 
 
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """torch's host generator seeded with ``seed`` inside, restored after (torch.manual_seed
     would also format a stack trace per call, which adds up over thousands of modules)."""
     gen = torch.default_generator
@@ -118,7 +121,7 @@ def full_values(module: nn.Module, name: str, pending: PendingInit) -> dict[str,
                                                                  p.requires_grad)
                          for n, p in module._parameters.items()}  # None entries too (a Linear without bias)
     shell._modules = {}  # a reset that walks children must not reach the real ones
-    with _seeded(module_seed(pending.seed, name)), torch.no_grad():
+    with seeded(module_seed(pending.seed, name)), torch.no_grad():
         shell.reset_parameters()
     return {n: shell._parameters[n].detach() for n in own}
 

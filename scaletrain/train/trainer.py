@@ -125,6 +125,10 @@ class Trainer:
         # Precomputed latents (scaletrain data encode): no VAE or text encoder is built for training;
         # a sample grid or validation builds them on first use (the same weights: own seed).
         self.encoding = check_precomputed(cfg)
+        if cfg.data.num_workers > 0:  # loader workers fork from a server that never held the model
+            from scaletrain.data.pipeline import warm_worker_context
+
+            warm_worker_context()
         self.model = build_model(
             cfg.model.preset, text_encoder_path=cfg.model.text_encoder_path, vae_path=cfg.model.vae_path,
             dtype=frozen_dtype(cfg.engine.precision), encoders=self.encoding is None, encoder_seed=cfg.run.seed,
@@ -225,6 +229,10 @@ class Trainer:
         self.logger.event(startup_line(self.startup))
         stages = self.cfg.train.stages
         index = self.stage_index
+        if self.cfg.run.stop_at_step == 0:  # start-up only
+            self.stopped_early = True
+            self.logger.event("stopping before the first step (run.stop_at_step=0)")
+            index = len(stages)
         while index < len(stages):
             if not self.run_stage(index, stages[index]):
                 break

@@ -1,0 +1,127 @@
+"""Start-up memory: each rank's peak host memory when it reaches its first step, at 1 and 2 ranks.
+
+    python benchmarks/startup_memory.py --presets unet-sd2 mmdit-sd3-medium --engines fsdp \\
+        --out benchmarks/results/cpu_startup_memory.json
+
+For each (preset, engine) the real launcher (``torchrun launchers/pretrain.py``) runs the demo
+recipe on that preset with ``run.stop_at_step=0``: it builds everything a training run builds
+(frozen encoders, the denoiser, the engine, the checkpoint manager, loader workers' server) and
+stops right after the ``start-up:`` line, whose per-rank figures ``summary.json["startup"]``
+holds. The same global batch at 1 and 2 ranks (the 1-rank run accumulates 2 micro-batches).
+
+What sharding buys at start-up is the drop in per-rank peak from 1 to 2 ranks; the goal (issue
+26) is a drop of at least 40 % of the fp32 denoiser's bytes (a sharded engine holds half of them
+per rank at 2 ranks: 50 % is the ceiling). DDP and ZeRO-1/2 hold whole parameters by design,
+so their drop is about 0. A Markdown table is written next to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GOAL = 0.40  # of the fp32 denoiser's bytes
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(preset: str, engine: str, ranks: int, shards: str, resolution: int, run_dir: Path,
+           precision: str, timeout: float) -> dict:
+    stage = (f"[{{name: s0, resolution: {resolution}, steps: 1, micro_batch: 1, grad_accum: {2 // ranks}, "
+             f"global_batch: 2}}]")
+    sets = [f"model.preset={preset}", f"engine.kind={engine}", f"engine.precision={precision}",
+            f"data.shards={shards}", "data.num_workers=1", f"run.dir={run_dir}", "run.stop_at_step=0",
+            "checkpoint.resume=never", "log.wandb=disabled", "log.progress=false", "sample.at_end=false",
+            "validate.every_steps=0", "validate.at_end=false", f"train.stages={stage}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+           "127.0.0.1", "--master_port", str(_port()), "launchers/pretrain.py", "--config", "configs/demo.yaml",
+           *[x for s in sets for x in ("--set", s)]]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    if r.returncode != 0:
+        raise SystemExit(f"{preset} {engine} x{ranks}: exit {r.returncode}\n{r.stderr[-3000:]}")
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("start-up:"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"line": line, **summary["startup"], "params_total": summary["params_total"],
+            "params_local_rank0": summary["params_local_rank0"]}
+
+
+def measure(preset: str, engine: str, shards: str, resolution: int, work: Path, precision: str,
+            timeout: float) -> dict:
+    runs = {n: launch(preset, engine, n, shards, resolution, work / f"{preset}-{engine}-{n}", precision, timeout)
+            for n in (1, 2)}
+    params = runs[1]["params_total"]
+    fp32 = params * 4 / 2**30
+    one, two = max(runs[1]["peak_host_gib"]), max(runs[2]["peak_host_gib"])
+    drop = one - two
+    return {"preset": preset, "engine": engine, "params": params, "fp32_denoiser_gib": round(fp32, 3),
+            "peak_1_rank_gib": one, "peak_2_ranks_gib": runs[2]["peak_host_gib"],
+            "drop_gib": round(drop, 3), "drop_of_fp32": round(drop / fp32, 3), "goal": GOAL,
+            "meets_goal": drop / fp32 >= GOAL, "startup_seconds": {1: runs[1]["seconds"], 2: runs[2]["seconds"]},
+            "lines": {1: runs[1]["line"], 2: runs[2]["line"]}}
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    rows = ["# Start-up memory: peak host memory per rank at the first step, 1 vs 2 ranks", "",
+            f"Written by `{results['command']}` on {results['host']}. Each row: two launches of "
+            "`launchers/pretrain.py` (configs/demo.yaml on the preset, run.stop_at_step=0), same global batch. "
+            f"Goal: the 2-rank per-rank peak is lower than the 1-rank peak by at least {GOAL:.0%} of the fp32 "
+            "denoiser's bytes.", "",
+            "| preset | engine | params | fp32 denoiser GiB | peak 1 rank GiB | peak per rank, 2 ranks GiB | drop GiB | "
+            "drop / fp32 denoiser | goal met | start-up s (1 / 2 ranks) |", "|" + "---|" * 10]
+    for c in results["cells"]:
+        rows.append(f"| {c['preset']} | {c['engine']} | {c['params'] / 1e6:.0f}M | {c['fp32_denoiser_gib']:.2f} | "
+                    f"{c['peak_1_rank_gib']:.2f} | {' / '.join(f'{g:.2f}' for g in c['peak_2_ranks_gib'])} | "
+                    f"{c['drop_gib']:.2f} | {c['drop_of_fp32']:.2f} | {'yes' if c['meets_goal'] else 'no'} | "
+                    f"{c['startup_seconds']['1']:.0f} / {c['startup_seconds']['2']:.0f} |")
+    path.write_text("\n".join(rows) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="+", default=["unet-sd2"])
+    p.add_argument("--engines", nargs="+", default=["fsdp"])
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--shards", help="webdataset shards (default: 8 synthetic 64 px shards made here)")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="startup-memory-") as tmp:
+        work = Path(tmp)
+        shards = args.shards
+        if shards is None:
+            from scaletrain.data.synth import write_synthetic_shards
+
+            write_synthetic_shards(work / "synth", num_samples=64, samples_per_shard=8, resolution=args.resolution,
+                                   seed=0)
+            shards = str(work / "synth" / "shard-{000000..000007}.tar")
+        cells = [measure(pr, en, shards, args.resolution, work, args.precision, args.timeout)
+                 for pr in args.presets for en in args.engines]
+    results = {"command": "python benchmarks/startup_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "host": f"{platform.node()} ({os.cpu_count()} CPUs)", "cells": cells}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    write_markdown(json.loads(json.dumps(results)), args.out.with_suffix(".md"))
+    for c in cells:
+        print(f"{c['preset']} {c['engine']}: peak {c['peak_1_rank_gib']:.2f} GiB at 1 rank, "
+              f"{max(c['peak_2_ranks_gib']):.2f} at 2; drop {c['drop_of_fp32']:.2f} of the fp32 denoiser "
+              f"({'meets' if c['meets_goal'] else 'misses'} {GOAL:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
