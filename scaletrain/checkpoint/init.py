@@ -140,6 +140,24 @@ def _check_diffusers_config(folder: Path, preset_name: str, key: str) -> None:
                              f"{preset_name!r} has {want!r}; pick the preset the model was exported from")
 
 
+def diffusers_source(init_cfg: InitSection):
+    """``init.from_diffusers`` as a by-slices source (checkpoint/sources.py) when its weights are
+    safetensors (one file or sharded), else None (a pickled .bin is read whole, weights-only).
+    Returns (source, what, the run log's line)."""
+    from scaletrain.checkpoint.sources import SafetensorsFolder
+
+    if not init_cfg.from_diffusers:
+        return None
+    folder = Path(init_cfg.from_diffusers)
+    pipeline = is_pipeline_root(folder)
+    weights = folder / denoiser_of(folder, "init.from_diffusers")[0] if pipeline else folder
+    if not SafetensorsFolder.has_weights(weights):
+        return None
+    what = f"init.from_diffusers={str(folder)!r}"
+    note = f"init: diffusers {'pipeline' if pipeline else 'model'} {folder} (safetensors, each rank read what it keeps)"
+    return SafetensorsFolder(weights), what, note
+
+
 def load_init_weights(denoiser: nn.Module, init_cfg: InitSection, preset_name: str) -> str:
     """Load the start weights into ``denoiser`` (a ``models.Denoiser``, not yet wrapped by an
     engine, not yet adapted by LoRA); returns a one-line description for the run log."""

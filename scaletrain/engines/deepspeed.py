@@ -41,10 +41,12 @@ def materialize_for_deepspeed(denoiser: nn.Module, cfg: RunConfig, dist_info: Di
     on every rank by design: initialised whole."""
     import deepspeed
 
-    from scaletrain.models.meta_init import full_values, module_seed, seeded
+    from scaletrain.models.meta_init import expected_tensors, full_values, module_seed, seeded
 
     pending = denoiser.pending_init
     ds_cfg = _filled_config(cfg, dist_info, micro_batch, grad_accum)
+    if pending.source is not None:  # every rank checks the keys before any collective
+        pending.source.check_names(expected_tensors(denoiser.net), pending.source_what)
     if int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) < 3 or pending.build is None:
         denoiser.materialize(dist_info.device)
         return
@@ -58,12 +60,16 @@ def materialize_for_deepspeed(denoiser: nn.Module, cfg: RunConfig, dist_info: Di
             if not own:
                 continue
             with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
-                if rank0:
-                    values = full_values(module, qual, pending)
+                if rank0:  # start weights (this module's tensors only) or the seeded init
+                    values = ({n: pending.source.read(f"{qual}.{n}" if qual else n)
+                               for n, _ in module.named_parameters(recurse=False)}
+                              if pending.source is not None else full_values(module, qual, pending))
                     for name, p in module.named_parameters(recurse=False):
                         p.data.copy_(values[name])
+        persistent = set(net.state_dict().keys()) - {n for n, _ in net.named_parameters()}
         for name, buf in net.named_buffers():
-            buf.copy_(pending.buffers[name])
+            from_source = pending.source is not None and name in persistent
+            buf.copy_(pending.source.read(name) if from_source else pending.buffers[name])
     denoiser.net = net
     denoiser.pending_init = None
 

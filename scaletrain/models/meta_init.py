@@ -26,7 +26,7 @@ import contextlib
 import copy
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,10 @@ class PendingInit:
     # The constructor call itself, for an engine that must construct the network its own way
     # (DeepSpeed ZeRO-3 builds it under deepspeed.zero.Init, partitioned module by module).
     build: Callable[[], nn.Module] | None = None
+    # Start weights to read instead of initialising (checkpoint/sources.py: names(), read(name,
+    # slices), check_names(expected, what)); ``source_what`` names them in errors.
+    source: Any = None
+    source_what: str = ""
 
 
 @contextlib.contextmanager
@@ -141,17 +145,57 @@ def _copy_into(param: Tensor, full: Tensor) -> None:
 @torch.no_grad()
 def materialize(net: nn.Module, pending: PendingInit, device: torch.device) -> None:
     """Allocate ``net``'s parameters on ``device`` (only the local shards of sharded ones: call
-    this after the engine has applied its plan) and initialise them from ``pending``. Buffers
-    get their built values back."""
+    this after the engine has applied its plan) and fill them: from ``pending.source`` when the
+    run starts from weights (each rank reads only the slices it keeps), else initialise them.
+    Buffers get their built values back (or the source's, for persistent ones it holds)."""
+    if pending.source is not None:
+        pending.source.check_names(expected_tensors(net), pending.source_what)
+    persistent = set(net.state_dict().keys()) - {n for n, _ in net.named_parameters()}
     net.to_empty(device=device)
-    for qual, module in net.named_modules():
-        if next(module.parameters(recurse=False), None) is None:
-            continue
-        values = full_values(module, qual, pending)
-        for name, p in module.named_parameters(recurse=False):
-            _copy_into(p, values[name])
+    if pending.source is not None:
+        for name, p in net.named_parameters():
+            target = p.to_local() if _is_dtensor(p) else p
+            target.copy_(pending.source.read(name, local_index(p)))
+    else:
+        for qual, module in net.named_modules():
+            if next(module.parameters(recurse=False), None) is None:
+                continue
+            values = full_values(module, qual, pending)
+            for name, p in module.named_parameters(recurse=False):
+                _copy_into(p, values[name])
     for name, buf in net.named_buffers():
-        buf.copy_(pending.buffers[name])
+        from_source = pending.source is not None and name in persistent
+        buf.copy_(pending.source.read(name) if from_source else pending.buffers[name])
+
+
+def expected_tensors(net: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> global shape of what a weights file for ``net`` must hold: its parameters and
+    persistent buffers (works on meta, sharded and ZeRO-3-partitioned modules)."""
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in net.named_parameters()}
+    params = set(shapes)
+    buffers = dict(net.named_buffers())
+    for n in net.state_dict().keys():
+        if n not in params and n in buffers:
+            shapes[n] = tuple(buffers[n].shape)
+    return shapes
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_index(param: Tensor) -> tuple[slice, ...] | None:
+    """The part of the global tensor a DTensor parameter's local shard holds, as one slice per
+    dimension; None for a whole parameter."""
+    if not _is_dtensor(param):
+        return None
+    # torch's own rule for where a shard sits (Shard(0) chunks; HSDP's replicate x shard mesh)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
 def is_on_meta(module: nn.Module) -> bool:

@@ -30,21 +30,17 @@ from scaletrain.data.pipeline import LoaderSpec, expand_shards
 from scaletrain.diffusion.dpo import diffusion_dpo_loss, prepare_pair_batch
 from scaletrain.models import parallel_units
 from scaletrain.models.lora import adapters_disabled
-from scaletrain.models.registry import Denoiser, build_denoiser_net, get_preset
+from scaletrain.models.registry import Denoiser, build_denoiser, get_preset
 from scaletrain.diffusion.base import Objective
 from scaletrain.train.step import BatchRequest, LossContext, TrainingLoss
 
 
 def build_start_denoiser(cfg: RunConfig) -> tuple[Denoiser, str]:
-    """The denoiser the policy started from, rebuilt: same preset and seed (Trainer seeds torch,
-    then builds the denoiser first), then the ``init`` weights. Also on resume, where the policy
+    """The denoiser the policy started from, rebuilt: same preset and seed, then the ``init`` weights. Also on resume, where the policy
     comes from the run's own checkpoint: the reference stays the start weights, so the init
     source must still exist. The global RNG is left as it was."""
-    preset = get_preset(cfg.model.preset)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.run.seed)
-        denoiser = Denoiser(build_denoiser_net(preset), preset.family, use_text_mask=preset.text_encoder.use_mask,
-                            pixel_factor=preset.vae_factor)
+    # models/meta_init.py: the policy's init depends on (run.seed, module names) only
+    denoiser = build_denoiser(get_preset(cfg.model.preset), seed=cfg.run.seed)
     if cfg.init.source is None:
         return denoiser, f"random init (run.seed={cfg.run.seed})"
     if not Path(cfg.init.source).exists():

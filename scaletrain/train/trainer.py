@@ -132,7 +132,7 @@ class Trainer:
         self.model = build_model(
             cfg.model.preset, text_encoder_path=cfg.model.text_encoder_path, vae_path=cfg.model.vae_path,
             dtype=frozen_dtype(cfg.engine.precision), encoders=self.encoding is None, encoder_seed=cfg.run.seed,
-            seed=cfg.run.seed, defer_init=cfg.init.source is None and not cfg.lora.enabled,
+            seed=cfg.run.seed, defer_init=True,
         ).to(self.device)  # a deferred denoiser stays on meta: the engine initialises it where it keeps it
         # The training objective (diffusion/: ddpm, flow_matching); each stage may change its keys.
         self.objective = build_objective(cfg.diffusion.objective, cfg.diffusion.params())
@@ -569,20 +569,32 @@ class Trainer:
         self._resume_position = (state.get("_rank_state") or {}).get("data_position")
 
     def prepare_denoiser(self) -> None:
-        """Post-training set-up of the bare denoiser, on every rank before the engine shards it:
+        """Post-training set-up of the denoiser, on every rank before the engine shards it:
         start weights from ``init`` (skipped when the run resumes a checkpoint of its own, which
-        the engine loads afterwards), then LoRA adapters (``lora``; freezes the base weights)."""
-        from scaletrain.checkpoint.init import load_init_weights, own_checkpoint
+        the engine loads afterwards), then LoRA adapters (``lora``; freezes the base weights).
+
+        The denoiser arrives on the meta device (``build_model(defer_init=True)``). Diffusers
+        safetensors become its start weights' source: the engine reads them where it keeps them
+        (FSDP2: each rank its slices; ZeRO-3: module by module). A scaletrain checkpoint, a
+        pickled .bin and LoRA need the whole module first: it is initialised whole here."""
+        from scaletrain.checkpoint.init import diffusers_source, load_init_weights, own_checkpoint
 
         cfg, denoiser = self.cfg, self.model.denoiser
         if cfg.init.source is not None:
             own = own_checkpoint(cfg)
-            self.init_note = (f"init: skipped ({cfg.init.source} not loaded): resuming this run's own "
-                              f"checkpoint {own.path}" if own is not None
-                              else load_init_weights(denoiser, cfg.init, cfg.model.preset))
+            found = diffusers_source(cfg.init) if own is None and not cfg.lora.enabled else None
+            if own is not None:
+                self.init_note = (f"init: skipped ({cfg.init.source} not loaded): resuming this run's own "
+                                  f"checkpoint {own.path}")
+            elif found is not None and denoiser.pending_init is not None:
+                denoiser.pending_init.source, denoiser.pending_init.source_what, self.init_note = found
+            else:
+                denoiser.materialize(self.device)
+                self.init_note = load_init_weights(denoiser, cfg.init, cfg.model.preset)
         if cfg.lora.enabled:
             from scaletrain.models.lora import apply_lora
 
+            denoiser.materialize(self.device)  # adapters go on real base weights
             apply_lora(denoiser, cfg.lora)
 
     def _on_sigterm(self, signum, frame) -> None:

@@ -1,0 +1,73 @@
+"""models/meta_init.py: a denoiser built on the meta device and initialised afterwards keeps each
+family's constructor init (the distribution of every random tensor, every constant tensor and
+buffer exactly), leaves torch's global RNG alone, and reads start weights by name with one-line
+errors for keys that do not match (checkpoint/sources.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scaletrain.checkpoint.sources import SafetensorsFolder
+from scaletrain.models import build_model
+from scaletrain.models.registry import get_family, get_preset
+
+TINY = ["unet-tiny", "dit-tiny", "mmdit-tiny", "flux-tiny", "wan-tiny"]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_meta_init_keeps_the_constructors_init(name: str) -> None:
+    preset = get_preset(name)
+    torch.manual_seed(0)
+    ref = get_family(preset.family).build(dict(preset.denoiser_config))  # the constructor's own init
+    state = torch.get_rng_state()
+    den = build_model(name, seed=0, encoders=False).denoiser
+    assert torch.equal(torch.get_rng_state(), state)  # the build drew nothing from the global RNG
+    ours = dict(den.net.named_parameters())
+    assert ours.keys() == dict(ref.named_parameters()).keys()
+    for n, r in ref.named_parameters():
+        q = ours[n].detach()
+        if r.numel() < 2 or r.std() == 0:  # constants (norm weights, zero biases) exactly
+            assert torch.equal(q, r.detach()), n
+        elif r.numel() > 256:  # random tensors: the same distribution, other draws
+            assert 0.8 < (q.std() / r.std()).item() < 1.25, n
+            assert not torch.equal(q, r.detach()), n
+    refb = dict(ref.named_buffers())
+    assert all(torch.equal(b, refb[n]) for n, b in den.net.named_buffers())
+
+
+def test_meta_init_depends_on_the_seed_only() -> None:
+    a = build_model("dit-tiny", seed=3, encoders=False).denoiser.state_dict()
+    torch.manual_seed(123)  # the caller's RNG does not matter
+    b = build_model("dit-tiny", seed=3, encoders=False).denoiser.state_dict()
+    c = build_model("dit-tiny", seed=4, encoders=False).denoiser.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_start_weights_by_name_and_one_line_for_keys_that_do_not_fit(tmp_path) -> None:
+    src = build_model("unet-tiny", seed=5, encoders=False).denoiser.net
+    src.save_pretrained(tmp_path / "unet")
+    den = build_model("unet-tiny", seed=0, encoders=False, defer_init=True).denoiser
+    den.pending_init.source, den.pending_init.source_what = SafetensorsFolder(tmp_path / "unet"), "init.from_diffusers"
+    den.materialize(torch.device("cpu"))
+    ref = src.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in den.net.state_dict().items())
+    # another family's weights: every missing and unexpected key counted, named, on one line
+    build_model("dit-tiny", seed=0, encoders=False).denoiser.net.save_pretrained(tmp_path / "dit")
+    den = build_model("unet-tiny", seed=0, encoders=False, defer_init=True).denoiser
+    den.pending_init.source, den.pending_init.source_what = SafetensorsFolder(tmp_path / "dit"), "init.from_diffusers=X"
+    with pytest.raises(ValueError) as e:
+        den.materialize(torch.device("cpu"))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("init.from_diffusers=X: its weights do not match")
+    assert "missing " in msg and "unexpected " in msg and "conv_in.weight" in msg
+    # same keys, another shape (a wider variant of the same network)
+    cfg = dict(get_preset("unet-tiny").denoiser_config, cross_attention_dim=48)
+    get_family("unet").build(cfg).save_pretrained(tmp_path / "wide")
+    den = build_model("unet-tiny", seed=0, encoders=False, defer_init=True).denoiser
+    den.pending_init.source, den.pending_init.source_what = SafetensorsFolder(tmp_path / "wide"), "W"
+    with pytest.raises(ValueError, match=r"other shape \d+: .*attn2.to_k.weight \(\d+, 48\) vs the model's"):
+        den.materialize(torch.device("cpu"))
+    with pytest.raises(ValueError, match="has neither diffusion_pytorch_model.safetensors nor"):
+        SafetensorsFolder(tmp_path)
