@@ -8,7 +8,8 @@
 #     regional compile on unet-sd2 256 px (EXTRA=1, +8 min: a micro-batch sweep, DiT compile and
 #     the FSDP2 offload); img/s, TFLOP/s, MFU, peak memory and its split by category per cell;
 #  4. a profile of one unet-sd2 256 px step (top CUDA kernels, exposed host time);
-#  (MMDIT=1, +4 min) the SD3-medium-size MMDiT (2.0B) at 256 px on precomputed 16-channel latents.
+#  (MMDIT=1, +4 min) the SD3-medium-size MMDiT (2.0B) at 256 px on precomputed 16-channel latents;
+#  5. (+1 min) start-up of unet-sd2 on FSDP2 and ZeRO-3: the `start-up:` line with peak device memory.
 # Writes OUT/gpu_<device>.md (the table to commit as benchmarks/results/gpu_<device>.md with the
 # bench JSON files beside it). Run from the repo root:  bash benchmarks/gpu_check.sh OUT_DIR
 # Wheels for packages the node lacks may be placed in .whl/ (installed to /tmp/site).
@@ -85,5 +86,18 @@ echo "== profile: unet-sd2 256 px, micro-batch 32, DDP bf16"
 timeout 120 python3 benchmarks/profile_step.py --preset unet-sd2 --resolution 256 --micro-batch 32 \
   --out "$OUT/profile_unet-sd2_256.txt" > "$OUT/profile.log" 2>&1
 echo "rc=$?"; head -n 30 "$OUT/profile_unet-sd2_256.txt" 2>/dev/null || tail -n 5 "$OUT/profile.log"
+
+# 5. start-up on the device (issue 26): unet-sd2 on one GPU, FSDP2 and ZeRO-3, bf16, stopped right
+#    after the `start-up:` line (peak host and device memory per rank), kept in gpu.txt
+for e in fsdp deepspeed; do
+  echo "== start-up: unet-sd2, $e, bf16, 1 GPU" | tee -a "$OUT/gpu.txt"
+  timeout 150 python3 -m torch.distributed.run --standalone --nproc_per_node 1 launchers/pretrain.py \
+    --config configs/demo.yaml --set model.preset=unet-sd2 --set engine.kind=$e --set engine.precision=bf16 \
+    --set run.stop_at_step=0 --set checkpoint.resume=never --set "data.shards=/tmp/synth64/shard-{000000..000007}.tar" \
+    --set "train.stages=[{name: s, resolution: 64, steps: 1, micro_batch: 1, global_batch: 1}]" \
+    --set log.wandb=disabled --set sample.at_end=false --set validate.at_end=false --set run.dir=$OUT/startup-$e \
+    > "$OUT/startup-$e.log" 2>&1
+  echo "rc=$?"; grep -h "^start-up:" "$OUT/startup-$e.log" | tee -a "$OUT/gpu.txt"
+done
 
 python3 benchmarks/gpu_report.py "$OUT" | tee "$OUT/gpu_report.log"

@@ -50,11 +50,13 @@ def launch(preset: str, engine: str, ranks: int, shards: str, resolution: int, r
            *[x for s in sets for x in ("--set", s)]]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    if r.returncode != 0:
-        raise SystemExit(f"{preset} {engine} x{ranks}: exit {r.returncode}\n{r.stderr[-3000:]}")
+    if r.returncode != 0:  # a recorded result (e.g. the kernel's OOM killer: -9 in torchrun's report)
+        killed = "Signal 9 (SIGKILL)" in r.stderr or "exitcode: -9" in r.stderr
+        print(f"{preset} {engine} x{ranks}: exit {r.returncode}\n{r.stderr[-2000:]}", file=sys.stderr)
+        return {"status": "killed (SIGKILL: out of host memory?)" if killed else f"failed (exit {r.returncode})"}
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("start-up:"))
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"line": line, **summary["startup"], "params_total": summary["params_total"],
+    return {"status": "ok", "line": line, **summary["startup"], "params_total": summary["params_total"],
             "params_local_rank0": summary["params_local_rank0"]}
 
 
@@ -62,11 +64,14 @@ def measure(preset: str, engine: str, shards: str, resolution: int, work: Path, 
             timeout: float) -> dict:
     runs = {n: launch(preset, engine, n, shards, resolution, work / f"{preset}-{engine}-{n}", precision, timeout)
             for n in (1, 2)}
+    if any(r["status"] != "ok" for r in runs.values()):
+        return {"preset": preset, "engine": engine, "status": "; ".join(f"{n} rank(s): {r['status']}"
+                                                                        for n, r in runs.items())}
     params = runs[1]["params_total"]
     fp32 = params * 4 / 2**30
     one, two = max(runs[1]["peak_host_gib"]), max(runs[2]["peak_host_gib"])
     drop = one - two
-    return {"preset": preset, "engine": engine, "params": params, "fp32_denoiser_gib": round(fp32, 3),
+    return {"preset": preset, "engine": engine, "status": "ok", "params": params, "fp32_denoiser_gib": round(fp32, 3),
             "peak_1_rank_gib": one, "peak_2_ranks_gib": runs[2]["peak_host_gib"],
             "drop_gib": round(drop, 3), "drop_of_fp32": round(drop / fp32, 3), "goal": GOAL,
             "meets_goal": drop / fp32 >= GOAL, "startup_seconds": {1: runs[1]["seconds"], 2: runs[2]["seconds"]},
@@ -82,6 +87,9 @@ def write_markdown(results: dict, path: Path) -> None:
             "| preset | engine | params | fp32 denoiser GiB | peak 1 rank GiB | peak per rank, 2 ranks GiB | drop GiB | "
             "drop / fp32 denoiser | goal met | start-up s (1 / 2 ranks) |", "|" + "---|" * 10]
     for c in results["cells"]:
+        if c["status"] != "ok":
+            rows.append(f"| {c['preset']} | {c['engine']} | {c['status']} |" + " |" * 7)
+            continue
         rows.append(f"| {c['preset']} | {c['engine']} | {c['params'] / 1e6:.0f}M | {c['fp32_denoiser_gib']:.2f} | "
                     f"{c['peak_1_rank_gib']:.2f} | {' / '.join(f'{g:.2f}' for g in c['peak_2_ranks_gib'])} | "
                     f"{c['drop_gib']:.2f} | {c['drop_of_fp32']:.2f} | {'yes' if c['meets_goal'] else 'no'} | "
@@ -116,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(results, indent=2))
     write_markdown(json.loads(json.dumps(results)), args.out.with_suffix(".md"))
     for c in cells:
+        if c["status"] != "ok":
+            print(f"{c['preset']} {c['engine']}: {c['status']}")
+            continue
         print(f"{c['preset']} {c['engine']}: peak {c['peak_1_rank_gib']:.2f} GiB at 1 rank, "
               f"{max(c['peak_2_ranks_gib']):.2f} at 2; drop {c['drop_of_fp32']:.2f} of the fp32 denoiser "
               f"({'meets' if c['meets_goal'] else 'misses'} {GOAL:.0%})")

@@ -26,21 +26,57 @@ def check_launch(cfg: RunConfig, world_size: int | None = None) -> None:
             check_init_source(cfg)
         from scaletrain.data.latents import check_precomputed
 
-        check_precomputed(cfg)
+        precomputed = check_precomputed(cfg) is not None
         from scaletrain.data.video import check_video_shards
 
         check_video_shards(cfg)
+        stage = None
         if cfg.engine.kind == "deepspeed":
             from scaletrain.engines.ds_config import fill_deepspeed_config, load_deepspeed_json
 
             raw = load_deepspeed_json(cfg.engine.deepspeed_config)
             for st in cfg.train.stages:
-                fill_deepspeed_config(raw, cfg, micro_batch=st.micro_batch, grad_accum=st.grad_accum,
-                                      world_size=world)
+                filled = fill_deepspeed_config(raw, cfg, micro_batch=st.micro_batch, grad_accum=st.grad_accum,
+                                               world_size=world)
+                stage = int(filled.get("zero_optimization", {}).get("stage", 0))
+        check_startup_memory(cfg, world, stage, precomputed)
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_startup_memory(cfg: RunConfig, world: int, zero_stage: int | None = None, precomputed: bool = False) -> None:
+    """A preset that cannot fit this host (or one GPU) at the chosen sharding is one line now,
+    before any rank allocates it: the sizing model's start-up floor per rank
+    (``bench.sizing.startup_floor_bytes``) times the ranks on this host, against the memory
+    available; on a GPU, the floor per rank against the device's memory."""
+    import os
+
+    import psutil
+
+    from scaletrain.bench.sizing import model_facts, startup_floor_bytes
+
+    engine = cfg.engine.kind if cfg.engine.kind != "deepspeed" else f"zero{zero_stage or 3}"
+    facts = model_facts(cfg.model.preset)
+    per_rank = startup_floor_bytes(engine, facts, world, cfg.engine.precision,
+                                   precomputed=precomputed)
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    available = psutil.virtual_memory().available
+    what = (f"model.preset={cfg.model.preset!r} on {engine} x{world} needs at least {per_rank / 2**30:.1f} GiB per "
+            f"rank at start-up ({facts.params / 1e6:.0f}M denoiser parameters, {facts.frozen / 1e6:.0f}M frozen)")
+    fix = ("shard it over more ranks (engine.kind=fsdp, or DeepSpeed ZeRO-3), train on precomputed latents, or "
+           "use engine.precision=bf16 for the frozen encoders")
+    if here * per_rank > available:
+        raise ConfigError(f"{what}: {here} rank(s) on this host need {here * per_rank / 2**30:.1f} GiB, more than "
+                          f"the {available / 2**30:.1f} GiB available; {fix}")
+    import torch
+
+    if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", None) != "":
+        local = int(os.environ.get("LOCAL_RANK", 0)) % max(torch.cuda.device_count(), 1)
+        total = torch.cuda.get_device_properties(local).total_memory
+        if per_rank > total:
+            raise ConfigError(f"{what}, more than one GPU's {total / 2**30:.1f} GiB; {fix}")
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None, *, world_size: int | None = None,

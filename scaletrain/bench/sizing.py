@@ -92,6 +92,22 @@ def state_bytes(engine: str, facts: ModelFacts, world: int, precision: str = "fp
     raise ValueError(f"engine {engine!r} is unknown; choose from {', '.join(ENGINES)}")
 
 
+def startup_floor_bytes(engine: str, facts: ModelFacts, world: int, precision: str = "fp32",
+                        precomputed: bool = False) -> float:
+    """The least a rank holds when it reaches its first step (no gradients or optimizer moments
+    yet): the frozen encoders in the run precision (none on precomputed latents), plus the
+    denoiser's parameters as the engine keeps them at start-up: FSDP2 its fp32 shard (meta-device
+    init), ZeRO-3 its partition in the run precision and DeepSpeed's fp32 master partition
+    (zero.Init), DDP and ZeRO-1/2 the whole fp32 model (ZeRO-1/2 also the fp32 master partition).
+    A floor, not a forecast: allocator slack, imports and activations come on top."""
+    P, N = facts.params, world
+    w = 2 if precision in ("bf16", "fp16") else 4
+    frozen = 0.0 if precomputed else (2 if precision in ("bf16", "fp16") else 4) * facts.frozen
+    denoiser = {"fsdp": 4 * P / N, "ddp": 4 * P, "zero1": 4 * P + 4 * P / N, "zero2": 4 * P + 4 * P / N}.get(
+        engine, (w + 4) * P / N)
+    return frozen + denoiser
+
+
 def denoiser_side(preset: str, resolution: int) -> int:
     from scaletrain.bench.flops import denoiser_input_size
     from scaletrain.models import get_preset
@@ -659,6 +675,18 @@ def size_report(inp: SizeInputs) -> str:
                 lines.append(f"    * from {small[0]} GPUs the micro-batch per GPU is {small[1]}: each GPU runs at "
                              f"{small[2]:.0%} of its speed at micro-batch {mb} (fixed costs per step dominate)")
         lines.append("")
+    lines.append(f"start-up floor per GPU at the first step (frozen encoders in {inp.precision}"
+                 + (", none: precomputed latents" if inp.precomputed else "")
+                 + "; the denoiser as each engine holds it before any gradient; no activations, no allocator slack):")
+    for engine in inp.engines:
+        like = {"hsdp": "fsdp", "zero3-hpz": "zero3"}.get(engine, engine)
+        row = []
+        for n in inp.nodes:
+            world = min(n * inp.gpus_per_node, inp.gpus_per_node) if engine == "hsdp" else n * inp.gpus_per_node
+            row.append(f"{n} node(s) {startup_floor_bytes(like, facts, world, inp.precision, inp.precomputed) / 2**30:.1f} GiB")
+        whole = "  (whole parameters on every GPU by design)" if like in ("ddp", "zero1", "zero2") else ""
+        lines.append(f"  {engine:<14}" + ", ".join(row) + whole)
+    lines.append("")
     done = {k: v for k, v in total.items() if len(v) == 2 * len(stages)}
     if done:
         lines.append("whole curriculum (all stages fit):")

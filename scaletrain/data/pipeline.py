@@ -19,10 +19,12 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import random
 import re
 import sys
 import tarfile
+import time
 from collections import Counter
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -877,9 +879,40 @@ def build_loader(spec: LoaderSpec) -> Iterable[dict]:
         check_pipe_shards(st.shards, spec.allow_pipe_shards, st.spec.stream_name)
     # batch_size=None: workers emit whole batches themselves, so "skipped" can
     # be attributed per batch and no batch ever mixes workers or comes out short.
+    workers = spec.num_workers > 0
     return DataLoader(_SlotDataset(spec, streams), batch_size=None, num_workers=spec.num_workers,
-                      pin_memory=spec.pin_memory,
-                      multiprocessing_context=worker_context() if spec.num_workers > 0 else None)
+                      pin_memory=spec.pin_memory, multiprocessing_context=worker_context() if workers else None,
+                      worker_init_fn=functools.partial(exit_with_rank, os.getpid()) if workers else None)
+
+
+def exit_with_rank(rank_pid: int, worker_id: int) -> None:
+    """Loader worker start: leave when the rank that owns it is gone. A worker forked from the
+    fork server is the server's child, so torch's own watchdog (the parent's pid) would keep it
+    alive after a killed rank, and with it the server (and any pipe they inherited, e.g. a
+    launcher's stdout). A zombie rank counts as gone."""
+    import threading
+
+    def alive() -> bool:
+        try:
+            with open(f"/proc/{rank_pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+        except OSError:  # no /proc: ask the kernel
+            try:
+                os.kill(rank_pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                pass
+            return True
+
+    def watch() -> None:
+        while alive():
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="scaletrain-rank-watch", daemon=True).start()
 
 
 def worker_context():

@@ -208,13 +208,18 @@ def build_vae(config: dict[str, Any], path: str | None, dtype: torch.dtype) -> n
     VAE): random init from `config`, or a local folder (or a pipeline root with vae/)."""
     cls, init = _vae_class(config)
     if path is None:
-        vae = cls(**init)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in its run precision, never fp32 and then cast
+        try:
+            vae = cls(**init)
+        finally:
+            torch.set_default_dtype(previous)
     else:
         if not os.path.isdir(path):
             raise ValueError(f"model.vae_path={path!r} is not a directory; give a local {cls.__name__} "
                              "folder saved with save_pretrained (downloads are never attempted)")
         sub = os.path.join(path, "vae")
-        vae = cls.from_pretrained(sub if os.path.isdir(sub) else path, local_files_only=True)
+        vae = cls.from_pretrained(sub if os.path.isdir(sub) else path, local_files_only=True, torch_dtype=dtype)
     # nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules, which
     # AutoencoderKL does not have.
     nn.Module.to(vae, dtype).eval().requires_grad_(False)
@@ -299,7 +304,9 @@ def encoder_identity(preset: ModelPreset, source: EncoderSource) -> dict[str, An
         if path is not None:
             return "path:" + os.path.abspath(path)
         digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return f"random-init:{digest}:seed={source.seed}"
+        # random init draws in the run precision (built directly in it), so the dtype is part of it
+        dtype = "" if source.dtype == torch.float32 else f":dtype={str(source.dtype).removeprefix('torch.')}"
+        return f"random-init:{digest}:seed={source.seed}{dtype}"
 
     return {"text_encoder": ident(source.text_encoder_path, preset.text_encoder.config),
             "vae": ident(source.vae_path, preset.vae_config)}

@@ -85,18 +85,28 @@ def _split_pipeline_root(path: str) -> tuple[str, str]:
     return path, path
 
 
+def _dtype_kw(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """transformers' construction dtype keyword: ``dtype`` since 4.56, ``torch_dtype`` before."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def build_text_encoder(spec: TextEncoderSpec, path: str | None, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     """Return a frozen (eval, requires_grad False) encoder and its tokenizer."""
     cls = CLIPTextModel if spec.kind == "clip" else T5EncoderModel
+    # Built directly in ``dtype`` (transformers' torch_dtype), never in fp32 and then cast: a
+    # T5-XXL-class encoder is 19 GB in fp32.
     if path is None:
         cfg_cls = CLIPTextConfig if spec.kind == "clip" else T5Config
-        encoder, tokenizer = cls(cfg_cls(**spec.config)), build_byte_tokenizer()
+        encoder, tokenizer = cls._from_config(cfg_cls(**spec.config), **_dtype_kw(dtype)), build_byte_tokenizer()
     else:
         if not os.path.isdir(path):
             raise ValueError(f"model.text_encoder_path={path!r} is not a directory; give a local folder "
                              "saved with save_pretrained (downloads are never attempted)")
         enc_dir, tok_dir = _split_pipeline_root(path)
-        encoder = cls.from_pretrained(enc_dir, local_files_only=True)
+        encoder = cls.from_pretrained(enc_dir, local_files_only=True, **_dtype_kw(dtype))
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         width = encoder.config.hidden_size if spec.kind == "clip" else encoder.config.d_model
         if width != spec.hidden_size:

@@ -8,6 +8,7 @@ with the list; tampered files refused on rollback, export and init, on both engi
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -105,35 +106,58 @@ def _kill_a_rank_when(cmd: list[str], ready: Path, *, rank: int = -1, env: dict 
 
 @pytest.fixture(scope="module")
 def straight(synth_shards, tmp_path_factory):
-    """7 steps over two stages without interruption, per engine."""
+    """7 steps over two stages without interruption, per engine, saving synchronously after every
+    step (all kept): the checkpoints the reshard, tamper and export tests start from, and the
+    synchronous save times the async test compares with."""
     runs = {}
     for engine in ("fsdp", "deepspeed"):
         d = tmp_path_factory.mktemp(f"straight-{engine}")
-        _ok(run_cmd(_torchrun(*_sets(synth_shards, d, f"engine.kind={engine}")), env=ENV))
+        _ok(run_cmd(_torchrun(*_sets(synth_shards, d, f"engine.kind={engine}", "checkpoint.every_steps=1",
+                                     "checkpoint.keep_last=7")), env=ENV))
         runs[engine] = d
     return runs
 
 
-def test_reshard_fsdp_two_to_one_and_one_to_two(synth_shards, straight, tmp_path):
-    """DCP reshards on load. The global batch stays 8 (1 rank accumulates 2 micro-batches), so
-    the resumed curve continues the 2-rank one within float tolerance (summation order)."""
-    ref = _losses(straight["fsdp"])
+@pytest.fixture(scope="module")
+def reshard(synth_shards, straight, tmp_path_factory):
+    """Both engines' world-size changes in two launches: a one-process batch resumes each engine's
+    2-rank step-4 checkpoint (2 -> 1) and runs each to step 2 (the first half of 1 -> 2); a 2-rank
+    batch then takes those to the end. The global batch stays 8 (1 rank accumulates 2)."""
+    from tests.launch import run_batch
+
+    root = tmp_path_factory.mktemp("reshard")
     one = ["train.stages.0.grad_accum=2", "train.stages.1.grad_accum=2"]
+    first, second = {}, {}
+    for engine in ("fsdp", "deepspeed"):
+        kind = f"engine.kind={engine}"
+        _copy_checkpoints(straight[engine], root / f"{engine}-2to1", 4)
+        first[f"{engine}-2to1"] = ["--config", "configs/demo.yaml", *_sets(synth_shards, root / f"{engine}-2to1",
+                                                                           kind, *one)]
+        first[f"{engine}-1to2-first"] = ["--config", "configs/demo.yaml",
+                                         *_sets(synth_shards, root / f"{engine}-1to2", kind, *one, "run.stop_at_step=2")]
+        second[f"{engine}-1to2"] = ["--config", "configs/demo.yaml", *_sets(synth_shards, root / f"{engine}-1to2", kind)]
+    runs = run_batch(first, root / "one-process", nproc=1)
+    runs.update(run_batch(second, root / "two-ranks", nproc=2))
+    return runs
+
+
+def test_reshard_fsdp_two_to_one_and_one_to_two(straight, reshard):
+    """DCP reshards on load, so the resumed curve continues the 2-rank one within float
+    tolerance (summation order)."""
+    ref = _losses(straight["fsdp"])
     # 2 -> 1: the straight 2-rank run's stage-end checkpoint (step 4), resumed by 1 process
-    d = tmp_path / "2to1"
-    _copy_checkpoints(straight["fsdp"], d, 4)
-    r = _ok(run_cmd(_single(*_sets(synth_shards, d, *one)), env=ENV))
+    r = reshard["fsdp-2to1"].ok()
     assert "resumed at step 4" in r.stdout + r.stderr
-    assert _losses(d) == pytest.approx(ref[4:], rel=1e-5)
+    assert r.losses == pytest.approx(ref[4:], rel=1e-5)
     # 1 process to step 2, then 2 ranks to the end
-    d = tmp_path / "1to2"
-    _ok(run_cmd(_single(*_sets(synth_shards, d, *one, "run.stop_at_step=2")), env=ENV))
-    _ok(run_cmd(_torchrun(*_sets(synth_shards, d)), env=ENV))
-    assert _losses(d) == pytest.approx(ref, rel=1e-5)
-    # parameters after loading at the other world size are the checkpoint's, bit for bit:
-    # the 1 -> 2 run's first step-7 checkpoint equals the straight run's within tolerance
+    reshard["fsdp-1to2-first"].ok()
+    r = reshard["fsdp-1to2"].ok()
+    assert "resumed at step 2" in r.stdout + r.stderr
+    assert _losses(r.dir) == pytest.approx(ref, rel=1e-5)
+    # parameters after loading at the other world size are the checkpoint's: the 1 -> 2 run's
+    # step-7 checkpoint equals the straight run's within tolerance
     a = _fsdp_params(straight["fsdp"] / "checkpoints" / "step-00000007")
-    b = _fsdp_params(d / "checkpoints" / "step-00000007")
+    b = _fsdp_params(r.dir / "checkpoints" / "step-00000007")
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
@@ -143,31 +167,21 @@ def _ds_params(ckpt: Path) -> dict[str, torch.Tensor]:
     return consolidated_state_dict(resolve_checkpoint(ckpt))
 
 
-def test_reshard_deepspeed_two_to_one_and_one_to_two(synth_shards, straight, tmp_path):
+def test_reshard_deepspeed_two_to_one_and_one_to_two(straight, reshard):
     """ZeRO partitions do not reshard; the engine converts the checkpoint once to DeepSpeed's
-    universal format (kept beside it as engine/zero_universal) and loads that. Global batch
-    unchanged (1 rank accumulates 2), so the curve continues within float tolerance."""
-    import shutil
-
+    universal format (kept beside it as engine/zero_universal) and loads that. The curve
+    continues within float tolerance."""
     ref = _losses(straight["deepspeed"])
-    ds = "engine.kind=deepspeed"
-    one = ["train.stages.0.grad_accum=2", "train.stages.1.grad_accum=2"]
-    # 2 -> 1: the straight 2-rank run's stage-end checkpoint (step 4), resumed by 1 process
-    d = tmp_path / "2to1"
-    src = straight["deepspeed"] / "checkpoints" / "step-00000004"
-    shutil.copytree(src, d / "checkpoints" / src.name)
-    r = _ok(run_cmd(_single(*_sets(synth_shards, d, ds, *one)), env=ENV))
+    r = reshard["deepspeed-2to1"].ok()
     assert "resumed at step 4" in r.stdout + r.stderr
-    assert (d / "checkpoints" / src.name / "engine" / "zero_universal").is_dir()
-    assert _losses(d) == pytest.approx(ref[4:], rel=1e-5)
-    # 1 -> 2: 1 process to step 2, then 2 ranks to the end
-    d = tmp_path / "1to2"
-    _ok(run_cmd(_single(*_sets(synth_shards, d, ds, *one, "run.stop_at_step=2")), env=ENV))
-    r = _ok(run_cmd(_torchrun(*_sets(synth_shards, d, ds)), env=ENV))
+    assert (r.dir / "checkpoints" / "step-00000004" / "engine" / "zero_universal").is_dir()
+    assert r.losses == pytest.approx(ref[4:], rel=1e-5)
+    reshard["deepspeed-1to2-first"].ok()
+    r = reshard["deepspeed-1to2"].ok()
     assert "resumed at step 2" in r.stdout + r.stderr
-    assert _losses(d) == pytest.approx(ref, rel=1e-5)
+    assert _losses(r.dir) == pytest.approx(ref, rel=1e-5)
     a = _ds_params(straight["deepspeed"] / "checkpoints" / "step-00000007")
-    b = _ds_params(d / "checkpoints" / "step-00000007")
+    b = _ds_params(r.dir / "checkpoints" / "step-00000007")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
@@ -388,46 +402,49 @@ def _refused(r, needle: str, marker: Path) -> str:
     return line
 
 
-@pytest.mark.parametrize("engine,kind", [("fsdp", "metadata"), ("fsdp", "meta.json"), ("fsdp", "distcp"),
-                                         ("deepspeed", "partition")])
-def test_bad_latest_checkpoint_is_skipped_for_the_previous_one(synth_shards, straight, tmp_path, engine, kind):
-    """The relaunch's newest checkpoint (step 7) holds a crafted pickle in DCP's .metadata
-    (torch's reader would run it, then load normally) or in rank 1's ZeRO-3 optimizer
-    partition (only rank 1 reads it: the verdict must reach rank 0, or it would hang in
-    DeepSpeed's load), or it is damaged (meta.json truncated, a DCP shard file truncated).
-    Both ranks skip it with one line naming the file and resume from step 4: the losses of
-    steps 5-7 equal the uninterrupted run's; the payload never runs."""
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_bad_latest_checkpoints_are_skipped_for_the_previous_one(synth_shards, straight, tmp_path, engine):
+    """The relaunch's newest checkpoints are bad. FSDP2: step 7 holds a crafted pickle in DCP's
+    .metadata (torch's reader would run it, then load normally), step 6's meta.json is truncated
+    and a DCP shard file of step 5 is truncated. ZeRO-3: step 7 holds a crafted pickle in rank
+    1's optimizer partition (only rank 1 reads it: the verdict must reach rank 0, or it would
+    hang in DeepSpeed's load). Each is skipped with one line naming the file, and both ranks
+    resume from step 4: the losses of steps 5-7 equal the uninterrupted run's; no payload runs."""
     import io
     import pickle
 
-    d = _copy_checkpoints(straight[engine], tmp_path / "run")
-    ckpt = d / "checkpoints" / "step-00000007"
+    d = _copy_checkpoints(straight[engine], tmp_path / "run", 4, 5, 6, 7)
+
+    def ckpt(step: int) -> Path:
+        return d / "checkpoints" / f"step-{step:08d}"
+
     marker = tmp_path / "ran"
-    if kind == "metadata":
-        f = tamper_dcp_metadata(ckpt / "engine", marker)
-        needle = f"{f}: refusing to unpickle posix.system"
-    elif kind == "meta.json":
-        f = ckpt / "meta.json"
-        f.write_text(f.read_text()[:20])
-        needle = f"{f}: unreadable"
-    elif kind == "distcp":
-        f = sorted((ckpt / "engine").glob("*.distcp"))[-1]
-        f.write_bytes(f.read_bytes()[:64])
-        needle = f"{ckpt / 'engine'}: unreadable DCP checkpoint"
+    if engine == "fsdp":
+        f7 = tamper_dcp_metadata(ckpt(7) / "engine", marker)
+        f6 = ckpt(6) / "meta.json"
+        f6.write_text(f6.read_text()[:20])
+        f5 = sorted((ckpt(5) / "engine").glob("*.distcp"))[-1]
+        f5.write_bytes(f5.read_bytes()[:64])
+        needles = {7: f"{f7}: refusing to unpickle posix.system", 6: f"{f6}: unreadable",
+                   5: f"{ckpt(5) / 'engine'}: unreadable DCP checkpoint"}
     else:
-        f = next((ckpt / "engine" / "zero").glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt"))
-        tamper_torch_file(f, marker)
-        needle = f"{f}: refusing to unpickle posix.system"
-    planted = f.read_bytes()  # the run re-saves step 7 over it
+        for step in (5, 6):
+            shutil.rmtree(ckpt(step))
+        f7 = next((ckpt(7) / "engine" / "zero").glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+        tamper_torch_file(f7, marker)
+        needles = {7: f"{f7}: refusing to unpickle posix.system"}
+    planted = f7.read_bytes()  # the run re-saves step 7 over it
     r = _ok(run_cmd(_torchrun(*_sets(synth_shards, d, f"engine.kind={engine}")), env=ENV, timeout=300))
     skipped = [ln for ln in r.stderr.splitlines() if ln.startswith("scaletrain: skipping checkpoint")]
-    assert len(skipped) == 1 and needle in skipped[0] and str(ckpt) in skipped[0], r.stderr[-3000:]
+    assert len(skipped) == len(needles), r.stderr[-3000:]
+    for step, needle in needles.items():
+        assert sum(needle in ln and str(ckpt(step)) in ln for ln in skipped) == 1, (needle, skipped)
     assert "resumed at step 4" in r.stdout + r.stderr
     assert _losses(d) == _losses(straight[engine])[4:]
     assert not marker.exists(), "the payload ran"
-    if kind in ("metadata", "partition"):  # the planted payload is live: an unrestricted reader runs it
-        pickle.loads(planted) if kind == "metadata" else torch.load(io.BytesIO(planted), weights_only=False)
-        assert marker.exists()
+    # the planted payload is live: an unrestricted reader runs it
+    pickle.loads(planted) if engine == "fsdp" else torch.load(io.BytesIO(planted), weights_only=False)
+    assert marker.exists()
 
 
 def test_no_loadable_checkpoint_stops_with_the_list(synth_shards, straight, tmp_path):

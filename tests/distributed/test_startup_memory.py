@@ -29,6 +29,7 @@ def startup(synth_shards, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
 def test_two_ranks_start_with_half_the_denoiser_each(startup, engine) -> None:
     c = startup[engine]
+    assert c["status"] == "ok", c
     assert c["params"] > 100e6
     assert c["drop_of_fp32"] >= 0.40, c
     assert len(c["peak_2_ranks_gib"]) == 2

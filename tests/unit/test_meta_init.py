@@ -71,3 +71,31 @@ def test_start_weights_by_name_and_one_line_for_keys_that_do_not_fit(tmp_path) -
         den.materialize(torch.device("cpu"))
     with pytest.raises(ValueError, match="has neither diffusion_pytorch_model.safetensors nor"):
         SafetensorsFolder(tmp_path)
+
+
+def test_a_preset_that_cannot_fit_this_host_is_one_line_before_launch() -> None:
+    """FLUX.1-dev size (11.9B) on DDP with 8 ranks on this host: every rank would hold the whole
+    fp32 model (48 GB each); the sizing model's start-up floor refuses it before any allocation,
+    naming the sizes and what to change. The same recipe sharded over 8 FSDP2 ranks passes the
+    floor only where the host has the memory."""
+    import psutil
+
+    from scaletrain.bench.sizing import model_facts, startup_floor_bytes
+    from scaletrain.checks import check_startup_memory
+    from scaletrain.config import ConfigError, load_config
+    from tests.conftest import REPO
+
+    sizes = ["model.preset=flux-dev", "train.stages.0.resolution=64", "train.stages.0.global_batch=64",
+             "train.stages.1.resolution=128", "train.stages.1.global_batch=32"]
+    cfg = load_config(REPO / "configs" / "demo.yaml", [*sizes, "engine.kind=ddp"], world_size=8, check_paths=False)
+    with pytest.raises(ConfigError) as e:
+        check_startup_memory(cfg, 8)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("model.preset='flux-dev' on ddp x8 needs at least ")
+    assert "8 rank(s) on this host" in msg and "engine.kind=fsdp" in msg
+    facts = model_facts("flux-dev")
+    fsdp = startup_floor_bytes("fsdp", facts, 8)
+    assert startup_floor_bytes("ddp", facts, 8) - fsdp == pytest.approx(4 * facts.params * 7 / 8)
+    if 8 * fsdp > psutil.virtual_memory().available:
+        with pytest.raises(ConfigError, match="on fsdp x8 needs at least"):
+            check_startup_memory(load_config(REPO / "configs" / "demo.yaml", sizes, world_size=8, check_paths=False), 8)
