@@ -349,10 +349,18 @@ def test_async_save_resume_is_bit_exact(synth_shards, straight, tmp_path, engine
     committed = [m["checkpoint_committed_step"] for m in records if "checkpoint_committed_step" in m]
     assert len(stalls) == 7 and len(writes) == 7 and sorted(set(committed)) == list(range(1, 8))
     assert all(s >= 0 for s in stalls) and all(w > 0 for w in writes)
-    # What async buys: training waits less than the same recipe's synchronous saves took (the
-    # straight run saves synchronously at steps 4 and 7; medians, as single saves are noisy here)
-    sync = [m["checkpoint_seconds"] for m in read_metrics(straight[engine], steps_only=False) if "checkpoint_seconds" in m]
-    assert sync and statistics.median(stalls) < statistics.median(sync), (stalls, sync)
+    # What async buys: training waits for the copy, not for the write (medians: single saves are
+    # noisy here). FSDP2 also waits less than the same recipe's synchronous saves (the straight
+    # run saves every step): 0.06 s against 0.7 s on 2026-12-06. ZeRO-3's saves of this 1M-param
+    # model are too small for that: its synchronous save took 0.055 s, its async stall 0.06 s and
+    # the background write 0.085 s (the straight run used to save twice, and its first save's
+    # one-time 0.66 s made the comparison pass); benchmarks/results/checkpoint_io_zero3.md has
+    # ZeRO-3 at a size where the write dominates.
+    assert statistics.median(stalls) < statistics.median(writes), (stalls, writes)
+    if engine == "fsdp":
+        sync = [m["checkpoint_seconds"] for m in read_metrics(straight[engine], steps_only=False)
+                if "checkpoint_seconds" in m]
+        assert len(sync) == 7 and statistics.median(stalls) < statistics.median(sync), (stalls, sync)
 
 
 def test_sigterm_on_one_rank_saves_and_stops_all(synth_shards, straight, tmp_path):
