@@ -60,13 +60,15 @@ def check_startup_memory(cfg: RunConfig, world: int, zero_stage: int | None = No
     engine = cfg.engine.kind if cfg.engine.kind != "deepspeed" else f"zero{zero_stage or 3}"
     facts = model_facts(cfg.model.preset)
     per_rank = startup_floor_bytes(engine, facts, world, cfg.engine.precision,
-                                   precomputed=precomputed)
+                                   precomputed=precomputed)  # the host builds the frozen encoders whole
+    on_device = startup_floor_bytes(engine, facts, world, cfg.engine.precision, precomputed=precomputed,
+                                    frozen_encoders=cfg.model.frozen_encoders)
     here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     available = psutil.virtual_memory().available
     what = (f"model.preset={cfg.model.preset!r} on {engine} x{world} needs at least {per_rank / 2**30:.1f} GiB per "
             f"rank at start-up ({facts.params / 1e6:.0f}M denoiser parameters, {facts.frozen / 1e6:.0f}M frozen)")
-    fix = ("shard it over more ranks (engine.kind=fsdp, or DeepSpeed ZeRO-3), train on precomputed latents, or "
-           "use engine.precision=bf16 for the frozen encoders")
+    fix = ("shard it over more ranks (engine.kind=fsdp, or DeepSpeed ZeRO-3), train on precomputed latents, "
+           "shard the frozen encoders (model.frozen_encoders=shard), or use engine.precision=bf16 for them")
     if here * per_rank > available:
         raise ConfigError(f"{what}: {here} rank(s) on this host need {here * per_rank / 2**30:.1f} GiB, more than "
                           f"the {available / 2**30:.1f} GiB available; {fix}")
@@ -75,8 +77,9 @@ def check_startup_memory(cfg: RunConfig, world: int, zero_stage: int | None = No
     if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", None) != "":
         local = int(os.environ.get("LOCAL_RANK", 0)) % max(torch.cuda.device_count(), 1)
         total = torch.cuda.get_device_properties(local).total_memory
-        if per_rank > total:
-            raise ConfigError(f"{what}, more than one GPU's {total / 2**30:.1f} GiB; {fix}")
+        if on_device > total:
+            raise ConfigError(f"{what}: {on_device / 2**30:.1f} GiB on each GPU, more than one GPU's "
+                              f"{total / 2**30:.1f} GiB; {fix}")
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None, *, world_size: int | None = None,

@@ -70,6 +70,11 @@ class ModelSection(_Section):
     preset: str = "unet-tiny"
     text_encoder_path: str | None = None
     vae_path: str | None = None
+    # The frozen text encoder and VAE on each rank: whole (replicate), or sharded across the
+    # ranks with FSDP2 on every engine (shard: 1/world of their parameters per rank, gathered
+    # block by block for each forward, the same embeddings). A T5-XXL-class encoder is 9.4 GB
+    # in bf16 on every GPU under replicate. Not built at all on precomputed latents.
+    frozen_encoders: Literal["replicate", "shard"] = "replicate"
     # Memory and speed levers, applied per parallel unit on every engine (models/parallelize.py).
     # full: every unit recomputes its activations in backward; selective: the units
     # activation_checkpointing_selective picks do: every activation_checkpointing_every-th

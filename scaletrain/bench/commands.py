@@ -79,6 +79,8 @@ def add_bench_parsers(sub) -> None:
     s.add_argument("--mfu", type=float, default=0.35, help="assumed MFU where no throughput was measured")
     s.add_argument("--act-gib-per-image", default=None, metavar="GIB@RES")
     s.add_argument("--baseline-gib", type=float, default=1.5, help="assumed runtime memory where not measured")
+    s.add_argument("--frozen-encoders", choices=("replicate", "shard"), default="replicate",
+                   help="model.frozen_encoders: shard keeps 1/N of the text encoder and VAE on each GPU")
     s.add_argument("--precomputed", action="store_true",
                    help="the run trains on precomputed latents (scaletrain data encode): no encoders on the GPUs")
 
@@ -189,7 +191,7 @@ def size_main(args: argparse.Namespace) -> int:
             preset=args.preset, stages=stages, gpu=args.gpu, gpus_per_node=args.gpus_per_node,
             price_per_gpu_hour=args.price, engines=args.engines, nodes=args.nodes, precision=args.precision,
             bench=bench, comm=comm, act_gib_per_image=act, assumed_mfu=args.mfu, assumed_baseline_gib=args.baseline_gib,
-            precomputed=args.precomputed, intra=intra, eta=args.eta, measured=_parse_measured(args.measured),
+            precomputed=args.precomputed, frozen_encoders=args.frozen_encoders, intra=intra, eta=args.eta, measured=_parse_measured(args.measured),
             plot=args.plot))
     except (ConfigError, ValueError, OSError) as e:
         print(f"scaletrain: size: {e}", file=sys.stderr)

@@ -93,16 +93,19 @@ def state_bytes(engine: str, facts: ModelFacts, world: int, precision: str = "fp
 
 
 def startup_floor_bytes(engine: str, facts: ModelFacts, world: int, precision: str = "fp32",
-                        precomputed: bool = False) -> float:
+                        precomputed: bool = False, frozen_encoders: str = "replicate") -> float:
     """The least a rank holds when it reaches its first step (no gradients or optimizer moments
     yet): the frozen encoders in the run precision (none on precomputed latents), plus the
     denoiser's parameters as the engine keeps them at start-up: FSDP2 its fp32 shard (meta-device
     init), ZeRO-3 its partition in the run precision and DeepSpeed's fp32 master partition
     (zero.Init), DDP and ZeRO-1/2 the whole fp32 model (ZeRO-1/2 also the fp32 master partition).
+    ``frozen_encoders="shard"`` (model.frozen_encoders) holds 1/world of the encoders on the
+    device; the host builds them whole first, so a host check passes "replicate".
     A floor, not a forecast: allocator slack, imports and activations come on top."""
     P, N = facts.params, world
     w = 2 if precision in ("bf16", "fp16") else 4
     frozen = 0.0 if precomputed else (2 if precision in ("bf16", "fp16") else 4) * facts.frozen
+    frozen /= N if frozen_encoders == "shard" else 1
     denoiser = {"fsdp": 4 * P / N, "ddp": 4 * P, "zero1": 4 * P + 4 * P / N, "zero2": 4 * P + 4 * P / N}.get(
         engine, (w + 4) * P / N)
     return frozen + denoiser
@@ -146,11 +149,14 @@ class ActivationFit:
 
 def frozen_bytes(cell: dict, facts: ModelFacts) -> float:
     """Frozen encoders held on each rank: none when the cell trained on precomputed latents, else
-    every text-encoder and VAE parameter in the training precision (models.frozen_dtype)."""
+    every text-encoder and VAE parameter in the training precision (models.frozen_dtype), or
+    1/world of them under model.frozen_encoders=shard (plus the largest block gathered at a time,
+    small beside them: ignored)."""
     if cell.get("precomputed"):
         return 0.0
     per_param = 2 if cell.get("precision", "fp32") in ("bf16", "fp16") else 4
-    return per_param * cell.get("params_frozen", facts.frozen)
+    share = cell.get("world_size", 1) if cell.get("frozen_encoders") == "shard" else 1
+    return per_param * cell.get("params_frozen", facts.frozen) / share
 
 
 def fit_activations(cells: list[dict], host_is_device: bool = True) -> ActivationFit:
@@ -378,6 +384,7 @@ class SizeInputs:
     assumed_baseline_gib: float = 1.5
     memory_headroom: float = 0.9  # plan to fill at most this fraction of the card
     precomputed: bool = False  # train on precomputed latents: no encoders on the GPUs
+    frozen_encoders: str = "replicate"  # model.frozen_encoders: shard keeps 1/world of them per GPU
     intra: CommModel | None = None  # the intra-node link (given or a one-node sweep)
     eta: float | None = None  # overlap: fraction of compute time the network can use (None: measured/assumed)
     measured: list[tuple[int, float, int, str | None]] = field(default_factory=list)  # (GPUs, img/s, res, engine)
@@ -599,7 +606,8 @@ def size_report(inp: SizeInputs) -> str:
         lines.append(f"stage {res} px{clip}, {images:,} {what}, global batch {gb} (micro-batch <= {mb} per GPU)")
         for engine in inp.engines:
             cell = {"preset": inp.preset, "resolution": res, "engine": engine, "micro_batch": mb,
-                    "precision": inp.precision, "precomputed": inp.precomputed, "frames": frames}
+                    "precision": inp.precision, "precomputed": inp.precomputed, "frames": frames,
+                    "frozen_encoders": inp.frozen_encoders}
 
             def mem(nodes: int, micro: int, engine=engine, cell=cell, k: int = 1) -> float:
                 world = nodes * inp.gpus_per_node
@@ -676,14 +684,15 @@ def size_report(inp: SizeInputs) -> str:
                              f"{small[2]:.0%} of its speed at micro-batch {mb} (fixed costs per step dominate)")
         lines.append("")
     lines.append(f"start-up floor per GPU at the first step (frozen encoders in {inp.precision}"
-                 + (", none: precomputed latents" if inp.precomputed else "")
+                 + (", none: precomputed latents" if inp.precomputed else
+                    ", sharded over the GPUs" if inp.frozen_encoders == "shard" else ", whole on every GPU")
                  + "; the denoiser as each engine holds it before any gradient; no activations, no allocator slack):")
     for engine in inp.engines:
         like = {"hsdp": "fsdp", "zero3-hpz": "zero3"}.get(engine, engine)
         row = []
         for n in inp.nodes:
             world = min(n * inp.gpus_per_node, inp.gpus_per_node) if engine == "hsdp" else n * inp.gpus_per_node
-            row.append(f"{n} node(s) {startup_floor_bytes(like, facts, world, inp.precision, inp.precomputed) / 2**30:.1f} GiB")
+            row.append(f"{n} node(s) {startup_floor_bytes(like, facts, world, inp.precision, inp.precomputed, inp.frozen_encoders) / 2**30:.1f} GiB")
         whole = "  (whole parameters on every GPU by design)" if like in ("ddp", "zero1", "zero2") else ""
         lines.append(f"  {engine:<14}" + ", ".join(row) + whole)
     lines.append("")

@@ -137,3 +137,46 @@ def parallelize_units(root: nn.Module, units: list[nn.Module], model_cfg: ModelS
             shard(unit)
         shard(root)
     return units
+
+
+def frozen_units(module: nn.Module) -> list[nn.Module]:
+    """The blocks of a frozen encoder that FSDP2 shards one by one: the elements of every
+    outermost ``nn.ModuleList`` holding parameters (T5 blocks, CLIP layers, a VAE's down and up
+    blocks and its mid blocks' resnets and attentions). transformers and diffusers keep their
+    repeated blocks in ModuleLists, so one rule serves every encoder class without a per-class
+    plan; what no list holds (embeddings, norms, quant convs) stays with the root."""
+    units: list[nn.Module] = []
+
+    def walk(m: nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, nn.ModuleList):
+                units.extend(u for u in child if next(u.parameters(), None) is not None)
+            else:
+                walk(child)
+
+    walk(module)
+    return units
+
+
+# The VAE is called through these methods, not forward: FSDP2 must gather its root's own
+# parameters (quant convs, norms) around them too (torch's register_fsdp_forward_method).
+FROZEN_METHODS = ("encode", "decode")
+
+
+def shard_frozen(module: nn.Module, mesh) -> nn.Module:
+    """``model.frozen_encoders=shard``: FSDP2 over ``mesh`` for a frozen encoder (no gradients,
+    no optimizer state, so nothing but its parameters to shard): each unit (``frozen_units``)
+    then the root, every one gathered for its forward and freed right after. Used on every
+    engine, DeepSpeed's too (a second, optimizer-less DeepSpeed engine could not be called
+    through the VAE's encode/decode). Every rank must call it in lockstep, as the trainer's
+    steps, validation and sample grids already do for the sharded denoiser."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    module.requires_grad_(False).eval()
+    for unit in frozen_units(module):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(module, mesh=mesh, reshard_after_forward=True)
+    for name in FROZEN_METHODS:
+        if callable(getattr(module, name, None)):
+            register_fsdp_forward_method(module, name)
+    return module

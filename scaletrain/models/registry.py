@@ -85,15 +85,38 @@ class DiffusionModel:
         self.max_text_len = preset.max_text_len
         self._text: tuple[nn.Module, Any] | None = None
         self._vae: AutoencoderKL | None = None
+        # How the frozen encoders are laid out across ranks (``lay_out_encoders``); None: whole.
+        self._layout: Callable[[nn.Module], nn.Module] | None = None
 
     def build_encoders(self) -> "DiffusionModel":
         if self._text is None:
             encoder, tokenizer, vae = build_encoders(self.preset, self.source)
+            if self._layout is not None:  # on the host: only the shards go to the device
+                encoder = self._layout(encoder)
+                vae = self._layout(vae) if vae is not None else None
             if self.device is not None:
                 encoder.to(self.device)
                 vae = vae.to(self.device) if vae is not None else None
             self._text, self._vae = (encoder, tokenizer), vae
         return self
+
+    def lay_out_encoders(self, layout: Callable[[nn.Module], nn.Module]) -> None:
+        """Lay out the frozen text encoder and VAE with ``layout`` (``model.frozen_encoders=shard``:
+        ``models.parallelize.shard_frozen`` over the run's ranks): now when they are built, else
+        when they first are (training on precomputed latents builds them for a sample grid).
+        Call it before ``to(device)``: the layout moves only each rank's shards there."""
+        self._layout = layout
+        if self._text is not None:
+            encoder, tokenizer = self._text
+            self._text = (layout(encoder), tokenizer)
+            self._vae = layout(self._vae) if self._vae is not None else None
+
+    def frozen_numel(self) -> tuple[int, int]:
+        """(parameters this rank holds, parameters in all) of the built frozen encoders."""
+        mods = [m for m in (self._text[0] if self._text else None, self._vae) if m is not None]
+        params = [p for m in mods for p in m.parameters()]
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        return local, sum(p.numel() for p in params)
 
     @property
     def encoders_built(self) -> bool:

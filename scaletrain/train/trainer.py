@@ -133,7 +133,10 @@ class Trainer:
             cfg.model.preset, text_encoder_path=cfg.model.text_encoder_path, vae_path=cfg.model.vae_path,
             dtype=frozen_dtype(cfg.engine.precision), encoders=self.encoding is None, encoder_seed=cfg.run.seed,
             seed=cfg.run.seed, defer_init=True,
-        ).to(self.device)  # a deferred denoiser stays on meta: the engine initialises it where it keeps it
+        )
+        self.frozen_mesh = None  # model.frozen_encoders=shard: the ranks the encoders are sharded over
+        self.lay_out_frozen_encoders()  # on the host, before .to: only the shards reach the device
+        self.model.to(self.device)  # a deferred denoiser stays on meta: the engine initialises it where it keeps it
         # The training objective (diffusion/: ddpm, flow_matching); each stage may change its keys.
         self.objective = build_objective(cfg.diffusion.objective, cfg.diffusion.params())
         self.base_objective = self.objective
@@ -221,6 +224,10 @@ class Trainer:
                               f"({100 * trainable / total:.2f}%)")
         if self.init_note:
             self.logger.event(self.init_note)
+        if self.model.encoders_built:
+            frozen = self.frozen_encoders_report()
+            self.logger.event(f"frozen encoders: {frozen['layout']}, {frozen['params_local'] / 1e6:.2f}M of "
+                              f"{frozen['params_total'] / 1e6:.2f}M parameters on rank 0")
         if self.step:
             self.logger.event(f"resumed at step {self.step} (stage {self.stage_index}, "
                               f"step {self.step_in_stage} of it) from {self.resumed_from}")
@@ -597,6 +604,32 @@ class Trainer:
             denoiser.materialize(self.device)  # adapters go on real base weights
             apply_lora(denoiser, cfg.lora)
 
+    def lay_out_frozen_encoders(self) -> None:
+        """``model.frozen_encoders=shard`` at more than one rank: the text encoder and VAE are
+        FSDP2-sharded over all ranks (``models.parallelize.shard_frozen``) on every engine, now
+        or when first built; a 1-D mesh of their own (the engine's may be 2-D, HSDP, or not
+        exist yet), dropped at close before the process group."""
+        if self.cfg.model.frozen_encoders != "shard" or self.dist.world_size == 1:
+            return
+        from functools import partial
+
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from scaletrain.models.parallelize import shard_frozen
+
+        self.frozen_mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
+        self.model.lay_out_encoders(partial(shard_frozen, mesh=self.frozen_mesh))
+
+    def frozen_encoders_report(self) -> dict | None:
+        """How the frozen encoders sit on this rank (None while they are not built): the layout
+        and the parameters held here against all of theirs (a shard holds about 1/world)."""
+        if not self.model.encoders_built:
+            return None
+        local, total = self.model.frozen_numel()
+        sharded = self.cfg.model.frozen_encoders == "shard" and self.dist.world_size > 1
+        layout = f"sharded over {self.dist.world_size} ranks (FSDP2)" if sharded else "whole on every rank"
+        return {"layout": layout, "params_local": local, "params_total": total}
+
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True  # acted on at the end of the current step, on every rank together
 
@@ -832,6 +865,7 @@ class Trainer:
             "rollbacks": self.health.rollbacks,
             "lr_scale": self.health.lr_scale,
             "levers": lever_report(self.model.denoiser),  # checkpointing/compile as applied, counted
+            "frozen_encoders": self.frozen_encoders_report(),
             "startup": self.startup,  # peak host (device) memory per rank and seconds at the first step
             **self.loss.summary(),
         }
@@ -843,4 +877,4 @@ class Trainer:
         self.ema = None  # its DTensors hold the device mesh; drop them before the process group
         self.engine.close()
         self.engine = None
-        self.model = None
+        self.model = self.frozen_mesh = None

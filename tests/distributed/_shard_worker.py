@@ -120,6 +120,48 @@ def check_sharded_load(name: str, rank: int, world: int, folder: Path) -> None:
     print(f"LOAD {name} rank={rank} read={source.bytes_read} of {total}", flush=True)
 
 
+def check_frozen_shard(rank: int, world: int) -> None:
+    """model.frozen_encoders=shard: the text encoder and VAE FSDP2-sharded over the ranks give
+    exactly the embeddings, posteriors and decodes of the whole copies, while each rank holds
+    about 1/world of their parameters (a CLIP and a VAE in fp32, a T5 in bf16 through gloo)."""
+    from functools import partial
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from scaletrain.models import text
+    from scaletrain.models.parallelize import shard_frozen
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = build_model("unet-tiny-latent", seed=0)
+    captions = ["a red circle", "", "blue square on a long caption " * 3]
+    torch.manual_seed(3)
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    latents = torch.randn(2, 4, 4, 4)
+
+    def outputs():
+        emb, mask = model.encode_text(captions, "cpu")
+        mean, logvar = model.encode_posterior(pixels)
+        return emb, mask, mean, logvar, model.decode(latents)
+
+    whole = outputs()
+    assert model.frozen_numel()[0] == model.frozen_numel()[1]
+    model.lay_out_encoders(partial(shard_frozen, mesh=mesh))
+    local, total = model.frozen_numel()
+    assert local < total * (1 / world + 0.1), (local, total)
+    for name, a, b in zip(("emb", "mask", "mean", "logvar", "decode"), whole, outputs()):
+        assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max())
+    spec = text.t5_spec(d_model=64, layers=2, heads=4, d_kv=16, d_ff=128)
+    torch.manual_seed(5)
+    t5, tokenizer = text.build_text_encoder(spec, None, torch.bfloat16)
+    emb, _ = text.encode_captions(t5, tokenizer, spec, captions, 16, "cpu")
+    shard_frozen(t5, mesh)
+    t5_local = sum(p.to_local().numel() for p in t5.parameters())
+    assert t5_local < sum(p.numel() for p in t5.parameters()) * (1 / world + 0.1)
+    emb_sharded, _ = text.encode_captions(t5, tokenizer, spec, captions, 16, "cpu")
+    assert torch.equal(emb, emb_sharded), (emb - emb_sharded).abs().max()
+    print(f"FROZEN rank={rank} local={local} total={total} t5_local={t5_local} equal=True", flush=True)
+
+
 def main(presets: list[str]) -> None:
     torch.set_num_threads(1)  # same thread count for both paths keeps reductions bit-stable
     dist.init_process_group("gloo")
@@ -130,6 +172,7 @@ def main(presets: list[str]) -> None:
             check_meta_init(name, rank, world)
             check_sharded_load(name, rank, world, Path(os.environ["SHARD_TEST_DIR"]) / name)
             gc.collect()  # drop DTensors of this preset before the next one / teardown
+        check_frozen_shard(rank, world)
     finally:
         # FINDINGS: without freeing DTensors/mesh refs first, ~1 in 3 exits SIGABRT.
         gc.collect()

@@ -50,6 +50,7 @@ ENGINES = {"fsdp": ["engine.kind=fsdp"], **ZERO, "ddp": ["engine.kind=ddp"]}
 # aot_eager, which captures the same regions under their hooks through dynamo and AOT autograd
 # without inductor's C++ code generation (~50-150 s per engine on this CPU, measured 2026-12-05).
 COMPILE_RUNS = {"fsdp": "inductor", "ddp": "aot_eager", "zero2": "aot_eager"}
+FROZEN_SHARD_RUNS = ("fsdp", "zero3")
 UNITS = 5  # unet-tiny's parallel units: 2 down blocks, the mid block, 2 up blocks
 
 
@@ -99,6 +100,9 @@ def curves(synth_shards, engines, tmp_path_factory):
         for preset, objective in FAMILY_RUNS:
             runs[f"{name}-{preset}-{objective}"] = runs[name] + sets(f"model.preset={preset}",
                                                                      f"diffusion.objective={objective}")
+    # Frozen encoders sharded over the ranks (FSDP2 on both engines, models.parallelize.shard_frozen)
+    for name in FROZEN_SHARD_RUNS:
+        runs[f"{name}-frozen-shard"] = runs[name] + sets("model.frozen_encoders=shard")
     variants = {name: extra for name, extra in runs.items() if name not in engines}
     return {**engines, **_batch(synth_shards, tmp_path_factory.mktemp("variants"), variants)}
 
@@ -234,3 +238,18 @@ def test_per_rank_parameter_storage(engines, engine, fraction):
     share = summary["params_local_rank0"] / summary["params_total"]
     assert share == pytest.approx(fraction, abs=0.03), summary
     assert summary["world_size"] == (1 if engine == "single" else 2)
+
+
+@pytest.mark.parametrize("engine", FROZEN_SHARD_RUNS)
+def test_sharded_frozen_encoders_keep_the_curve(curves, engine):
+    """model.frozen_encoders=shard on FSDP2 and on DeepSpeed ZeRO-3: the text encoder sharded
+    over the 2 ranks gives the replicated encoder's embeddings bit for bit, so the loss curve
+    and grad norms equal the same engine's run exactly; and the sharding was applied in that
+    run: rank 0 held about half the encoder's parameters (the replicated run: all of them)."""
+    ref, got = curves[engine], curves[f"{engine}-frozen-shard"]
+    assert got.losses == ref.losses and len(got.losses) == STEPS
+    assert [m["grad_norm"] for m in got.metrics] == [m["grad_norm"] for m in ref.metrics]
+    whole, shard = ref.summary["frozen_encoders"], got.summary["frozen_encoders"]
+    assert whole["params_local"] == whole["params_total"] == shard["params_total"] > 0, (whole, shard)
+    assert shard["params_local"] < 0.55 * shard["params_total"], shard
+    assert shard["layout"] == "sharded over 2 ranks (FSDP2)"

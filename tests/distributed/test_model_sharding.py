@@ -57,3 +57,11 @@ def test_start_weights_are_read_by_slices_from_a_sharded_safetensors_folder(name
     and the sharded model's full state dict equals the file's tensors, bit for bit."""
     ranks = re.findall(rf"LOAD {re.escape(name)} rank=(\d+) ", worker_output)
     assert sorted(ranks) == ["0", "1"], worker_output
+
+
+def test_sharded_frozen_encoders_give_the_replicated_embeddings(worker_output: str) -> None:
+    """model.frozen_encoders=shard (models.parallelize.shard_frozen): a CLIP text encoder and a
+    VAE (fp32) and a T5 (bf16) FSDP2-sharded over 2 ranks hold about half their parameters per
+    rank (counted) and give the whole copies' embeddings, posteriors and decodes bit for bit."""
+    ranks = re.findall(r"FROZEN rank=(\d+) .*?equal=True", worker_output)
+    assert sorted(ranks) == ["0", "1"], worker_output

@@ -96,6 +96,8 @@ def test_a_preset_that_cannot_fit_this_host_is_one_line_before_launch() -> None:
     facts = model_facts("flux-dev")
     fsdp = startup_floor_bytes("fsdp", facts, 8)
     assert startup_floor_bytes("ddp", facts, 8) - fsdp == pytest.approx(4 * facts.params * 7 / 8)
+    # model.frozen_encoders=shard: the GPU holds 1/8 of the (here fp32) T5-XXL + CLIP + VAE
+    assert fsdp - startup_floor_bytes("fsdp", facts, 8, frozen_encoders="shard") == pytest.approx(4 * facts.frozen * 7 / 8)
     if 8 * fsdp > psutil.virtual_memory().available:
         with pytest.raises(ConfigError, match="on fsdp x8 needs at least"):
             check_startup_memory(load_config(REPO / "configs" / "demo.yaml", sizes, world_size=8, check_paths=False), 8)

@@ -163,3 +163,32 @@ def test_frozen_encoders_run_in_the_training_precision() -> None:
     assert {p.dtype for p in model.denoiser.parameters()} == {torch.float32}  # engines own the denoiser's precision
     emb, _ = model.encode_text(["a red circle"], "cpu")
     assert emb.dtype == torch.float32
+
+
+def test_frozen_encoder_layout_applies_now_or_at_the_first_build() -> None:
+    """model.frozen_encoders=shard's hook (DiffusionModel.lay_out_encoders): applied to built
+    encoders at once; on precomputed latents (encoders not built) when a sample grid first builds
+    them, to the text encoder and the VAE, once each. The units are the encoders' repeated blocks."""
+    from scaletrain.models.parallelize import frozen_units
+
+    seen: list[str] = []
+
+    def layout(module):
+        seen.append(type(module).__name__)
+        return module
+
+    lazy = build_model("unet-tiny-latent", encoders=False)
+    lazy.lay_out_encoders(layout)
+    assert seen == [] and not lazy.encoders_built
+    lazy.vae  # first use builds both
+    assert seen == ["CLIPTextModel", "AutoencoderKL"]
+    lazy.text_encoder
+    assert len(seen) == 2
+    built = build_model("unet-tiny-latent")
+    built.lay_out_encoders(layout)
+    assert seen[2:] == ["CLIPTextModel", "AutoencoderKL"]
+    layers = built.text_encoder.encoder.layers  # newer transformers: no text_model level
+    assert frozen_units(built.text_encoder) == list(layers) and len(layers) > 1
+    vae_units = frozen_units(built.vae)
+    assert all(b in vae_units for b in built.vae.encoder.down_blocks)
+    assert not any(u is built.vae.encoder for u in vae_units)  # the root keeps what no list holds

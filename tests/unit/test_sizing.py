@@ -182,6 +182,8 @@ def test_activation_fit_uses_the_measured_split_and_the_encoders_a_cell_really_h
         assert predict_memory_gib(c, fit, base) == pytest.approx(c["peak_memory_gib"])
     assert frozen_bytes({"precomputed": True}, facts) == 0
     assert frozen_bytes({"precision": "fp32"}, facts) == 4 * facts.frozen
+    # model.frozen_encoders=shard: 1/world of them per rank
+    assert frozen_bytes({"precision": "bf16", "frozen_encoders": "shard", "world_size": 8}, facts) == 2 * facts.frozen / 8
 
 
 def test_size_by_frames_says_where_context_parallelism_is_needed_and_prices_it():
