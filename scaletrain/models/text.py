@@ -23,6 +23,7 @@ from transformers import (
     CLIPTextModel,
     T5Config,
     T5EncoderModel,
+    UMT5EncoderModel,
 )
 
 # ByT5Tokenizer ids: pad=0, eos=1, unk=2, bytes 3..258, extra ids up to 383.
@@ -93,6 +94,52 @@ def _dtype_kw(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+# A local folder's class comes from its config's model_type, among those of the spec's kind
+# (Wan's UMT5 is a T5 by shape but not by weights: every layer has its own relative attention
+# bias, so loading it as a T5 silently drops them).
+ENCODER_CLASSES: dict[str, dict[str, type]] = {
+    "clip": {"clip_text_model": CLIPTextModel, "clip": CLIPTextModel},
+    "t5": {"t5": T5EncoderModel, "umt5": UMT5EncoderModel},
+}
+# Weights a folder may hold beside the encoder's, never used for caption embeddings: CLIP's
+# projection heads and vision tower (SDXL's/SD3's text_encoder_2, a whole CLIPModel folder),
+# a T5's decoder and LM head (a whole T5ForConditionalGeneration folder).
+UNUSED_WEIGHTS = {"clip": ("text_projection.", "vision_model.", "visual_projection.", "logit_scale"),
+                  "t5": ("decoder.", "lm_head.")}
+
+
+def encoder_class(spec: TextEncoderSpec, enc_dir: str, path: str) -> type:
+    """The transformers class that loads the folder: by its config's model_type, which must be
+    of the preset's kind (one-line ValueError otherwise)."""
+    import json
+
+    cfg_file = os.path.join(enc_dir, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise ValueError(f"model.text_encoder_path={path!r} has no config.json in {enc_dir}; give a folder "
+                         "saved with save_pretrained")
+    with open(cfg_file) as f:
+        model_type = json.load(f).get("model_type")
+    classes = ENCODER_CLASSES[spec.kind]
+    if model_type not in classes:
+        raise ValueError(f"model.text_encoder_path={path!r} holds a {model_type!r} model, but this preset encodes "
+                         f"captions with a {spec.kind} encoder ({', '.join(classes)}); use a matching encoder")
+    return classes[model_type]
+
+
+def check_loaded_keys(info: dict, spec: TextEncoderSpec, path: str, cls: type) -> None:
+    """transformers only logs weights it could not place; a wrong file would encode captions
+    with random layers. Missing, mis-shaped or unexpected keys (beside ``UNUSED_WEIGHTS``) are one
+    ValueError naming them."""
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not k.startswith(UNUSED_WEIGHTS[spec.kind]))
+    mismatched = sorted(str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or [])
+    if missing or unexpected or mismatched:
+        parts = [f"{len(v)} {what} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                 for what, v in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)) if v]
+        raise ValueError(f"model.text_encoder_path={path!r} does not fit a {cls.__name__}: keys "
+                         f"{'; '.join(parts)}; give the encoder folder this preset's pipeline was trained with")
+
+
 def build_text_encoder(spec: TextEncoderSpec, path: str | None, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     """Return a frozen (eval, requires_grad False) encoder and its tokenizer."""
     cls = CLIPTextModel if spec.kind == "clip" else T5EncoderModel
@@ -106,7 +153,10 @@ def build_text_encoder(spec: TextEncoderSpec, path: str | None, dtype: torch.dty
             raise ValueError(f"model.text_encoder_path={path!r} is not a directory; give a local folder "
                              "saved with save_pretrained (downloads are never attempted)")
         enc_dir, tok_dir = _split_pipeline_root(path)
-        encoder = cls.from_pretrained(enc_dir, local_files_only=True, **_dtype_kw(dtype))
+        cls = encoder_class(spec, enc_dir, path)
+        encoder, info = cls.from_pretrained(enc_dir, local_files_only=True, output_loading_info=True,
+                                            **_dtype_kw(dtype))
+        check_loaded_keys(info, spec, path, cls)
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         width = encoder.config.hidden_size if spec.kind == "clip" else encoder.config.d_model
         if width != spec.hidden_size:

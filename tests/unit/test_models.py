@@ -192,3 +192,37 @@ def test_frozen_encoder_layout_applies_now_or_at_the_first_build() -> None:
     vae_units = frozen_units(built.vae)
     assert all(b in vae_units for b in built.vae.encoder.down_blocks)
     assert not any(u is built.vae.encoder for u in vae_units)  # the root keeps what no list holds
+
+
+def test_text_encoder_folder_is_loaded_by_its_own_class_and_every_key_must_fit(tmp_path) -> None:
+    """A UMT5 folder (Wan's encoder) for a T5 preset loads as UMT5EncoderModel with its own
+    embeddings (as a T5 its per-layer attention biases were dropped with a log line); a folder of
+    another kind, or one whose weights miss a tensor, is one error naming what does not fit."""
+    from safetensors.torch import load_file, save_file
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    from scaletrain.models import text
+
+    spec = text.t5_spec(d_model=32, layers=2, heads=2, d_kv=16, d_ff=64)
+    torch.manual_seed(0)
+    umt5 = UMT5EncoderModel(UMT5Config(**spec.config)).eval()
+    umt5.save_pretrained(tmp_path / "umt5" / "text_encoder")  # a pipeline's layout
+    ByT5Tokenizer().save_pretrained(tmp_path / "umt5" / "tokenizer")
+    loaded, tok = text.build_text_encoder(spec, str(tmp_path / "umt5"), torch.float32)
+    assert type(loaded) is UMT5EncoderModel
+    got, _ = text.encode_captions(loaded, tok, spec, ["a red circle"], 8, "cpu")
+    want, _ = text.encode_captions(umt5, tok, spec, ["a red circle"], 8, "cpu")
+    assert torch.equal(got, want)
+    # a CLIP preset given the UMT5 folder
+    with pytest.raises(ValueError, match=r"holds a 'umt5' model, but this preset encodes captions with a clip"):
+        text.build_text_encoder(text.clip_spec(32, 2, 2, 8, "gelu"), str(tmp_path / "umt5"), torch.float32)
+    # one tensor gone from the file
+    weights = tmp_path / "umt5" / "text_encoder" / "model.safetensors"
+    state = load_file(weights)
+    gone = next(k for k in state if "relative_attention_bias" in k and ".1." in k)
+    del state[gone]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        text.build_text_encoder(spec, str(tmp_path / "umt5"), torch.float32)
+    msg = str(e.value)
+    assert "\n" not in msg and "does not fit a UMT5EncoderModel: keys 1 missing (" in msg and gone in msg, msg
