@@ -2,9 +2,10 @@
 from a pre-training checkpoint or an exported diffusers model, with a fresh optimizer, step
 counter and LR schedule.
 
-Every rank loads the full weights into its own copy of the denoiser before the engine shards
-it, exactly as a fresh run builds identical random weights on every rank; the engine then
-keeps only its part. Checkpoints are consolidated by ``checkpoint.export`` (DCP shards, or
+Where they can be read where they are kept, they are (``diffusers_source``: safetensors by
+slices; ``checkpoint_source``: a DCP checkpoint loaded collectively into the shards); otherwise
+every rank loads the full weights into its own copy of the denoiser before the engine shards
+it, and the engine keeps only its part. Checkpoints are consolidated by ``checkpoint.export`` (DCP shards, or
 DeepSpeed ZeRO partitions, read weights-only through ``checkpoint.safe_load``), and the EMA
 replaces the raw weights when the checkpoint has one (``init.use_ema``). A run that already
 has a checkpoint of its own never re-initialises: the relaunch resumes it (``own_checkpoint``),
@@ -156,6 +157,27 @@ def diffusers_source(init_cfg: InitSection):
     what = f"init.from_diffusers={str(folder)!r}"
     note = f"init: diffusers {'pipeline' if pipeline else 'model'} {folder} (safetensors, each rank read what it keeps)"
     return SafetensorsFolder(weights), what, note
+
+
+def checkpoint_source(init_cfg: InitSection, engine_kind: str):
+    """``init.from_checkpoint`` as a collective DCP source (checkpoint/sources.py
+    ``DCPCheckpoint``) for FSDP2 and DDP when the checkpoint is DCP's (an FSDP2 or DDP run's),
+    else None (DeepSpeed partitions, or a ZeRO-3 run's flat EMA, are consolidated whole; so is
+    any checkpoint under DeepSpeed, whose start-up reads on rank 0). Returns (source, what, the
+    run log's line), like ``diffusers_source``."""
+    from scaletrain.checkpoint.export import resolve_checkpoint, trainer_state
+    from scaletrain.checkpoint.sources import DCPCheckpoint
+
+    if not init_cfg.from_checkpoint or engine_kind not in ("fsdp", "ddp"):
+        return None
+    info = resolve_checkpoint(init_cfg.from_checkpoint)
+    if trainer_state(info).get("lora") or not DCPCheckpoint.usable(info, init_cfg.use_ema):
+        return None
+    source = DCPCheckpoint(info.path, init_cfg.use_ema)
+    weights = "EMA weights" if source.ema_dir is not None else "raw weights"
+    note = (f"init: {weights} of {info.path} (step {info.step}, {info.meta.get('engine')}; DCP, each rank read "
+            "what it keeps)")
+    return source, f"init.from_checkpoint={init_cfg.from_checkpoint!r}", note
 
 
 def load_init_weights(denoiser: nn.Module, init_cfg: InitSection, preset_name: str) -> str:

@@ -43,8 +43,9 @@ class PendingInit:
     # The constructor call itself, for an engine that must construct the network its own way
     # (DeepSpeed ZeRO-3 builds it under deepspeed.zero.Init, partitioned module by module).
     build: Callable[[], nn.Module] | None = None
-    # Start weights to read instead of initialising (checkpoint/sources.py: names(), read(name,
-    # slices), check_names(expected, what)); ``source_what`` names them in errors.
+    # Start weights to read instead of initialising (checkpoint/sources.py: a SafetensorsFolder,
+    # read(name, slices), or a DCPCheckpoint, load_into(net) collectively; both check_names(
+    # expected, what)); ``source_what`` names them in errors.
     source: Any = None
     source_what: str = ""
 
@@ -152,6 +153,12 @@ def materialize(net: nn.Module, pending: PendingInit, device: torch.device) -> N
         pending.source.check_names(expected_tensors(net), pending.source_what)
     persistent = set(net.state_dict().keys()) - {n for n, _ in net.named_parameters()}
     net.to_empty(device=device)
+    if hasattr(pending.source, "load_into"):  # a checkpoint read collectively into the shards (DCP)
+        pending.source.load_into(net)  # parameters and persistent buffers
+        for name, buf in net.named_buffers():
+            if name not in persistent:
+                buf.copy_(pending.buffers[name])
+        return
     if pending.source is not None:
         for name, p in net.named_parameters():
             target = p.to_local() if _is_dtensor(p) else p

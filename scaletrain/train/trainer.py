@@ -142,6 +142,7 @@ class Trainer:
         self.base_objective = self.objective
         self.comm_profiler = CommProfiler(cfg.engine.comm_profile_every, self.device)  # off at 0
         self.init_note: str | None = None
+        self.init_source = None  # start weights the engine reads where it keeps them (checkpoint/sources.py)
         self.prepare_denoiser()  # post-training start weights and LoRA, before the engine wraps it
         first = cfg.train.stages[0]
         self.engine = build_engine(
@@ -223,7 +224,10 @@ class Trainer:
             self.logger.event(f"trainable: {trainable / 1e6:.4f}M of {total / 1e6:.2f}M parameters "
                               f"({100 * trainable / total:.2f}%)")
         if self.init_note:
-            self.logger.event(self.init_note)
+            src = self.init_source
+            read = (f"; rank 0 read {src.bytes_read / 2**20:.1f} of {src.total_bytes / 2**20:.1f} MiB"
+                    if src is not None and src.total_bytes else "")
+            self.logger.event(self.init_note + read)
         if self.model.encoders_built:
             frozen = self.frozen_encoders_report()
             self.logger.event(f"frozen encoders: {frozen['layout']}, {frozen['params_local'] / 1e6:.2f}M of "
@@ -582,19 +586,23 @@ class Trainer:
 
         The denoiser arrives on the meta device (``build_model(defer_init=True)``). Diffusers
         safetensors become its start weights' source: the engine reads them where it keeps them
-        (FSDP2: each rank its slices; ZeRO-3: module by module). A scaletrain checkpoint, a
-        pickled .bin and LoRA need the whole module first: it is initialised whole here."""
-        from scaletrain.checkpoint.init import diffusers_source, load_init_weights, own_checkpoint
+        (FSDP2: each rank its slices; ZeRO-3: module by module); so does a DCP checkpoint under
+        FSDP2 and DDP (one collective load into the shards). DeepSpeed checkpoints, a pickled
+        .bin and LoRA need the whole module first: it is initialised whole here."""
+        from scaletrain.checkpoint.init import checkpoint_source, diffusers_source, load_init_weights, own_checkpoint
 
         cfg, denoiser = self.cfg, self.model.denoiser
         if cfg.init.source is not None:
             own = own_checkpoint(cfg)
-            found = diffusers_source(cfg.init) if own is None and not cfg.lora.enabled else None
+            found = None
+            if own is None and not cfg.lora.enabled:
+                found = diffusers_source(cfg.init) or checkpoint_source(cfg.init, cfg.engine.kind)
             if own is not None:
                 self.init_note = (f"init: skipped ({cfg.init.source} not loaded): resuming this run's own "
                                   f"checkpoint {own.path}")
             elif found is not None and denoiser.pending_init is not None:
                 denoiser.pending_init.source, denoiser.pending_init.source_what, self.init_note = found
+                self.init_source = found[0]
             else:
                 denoiser.materialize(self.device)
                 self.init_note = load_init_weights(denoiser, cfg.init, cfg.model.preset)

@@ -101,3 +101,34 @@ def test_a_preset_that_cannot_fit_this_host_is_one_line_before_launch() -> None:
     if 8 * fsdp > psutil.virtual_memory().available:
         with pytest.raises(ConfigError, match="on fsdp x8 needs at least"):
             check_startup_memory(load_config(REPO / "configs" / "demo.yaml", sizes, world_size=8, check_paths=False), 8)
+
+
+def test_dcp_checkpoint_as_start_weights_and_one_line_for_keys_that_do_not_fit(tmp_path) -> None:
+    """init.from_checkpoint's DCP source (checkpoint/sources.py DCPCheckpoint): the model
+    entries, then the EMA's over the parameters, land in a meta-built denoiser exactly; a
+    checkpoint of another preset is one line naming the keys. (Two ranks: test_posttrain.)"""
+    import torch.distributed.checkpoint as dcp
+
+    from scaletrain.checkpoint.sources import DCPCheckpoint
+
+    saved = build_model("dit-tiny", seed=3, encoders=False).denoiser
+    state = {k: v.clone() for k, v in saved.state_dict().items()}
+    dcp.save({"model": state, "optim": {"step": torch.tensor(7)}}, checkpoint_id=str(tmp_path / "engine"))
+    ema = {n: torch.full_like(p, 0.5) for n, p in saved.named_parameters()}
+    dcp.save({"params": ema, "num_updates": torch.tensor(3)}, checkpoint_id=str(tmp_path / "ema"))
+    for use_ema in (False, True):
+        den = build_model("dit-tiny", seed=0, encoders=False, defer_init=True).denoiser
+        source = DCPCheckpoint(tmp_path, use_ema)
+        den.pending_init.source, den.pending_init.source_what = source, "init.from_checkpoint='x'"
+        den.materialize(torch.device("cpu"))
+        want = {**state, **ema} if use_ema else state
+        assert den.state_dict().keys() == state.keys()
+        assert all(torch.equal(v, want[k]) for k, v in den.state_dict().items())
+        assert 0 < source.bytes_read <= source.total_bytes
+    other = build_model("unet-tiny", seed=0, encoders=False, defer_init=True).denoiser
+    other.pending_init.source, other.pending_init.source_what = DCPCheckpoint(tmp_path, False), "init.from_checkpoint='x'"
+    with pytest.raises(ValueError) as e:
+        other.materialize(torch.device("cpu"))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("init.from_checkpoint='x': its weights do not match the model's keys (missing ")
+    assert "unexpected" in msg and "pick the preset it was trained with" in msg
