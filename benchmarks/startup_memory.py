@@ -12,7 +12,15 @@ holds. The same global batch at 1 and 2 ranks (the 1-rank run accumulates 2 micr
 What sharding buys at start-up is the drop in per-rank peak from 1 to 2 ranks; the goal (issue
 26) is a drop of at least 40 % of the fp32 denoiser's bytes (a sharded engine holds half of them
 per rank at 2 ranks: 50 % is the ceiling). DDP and ZeRO-1/2 hold whole parameters by design,
-so their drop is about 0. A Markdown table is written next to the JSON.
+so their drop is about 0.
+
+The sizing model's prediction (``scaletrain size``'s start-up floor, ``bench.sizing.
+startup_floor_bytes``: frozen encoders + the denoiser as the engine holds it) is compared with
+each measured peak: predicted = the peak of the same launch on ``--baseline-preset`` (a tiny
+model: imports, process group, loader, allocator; measured, not assumed) + the floor of the
+preset - the floor of the baseline preset. The second goal: within 10 % of the measured peak.
+The baseline shares nothing with the floor: it is a measured run. A Markdown table is written
+next to the JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 0.40  # of the fp32 denoiser's bytes
+SIZE_GOAL = 0.10  # |measured / predicted - 1|
 
 
 def _port() -> int:
@@ -60,8 +69,21 @@ def launch(preset: str, engine: str, ranks: int, shards: str, resolution: int, r
             "params_local_rank0": summary["params_local_rank0"]}
 
 
+def sizing_engine(engine: str) -> str:
+    return "zero3" if engine == "deepspeed" else engine  # configs/demo.yaml: ds_configs/zero3.json
+
+
+def predicted_gib(preset: str, engine: str, ranks: int, precision: str, baseline: dict) -> float:
+    from scaletrain.bench.sizing import model_facts, startup_floor_bytes
+
+    name = sizing_engine(engine)
+    floor = (startup_floor_bytes(name, model_facts(preset), ranks, precision)
+             - startup_floor_bytes(name, model_facts(baseline["preset"]), ranks, precision))
+    return max(baseline["peak_host_gib"]) + floor / 2**30
+
+
 def measure(preset: str, engine: str, shards: str, resolution: int, work: Path, precision: str,
-            timeout: float) -> dict:
+            timeout: float, baselines: dict) -> dict:
     runs = {n: launch(preset, engine, n, shards, resolution, work / f"{preset}-{engine}-{n}", precision, timeout)
             for n in (1, 2)}
     if any(r["status"] != "ok" for r in runs.values()):
@@ -71,11 +93,29 @@ def measure(preset: str, engine: str, shards: str, resolution: int, work: Path, 
     fp32 = params * 4 / 2**30
     one, two = max(runs[1]["peak_host_gib"]), max(runs[2]["peak_host_gib"])
     drop = one - two
-    return {"preset": preset, "engine": engine, "status": "ok", "params": params, "fp32_denoiser_gib": round(fp32, 3),
+    pred = {n: predicted_gib(preset, engine, n, precision, baselines[(engine, n)]) for n in (1, 2)}
+    ratio = {n: (one if n == 1 else two) / pred[n] for n in (1, 2)}
+    size = {"predicted_gib": {n: round(v, 3) for n, v in pred.items()},
+            "measured_over_predicted": {n: round(v, 3) for n, v in ratio.items()},
+            "baseline": {n: baselines[(engine, n)] for n in (1, 2)},
+            "within_size_goal": all(abs(v - 1) <= SIZE_GOAL for v in ratio.values())}
+    return {**size, "preset": preset, "engine": engine, "status": "ok", "params": params, "fp32_denoiser_gib": round(fp32, 3),
             "peak_1_rank_gib": one, "peak_2_ranks_gib": runs[2]["peak_host_gib"],
             "drop_gib": round(drop, 3), "drop_of_fp32": round(drop / fp32, 3), "goal": GOAL,
             "meets_goal": drop / fp32 >= GOAL, "startup_seconds": {1: runs[1]["seconds"], 2: runs[2]["seconds"]},
             "lines": {1: runs[1]["line"], 2: runs[2]["line"]}}
+
+
+def measure_baselines(preset: str, engines: list[str], shards: str, resolution: int, work: Path, precision: str,
+                      timeout: float) -> dict:
+    out = {}
+    for engine in engines:
+        for n in (1, 2):
+            r = launch(preset, engine, n, shards, resolution, work / f"baseline-{engine}-{n}", precision, timeout)
+            if r["status"] != "ok":
+                raise SystemExit(f"baseline {preset} {engine} x{n}: {r['status']}")
+            out[(engine, n)] = {"preset": preset, "peak_host_gib": r["peak_host_gib"]}
+    return out
 
 
 def write_markdown(results: dict, path: Path) -> None:
@@ -83,17 +123,23 @@ def write_markdown(results: dict, path: Path) -> None:
             f"Written by `{results['command']}` on {results['host']}. Each row: two launches of "
             "`launchers/pretrain.py` (configs/demo.yaml on the preset, run.stop_at_step=0), same global batch. "
             f"Goal: the 2-rank per-rank peak is lower than the 1-rank peak by at least {GOAL:.0%} of the fp32 "
-            "denoiser's bytes.", "",
+            "denoiser's bytes. Size: the sizing model's start-up floor (`scaletrain size`) plus the measured "
+            f"peak of the same launch on {results.get('baseline_preset', 'a tiny preset')} (imports, process "
+            f"group, loader), against the measured peak; goal: within {SIZE_GOAL:.0%}.", "",
             "| preset | engine | params | fp32 denoiser GiB | peak 1 rank GiB | peak per rank, 2 ranks GiB | drop GiB | "
-            "drop / fp32 denoiser | goal met | start-up s (1 / 2 ranks) |", "|" + "---|" * 10]
+            "drop / fp32 denoiser | goal met | start-up s (1 / 2 ranks) | size predicts GiB (1 / 2) | "
+            "measured / predicted (1 / 2) | size within 10 % |", "|" + "---|" * 13]
     for c in results["cells"]:
         if c["status"] != "ok":
-            rows.append(f"| {c['preset']} | {c['engine']} | {c['status']} |" + " |" * 7)
+            rows.append(f"| {c['preset']} | {c['engine']} | {c['status']} |" + " |" * 10)
             continue
         rows.append(f"| {c['preset']} | {c['engine']} | {c['params'] / 1e6:.0f}M | {c['fp32_denoiser_gib']:.2f} | "
                     f"{c['peak_1_rank_gib']:.2f} | {' / '.join(f'{g:.2f}' for g in c['peak_2_ranks_gib'])} | "
                     f"{c['drop_gib']:.2f} | {c['drop_of_fp32']:.2f} | {'yes' if c['meets_goal'] else 'no'} | "
-                    f"{c['startup_seconds']['1']:.0f} / {c['startup_seconds']['2']:.0f} |")
+                    f"{c['startup_seconds']['1']:.0f} / {c['startup_seconds']['2']:.0f} | "
+                    f"{c['predicted_gib']['1']:.2f} / {c['predicted_gib']['2']:.2f} | "
+                    f"{c['measured_over_predicted']['1']:.2f} / {c['measured_over_predicted']['2']:.2f} | "
+                    f"{'yes' if c['within_size_goal'] else 'no'} |")
     path.write_text("\n".join(rows) + "\n")
 
 
@@ -105,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--shards", help="webdataset shards (default: 8 synthetic 64 px shards made here)")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--baseline-preset", default="unet-tiny",
+                   help="a tiny preset whose start-up peak is the runtime baseline of the size prediction")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="startup-memory-") as tmp:
@@ -116,10 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             write_synthetic_shards(work / "synth", num_samples=64, samples_per_shard=8, resolution=args.resolution,
                                    seed=0)
             shards = str(work / "synth" / "shard-{000000..000007}.tar")
-        cells = [measure(pr, en, shards, args.resolution, work, args.precision, args.timeout)
+        baselines = measure_baselines(args.baseline_preset, args.engines, shards, args.resolution, work,
+                                      args.precision, args.timeout)
+        cells = [measure(pr, en, shards, args.resolution, work, args.precision, args.timeout, baselines)
                  for pr in args.presets for en in args.engines]
     results = {"command": "python benchmarks/startup_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "host": f"{platform.node()} ({os.cpu_count()} CPUs)", "cells": cells}
+               "host": f"{platform.node()} ({os.cpu_count()} CPUs)", "baseline_preset": args.baseline_preset,
+               "cells": cells}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     write_markdown(json.loads(json.dumps(results)), args.out.with_suffix(".md"))
@@ -129,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{c['preset']} {c['engine']}: peak {c['peak_1_rank_gib']:.2f} GiB at 1 rank, "
               f"{max(c['peak_2_ranks_gib']):.2f} at 2; drop {c['drop_of_fp32']:.2f} of the fp32 denoiser "
-              f"({'meets' if c['meets_goal'] else 'misses'} {GOAL:.0%})")
+              f"({'meets' if c['meets_goal'] else 'misses'} {GOAL:.0%}); measured / size predicted "
+              f"{c['measured_over_predicted'][1]:.2f} at 1 rank, {c['measured_over_predicted'][2]:.2f} at 2")
     return 0
 
 

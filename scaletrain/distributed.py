@@ -13,6 +13,7 @@ import socket
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -112,11 +113,31 @@ def shutdown_distributed() -> None:
     """
     gc.collect()
     if dist.is_initialized():
+        rank = dist.get_rank()
         try:
-            dist.barrier()
+            dist.barrier()  # every rank is past its last collective: the peers' buffers are mapped
+            remove_deepspeed_shm(rank)
         finally:
             dist.destroy_process_group()
     gc.collect()
+
+
+def remove_deepspeed_shm(rank: int) -> bool:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer (``/dev/shm/deepspeed_allreduce_buffer_
+    {uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}``, 66 MiB; DeepSpeed's ``csrc/cpu/comm/shm.cpp``
+    creates one per rank of a multi-rank CPU run and never removes it). Left behind, every such
+    run leaked 132 MiB of tmpfs, which counts against the host's memory until reboot (5.9 GB
+    here after a day of test runs). Mapped peers keep their mapping; the name goes. Returns
+    whether there was one."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return False
+    path = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    try:
+        path.unlink()
+        return True
+    except OSError:
+        return False
 
 
 def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:

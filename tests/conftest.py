@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, tier))
         if tier in ("distributed", "e2e") and item.get_closest_marker("fast") is None:
             item.add_marker(pytest.mark.slow)
+
+
+_SESSION_START = time.time()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """DeepSpeed CPU all-reduce buffers of runs killed on purpose (SIGKILL tests) cannot be
+    removed by the run itself (scaletrain.distributed.remove_deepspeed_shm does it on a clean
+    exit): remove this user's buffers made since the session began (66 MiB of tmpfs each)."""
+    shm = Path("/dev/shm")
+    for f in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*") if shm.is_dir() else []:
+        try:
+            if f.stat().st_mtime >= _SESSION_START:
+                f.unlink()
+        except OSError:
+            pass
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -92,22 +92,31 @@ def state_bytes(engine: str, facts: ModelFacts, world: int, precision: str = "fp
     raise ValueError(f"engine {engine!r} is unknown; choose from {', '.join(ENGINES)}")
 
 
+DS_SUB_GROUP_ELEMS = 1e9  # DeepSpeed's zero_optimization.sub_group_size default
+
+
 def startup_floor_bytes(engine: str, facts: ModelFacts, world: int, precision: str = "fp32",
                         precomputed: bool = False, frozen_encoders: str = "replicate") -> float:
-    """The least a rank holds when it reaches its first step (no gradients or optimizer moments
-    yet): the frozen encoders in the run precision (none on precomputed latents), plus the
-    denoiser's parameters as the engine keeps them at start-up: FSDP2 its fp32 shard (meta-device
-    init), ZeRO-3 its partition in the run precision and DeepSpeed's fp32 master partition
-    (zero.Init), DDP and ZeRO-1/2 the whole fp32 model (ZeRO-1/2 also the fp32 master partition).
+    """The least a rank holds when it reaches its first step (no activations, no Adam moments
+    yet: torch's AdamW makes them at the first step): the frozen encoders in the run precision
+    (none on precomputed latents), plus the denoiser as the engine keeps it at start-up:
+    FSDP2 its fp32 shard (meta-device init); DDP and ZeRO-1/2 the whole fp32 model (ZeRO-1/2 also
+    the fp32 master partition); ZeRO-3 (zero.Init) what DeepSpeed 0.19's stage-3 optimizer
+    allocates in its constructor (``runtime/zero/stage3.py``): the parameter partition (2 or 4
+    bytes), its fp32 master copy (4), the flat gradient-partition buffer (4) and
+    ``initialize_optimizer_states``' gradient buffer for the largest sub-group (4, up to
+    ``sub_group_size`` = 1e9 elements), plus the largest module gathered while it is filled.
     ``frozen_encoders="shard"`` (model.frozen_encoders) holds 1/world of the encoders on the
     device; the host builds them whole first, so a host check passes "replicate".
-    A floor, not a forecast: allocator slack, imports and activations come on top."""
+    A floor, not a forecast: allocator slack and imports come on top (``benchmarks/
+    startup_memory.py`` adds a measured baseline and compares)."""
     P, N = facts.params, world
     w = 2 if precision in ("bf16", "fp16") else 4
     frozen = 0.0 if precomputed else (2 if precision in ("bf16", "fp16") else 4) * facts.frozen
     frozen /= N if frozen_encoders == "shard" else 1
+    zero3 = (w + 8) * P / N + 4 * min(P / N, DS_SUB_GROUP_ELEMS) + facts.largest_module * w * (N > 1)
     denoiser = {"fsdp": 4 * P / N, "ddp": 4 * P, "zero1": 4 * P + 4 * P / N, "zero2": 4 * P + 4 * P / N}.get(
-        engine, (w + 4) * P / N)
+        engine, zero3)
     return frozen + denoiser
 
 
@@ -686,7 +695,8 @@ def size_report(inp: SizeInputs) -> str:
     lines.append(f"start-up floor per GPU at the first step (frozen encoders in {inp.precision}"
                  + (", none: precomputed latents" if inp.precomputed else
                     ", sharded over the GPUs" if inp.frozen_encoders == "shard" else ", whole on every GPU")
-                 + "; the denoiser as each engine holds it before any gradient; no activations, no allocator slack):")
+                 + "; the denoiser as each engine holds it at its first step, ZeRO-3 with the buffers DeepSpeed's "
+                 "constructor allocates; no activations, no Adam moments, no allocator slack):")
     for engine in inp.engines:
         like = {"hsdp": "fsdp", "zero3-hpz": "zero3"}.get(engine, engine)
         row = []
