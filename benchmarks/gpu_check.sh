@@ -1,103 +1,196 @@
 #!/usr/bin/env bash
-# GPU check, one call on one GPU (about 8 minutes; every part has its own timeout):
-#  1. (TINY=1, +4 min) the CUDA paths of every engine (NCCL, FSDP2, DeepSpeed ZeRO-3, DDP autocast)
-#     in bf16 and fp16 on the tiny demo recipe, with activation checkpointing on;
-#  2. `scaletrain data encode` of 512 synthetic 512 px images for unet-sd2 (256, 512 px) and pixart;
-#  3. real-size throughput and memory with `scaletrain bench` (bf16, one rank): unet-sd2 at 256 and
-#     512 px and pixart-xl-2 (DiT-XL/2 size) at 256 px, activation checkpointing off and on,
-#     regional compile on unet-sd2 256 px (EXTRA=1, +8 min: a micro-batch sweep, DiT compile and
-#     the FSDP2 offload); img/s, TFLOP/s, MFU, peak memory and its split by category per cell;
-#  4. a profile of one unet-sd2 256 px step (top CUDA kernels, exposed host time);
-#  (MMDIT=1, +4 min) the SD3-medium-size MMDiT (2.0B) at 256 px on precomputed 16-channel latents;
-#  5. (+1 min) start-up of unet-sd2 on FSDP2 and ZeRO-3: the `start-up:` line with peak device memory.
-# Writes OUT/gpu_<device>.md (the table to commit as benchmarks/results/gpu_<device>.md with the
-# bench JSON files beside it). Run from the repo root:  bash benchmarks/gpu_check.sh OUT_DIR
+# GPU check: one call on one GPU, at most GPU_CHECK_LIMIT seconds in all (default 540: 9 min).
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR            # on the GPU machine, from the repo root
+#   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh OUT # the same script on CPU with tiny presets
+#                                                    # (tests/e2e/test_gpu_check.py runs it)
+#
+# Built so that a lent GPU is never wasted:
+#  - an import and device check runs first; nothing else runs if it fails;
+#  - every cell runs under `timeout` with the smaller of its own limit and what is left of the
+#    global limit (minus a reserve for the report); a cell that would get under 20 s is recorded
+#    as skipped, not started;
+#  - a cell's processes are killed as a whole when it ends: timeout signals its process group,
+#    then every process still carrying the cell's GPU_CHECK_CELL marker in its environment is
+#    killed (torchrun and `scaletrain bench` start ranks in sessions of their own, which a
+#    process-group kill does not reach), so no timed-out cell keeps the GPU into the next one;
+#  - after every cell its status goes to OUT/cells.tsv and the report (OUT/gpu_<device>.md, by
+#    benchmarks/gpu_report.py) is rewritten: a check cut short still leaves its figures;
+#  - the most valuable cells first: unet-sd2 256 px on precomputed latents (the img/s goal), the
+#    DiT MFU cell, the start-up device-memory rows (issue 26), then the rest; compile last.
+#
+# Cells (GPU; the dry run's tiny stand-ins in brackets):
+#   encode-sd2     `scaletrain data encode` of 512 synthetic 512 px images for unet-sd2 at 256/512 px
+#   sd2-256        bench unet-sd2 256 px, precomputed latents, FSDP2 bf16, micro-batch 32   [unet-tiny-latent 32 px]
+#   encode-dit / dit-256   pixart-xl-2 (DiT-XL/2 size) 256 px: the MFU goal                 [dit-tiny, online]
+#   startup-fsdp / startup-deepspeed   unet-sd2 to the `start-up:` line (peak device memory) [unet-tiny]
+#   sd2-512, sd2-online (VAE + text encoder every step), sd2-ac (activation checkpointing)
+#   profile        where one unet-sd2 256 px step's time goes (top kernels, exposed host time)
+#   (TINY=1) tiny-<engine>-<precision>: the CUDA paths of FSDP2, DDP, ZeRO-3 in bf16 and fp16
+#   (MMDIT=1) the SD3-medium-size MMDiT (2.0B) at 256 px; (EXTRA=1) micro-batch sweep, offload
+#   sd2-compile, (EXTRA=1) dit-compile: regional compile, last (compiling costs minutes)
 # Wheels for packages the node lacks may be placed in .whl/ (installed to /tmp/site).
-# The real-size cells train on precomputed latents (`scaletrain data encode`, run here first on
-# the GPU: no VAE or text encoder in the step); one unet-sd2 256 px cell runs online beside them
-# (VAE + text encoder every step, its "encode" phase) for the precomputed-vs-online ratio.
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUT"
+START=$(date +%s)
+LIMIT=${GPU_CHECK_LIMIT:-540}
+DEADLINE=$((START + LIMIT))
+RESERVE=${GPU_CHECK_RESERVE:-15}  # seconds kept for the last report
+DRY=${GPU_CHECK_DRY:-0}
+PY=${PYTHON:-python3}
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-nvidia-smi -L | tee "$OUT/gpu.txt"
-python3 -c "import torch, diffusers, transformers, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m scaletrain.cli data synth --out /tmp/synth64 --num-samples 512 --per-shard 64 --resolution 64 > /dev/null
-python3 -m scaletrain.cli data synth --out /tmp/synth512 --num-samples 512 --per-shard 64 --resolution 512 > /dev/null
+TMP=${GPU_CHECK_TMP:-/tmp/gpu_check_data}
+mkdir -p "$TMP"
 
-# 1. (TINY=1) CUDA paths of every engine (tiny recipe, 30 steps, activation checkpointing on)
-if [ "${TINY-0}" = 1 ]; then
-  TR="python3 -m torch.distributed.run --standalone --nproc_per_node 1 launchers/pretrain.py --config configs/demo.yaml"
-  COMMON="--set data.shards=/tmp/synth64/shard-{000000..000007}.tar --set log.wandb=disabled --set log.progress=false --set train.stages.0.global_batch=null --set train.stages.1.global_batch=null --set train.stages.0.steps=20 --set train.stages.1.steps=10 --set validate.every_steps=0 --set model.activation_checkpointing=full"
+if [ "$DRY" = 1 ]; then  # the same cells on CPU, tiny presets, a few steps
+  P_SD2=unet-tiny-latent; P_DIT=dit-tiny; P_START=unet-tiny; R1=32; R2=64; MB=2; PREC=fp32
+  SRC_RES=64; NSAMPLES=64; BENCH_STEPS="--warmup 1 --reps 2 --num-workers 0"; ENC_BATCH=16
+  BACKEND=aot_eager  # the compile cell's wiring without minutes of CPU code generation
+else
+  P_SD2=unet-sd2; P_DIT=pixart-xl-2; P_START=unet-sd2; R1=256; R2=512; MB=32; PREC=bf16
+  SRC_RES=512; NSAMPLES=512; BENCH_STEPS="--warmup 3 --reps 6 --num-workers 6"; ENC_BATCH=64
+  BACKEND=inductor
+fi
+printf "cell\trc\tseconds\tlimit\n" > "$OUT/cells.tsv"
+
+left() { echo $((DEADLINE - RESERVE - $(date +%s))); }
+
+reap() {  # NAME: kill every process whose environment carries GPU_CHECK_CELL=NAME
+  local e pid
+  for e in /proc/[0-9]*/environ; do
+    pid=${e#/proc/}; pid=${pid%/environ}
+    [ "$pid" = "$$" ] && continue
+    if tr '\0' '\n' < "$e" 2>/dev/null | grep -qx "GPU_CHECK_CELL=$1"; then kill -9 "$pid" 2>/dev/null; fi
+  done
+}
+
+report() { $PY benchmarks/gpu_report.py "$OUT" > "$OUT/gpu_report.log" 2>&1; }
+
+cell() {  # NAME LIMIT CMD...: run one cell (output in OUT/NAME.log), record it, rewrite the report
+  local name=$1 limit=$2 rest t0 rc
+  shift 2
+  rest=$(left)
+  if [ "$rest" -lt 20 ]; then
+    echo "== $name: skipped (global limit ${LIMIT}s reached)"
+    printf "%s\tskipped\t0\t0\n" "$name" >> "$OUT/cells.tsv"
+    return 0
+  fi
+  [ "$limit" -gt "$rest" ] && limit=$rest
+  echo "== $name (limit ${limit}s): $*"
+  t0=$(date +%s)
+  GPU_CHECK_CELL=$name timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  reap "$name"
+  printf "%s\t%s\t%s\t%s\n" "$name" "$rc" "$(($(date +%s) - t0))" "$limit" >> "$OUT/cells.tsv"
+  echo "rc=$rc ($(($(date +%s) - t0))s)"; tail -n 2 "$OUT/$name.log"
+  report
+  return 0
+}
+
+# -- the machine: nothing else runs unless torch imports and (outside the dry run) sees a GPU
+if [ "$DRY" = 1 ]; then
+  echo "cpu: dry run (GPU_CHECK_DRY=1, tiny presets)" > "$OUT/gpu.txt"
+else
+  nvidia-smi -L > "$OUT/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/gpu.txt"
+fi
+cell imports 60 $PY -c "
+import sys, torch, diffusers, transformers, deepspeed, scaletrain
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__,
+      'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)
+if '$DRY' != '1':
+    assert torch.cuda.is_available(), 'torch sees no GPU'
+    x = torch.ones(1024, 1024, device='cuda', dtype=torch.bfloat16); print('device', torch.cuda.get_device_name(), float((x @ x).sum()))
+"
+cat "$OUT/imports.log" >> "$OUT/gpu.txt"
+if [ "${GPU_CHECK_SELFTEST-0}" = 1 ]; then  # the reaper: a child in a session of its own outlives timeout's group kill
+  cell reap-selftest 3 bash -c 'setsid sleep 600 & sleep 600'
+fi
+if ! grep -q "^imports	0	" "$OUT/cells.tsv"; then
+  echo "import or device check failed: see $OUT/imports.log"; exit 1
+fi
+
+cell synth 60 $PY -m scaletrain.cli data synth --out "$TMP/synth" --num-samples "$NSAMPLES" --per-shard 64 \
+  --resolution "$SRC_RES"
+SH="$TMP/synth/shard-{000000..000007}.tar"
+[ "$DRY" = 1 ] && SH="$TMP/synth/shard-{000000..000000}.tar"
+
+encode() {  # NAME PRESET OUT RESOLUTION...: precomputed latents (bf16 encoders, as a bf16 recipe runs them)
+  local name=$1 preset=$2 out=$3
+  shift 3
+  cell "$name" 150 $PY -m scaletrain.cli data encode --config configs/latent.yaml --no-progress --batch-size $ENC_BATCH \
+    --shards "$SH" --out "$out" --set model.preset=$preset --set engine.precision=$PREC \
+    --set "train.stages=[{name: a, resolution: $R1, steps: 1, micro_batch: 1}]" \
+    $(for r in "$@"; do echo --resolution "$r"; done)
+}
+
+bench() {  # NAME LIMIT SHARDS ARGS...: one `scaletrain bench` call (each records its levers)
+  local name=$1 limit=$2 shards=$3
+  shift 3
+  cell "$name" "$limit" $PY -m scaletrain.cli bench --precision $PREC --world-sizes 1 $BENCH_STEPS \
+    --no-loaded --no-comm-sweep --shards "$shards" --out "$OUT/bench-$name" "$@"
+}
+
+startup() {  # ENGINE: the preset to the `start-up:` line (peak host and device memory per rank)
+  cell "startup-$1" 150 $PY -m torch.distributed.run --standalone --nproc_per_node 1 launchers/pretrain.py \
+    --config configs/demo.yaml --set model.preset=$P_START --set engine.kind=$1 --set engine.precision=$PREC \
+    --set run.stop_at_step=0 --set checkpoint.resume=never --set "data.shards=$SH" \
+    --set "train.stages=[{name: s, resolution: 64, steps: 1, micro_batch: 1, global_batch: 1}]" \
+    --set log.wandb=disabled --set log.progress=false --set sample.at_end=false --set validate.at_end=false \
+    --set "run.dir=$OUT/startup-$1"
+  grep -ho "start-up:.*" "$OUT/startup-$1.log" | sed "s/^/$P_START on $1, 1 rank: /" >> "$OUT/gpu.txt"
+}
+
+# -- the goals first
+encode encode-sd2 $P_SD2 "$TMP/lat-sd2" $R1 $R2
+bench sd2-256 120 "$TMP/lat-sd2" --presets $P_SD2 --resolutions $R1 --engines fsdp --micro-batches $MB
+if [ "$DRY" = 1 ]; then  # dit-tiny is a pixel-space model: the same cell online
+  bench dit-256 90 "$SH" --presets $P_DIT --resolutions $R1 --engines fsdp --micro-batches $MB
+else
+  encode encode-dit $P_DIT "$TMP/lat-dit" $R1
+  bench dit-256 90 "$TMP/lat-dit" --presets $P_DIT --resolutions $R1 --engines fsdp --micro-batches $MB
+fi
+startup fsdp
+startup deepspeed
+
+# -- then the rest
+bench sd2-512 90 "$TMP/lat-sd2" --presets $P_SD2 --resolutions $R2 --engines fsdp --micro-batches $MB
+bench sd2-online 90 "$SH" --presets $P_SD2 --resolutions $R1 --engines fsdp --micro-batches $MB
+bench sd2-ac 120 "$TMP/lat-sd2" --presets $P_SD2 --resolutions $R1 $R2 --engines fsdp --micro-batches $MB \
+  --activation-checkpointing full
+cell profile 120 $PY benchmarks/profile_step.py --preset $P_SD2 --resolution $R1 --micro-batch $MB \
+  --out "$OUT/profile_${P_SD2}_${R1}.txt"
+if [ "${TINY-0}" = 1 ]; then  # the CUDA paths of every engine (tiny recipe, activation checkpointing on)
   for e in ${ENGINES-fsdp ddp deepspeed}; do
     for pr in ${PRECISIONS-bf16 fp16}; do  # fp16: dynamic loss scaling (GradScaler / ShardedGradScaler / DeepSpeed's)
-      echo "== tiny demo recipe, $e $pr, activation checkpointing, 1 GPU"
-      timeout 150 $TR $COMMON --set engine.kind=$e --set engine.precision=$pr --set run.dir=$OUT/tiny-$e-$pr > "$OUT/tiny-$e-$pr.log" 2>&1
-      echo "rc=$?"; tail -n 2 "$OUT/tiny-$e-$pr.log"; cp "$OUT/tiny-$e-$pr/summary.json" "$OUT/tiny-$e-$pr.summary.json" 2>/dev/null
+      cell "tiny-$e-$pr" 150 $PY -m torch.distributed.run --standalone --nproc_per_node 1 launchers/pretrain.py \
+        --config configs/demo.yaml --set "data.shards=$SH" --set log.wandb=disabled --set log.progress=false \
+        --set train.stages.0.global_batch=null --set train.stages.1.global_batch=null --set train.stages.0.steps=20 \
+        --set train.stages.1.steps=10 --set validate.every_steps=0 --set model.activation_checkpointing=full \
+        --set engine.kind=$e --set engine.precision=$pr --set "run.dir=$OUT/tiny-$e-$pr"
     done
   done
 fi
-
-# 2. precomputed latents for the real-size cells (bf16 encoders, as a bf16 recipe runs them)
-SH="/tmp/synth512/shard-{000000..000007}.tar"
-encode() {  # PRESET OUT RESOLUTION...
-  local preset=$1 out=$2; shift 2
-  echo "== data encode $preset: $*"
-  timeout 150 python3 -m scaletrain.cli data encode --config configs/latent.yaml --no-progress --batch-size 64 \
-    --shards "$SH" --out "$out" --set model.preset=$preset --set engine.precision=bf16 \
-    --set "train.stages=[{name: a, resolution: 256, steps: 1, micro_batch: 1}]" \
-    $(for r in "$@"; do echo --resolution $r; done) > "$OUT/encode-$preset.log" 2>&1
-  echo "rc=$?"; tail -n 3 "$OUT/encode-$preset.log"
-}
-encode unet-sd2 /tmp/lat-sd2 256 512
-encode pixart-xl-2 /tmp/lat-pixart 256
-
-# 3. real-size bench cells: one `scaletrain bench` call per lever setting (each records its levers)
-bench() {  # NAME TIMEOUT SHARDS ARGS...
-  local name=$1 limit=$2 shards=$3; shift 3
-  echo "== bench $name: $*"
-  timeout "$limit" python3 -m scaletrain.cli bench --precision bf16 --world-sizes 1 --warmup 3 --reps 6 --num-workers 6 \
-    --no-loaded --no-comm-sweep --shards "$shards" --out "$OUT/bench-$name" "$@" > "$OUT/bench-$name.log" 2>&1
-  echo "rc=$?"; grep -E "^\| (unet|pixart|mmdit|flux)" "$OUT/bench-$name/results.md" 2>/dev/null | head -n 8 || tail -n 5 "$OUT/bench-$name.log"
-}
-bench sd2-online 90 "$SH" --presets unet-sd2 --resolutions 256 --engines fsdp --micro-batches 32
-SH=/tmp/lat-sd2
-bench sd2-eager 120 "$SH" --presets unet-sd2 --resolutions 256 512 --engines fsdp --micro-batches 32
-bench sd2-ac 120 "$SH" --presets unet-sd2 --resolutions 256 512 --engines fsdp --micro-batches 32 --activation-checkpointing full
-bench sd2-compile 150 "$SH" --presets unet-sd2 --resolutions 256 --engines fsdp --micro-batches 32 --compile
-bench pixart-eager 90 /tmp/lat-pixart --presets pixart-xl-2 --resolutions 256 --engines fsdp --micro-batches 32
-if [ "${MMDIT-0}" = 1 ]; then  # +4 min: the SD3-medium-size MMDiT (2.0B) at 256 px
-  encode mmdit-sd3-medium /tmp/lat-mmdit 256
-  bench mmdit-eager 150 /tmp/lat-mmdit --presets mmdit-sd3-medium --resolutions 256 --engines fsdp --micro-batches 16
-  bench mmdit-ac 150 /tmp/lat-mmdit --presets mmdit-sd3-medium --resolutions 256 --engines fsdp --micro-batches 32 --activation-checkpointing full
+if [ "${MMDIT-0}" = 1 ]; then  # the SD3-medium-size MMDiT (2.0B) at 256 px
+  encode encode-mmdit mmdit-sd3-medium "$TMP/lat-mmdit" $R1
+  bench mmdit-256 150 "$TMP/lat-mmdit" --presets mmdit-sd3-medium --resolutions $R1 --engines fsdp --micro-batches 16
 fi
-if [ "${EXTRA-0}" = 1 ]; then  # past the 8-minute budget: micro-batch sweep, DiT compile, offload
-  bench sd2-sweep 200 "$SH" --presets unet-sd2 --resolutions 256 --engines ddp --micro-batches 64 128 --activation-checkpointing full
-  bench pixart-compile 200 /tmp/lat-pixart --presets pixart-xl-2 --resolutions 256 --engines fsdp --micro-batches 32 --compile
-  bench sd2-offload 120 "$SH" --presets unet-sd2 --resolutions 256 --engines fsdp-offload --micro-batches 32
+if [ "${EXTRA-0}" = 1 ]; then  # micro-batch sweep and the FSDP2 offload
+  bench sd2-sweep 200 "$TMP/lat-sd2" --presets $P_SD2 --resolutions $R1 --engines ddp --micro-batches 64 128 \
+    --activation-checkpointing full
+  bench sd2-offload 120 "$TMP/lat-sd2" --presets $P_SD2 --resolutions $R1 --engines fsdp-offload --micro-batches $MB
+fi
+# -- compile last: minutes of compilation before the first figure
+bench sd2-compile 150 "$TMP/lat-sd2" --presets $P_SD2 --resolutions $R1 --engines fsdp --micro-batches $MB --compile \
+  --compile-backend $BACKEND
+if [ "${EXTRA-0}" = 1 ]; then
+  bench dit-compile 200 "$TMP/lat-dit" --presets $P_DIT --resolutions $R1 --engines fsdp --micro-batches $MB --compile
 fi
 
-# 4. where one step's time goes
-echo "== profile: unet-sd2 256 px, micro-batch 32, DDP bf16"
-timeout 120 python3 benchmarks/profile_step.py --preset unet-sd2 --resolution 256 --micro-batch 32 \
-  --out "$OUT/profile_unet-sd2_256.txt" > "$OUT/profile.log" 2>&1
-echo "rc=$?"; head -n 30 "$OUT/profile_unet-sd2_256.txt" 2>/dev/null || tail -n 5 "$OUT/profile.log"
-
-# 5. start-up on the device (issue 26): unet-sd2 on one GPU, FSDP2 and ZeRO-3, bf16, stopped right
-#    after the `start-up:` line (peak host and device memory per rank), kept in gpu.txt
-for e in fsdp deepspeed; do
-  echo "== start-up: unet-sd2, $e, bf16, 1 GPU" | tee -a "$OUT/gpu.txt"
-  timeout 150 python3 -m torch.distributed.run --standalone --nproc_per_node 1 launchers/pretrain.py \
-    --config configs/demo.yaml --set model.preset=unet-sd2 --set engine.kind=$e --set engine.precision=bf16 \
-    --set run.stop_at_step=0 --set checkpoint.resume=never --set "data.shards=/tmp/synth64/shard-{000000..000007}.tar" \
-    --set "train.stages=[{name: s, resolution: 64, steps: 1, micro_batch: 1, global_batch: 1}]" \
-    --set log.wandb=disabled --set sample.at_end=false --set validate.at_end=false --set run.dir=$OUT/startup-$e \
-    > "$OUT/startup-$e.log" 2>&1
-  echo "rc=$?"; grep -h "^start-up:" "$OUT/startup-$e.log" | tee -a "$OUT/gpu.txt"
-done
-
-python3 benchmarks/gpu_report.py "$OUT" | tee "$OUT/gpu_report.log"
+report
+cat "$OUT/gpu_report.log"
+echo "cells: $OUT/cells.tsv; $(($(date +%s) - START))s of ${LIMIT}s"

@@ -57,6 +57,15 @@ def table(found: list[dict]) -> list[str]:
     return lines
 
 
+def cell_table(out: Path) -> list[str]:
+    """gpu_check.sh's record of every cell: its exit status, seconds and time limit."""
+    f = out / "cells.tsv"
+    rows = [ln.split("\t") for ln in f.read_text().splitlines()[1:] if ln.strip()] if f.is_file() else []
+    names = {"0": "ok", "124": "timed out", "137": "killed", "skipped": "skipped (global limit)"}
+    return ["| cell | status | seconds | limit s |", "|---|---|---|---|"] + [
+        f"| {r[0]} | {names.get(r[1], f'exit {r[1]}')} | {r[2]} | {r[3]} |" for r in rows if len(r) == 4]
+
+
 def main(argv: list[str]) -> int:
     out = Path(argv[0])
     gpu = (out / "gpu.txt").read_text() if (out / "gpu.txt").is_file() else "unknown device"
@@ -69,6 +78,8 @@ def main(argv: list[str]) -> int:
              "posterior sample and noise) or online (the VAE and text encoder run every step in bf16, inside the "
              "encode column). Activations: tensor memory of that category at the step's peak (torch's memory "
              "tracker).", ""] + table(found)
+    lines += ["", "Cells in the order they ran (OUT/cells.tsv; rc 124: stopped at its time limit, its processes "
+              "killed):", ""] + cell_table(out)
     prof = sorted(out.glob("profile_*.txt"))
     for f in prof:
         lines += ["", f"Profile ({f.name}):", "", "```", *f.read_text().splitlines()[:40], "```"]

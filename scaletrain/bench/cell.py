@@ -73,6 +73,7 @@ def run_config(spec: dict, world_size: int):
         engine["deepspeed_config"] = str(Path(spec.get("repo", ".")) / ds_json)
     data = {"run": {"dir": spec.get("run_dir", "/tmp/scaletrain-bench"), "seed": 0},
             "model": {"preset": spec["preset"], "compile": spec.get("compile", False),
+                      "compile_backend": spec.get("compile_backend", "inductor"),
                       "activation_checkpointing": spec.get("activation_checkpointing", "none")},
             "data": {"shards": spec["shards"], "num_workers": spec.get("num_workers", 1),
                      "shuffle_buffer": 0, "caption_dropout": 0.1},

@@ -24,6 +24,8 @@ def add_bench_parsers(sub) -> None:
     b.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="none",
                    help="model.activation_checkpointing for every cell")
     b.add_argument("--compile", action="store_true", help="model.compile (regional) for every cell")
+    b.add_argument("--compile-backend", choices=["inductor", "aot_eager"], default="inductor",
+                   help="model.compile_backend: aot_eager traces the same regions without code generation")
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--num-workers", type=int, default=1)
@@ -98,6 +100,7 @@ def bench_main(args: argparse.Namespace) -> int:
                       micro_batches=args.micro_batches, world_sizes=args.world_sizes, search=args.search,
                       search_max=args.search_max, precision=args.precision, warmup=args.warmup, reps=args.reps,
                       activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+                      compile_backend=args.compile_backend,
                       num_workers=args.num_workers, max_memory_gib=args.max_memory_gib,
                       peak_tflops=args.peak_tflops, timeout_s=args.cell_timeout,
                       comm_sweep=not args.no_comm_sweep, loaded=not args.no_loaded,

@@ -41,6 +41,7 @@ class MatrixSpec:
     # memory/speed levers (model section, models/parallelize.py), the same for every cell
     activation_checkpointing: str = "none"
     compile: bool = False
+    compile_backend: str = "inductor"  # aot_eager: the same regions without code generation (dry runs)
     warmup: int = 2
     reps: int = 5
     num_workers: int = 1
@@ -334,7 +335,8 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, log: Callable[[str], None] = pri
     t_start = time.time()
     cells: list[dict] = []
     base = {"precision": spec.precision, "activation_checkpointing": spec.activation_checkpointing,
-            "compile": spec.compile, "num_workers": spec.num_workers, "shards": shards,
+            "compile": spec.compile, "compile_backend": spec.compile_backend, "num_workers": spec.num_workers,
+            "shards": shards,
             "max_memory_gib": spec.max_memory_gib, "peak_tflops": spec.peak_tflops}
 
     def run(cell: dict, warmup: int, reps: int) -> dict:
