@@ -48,14 +48,15 @@ def add_bench_parsers(sub) -> None:
     s = sub.add_parser("size", help="memory per GPU, nodes needed, img/s, time and cost for a curriculum")
     s.add_argument("--preset", required=True)
     s.add_argument("--recipe", default=None, help="curriculum from a recipe: images = steps x global batch")
-    s.add_argument("--stage", action="append", default=[], metavar="RES:IMAGES[:MICRO[:GLOBAL]]",
+    s.add_argument("--stage", action="append", default=[], metavar="RES[:IMAGES[:MICRO[:GLOBAL]]]",
                    help="a curriculum stage, e.g. 256:200000000:64:2048 (repeatable): MICRO is the largest "
                         "micro-batch per GPU, GLOBAL the global batch kept fixed at every node count "
-                        "(default: MICRO on every GPU of the largest --nodes); a video preset's stage is "
+                        "(default: MICRO on every GPU of the largest --nodes); IMAGES left out (256, or "
+                        "256::64:2048): throughput only, no time or cost; a video preset's stage is "
                         "RES:CLIPS[:MICRO[:FRAMES[:GLOBAL]]], e.g. 480:2000000:1:81:512 (FRAMES 1: images)")
     s.add_argument("--gpu", default="H100")
     s.add_argument("--gpus-per-node", type=int, default=8)
-    s.add_argument("--price", type=float, required=True, help="USD per GPU-hour")
+    s.add_argument("--price", type=float, default=None, help="USD per GPU-hour (left out: no cost columns)")
     s.add_argument("--nodes", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     s.add_argument("--engines", nargs="+", default=["ddp", "fsdp", "zero2", "zero3"],
                    help="ddp fsdp hsdp zero1 zero2 zero3 zero3-hpz zero3-offload")
@@ -146,12 +147,16 @@ def _parse_stages(args: argparse.Namespace) -> list[tuple[int, ...]]:
     from scaletrain.models import get_preset
 
     video = get_preset(args.preset).video
-    form = "RES:CLIPS[:MICRO[:FRAMES[:GLOBAL]]]" if video else "RES:IMAGES[:MICRO[:GLOBAL]]"
+    form = "RES[:CLIPS[:MICRO[:FRAMES[:GLOBAL]]]]" if video else "RES[:IMAGES[:MICRO[:GLOBAL]]]"
     example = "--stage 480:2000000:1:81:512" if video else "--stage 256:200000000:64:2048"
     for text in args.stage:
         parts = text.split(":")
-        if len(parts) not in ((2, 3, 4, 5) if video else (2, 3, 4)) or not all(p.isdigit() for p in parts):
+        if len(parts) == 1:
+            parts.append("")
+        if (len(parts) not in ((2, 3, 4, 5) if video else (2, 3, 4))
+                or not all(p.isdigit() or (i == 1 and p == "") for i, p in enumerate(parts))):
             raise ConfigError(f"--stage {text!r} is not {form}; write e.g. {example}")
+        parts[1] = parts[1] or "0"  # no image count: throughput only
         micro = int(parts[2]) if len(parts) >= 3 else (1 if video else 16)
         if video:  # a video preset's 4th field is the clip's frames (1: images), the 5th the global batch
             frames = int(parts[3]) if len(parts) >= 4 else 1

@@ -382,7 +382,7 @@ class SizeInputs:
     stages: list[tuple[int, ...]]
     gpu: str
     gpus_per_node: int
-    price_per_gpu_hour: float
+    price_per_gpu_hour: float | None  # None: throughput and time only, no cost columns
     engines: list[str]
     nodes: list[int]
     precision: str = "bf16"
@@ -509,6 +509,27 @@ def _eta(inp: SizeInputs, notes: list[str]) -> float:
     return ASSUMED_ETA
 
 
+def check_measured(inp: SizeInputs, peak_tflops: float) -> None:
+    """One line for a --measured point that cannot be right: two figures for the same GPUs,
+    resolution and engine more than 25 % apart, or a throughput whose FLOPs per GPU exceed the
+    GPU's peak for the precision (a wrong figure, resolution or --gpu)."""
+    from scaletrain.bench.flops import train_flops_per_image
+
+    seen: dict[tuple[int, int, str], float] = {}
+    for gpus, ips, res, engine in inp.measured:
+        engine = engine or inp.engines[0]
+        key = (gpus, res, engine)
+        if key in seen and max(ips, seen[key]) / min(ips, seen[key]) > 1.25:
+            raise ValueError(f"--measured {gpus}:{seen[key]:g}@{res} and {gpus}:{ips:g}@{res} ({engine}) contradict "
+                             f"each other ({max(ips, seen[key]) / min(ips, seen[key]) - 1:.0%} apart); drop one")
+        seen.setdefault(key, ips)
+        tflops = train_flops_per_image(inp.preset, res) * ips / gpus / 1e12
+        if tflops > peak_tflops:
+            raise ValueError(f"--measured {gpus}:{ips:g}@{res} means {tflops:,.0f} TFLOP/s per GPU for {inp.preset}, "
+                             f"above the {inp.gpu}'s {inp.precision} peak of {peak_tflops:,.0f}; check the figure, "
+                             "the resolution and --gpu")
+
+
 def size_report(inp: SizeInputs) -> str:
     """Plain-text sizing: per stage and engine, memory per GPU, the smallest node count that
     fits, and at each node count (global batch fixed) the micro-batch x accumulation, img/s,
@@ -579,6 +600,7 @@ def size_report(inp: SizeInputs) -> str:
     # --measured points: one line each when they contradict the bench file; multi-GPU points
     # calibrate the link they crossed (inside a node, or between nodes), taken at the stage's
     # global batch (micro-batch and accumulation as the plan would choose them).
+    check_measured(inp, peak[0])
     for gpus, ips, res, engine in inp.measured:
         st = next((s for s in stages if s[0] == res and not s[4]), None)
         if st is None:
@@ -604,15 +626,17 @@ def size_report(inp: SizeInputs) -> str:
             fabric = calibrate_link(fabric, which, ips, ips_at)
             notes.append(f"{which}-node link: {getattr(fabric, which).source} ({gpus}:{ips:g}@{res}, {engine})")
 
+    priced = inp.price_per_gpu_hour is not None
     lines = [f"scaletrain size: {inp.preset}, {inp.gpu} x{inp.gpus_per_node} per node, {inp.precision}, "
-             f"${inp.price_per_gpu_hour}/GPU-hour", ""]
+             + (f"${inp.price_per_gpu_hour}/GPU-hour" if priced else "no --price: throughput and time only"), ""]
     total: dict[tuple[str, int], list[float]] = {}
     curves: dict[tuple[int, str], list[tuple[int, float, float]]] = {}
     for res, images, mb, gb, frames in stages:
         what = "clips" if frames else "images"
         clip = (f" x {frames} frame{'s' if frames != 1 else ''} "
                 f"({get_preset(inp.preset).tokens(res, res, frames):,} tokens)") if frames else ""
-        lines.append(f"stage {res} px{clip}, {images:,} {what}, global batch {gb} (micro-batch <= {mb} per GPU)")
+        count = f"{images:,} {what}" if images else f"no {what[:-1]} count: throughput only"
+        lines.append(f"stage {res} px{clip}, {count}, global batch {gb} (micro-batch <= {mb} per GPU)")
         for engine in inp.engines:
             cell = {"preset": inp.preset, "resolution": res, "engine": engine, "micro_batch": mb,
                     "precision": inp.precision, "precomputed": inp.precomputed, "frames": frames,
@@ -662,7 +686,8 @@ def size_report(inp: SizeInputs) -> str:
                             + (f" with K={k}" if k > 1 else "") if min_nodes else "no fit up to 4096 nodes")
                          + f"; 1-{'group' if k > 1 else 'GPU'} step {mt(mb):.3f} s at micro-batch {mb} ({mt.source})")
             lines.append(f"    {'nodes':>5}{'GPUs':>6}{'micro x accum':>15}{'clips/s' if frames else 'img/s':>11}"
-                         f"{'scaling eff.':>14}{'hours':>9}{'$':>11}")
+                         f"{'scaling eff.':>14}" + (f"{'hours':>9}" if images else "")
+                         + (f"{'$':>11}" if images and priced else ""))
             small = None
             for n in inp.nodes:
                 world = n * inp.gpus_per_node
@@ -679,15 +704,17 @@ def size_report(inp: SizeInputs) -> str:
                     lines.append(f"    {n:>5}{world:>6}{'batch < GPUs':>15}")
                     continue
                 ips = p.images_per_second
-                hours = images / ips / 3600
-                cost = hours * world * inp.price_per_gpu_hour
-                total.setdefault((engine, n), []).extend([hours, cost])
+                hours = images / ips / 3600 if images else None
+                cost = hours * world * inp.price_per_gpu_hour if hours is not None and priced else None
+                if hours is not None:
+                    total.setdefault((engine, n), []).extend([hours, cost or 0.0])
                 curves.setdefault((res, engine), []).append((world, ips, p.efficiency))
                 flag = " *" if mt.efficiency(p.micro) < SMALL_MICRO_EFFICIENCY * mt.efficiency(mb) else ""
                 if flag and small is None:
                     small = (world, p.micro, mt.efficiency(p.micro) / mt.efficiency(mb))
                 lines.append(f"    {n:>5}{world:>6}{f'{p.micro} x {p.accum}':>15}{ips:>11,.{0 if ips >= 10 else 2}f}"
-                             f"{p.efficiency:>13.0%}{hours:>9.1f}{cost:>11,.0f}{flag}" + (f"  K={k}" if k > 1 else ""))
+                             f"{p.efficiency:>13.0%}" + (f"{hours:>9.1f}" if hours is not None else "")
+                             + (f"{cost:>11,.0f}" if cost is not None else "") + flag + (f"  K={k}" if k > 1 else ""))
             if small:
                 lines.append(f"    * from {small[0]} GPUs the micro-batch per GPU is {small[1]}: each GPU runs at "
                              f"{small[2]:.0%} of its speed at micro-batch {mb} (fixed costs per step dominate)")
@@ -709,8 +736,8 @@ def size_report(inp: SizeInputs) -> str:
     done = {k: v for k, v in total.items() if len(v) == 2 * len(stages)}
     if done:
         lines.append("whole curriculum (all stages fit):")
-        for (engine, n), v in sorted(done.items(), key=lambda kv: sum(kv[1][1::2])):
-            lines.append(f"  {engine:<14}{n:>4} nodes: {sum(v[0::2]):8.1f} h  ${sum(v[1::2]):,.0f}")
+        for (engine, n), v in sorted(done.items(), key=lambda kv: sum(kv[1][1::2] if priced else kv[1][0::2])):
+            lines.append(f"  {engine:<14}{n:>4} nodes: {sum(v[0::2]):8.1f} h" + (f"  ${sum(v[1::2]):,.0f}" if priced else ""))
         lines.append("")
     if inp.plot:
         _plot_scaling(curves, inp, inp.plot)

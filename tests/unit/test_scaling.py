@@ -164,11 +164,37 @@ def test_size_command_flags_and_one_line_errors(capsys) -> None:
     assert "intra-node link: given: busbw 300.0 GB/s" in out and "inter-node link: given: busbw 25.0 GB/s" in out
     assert "eta = 0.5 given" in out
     for extra, fragment in [(["--measured", "8:fast@256"], "--measured '8:fast@256' is not GPUS:IMG_S@RES[:ENGINE]"),
-                            (["--stage", "256:1:2:3:4"], "is not RES:IMAGES[:MICRO[:GLOBAL]]"),
-                            (["--engines", "zero4"], "engine 'zero4' is unknown")]:
+                            (["--stage", "256:1:2:3:4"], "is not RES[:IMAGES[:MICRO[:GLOBAL]]]"),
+                            (["--engines", "zero4"], "engine 'zero4' is unknown"),
+                            (["--gpu", "H1000"], "--gpu 'H1000' is unknown; choose from"),
+                            # two figures for one configuration, more than 25 % apart
+                            (["--measured", "8:2000@256:fsdp", "--measured", "8:3000@256:fsdp"],
+                             "--measured 8:2000@256 and 8:3000@256 (fsdp) contradict each other (50% apart); drop one"),
+                            # 100,000 img/s on one H100 would be far above its bf16 peak
+                            (["--measured", "1:100000@256"], "TFLOP/s per GPU for unet-sd2, above the H100's bf16 "
+                                                             "peak of 989; check the figure")]:
         assert main(args + extra) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_size_for_throughput_alone_needs_no_price_or_image_count(capsys) -> None:
+    """`scaletrain size --stage RES` without --price: img/s and scaling efficiency per node
+    count, no hours or cost columns, no whole-curriculum block; with an image count but no
+    price: hours, no cost."""
+    from scaletrain.cli import main
+
+    args = ["size", "--preset", "unet-sd2", "--nodes", "1", "2", "--engines", "fsdp", "--act-gib-per-image", "0.2@256"]
+    assert main([*args, "--stage", "256", "--stage", "512::16:512"]) == 0
+    out = capsys.readouterr().out
+    assert "no --price: throughput and time only" in out and "no image count: throughput only" in out
+    header = next(ln for ln in out.splitlines() if "micro x accum" in ln)
+    assert header.split()[-2:] == ["scaling", "eff."] and "$" not in out and "whole curriculum" not in out
+    rows = [ln.split() for ln in out.splitlines() if ln.split()[:2] in (["1", "8"], ["2", "16"])]
+    assert len(rows) == 4 and all(len(r) == 7 for r in rows)  # nodes GPUs micro x accum img/s eff.
+    assert main([*args, "--stage", "256:1000000:16:512"]) == 0
+    out = capsys.readouterr().out
+    assert "hours" in out and "$" not in out and "whole curriculum" in out
 
 
 def test_committed_two_host_measurement_is_predicted_within_20_percent() -> None:

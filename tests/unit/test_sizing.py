@@ -225,7 +225,7 @@ def test_video_stage_arguments(tmp_path):
     assert parse("wan-2.1-1.3b", "480:2000000:1:81:512", "256:1000:8") == [(480, 2000000, 1, 512, 81),
                                                                            (256, 1000, 8, 0, 1)]
     assert parse("unet-sd2", "256:1000:64:2048") == [(256, 1000, 64, 2048, 0)]
-    with pytest.raises(ConfigError, match=r"is not RES:CLIPS\[:MICRO\[:FRAMES\[:GLOBAL\]\]\]; write e.g. "):
+    with pytest.raises(ConfigError, match=r"is not RES\[:CLIPS\[:MICRO\[:FRAMES\[:GLOBAL\]\]\]\]; write e.g. "):
         parse("wan-2.1-1.3b", "480:x")
     # a recipe's stages carry their frames (images on a video preset: 1)
     from tests.conftest import REPO
