@@ -538,7 +538,7 @@ def size_report(inp: SizeInputs) -> str:
     from scaletrain.bench.flops import gpu_peak_tflops, train_flops_per_image
     from scaletrain.models import get_preset
     from scaletrain.bench.scaling import (
-        SMALL_MICRO_EFFICIENCY, MicroTime, calibrate_link, fit_micro_time, plan_step, step_comms,
+        SMALL_MICRO_EFFICIENCY, MicroTime, fit_micro_time, plan_step, step_comms,
     )
 
     facts = model_facts(inp.preset)
@@ -576,15 +576,17 @@ def size_report(inp: SizeInputs) -> str:
     stages = [(s[0], s[1], s[2], s[3] if len(s) > 3 and s[3] else s[2] * max_gpus, s[4] if len(s) > 4 else 0)
               for s in inp.stages]
 
-    def micro_time(res: int, mb: int, engine: str, frames: int = 0) -> MicroTime:
+    # Compute where no bench cell measured it: an assumed MFU, or what the --measured points fit.
+    compute = {"mfu": inp.assumed_mfu, "fixed": 0.0, "source": f"assumed MFU {inp.assumed_mfu:.0%}"}
+
+    def micro_time(res: int, mb: int, engine: str, frames: int = 0, mfu: float | None = None,
+                   fixed: float | None = None) -> MicroTime:
         points = _bench_points(inp.bench, inp.preset, res, engine, frames)
         if points:
             return fit_micro_time(points, "measured (bench)")
-        ones = [m for m in inp.measured if m[0] == 1 and m[2] == res] if not frames else []
-        if ones:
-            return MicroTime(0.0, 1 / ones[0][1], f"measured (--measured 1:{ones[0][1]:g}@{res})")
-        per_image = train_flops_per_image(inp.preset, res, frames) / (peak[0] * 1e12 * inp.assumed_mfu)
-        return MicroTime(0.0, per_image, f"assumed MFU {inp.assumed_mfu:.0%}")
+        mfu = compute["mfu"] if mfu is None else mfu
+        per_image = train_flops_per_image(inp.preset, res, frames) / (peak[0] * 1e12 * mfu)
+        return MicroTime(compute["fixed"] if fixed is None else fixed, per_image, compute["source"])
 
     degrees = context_degrees(inp.preset, inp.gpus_per_node)
 
@@ -597,38 +599,75 @@ def size_report(inp: SizeInputs) -> str:
         return MicroTime(mt.fixed, mt.per_image / k + a2a, f"{mt.source}, / K={k} + {a2a * 1e3:.1f} ms all-to-all "
                                                             "per sample")
 
-    # --measured points: one line each when they contradict the bench file; multi-GPU points
-    # calibrate the link they crossed (inside a node, or between nodes), taken at the stage's
-    # global batch (micro-batch and accumulation as the plan would choose them).
+    # --measured points (any GPU counts, engines, resolutions), fitted jointly: the compute
+    # (MFU; a fixed cost per micro-batch where the points ran at several) first, then the links
+    # the multi-GPU points crossed, each only as far as compute cannot explain (scaling.
+    # calibrate_points). A point that contradicts the bench file is one line.
+    warnings: list[str] = []
     check_measured(inp, peak[0])
-    for gpus, ips, res, engine in inp.measured:
-        st = next((s for s in stages if s[0] == res and not s[4]), None)
-        if st is None:
-            raise ValueError(f"--measured {gpus}:{ips:g}@{res}: no stage at {res} px")
-        engine = engine or inp.engines[0]
-        same = [c for c in bench_cells if c["world_size"] == gpus and c["resolution"] == res
-                and c["preset"] == inp.preset and c["engine"] == engine and not c.get("search_probe")]
-        if same:
-            best = max(c["images_per_second"]["median"] for c in same)
-            if abs(ips / best - 1) > 0.25:
-                raise ValueError(f"--measured {gpus}:{ips:g}@{res} contradicts the bench file's {best:,.1f} img/s "
-                                 f"({engine}, {gpus} GPU(s), {res} px); drop one of the two")
-        if gpus > 1:
-            which = "intra" if gpus <= inp.gpus_per_node else "inter"
-            mt = micro_time(res, st[2], engine)
-            comms_of = lambda: step_comms(engine, facts, inp.precision, inp.gpus_per_node, gpus)  # noqa: E731
+    if inp.measured:
+        from dataclasses import replace as _replace
 
-            def ips_at(fab, mt=mt, st=st, gpus=gpus, comms_of=comms_of) -> float:
-                p = plan_step(gpus=gpus, global_batch=st[3], max_micro=st[2], micro_time=mt,
-                              comms=comms_of(), fabric=fab, eta=eta)
-                return p.images_per_second
+        from scaletrain.bench.scaling import PHYSICAL_LINKS, calibrate_points
 
-            fabric = calibrate_link(fabric, which, ips, ips_at)
-            notes.append(f"{which}-node link: {getattr(fabric, which).source} ({gpus}:{ips:g}@{res}, {engine})")
+        def scaled(fab, factors: dict[str, float]):
+            out = fab
+            for which, k in factors.items():
+                base = getattr(out, which)
+                out = _replace(out, **{which: _replace(base, busbw={op: v * k for op, v in base.busbw.items()})})
+            return out
+
+        pts, crossed, micros = [], set(), set()
+        for gpus, ips, res, engine in inp.measured:
+            st = next((s for s in stages if s[0] == res and not s[4]), None)
+            if st is None:
+                raise ValueError(f"--measured {gpus}:{ips:g}@{res}: no stage at {res} px")
+            label = f"{gpus}:{ips:g}@{res}" + (f":{engine}" if engine else "")
+            engine = engine or inp.engines[0]
+            same = [c for c in bench_cells if c["world_size"] == gpus and c["resolution"] == res
+                    and c["preset"] == inp.preset and c["engine"] == engine and not c.get("search_probe")]
+            if same:
+                best = max(c["images_per_second"]["median"] for c in same)
+                if abs(ips / best - 1) > 0.25:
+                    raise ValueError(f"--measured {gpus}:{ips:g}@{res} contradicts the bench file's {best:,.1f} img/s "
+                                     f"({engine}, {gpus} GPU(s), {res} px); drop one of the two")
+            if gpus > 1:
+                crossed.add("intra" if gpus <= inp.gpus_per_node else "inter")
+            comms = step_comms(engine, facts, inp.precision, inp.gpus_per_node, gpus)
+
+            def pred(mfu, fixed, factors, gpus=gpus, st=st, res=res, engine=engine, comms=comms) -> float:
+                p = plan_step(gpus=gpus, global_batch=st[3], max_micro=st[2], comms=comms,
+                              micro_time=micro_time(res, st[2], engine, mfu=mfu, fixed=fixed),
+                              fabric=scaled(fabric, factors), eta=eta)
+                return p.images_per_second if p is not None else 1e-12
+
+            plan = plan_step(gpus=gpus, global_batch=st[3], max_micro=st[2], comms=comms,
+                             micro_time=micro_time(res, st[2], engine), fabric=fabric, eta=eta)
+            if plan is None:
+                raise ValueError(f"--measured {label}: the stage's global batch {st[3]} is smaller than {gpus} GPUs")
+            micros.add(plan.micro)
+            pts.append((gpus, ips, pred, label))
+        physical = PHYSICAL_LINKS.get(inp.gpu, ((1.0, 1e4), (0.1, 1e4)))
+        links = {w: (getattr(fabric, w).busbw["all_reduce"] / 1e9, physical[0 if w == "intra" else 1])
+                 for w in sorted(crossed)}
+        cal = calibrate_points(pts, mfu0=inp.assumed_mfu, fixed_free=len(micros) >= 2, links=links)
+        compute.update(mfu=cal.mfu, fixed=cal.fixed, source=f"calibrated: MFU {cal.mfu:.1%}"
+                       + (f" + {cal.fixed * 1e3:.1f} ms per micro-batch" if cal.fixed else "") + " (--measured)")
+        notes.extend(cal.notes)
+        fabric = scaled(fabric, cal.factors)
+        for which, k in cal.factors.items():
+            bw = getattr(fabric, which).busbw["all_reduce"] / 1e9
+            src = (f"calibrated from --measured: {bw:.3g} GB/s busbw ({k:.3g} x {getattr(fabric, which).source})"
+                   if abs(k - 1) > 0.01 else f"{getattr(fabric, which).source}; the --measured points need no change")
+            fabric = _replace(fabric, **{which: _replace(getattr(fabric, which), source=src)})
+            notes[:] = [n for n in notes if not n.startswith(f"{which}-node link:")] + [f"{which}-node link: {src}"]
+        warnings = cal.warnings
+        notes.extend(warnings)
 
     priced = inp.price_per_gpu_hour is not None
     lines = [f"scaletrain size: {inp.preset}, {inp.gpu} x{inp.gpus_per_node} per node, {inp.precision}, "
-             + (f"${inp.price_per_gpu_hour}/GPU-hour" if priced else "no --price: throughput and time only"), ""]
+             + (f"${inp.price_per_gpu_hour}/GPU-hour" if priced else "no --price: throughput and time only"),
+             *warnings, ""]
     total: dict[tuple[str, int], list[float]] = {}
     curves: dict[tuple[int, str], list[tuple[int, float, float]]] = {}
     for res, images, mb, gb, frames in stages:
