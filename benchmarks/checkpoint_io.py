@@ -17,10 +17,13 @@ engine, after real optimizer steps so the Adam state exists). Per repetition:
 - load: CheckpointManager.load_latest (engine state + RNG + counters). The page cache is
   dropped first when this process may (root, /proc/sys/vm/drop_caches); the report says
   whether it was.
-- async (every engine): CheckpointManager.save with async_save, then one training step, then
-  the commit. The stall is what the manager reports -- the save call plus the optimizer
-  step's wait for the staging copy -- as a fraction of the synchronous save; the step's
-  slowdown against plain steps is reported beside it.
+- async (every engine): CheckpointManager.save with async_save, then training steps until
+  every rank's background write is done (agreed each step), then the commit. The headline is
+  the training time one async save costs -- the stall the manager reports (the save call plus
+  the optimizer step's wait for the staging copy), plus each step's excess over the median
+  plain step while the write runs beside it, plus any wait for the write at the commit -- as a
+  fraction of a synchronous save. ``--async-nice`` sets checkpoint.async_nice (the background
+  threads' niceness; 0: the writer competes with training as an equal).
 
 Throughput is checkpoint bytes (all ranks) / wall seconds. Medians over --repeats.
 """
@@ -97,11 +100,17 @@ def _markdown(r: dict) -> str:
         f"page cache dropped before each load: {r['page_cache_dropped_before_load']}.",
         "",
         "| checkpoint MB | raw write MB/s | save MB/s | load MB/s | save / raw (median of pairs) "
-        "| async stall / sync save | step after an async save / plain step |",
-        "|---|---|---|---|---|---|---|",
+        "| **training time lost per async save / sync save** | async stall / sync save "
+        "| step after an async save / plain step | async_nice |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| {r['checkpoint_mb']} | {r['raw_write_mb_s']} | {r['save_mb_s']} | {r['load_mb_s']} | {r['save_vs_raw']} "
+        f"| **{r['async_lost_fraction_of_sync_save']}** ({med['async_lost_s']:.3f} s) "
         f"| {r['async_stall_fraction_of_sync_save']} ({med['async_stall_s']:.3f} s) "
-        f"| {r['step_after_async_save_vs_plain_step']} |",
+        f"| {r['step_after_async_save_vs_plain_step']} | {r['async_nice']} |",
+        "",
+        "Training time lost per async save: the stall, plus each step's excess over the median plain step "
+        "while the background write runs beside it (steps until every rank's write is done), plus any wait "
+        "for the write at the commit.",
         "",
         f"- raw seconds: {secs(r['raw_seconds'])}",
         f"- save seconds: {secs(r['save_seconds'])}",
@@ -110,6 +119,8 @@ def _markdown(r: dict) -> str:
         f"{secs(r['async_write_seconds'])}",
         f"- plain step seconds: {secs(r['plain_step_seconds'])}; step right after an async save: "
         f"{secs(r['step_after_async_save_seconds'])}",
+        f"- training seconds lost per async save: {secs(r['async_lost_seconds'])}; steps beside the write: "
+        f"{', '.join(str(n) for n in r['steps_beside_write'])}",
         f"- writer threads (DCP): {r['writer_threads']}; load average at the end: "
         f"{', '.join(f'{x:.1f}' for x in r['loadavg'])}",
         "",
@@ -125,6 +136,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--writer-threads", type=int, default=None, help="checkpoint.writer_threads (FSDP2/DDP)")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds of quiet disk before each timed write")
+    ap.add_argument("--async-nice", type=int, default=0, help="checkpoint.async_nice for the async saves")
     ap.add_argument("--dir", default="/tmp/scaletrain-ckpt-bench", help="where checkpoints are written")
     ap.add_argument("--out", default=None, help="JSON results (rank 0); a Markdown table goes beside it")
     args = ap.parse_args()
@@ -135,7 +147,7 @@ def main() -> int:
         "model": {"preset": args.preset},
         "train": {"stages": [{"name": "bench", "resolution": args.resolution, "steps": 1, "micro_batch": 1}]},
         "engine": {"kind": args.engine, "deepspeed_config": str(REPO / args.deepspeed_config)},
-        "checkpoint": ckpt_knobs,
+        "checkpoint": {**ckpt_knobs, "async_nice": args.async_nice},
     }, check_paths=False)
     info = init_distributed(args.engine)
     torch.manual_seed(0)
@@ -185,14 +197,30 @@ def main() -> int:
     # reports: the save call plus that wait. The step's own slowdown against plain steps is
     # reported beside it (on a 2-core CPU the copy and the write compete with the compute).
     plain = [train_step() for _ in range(3)]
-    async_cfg = CheckpointSection(dir=str(root / "async"), keep_last=1, async_save=True, **ckpt_knobs)
+    async_cfg = CheckpointSection(dir=str(root / "async"), keep_last=1, async_save=True, async_nice=args.async_nice,
+                                  **ckpt_knobs)
     amanager = CheckpointManager(async_cfg, root, engine, info)
+    plain += [train_step() for _ in range(3)]
+    plain_median = statistics.median(plain)
+    rows["async_lost_s"], rows["steps_beside_write"] = [], []
     for rep in range(args.repeats):
         records = amanager.save(rep + 1, {**state, "step": rep + 1})
-        rows["step_after_async_save_s"].append(train_step())
+        done_at = amanager._pending[1]  # set by the write's own thread when it finishes
+        beside = []
+        while len(beside) < 200:  # steps until every rank's write is done (one tiny all-reduce each)
+            beside.append(train_step())
+            flag = torch.tensor([0.0 if done_at else 1.0])
+            dist.all_reduce(flag)
+            if flag.item() == 0:
+                break
+        rows["step_after_async_save_s"].append(beside[0])
         records += amanager.finalize()
-        rows["async_stall_s"] += [m["checkpoint_stall_seconds"] for m in records if "checkpoint_stall_seconds" in m]
+        stall = sum(m["checkpoint_stall_seconds"] for m in records if "checkpoint_stall_seconds" in m)
+        behind = sum(m.get("checkpoint_write_behind_seconds", 0.0) for m in records)
+        rows["async_stall_s"].append(stall)
         rows["async_write_s"] += [m["checkpoint_write_seconds"] for m in records if "checkpoint_write_seconds" in m]
+        rows["async_lost_s"].append(stall + sum(max(0.0, t - plain_median) for t in beside) + behind)
+        rows["steps_beside_write"].append(len(beside))
         rows["plain_step_s"].append(train_step())
     rows["plain_step_s"] += plain
 
@@ -211,6 +239,10 @@ def main() -> int:
             # pair by pair (raw and save of one repetition ran back to back), then the median
             "save_vs_raw": round(statistics.median(r / s for r, s in zip(rows["raw_s"], rows["save_s"])), 3),
             "async_stall_fraction_of_sync_save": round(med["async_stall_s"] / med["save_s"], 3),
+            # the headline: training time lost per async save (stall + slowdown beside the write)
+            "async_lost_fraction_of_sync_save": round(med["async_lost_s"] / med["save_s"], 3),
+            "async_nice": args.async_nice,
+            "async_lost_seconds": rows["async_lost_s"], "steps_beside_write": rows["steps_beside_write"],
             "step_after_async_save_vs_plain_step": round(med["step_after_async_save_s"] / med["plain_step_s"], 3),
             "page_cache_dropped_before_load": all(dropped),
             "raw_seconds": rows["raw_s"], "save_seconds": rows["save_s"], "load_seconds": rows["load_s"],

@@ -55,6 +55,13 @@ class CheckpointSection(_Section):
     # if the copy is not done by the next optimizer step; the checkpoint commits at the next
     # save or at the end of the run.
     async_save: bool = False
+    # Niceness of the async save's background threads (the copy and the write; Linux, per
+    # thread, 0-19; 19 yields the cores to training). On the 2-core CPU VM it changed nothing
+    # measurable: the training time an async save costs was 0.64 of a sync save at 0 and 0.71
+    # at 19 (FSDP2, benchmarks/results/checkpoint_io_async_*): the steps beside the write lose
+    # time to memory bandwidth and the kernel's writeback, which niceness does not govern. So
+    # the default leaves the writer as it was; measure on your host before setting it.
+    async_nice: int = Field(0, ge=0, le=19)
     # FSDP2/DDP: threads (and files) per rank that DCP writes with (its FileSystemWriter's
     # thread_count). Serializing tensors is CPU work that more threads overlap with the disk
     # writes; on the 2-core CPU VM a 1.4 GB save took the same time with 1 and 2 on a settled

@@ -20,6 +20,7 @@ the pre-clip global gradient norm.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
@@ -107,6 +108,8 @@ class Engine(ABC):
     """Owns the wrapped trainable module and its optimizer."""
 
     name: str = "base"
+    # async-save threads given checkpoint.async_nice in this run (counted where it happened)
+    background_threads_lowered: int = 0
     module: nn.Module  # call this for the forward pass
     input_dtype: torch.dtype = torch.float32  # dtype the wrapped module expects for float inputs
     # fp16 scales the loss dynamically: a non-finite gradient norm with a finite loss is then an
@@ -288,3 +291,38 @@ def norm_value(norm: torch.Tensor) -> float:
     if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor reduced over the mesh
         norm = norm.full_tensor()
     return float(norm)
+
+
+def lower_thread_priority(nice: int, counter: list[int] | None = None) -> None:
+    """Give the calling thread niceness ``nice`` (Linux schedules threads one by one; a thread it
+    starts inherits the value). Lowering needs no privilege; a failure leaves it as it was.
+    ``counter[0]`` counts the threads it lowered."""
+    import os
+
+    if nice > 0 and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            if counter is not None:
+                counter[0] += 1
+        except OSError:
+            pass
+
+
+def lower_new_threads(before: set[int], nice: int) -> int:
+    """Lower the priority of this process's threads that were not in ``before`` (native ids):
+    those a library just started for background work (DCP's stager and async-save executor,
+    whose thread pools take no initializer from us). Returns how many were changed."""
+    import os
+
+    changed = 0
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return 0
+    for t in threading.enumerate():
+        if t.native_id is not None and t.native_id not in before:
+            try:
+                if os.getpriority(os.PRIO_PROCESS, t.native_id) < nice:
+                    os.setpriority(os.PRIO_PROCESS, t.native_id, nice)
+                    changed += 1
+            except OSError:
+                pass
+    return changed

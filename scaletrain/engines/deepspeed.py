@@ -240,7 +240,7 @@ class DeepSpeedEngine(Engine):
         file, and for an async save the copy and write off the training thread."""
         from scaletrain.engines.ds_writer import RecordingCheckpointEngine
 
-        self._writer = RecordingCheckpointEngine()
+        self._writer = RecordingCheckpointEngine(nice=self.cfg.checkpoint.async_nice)
         self.ds.checkpoint_engine = self._writer
         copy_script = self.ds._copy_recovery_script  # rank 0 copies zero_to_fp32.py beside the files
 
@@ -251,6 +251,11 @@ class DeepSpeedEngine(Engine):
                 self._writer.errors.append(f"{type(e).__name__}: {e}")
 
         self.ds._copy_recovery_script = copy_recovery_script
+
+    @property
+    def background_threads_lowered(self) -> int:
+        """Async-save threads that took checkpoint.async_nice (the writer's one thread)."""
+        return self._writer.threads_lowered[0] if getattr(self, "_writer", None) is not None else 0
 
     def save_state(self, path: Path) -> None:
         # DeepSpeed's own format: each rank writes its ZeRO partition of parameters and

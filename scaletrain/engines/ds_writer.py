@@ -55,8 +55,10 @@ def _describe(e: OSError, path: str) -> str:
 class RecordingCheckpointEngine(TorchCheckpointEngine):
     """Loads like DeepSpeed's (``torch.load``, which scaletrain runs weights-only); saves as above."""
 
-    def __init__(self, background: bool = False) -> None:
+    def __init__(self, background: bool = False, nice: int = 0) -> None:
         super().__init__(None)
+        self.nice = nice  # the background thread's niceness (checkpoint.async_nice)
+        self.threads_lowered = [0]  # counted by the thread itself when it lowered its priority
         self.name = "ScaletrainCheckpointEngine"
         self.background = background  # set per save by the engine
         self.errors: list[str] = []
@@ -81,7 +83,11 @@ class RecordingCheckpointEngine(TorchCheckpointEngine):
             return
         staged: Future = Future()
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds-ckpt")
+            from scaletrain.engines.base import lower_thread_priority
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ds-ckpt",
+                                                initializer=lower_thread_priority,
+                                                initargs=(self.nice, self.threads_lowered))
         self._executor.submit(self._stage_and_write, state_dict, path, staged)
         self._last_staged = staged
 

@@ -8,6 +8,7 @@ engine or world size loads into another: DCP reshards on load.
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from scaletrain.checkpoint.safe_load import load_dcp
-from scaletrain.engines.base import (Engine, LocalShard, StepStats, clip_with_norm, norm_value,
+from scaletrain.engines.base import (Engine, LocalShard, StepStats, clip_with_norm, lower_new_threads, norm_value,
                                       replicated_param_shards, set_lr, total_grad_norm, world_mesh)
 
 
@@ -146,8 +147,12 @@ class TorchOptimizerEngine(Engine):
     def async_save_state(self, path: Path, process_group) -> Future:
         if self._stager is None:
             self._stager = dcp_stager()
+        before = {t.native_id for t in threading.enumerate()}
         staged, written = async_save_dcp_state(self.state_module, self.optimizer, path, process_group,
                                                self._stager, self._extra_state(), self._writer_threads())
+        # The stager's and DCP's executor threads (started by the call above) yield the cores
+        # to training (checkpoint.async_nice); the stager's keeps that for later saves.
+        self.background_threads_lowered += lower_new_threads(before, self.cfg.checkpoint.async_nice)
         self.hold_until_staged(staged)
         return written
 

@@ -869,6 +869,8 @@ class Trainer:
             "stages": self.stage_summaries,
             "stopped_early": self.stopped_early,
             "bad_steps": self.health.bad_steps,
+            # async saves: background threads that took checkpoint.async_nice (0 without async saves)
+            "checkpoint_background_threads_lowered": self.engine.background_threads_lowered,
             "checkpoint_save_failures": self.save_failures,
             "rollbacks": self.health.rollbacks,
             "lr_scale": self.health.lr_scale,

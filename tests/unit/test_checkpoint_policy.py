@@ -117,3 +117,31 @@ def test_launches_from_the_suite_see_no_gpu():
     r = run_cmd([sys.executable, "-c", "import os, torch; print(repr(os.environ['CUDA_VISIBLE_DEVICES']), "
                  "os.environ['DS_ACCELERATOR'], torch.cuda.device_count())"], timeout=120)
     assert r.returncode == 0 and r.stdout.split() == ["''", "cpu", "0"], (r.stdout, r.stderr)
+
+
+def test_background_threads_are_lowered_to_the_async_nice() -> None:
+    """checkpoint.async_nice: threads a library started after a snapshot (DCP's stager and
+    executor) are given the niceness, counted; a thread-pool initializer lowers its own thread
+    (scaletrain's DeepSpeed writer); 0 changes nothing."""
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scaletrain.engines.base import lower_new_threads, lower_thread_priority
+
+    before = {t.native_id for t in threading.enumerate()}
+    release = threading.Event()
+    t = threading.Thread(target=release.wait)
+    t.start()
+    try:
+        assert lower_new_threads(before, 0) == 0
+        assert lower_new_threads(before, 19) == 1
+        assert os.getpriority(os.PRIO_PROCESS, t.native_id) == 19
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19  # the caller is untouched
+    finally:
+        release.set()
+        t.join()
+    counter = [0]
+    with ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(15, counter)) as pool:
+        nice = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert nice == 15 and counter == [1]
