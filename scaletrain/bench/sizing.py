@@ -530,11 +530,13 @@ def check_measured(inp: SizeInputs, peak_tflops: float) -> None:
                              "the resolution and --gpu")
 
 
-def size_report(inp: SizeInputs) -> str:
+def size_report(inp: SizeInputs, rows: list[dict] | None = None) -> str:
     """Plain-text sizing: per stage and engine, memory per GPU, the smallest node count that
     fits, and at each node count (global batch fixed) the micro-batch x accumulation, img/s,
     scaling efficiency, time and cost; then which inputs were measured and which assumed
-    (scaling model: scaletrain/bench/scaling.py)."""
+    (scaling model: scaletrain/bench/scaling.py). ``rows``, when given, receives each printed
+    row as a dict (stage index, resolution, engine, nodes, GPUs, micro-batch, accumulation,
+    img/s, efficiency) for callers that compare the predictions with other figures."""
     from scaletrain.bench.flops import gpu_peak_tflops, train_flops_per_image
     from scaletrain.models import get_preset
     from scaletrain.bench.scaling import (
@@ -670,7 +672,7 @@ def size_report(inp: SizeInputs) -> str:
              *warnings, ""]
     total: dict[tuple[str, int], list[float]] = {}
     curves: dict[tuple[int, str], list[tuple[int, float, float]]] = {}
-    for res, images, mb, gb, frames in stages:
+    for stage_index, (res, images, mb, gb, frames) in enumerate(stages):
         what = "clips" if frames else "images"
         clip = (f" x {frames} frame{'s' if frames != 1 else ''} "
                 f"({get_preset(inp.preset).tokens(res, res, frames):,} tokens)") if frames else ""
@@ -748,6 +750,10 @@ def size_report(inp: SizeInputs) -> str:
                 if hours is not None:
                     total.setdefault((engine, n), []).extend([hours, cost or 0.0])
                 curves.setdefault((res, engine), []).append((world, ips, p.efficiency))
+                if rows is not None:
+                    rows.append({"stage": stage_index, "resolution": res, "engine": engine, "nodes": n, "gpus": world,
+                                 "micro_batch": p.micro, "accumulation": p.accum, "images_per_second": ips,
+                                 "efficiency": p.efficiency})
                 flag = " *" if mt.efficiency(p.micro) < SMALL_MICRO_EFFICIENCY * mt.efficiency(mb) else ""
                 if flag and small is None:
                     small = (world, p.micro, mt.efficiency(p.micro) / mt.efficiency(mb))
