@@ -10,12 +10,15 @@ Per engine and round, back to back:
 2. the cell at 2 ranks on one host (loopback);
 3. the cell at 1 rank on each of the two hosts, over the limited veth;
 
-and per round the collective sweep (``scaletrain preflight``) on each of the two set-ups. The
-prediction for (2) and (3) is ``scaling.plan_step`` (what ``scaletrain size`` prints) from
-(1), the set-up's own sweep as its link, and an overlap eta fitted on *other* data: for (2) on
-a committed bench file (``--eta-bench``), for (3) on this run's one-host cells (2). The global
-batch is the same at 1 and 2 ranks (2 x the cell's micro-batch). The bar (issue 17): predicted
-step time within +-20 % of measured. Needs root, ``ip netns`` and ``tc``.
+and per round the collective sweep (``scaletrain preflight``) on each of the two set-ups,
+measured first. The prediction for (2) and (3) is ``scaling.plan_step`` (what ``scaletrain
+size`` prints) from (1), the set-up's own sweep as its link, and an overlap eta fitted on data
+this check does not predict: the committed bench file ``--eta-bench`` (its multi-rank cells
+against its own sweep, a different run). Each prediction is made, time-stamped and written to
+``--out`` before the cell it predicts is launched; the measurement is stored beside it with its
+own start time, so the file shows that no prediction saw its measurement (schema 2; the unit
+test checks the order). The global batch is the same at 1 and 2 ranks (2 x the cell's
+micro-batch). The bar (issue 17): predicted step time within +-20 % of measured. Needs root, ``ip netns`` and ``tc``.
 
     python benchmarks/two_host_scaling.py --rate 50mbit --out benchmarks/results/cpu_two_hosts.json
 
@@ -38,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from scaletrain.bench.runner import (cell_records, launch, launch_loaded, solo_basis,  # noqa: E402
                                      summarize_cell, write_cell_spec, add_loaded)
-from scaletrain.bench.scaling import Fabric, fit_eta, fit_micro_time, per_hop, plan_step, step_comms  # noqa: E402
+from scaletrain.bench.scaling import Fabric, fit_micro_time, per_hop, plan_step, step_comms  # noqa: E402
 from scaletrain.bench.sizing import comm_from_sweep, eta_from_bench, model_facts  # noqa: E402
 from tests.e2e import netns  # noqa: E402
 
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-max", default="8MiB")
     p.add_argument("--sweep-iters", type=int, default=5)
     p.add_argument("--eta-bench", default=str(REPO / "benchmarks/results/cpu_matrix_rounds.json"),
-                   help="bench file the one-host prediction's eta is fitted on")
+                   help="bench file the overlap eta is fitted on (data this check does not predict)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--work", default="/tmp/scaletrain-two-hosts")
     p.add_argument("--out", required=True)
@@ -154,10 +157,31 @@ def main(argv: list[str] | None = None) -> int:
             "reps": args.reps, "run_dir": str(work / "run")}
     load_before = os.getloadavg()
     t0 = time.time()
+    # Overlap, fitted before anything runs on data this check does not predict.
+    eta, n_eta = eta_from_bench(json.loads(Path(args.eta_bench).read_text()))
+    eta = 0.0 if eta is None else eta
+    eta_src = f"fitted on {Path(args.eta_bench).name} ({n_eta} multi-rank cells, another run)"
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip())
+    import torch
+
+    out = {"schema": "scaletrain.two_host_scaling/2", "command": "python " + " ".join(sys.argv),
+           "git_commit": git, "git_dirty": dirty, "torch": torch.__version__, "python": platform.python_version(),
+           "cpus": os.cpu_count(), "loadavg_before": load_before, "seconds": None,
+           "link": {"qdisc": "tbf", "rate": args.rate, "burst": "128kb", "latency": "1000ms"},
+           "preset": args.preset, "resolution": args.resolution, "micro_batch": args.micro_batch,
+           "global_batch": 2 * args.micro_batch, "bar": BAR, "eta": eta, "eta_source": eta_src,
+           "rows": [], "rounds": []}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every prediction and every measurement
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
     port = 29700
-    rounds = []
     for k in range(args.rounds):
         rnd: dict = {"engines": {}}
+        out["rounds"].append(rnd)
         with netns.two_hosts() as hosts:
             limit_link(hosts, args.rate)
             port += 1
@@ -167,66 +191,44 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {**base, "engine": engine, "world_size": 1}
                 solo = summarize_cell(launch(spec, 1, work, args.timeout), cell_of(spec))
                 add_loaded(solo, launch_loaded(spec, 2, work, args.timeout))
-                one_host = summarize_cell(launch({**spec, "world_size": 2}, 2, work, args.timeout),
-                                          cell_of({**spec, "world_size": 2}))
-                port += 1
-                two_hosts = cell_two_hosts(hosts, {**spec, "world_size": 2}, work, port, args)
-                for name, c in (("1-rank", solo), ("2 ranks, one host", one_host), ("2 hosts", two_hosts)):
-                    if c["status"] != "ok" or (name == "1-rank" and c["loaded"]["status"] != "ok"):
-                        raise SystemExit(f"{engine} {name} cell failed: {c.get('error') or c['loaded']}")
-                rnd["engines"][engine] = {"solo": solo, "one_host": one_host, "two_hosts": two_hosts}
-                print(f"round {k} {engine}: loaded 1-rank {solo_basis(solo)[0]:.3f} s, 2 ranks one host "
-                      f"{one_host['step_seconds']['median']:.3f} s, 2 hosts {two_hosts['step_seconds']['median']:.3f} s",
-                      flush=True)
-        rounds.append(rnd)
-
-    # Overlap: for one host, fitted on the committed bench file; for two hosts, on this run's one-host cells.
-    eta_one, n_one = eta_from_bench(json.loads(Path(args.eta_bench).read_text()))
-    eta_one = 0.0 if eta_one is None else eta_one
-    facts = model_facts(args.preset)
-    fit_rows = []
-    for rnd in rounds:
-        link = per_hop(comm_from_sweep(rnd["sweep_one_host"]["collectives"], 2), 2)
-        for engine, cells in rnd["engines"].items():
-            fit_rows.append((cells["one_host"]["step_seconds"]["median"], solo_basis(cells["solo"])[0],
-                             step_comms(engine, facts, "fp32", 2, 2), Fabric(link, link, 2), 2))
-    eta_two = fit_eta(fit_rows) or 0.0
-    rows = []
-    for k, rnd in enumerate(rounds):
-        for engine, cells in rnd["engines"].items():
-            t_solo = solo_basis(cells["solo"])[0]
-            for setup, cell, sweep, g, eta, eta_src in (
-                    ("2 ranks, one host", cells["one_host"], rnd["sweep_one_host"], 2, eta_one,
-                     f"fitted on {Path(args.eta_bench).name} ({n_one} cells)"),
-                    ("2 hosts, limited veth", cells["two_hosts"], rnd["sweep_two_hosts"], 1, eta_two,
-                     f"fitted on this run's one-host cells ({len(fit_rows)})")):
-                pred = predict(engine, args.preset, args.micro_batch, t_solo, sweep, g, eta)
-                pred0 = predict(engine, args.preset, args.micro_batch, t_solo, sweep, g, 0.0)
-                measured = cell["step_seconds"]["median"]
-                rows.append({"round": k, "engine": engine, "setup": setup, "solo_idle_step_s":
-                             cells["solo"]["step_seconds"]["median"], "solo_loaded_step_s": t_solo,
-                             "measured_step_s": measured, "measured_p25_p75": [cell["step_seconds"]["p25"],
-                                                                               cell["step_seconds"]["p75"]],
-                             "eta": eta, "eta_source": eta_src, "predicted": pred,
-                             "error": pred["step_seconds"] / measured - 1,
-                             "predicted_eta0_step_s": pred0["step_seconds"],
-                             "error_eta0": pred0["step_seconds"] / measured - 1})
-    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip())
-    import torch
-
-    out = {"schema": "scaletrain.two_host_scaling/1", "command": "python " + " ".join(sys.argv),
-           "git_commit": git, "git_dirty": dirty, "torch": torch.__version__, "python": platform.python_version(),
-           "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-           "seconds": time.time() - t0, "link": {"qdisc": "tbf", "rate": args.rate, "burst": "128kb", "latency": "1000ms"},
-           "preset": args.preset, "resolution": args.resolution, "micro_batch": args.micro_batch,
-           "global_batch": 2 * args.micro_batch, "bar": BAR, "rows": rows, "rounds": rounds}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+                if solo["status"] != "ok" or solo["loaded"]["status"] != "ok":
+                    raise SystemExit(f"{engine} 1-rank cell failed: {solo.get('error') or solo['loaded']}")
+                rnd["engines"][engine] = {"solo": solo}
+                t_solo = solo_basis(solo)[0]
+                for setup, key, sweep, g in (("2 ranks, one host", "one_host", rnd["sweep_one_host"], 2),
+                                             ("2 hosts, limited veth", "two_hosts", rnd["sweep_two_hosts"], 1)):
+                    pred = predict(engine, args.preset, args.micro_batch, t_solo, sweep, g, eta)
+                    pred0 = predict(engine, args.preset, args.micro_batch, t_solo, sweep, g, 0.0)
+                    row = {"round": k, "engine": engine, "setup": setup,
+                           "solo_idle_step_s": solo["step_seconds"]["median"], "solo_loaded_step_s": t_solo,
+                           "eta": eta, "eta_source": eta_src, "predicted": pred,
+                           "predicted_eta0_step_s": pred0["step_seconds"], "predicted_at": time.time()}
+                    out["rows"].append(row)
+                    save()  # on disk before the cell it predicts starts
+                    row["measured_started_at"] = time.time()
+                    if key == "one_host":
+                        cell = summarize_cell(launch({**spec, "world_size": 2}, 2, work, args.timeout),
+                                              cell_of({**spec, "world_size": 2}))
+                    else:
+                        port += 1
+                        cell = cell_two_hosts(hosts, {**spec, "world_size": 2}, work, port, args)
+                    if cell["status"] != "ok":
+                        raise SystemExit(f"{engine} {setup} cell failed: {cell.get('error')}")
+                    rnd["engines"][engine][key] = cell
+                    measured = cell["step_seconds"]["median"]
+                    row.update(measured_at=time.time(), measured_step_s=measured,
+                               measured_p25_p75=[cell["step_seconds"]["p25"], cell["step_seconds"]["p75"]],
+                               error=pred["step_seconds"] / measured - 1,
+                               error_eta0=pred0["step_seconds"] / measured - 1)
+                    save()
+                print(f"round {k} {engine}: loaded 1-rank {t_solo:.3f} s, 2 ranks one host "
+                      f"{rnd['engines'][engine]['one_host']['step_seconds']['median']:.3f} s, 2 hosts "
+                      f"{rnd['engines'][engine]['two_hosts']['step_seconds']['median']:.3f} s", flush=True)
+    out.update(loadavg_after=os.getloadavg(), seconds=time.time() - t0)
+    save()
     Path(args.out).with_suffix(".md").write_text(markdown(out))
     print(markdown(out))
-    worst = max(abs(r["error"]) for r in rows)
+    worst = max(abs(r["error"]) for r in out["rows"])
     return 0 if worst <= BAR else 1
 
 
@@ -239,8 +241,9 @@ def markdown(out: dict) -> str:
              f"{out['seconds'] / 60:.0f} min.", "",
              f"Inter-host link: veth between two network namespaces, each direction limited by `tc qdisc ... tbf rate "
              f"{out['link']['rate']} burst {out['link']['burst']} latency {out['link']['latency']}`. Prediction = `scaletrain size`'s step "
-             "(`scaling.plan_step`) from the loaded 1-rank step, the set-up's own collective sweep and eta fitted "
-             "on other data (see the eta column). Bar: within +-20 %.", "",
+             "(`scaling.plan_step`) from the loaded 1-rank step, the set-up's own collective sweep and eta "
+             f"{out['eta']:.2f} {out['eta_source']}. Each prediction was written to the JSON before its cell "
+             "started (`predicted_at` < `measured_started_at` in every row). Bar: within +-20 %.", "",
              "| round | engine | set-up | 1-rank step s (idle / loaded) | link busbw GB/s (all-reduce) | eta | "
              "comm s (all) | predicted step s | measured step s (p25-p75) | error | error at eta 0 |",
              "|" + "---|" * 11]
@@ -253,8 +256,7 @@ def markdown(out: dict) -> str:
                      f"{r['error_eta0']:+.1%} |")
     worst = {s: max(abs(r["error"]) for r in out["rows"] if r["setup"] == s) for s in {r["setup"] for r in out["rows"]}}
     lines += ["", "Worst error: " + ", ".join(f"{s} {w:.1%}" for s, w in sorted(worst.items()))
-              + f" (bar {out['bar']:.0%}); eta sources: "
-              + "; ".join(sorted({f"{r['setup']}: {r['eta_source']}" for r in out["rows"]})) + "."]
+              + f" (bar {out['bar']:.0%})."]
     return "\n".join(lines) + "\n"
 
 
