@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from scaletrain.bench.sizing import DDP_BUCKET_BYTES, DS_BUCKET_ELEMS, CommModel, ModelFacts
@@ -267,11 +267,12 @@ class Calibration:
     """What ``calibrate_points`` fitted: the compute (MFU, fixed seconds per micro-batch), each
     link's bandwidth factor against its starting value, and the lines that say so."""
 
-    mfu: float
+    mfu: float  # the one MFU, or with points on several engines their geometric mean (for the others)
     fixed: float
     factors: dict[str, float]
     notes: list[str]
     warnings: list[str]
+    mfu_by: dict[str, float] = field(default_factory=dict)  # per compute group, where points on several
 
 
 def _nelder_mead(f, x0: list[float], step: float = 0.5, iters: int = 600) -> list[float]:
@@ -305,11 +306,13 @@ def _nelder_mead(f, x0: list[float], step: float = 0.5, iters: int = 600) -> lis
     return pts[min(range(n + 1), key=vals.__getitem__)]
 
 
-def calibrate_points(points: list[tuple[int, float, Callable[..., float], str]], *, mfu0: float, fixed_free: bool,
+def calibrate_points(points: list[tuple], *, mfu0: float, fixed_free: bool,
                      links: dict[str, tuple[float, tuple[float, float]]]) -> Calibration:
     """Fit the compute and the links jointly to measured throughputs.
 
-    ``points``: (GPUs, measured img/s, predict(mfu, fixed, factors) -> img/s, label). ``links``:
+    ``points``: (GPUs, measured img/s, predict(mfu, fixed, factors) -> img/s, label[, group]);
+    with points in two or more groups (engines that compute differently: the caller's key),
+    each group gets an MFU of its own, the fixed cost and the links stay shared. ``links``:
     the links the points crossed, name -> (starting busbw GB/s, physical (lo, hi) GB/s).
     Compute comes first: the links are pulled towards their starting values by a weak prior, so
     a point that one compute speed explains moves no link (one 8-GPU point sets the MFU, not the
@@ -317,42 +320,58 @@ def calibrate_points(points: list[tuple[int, float, Callable[..., float], str]],
     crossed. The fixed cost per micro-batch is fitted only where the points ran at two or more
     micro-batches (``fixed_free``). Least squares in log img/s over log parameters."""
     names = sorted(links)
+    groups = sorted({p[4] for p in points if len(p) > 4})
+    if len(groups) < 2:
+        groups = []
+    ng = max(1, len(groups))
     # Per unit of log factor squared: a 2 % residual outweighs a 4x inter-node change. The
     # intra-node link (NVLink-class, rarely the bottleneck) is held 10x firmer, so what one
     # compute speed cannot explain goes to the inter-node link first.
     prior = {"intra": 1e-2, "inter": 1e-3}
 
-    def unpack(x: list[float]) -> tuple[float, float, dict[str, float]]:
-        mfu = math.exp(x[0])
-        fixed = math.exp(x[1]) if fixed_free else 0.0
-        return mfu, fixed, {n: math.exp(v) for n, v in zip(names, x[2:])}
+    def unpack(x: list[float]) -> tuple[list[float], float, dict[str, float]]:
+        mfus = [math.exp(v) for v in x[:ng]]
+        fixed = math.exp(x[ng]) if fixed_free else 0.0
+        return mfus, fixed, {n: math.exp(v) for n, v in zip(names, x[ng + 1:])}
+
+    def mfu_of(mfus: list[float], p: tuple) -> float:
+        return mfus[groups.index(p[4])] if groups else mfus[0]
 
     def loss(x: list[float]) -> float:
-        mfu, fixed, factors = unpack(x)
-        if not 1e-4 < mfu < 1.0:
+        mfus, fixed, factors = unpack(x)
+        if not all(1e-4 < m < 1.0 for m in mfus):
             return 1e9
-        r = sum(math.log(max(pred(mfu, fixed, factors), 1e-12) / ips) ** 2 for _, ips, pred, _ in points)
-        return r + sum(prior.get(n, 1e-3) * v * v for n, v in zip(names, x[2:]))
+        r = sum(math.log(max(p[2](mfu_of(mfus, p), fixed, factors), 1e-12) / p[1]) ** 2 for p in points)
+        return r + sum(prior.get(n, 1e-3) * v * v for n, v in zip(names, x[ng + 1:]))
 
     # Starts at each link factor in {1, 1/8, 1/64, 1/512}: where collectives hide under compute the
     # prediction is flat in the link, and a simplex started there never finds the slow link a
     # multi-node point needs. Then restarts from the best point shake off a collapsed simplex.
     import itertools
 
-    starts = [[math.log(mfu0), math.log(1e-3)] + [math.log(k) for k in ks]
+    starts = [[math.log(mfu0)] * ng + [math.log(1e-3)] + [math.log(k) for k in ks]
               for ks in itertools.product((1.0, 1 / 8, 1 / 64, 1 / 512), repeat=len(names))]
     x = min((_nelder_mead(loss, x0) for x0 in starts), key=loss)
     for _ in range(3):
         x = _nelder_mead(loss, x, step=0.2)
-    mfu, fixed, factors = unpack(x)
+    mfus, fixed, factors = unpack(x)
+    mfu = math.exp(sum(math.log(m) for m in mfus) / len(mfus))
+    mfu_by = dict(zip(groups, mfus))
     notes, warnings = [], []
     labels = ", ".join(p[3] for p in points)
-    notes.append(f"compute: MFU {mfu:.1%} fitted on --measured {labels}"
-                 + (f"; fixed cost {fixed * 1e3:.1f} ms per micro-batch fitted (the points ran at several "
-                    "micro-batches)" if fixed_free else "; fixed cost per micro-batch 0 (one micro-batch among the points)"))
-    if not PLAUSIBLE_MFU[0] <= mfu <= PLAUSIBLE_MFU[1]:
-        warnings.append(f"WARNING: the fitted MFU {mfu:.1%} is outside the plausible {PLAUSIBLE_MFU[0]:.0%}-"
-                        f"{PLAUSIBLE_MFU[1]:.0%}; check the --measured points, --gpu and --precision")
+    fixed_note = (f"; fixed cost {fixed * 1e3:.1f} ms per micro-batch fitted (the points ran at several "
+                  "micro-batches)" if fixed_free else "; fixed cost per micro-batch 0 (one micro-batch among the points)")
+    if mfu_by:
+        notes.append("compute: MFU fitted per engine on --measured " + labels + ": "
+                     + ", ".join(f"{g} {m:.1%}" for g, m in mfu_by.items())
+                     + f"; engines without a point take their geometric mean {mfu:.1%}" + fixed_note)
+    else:
+        notes.append(f"compute: MFU {mfu:.1%} fitted on --measured {labels}" + fixed_note)
+    for m, g in ((m, g) for g, m in (mfu_by.items() or [("", mfu)])):
+        if not PLAUSIBLE_MFU[0] <= m <= PLAUSIBLE_MFU[1]:
+            warnings.append(f"WARNING: the fitted MFU {m:.1%}{f' ({g})' if g else ''} is outside the plausible "
+                            f"{PLAUSIBLE_MFU[0]:.0%}-{PLAUSIBLE_MFU[1]:.0%}; check the --measured points, --gpu and "
+                            "--precision")
     for name in names:
         start, (lo, hi) = links[name]
         bw = start * factors[name]
@@ -360,9 +379,9 @@ def calibrate_points(points: list[tuple[int, float, Callable[..., float], str]],
             warnings.append(f"WARNING: the {name}-node link fitted to {bw:.3g} GB/s busbw, outside the physical "
                             f"{lo:g}-{hi:g} GB/s for this GPU's interconnect; a --measured point is probably off "
                             "(or slowed by something the model does not have)")
-    for gpus, ips, pred, label in points:
-        got = pred(mfu, fixed, factors)
-        if abs(got / ips - 1) > 0.02:
-            warnings.append(f"WARNING: --measured {label} is reproduced as {got:,.0f} img/s ({got / ips - 1:+.1%}): "
+    for p in points:
+        got = p[2](mfu_of(mfus, p), fixed, factors)
+        if abs(got / p[1] - 1) > 0.02:
+            warnings.append(f"WARNING: --measured {p[3]} is reproduced as {got:,.0f} img/s ({got / p[1] - 1:+.1%}): "
                             "the points disagree with each other under this model")
-    return Calibration(mfu, fixed, factors, notes, warnings)
+    return Calibration(mfu, fixed, factors, notes, warnings, mfu_by)

@@ -579,16 +579,23 @@ def size_report(inp: SizeInputs, rows: list[dict] | None = None) -> str:
               for s in inp.stages]
 
     # Compute where no bench cell measured it: an assumed MFU, or what the --measured points fit.
-    compute = {"mfu": inp.assumed_mfu, "fixed": 0.0, "source": f"assumed MFU {inp.assumed_mfu:.0%}"}
+    compute = {"mfu": inp.assumed_mfu, "fixed": 0.0, "source": f"assumed MFU {inp.assumed_mfu:.0%}", "by": {}}
 
     def micro_time(res: int, mb: int, engine: str, frames: int = 0, mfu: float | None = None,
                    fixed: float | None = None) -> MicroTime:
         points = _bench_points(inp.bench, inp.preset, res, engine, frames)
         if points:
             return fit_micro_time(points, "measured (bench)")
-        mfu = compute["mfu"] if mfu is None else mfu
+        source = compute["source"]
+        if mfu is None:  # an engine with --measured points of its own (or its compute group's)
+            group = _COMPUTE_LIKE.get(engine, engine)
+            mfu = compute["by"].get(group, compute["mfu"])
+            if compute["by"]:
+                source = (f"calibrated: MFU {mfu:.1%} fitted on {group}'s --measured points" if group in compute["by"]
+                          else f"calibrated: MFU {mfu:.1%}, the geometric mean of the engines measured")
+                source += f" + {compute['fixed'] * 1e3:.1f} ms per micro-batch" if compute["fixed"] else ""
         per_image = train_flops_per_image(inp.preset, res, frames) / (peak[0] * 1e12 * mfu)
-        return MicroTime(compute["fixed"] if fixed is None else fixed, per_image, compute["source"])
+        return MicroTime(compute["fixed"] if fixed is None else fixed, per_image, source)
 
     degrees = context_degrees(inp.preset, inp.gpus_per_node)
 
@@ -648,12 +655,12 @@ def size_report(inp: SizeInputs, rows: list[dict] | None = None) -> str:
             if plan is None:
                 raise ValueError(f"--measured {label}: the stage's global batch {st[3]} is smaller than {gpus} GPUs")
             micros.add(plan.micro)
-            pts.append((gpus, ips, pred, label))
+            pts.append((gpus, ips, pred, label, _COMPUTE_LIKE.get(engine, engine)))
         physical = PHYSICAL_LINKS.get(inp.gpu, ((1.0, 1e4), (0.1, 1e4)))
         links = {w: (getattr(fabric, w).busbw["all_reduce"] / 1e9, physical[0 if w == "intra" else 1])
                  for w in sorted(crossed)}
         cal = calibrate_points(pts, mfu0=inp.assumed_mfu, fixed_free=len(micros) >= 2, links=links)
-        compute.update(mfu=cal.mfu, fixed=cal.fixed, source=f"calibrated: MFU {cal.mfu:.1%}"
+        compute.update(mfu=cal.mfu, fixed=cal.fixed, by=cal.mfu_by, source=f"calibrated: MFU {cal.mfu:.1%}"
                        + (f" + {cal.fixed * 1e3:.1f} ms per micro-batch" if cal.fixed else "") + " (--measured)")
         notes.extend(cal.notes)
         fabric = scaled(fabric, cal.factors)
