@@ -93,7 +93,8 @@ def _markdown(r: dict) -> str:
     med = r["median_seconds"]
     secs = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     return "\n".join([
-        f"# Checkpoint I/O: {r['engine']}, {r['preset']}, {r['world_size']} ranks ({r['cpus']} CPUs, torch {r['torch']})",
+        f"# Checkpoint I/O: {r['engine']}, {r['preset']}, {r['world_size']} ranks ({r['cpus']} CPUs, "
+        f"{r.get('torch_threads_per_rank', '?')} torch thread(s) per rank, torch {r['torch']})",
         "",
         f"Written by `torchrun --standalone --nproc_per_node {r['world_size']} {r['command']}`.",
         f"{r['repeats']} repetitions; raw and save alternate in order, each after os.sync() and {r['settle_seconds']} s; "
@@ -249,6 +250,7 @@ def main() -> int:
             "async_stall_seconds": rows["async_stall_s"], "async_write_seconds": rows["async_write_s"],
             "plain_step_seconds": rows["plain_step_s"], "step_after_async_save_seconds": rows["step_after_async_save_s"],
             "host": platform.node(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
+            "torch_threads_per_rank": torch.get_num_threads(),
             "torch": torch.__version__, "disk": str(root),
             "command": " ".join(sys.argv),
         }
