@@ -36,7 +36,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from scaletrain.bench.sizing import DDP_BUCKET_BYTES, DS_BUCKET_ELEMS, CommModel, ModelFacts
+from scaletrain.bench.facts import DDP_BUCKET_BYTES, DS_BUCKET_ELEMS, CommModel, ModelFacts
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter")
 # Typical links per GPU type (busbw GB/s, latency per ring hop us), used only where nothing was
