@@ -46,6 +46,9 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+MALLOC_ENV: dict[str, str] = {}  # --malloc-mmap-threshold: glibc's tunables for every launch
+
+
 def launch(preset: str, engine: str, ranks: int, shards: str, resolution: int, run_dir: Path,
            precision: str, timeout: float) -> dict:
     stage = (f"[{{name: s0, resolution: {resolution}, steps: 1, micro_batch: 1, grad_accum: {2 // ranks}, "
@@ -58,7 +61,7 @@ def launch(preset: str, engine: str, ranks: int, shards: str, resolution: int, r
            "127.0.0.1", "--master_port", str(_port()), "launchers/pretrain.py", "--config", "configs/demo.yaml",
            *[x for s in sets for x in ("--set", s)]]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **MALLOC_ENV})
     if r.returncode != 0:  # a recorded result (e.g. the kernel's OOM killer: -9 in torchrun's report)
         killed = "Signal 9 (SIGKILL)" in r.stderr or "exitcode: -9" in r.stderr
         print(f"{preset} {engine} x{ranks}: exit {r.returncode}\n{r.stderr[-2000:]}", file=sys.stderr)
@@ -125,7 +128,9 @@ def write_markdown(results: dict, path: Path) -> None:
             f"Goal: the 2-rank per-rank peak is lower than the 1-rank peak by at least {GOAL:.0%} of the fp32 "
             "denoiser's bytes. Size: the sizing model's start-up floor (`scaletrain size`) plus the measured "
             f"peak of the same launch on {results.get('baseline_preset', 'a tiny preset')} (imports, process "
-            f"group, loader), against the measured peak; goal: within {SIZE_GOAL:.0%}.", "",
+            f"group, loader), against the measured peak; goal: within {SIZE_GOAL:.0%}."
+            + (f" Every launch ran with {', '.join(f'{k}={v}' for k, v in results['malloc_env'].items())} "
+               "(glibc returns freed large blocks to the kernel at once)." if results.get("malloc_env") else ""), "",
             "| preset | engine | params | fp32 denoiser GiB | peak 1 rank GiB | peak per rank, 2 ranks GiB | drop GiB | "
             "drop / fp32 denoiser | goal met | start-up s (1 / 2 ranks) | size predicts GiB (1 / 2) | "
             "measured / predicted (1 / 2) | size within 10 % |", "|" + "---|" * 13]
@@ -153,8 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--baseline-preset", default="unet-tiny",
                    help="a tiny preset whose start-up peak is the runtime baseline of the size prediction")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=None,
+                   help="bytes: run every launch (baselines too) with glibc's MALLOC_MMAP_THRESHOLD_ and "
+                        "MALLOC_TRIM_THRESHOLD_ at this value, so freed large blocks go back to the kernel and the "
+                        "peak counts what is held, not what the heap kept after a free")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.malloc_mmap_threshold:
+        MALLOC_ENV.update(MALLOC_MMAP_THRESHOLD_=str(args.malloc_mmap_threshold),
+                          MALLOC_TRIM_THRESHOLD_=str(args.malloc_mmap_threshold))
     with tempfile.TemporaryDirectory(prefix="startup-memory-") as tmp:
         work = Path(tmp)
         shards = args.shards
@@ -170,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                  for pr in args.presets for en in args.engines]
     results = {"command": "python benchmarks/startup_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "host": f"{platform.node()} ({os.cpu_count()} CPUs)", "baseline_preset": args.baseline_preset,
+               "malloc_env": MALLOC_ENV,
                "cells": cells}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
