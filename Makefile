@@ -31,7 +31,7 @@ demo: $(STAMP) $(SHARDS)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launchers/pretrain.py --config configs/demo.yaml \
 		--set checkpoint.resume=never $(ARGS)
 
-# The longer CPU recipe that shows what the shards teach (README "Sample quality"). One process
+# The longer CPU recipe that shows what the shards teach (docs/quickstart.md, "Sample quality"). One process
 # by default: on the 2-core reference machine one rank with 2 threads trains unet-small ~1.7x
 # faster than 2 ranks of 1 thread (which spend the difference in gloo all-reduces).
 QUALITY_NPROC ?= 1
@@ -40,7 +40,7 @@ quality: $(STAMP) $(SHARDS)
 		--set checkpoint.resume=never $(ARGS)
 
 # Text-to-video on CPU (configs/video.yaml): wan-tiny, images -> 5-frame clips mixed with images
-# -> 9-frame clips, on synthetic clips of moving shapes (README "Video").
+# -> 9-frame clips, on synthetic clips of moving shapes (docs/data.md, "Video").
 VIDEO_SHARDS := data/synth-video/shard-000007.tar
 $(VIDEO_SHARDS): | $(STAMP)
 	$(VENV)/bin/scaletrain data synth --video --out data/synth-video --num-samples 256 --per-shard 32 --resolution 32 \

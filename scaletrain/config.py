@@ -154,7 +154,7 @@ class DataSection(_Section):
     split: Literal["auto", "shard", "sample"] = "auto"
     # Metadata filters applied on the fly (data/filters.py); drops are counted, per rule.
     filters: FilterSpec | None = None
-    # Weighted sources with provenance; when set they replace data.shards (README "Data sources").
+    # Weighted sources with provenance; when set they replace data.shards (docs/data.md, "Data sources").
     sources: list[SourceSection] | None = None
     balance: BalanceSection | None = None
     # Aspect-ratio buckets per stage resolution (data/buckets.py); off = square center crops.
@@ -276,7 +276,7 @@ class TrainSection(_Section):
 
 
 class FSDPSection(_Section):
-    """FSDP2 communication knobs (README "Engines" has the table with the reasons)."""
+    """FSDP2 communication knobs (docs/engines.md has the table with the reasons)."""
 
     # Free gathered parameters after each unit's forward (re-gather in backward): memory for comm.
     reshard_after_forward: bool = True

@@ -426,7 +426,7 @@ def add_preflight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slow-factor", type=float, default=2.0,
                    help="a link is slow when its time exceeds this x the median of its class (default 2)")
     p.add_argument("--nccl-preset", choices=sorted(NCCL_PRESETS), default=None,
-                   help="set NCCL variables you have not set yourself (see README 'Preflight')")
+                   help="set NCCL variables you have not set yourself (see docs/clusters.md, 'Preflight')")
     p.add_argument("--inject-delay", default=None, metavar="RANK:SECONDS",
                    help="sleep before each link-test send on RANK: check that the detector names it")
     p.add_argument("--json", dest="json_out", default=None, help="write the report as JSON (rank 0)")

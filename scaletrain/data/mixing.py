@@ -8,7 +8,7 @@ whose classes are sampled uniformly or with given weights) into *leaves*: one
 
 Each leaf is its own infinite per-slot stream (the pipeline's epochs loop per leaf), so a
 minority class simply starts its next epoch sooner than the majority: under balancing an
-"epoch" of the mixture is no longer one pass over the data (see README). Every sample
+"epoch" of the mixture is no longer one pass over the data (see docs/data.md). Every sample
 position picks its leaf with a hash of (seed, global sample position), so the sequence of
 picks does not depend on the rank layout or on how many batches a resume skipped.
 

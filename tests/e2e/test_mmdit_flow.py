@@ -67,7 +67,7 @@ net = SD3Transformer2DModel.from_pretrained(folder).eval()
 scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
 d = load_file(inputs)
 emb, x, scale = d["emb"], d["noise"], float(d["guidance"])  # emb: unconditional rows, then prompted
-pooled = emb.mean(dim=1)  # the pooled conditioning is the mean token embedding (README)
+pooled = emb.mean(dim=1)  # the pooled conditioning is the mean token embedding (docs/models.md)
 scheduler.set_timesteps(int(d["steps"]))
 with torch.no_grad():
     for t in scheduler.timesteps:
