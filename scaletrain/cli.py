@@ -348,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     chk = cc.add_parser("check", help="validate a recipe and print it resolved")
     _add_config_args(chk)
     chk.add_argument("--world-size", type=int, default=None, help="world size to validate against")
+    ref = cc.add_parser("reference", help="print (or --out: write) the recipe reference, every key with its type, "
+                        "default and documentation, generated from the schema")
+    ref.add_argument("--out", default=None, help="Markdown file to write (docs/reference.md in this repository)")
 
     ck = sub.add_parser("ckpt", help="checkpoint tools").add_subparsers(dest="ckpt_cmd", required=True)
     ls = ck.add_parser("ls", help="list a run's checkpoints (step, stage, size, complete/partial)")
@@ -402,6 +405,17 @@ def main(argv: list[str] | None = None) -> int:
         return _synth_pairs(args)
     if args.cmd == "data":
         return _synth(args)
+    if args.cmd == "config" and args.config_cmd == "reference":
+        from pathlib import Path
+
+        from scaletrain.config_reference import render
+
+        text = render()
+        if args.out:
+            Path(args.out).write_text(text)
+        else:
+            print(text, end="")
+        return 0
     return _config_check(args)
 
 
