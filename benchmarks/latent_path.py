@@ -38,13 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scaletrain.config import validate_config  # noqa: E402
-from scaletrain.diffusion.objective import (  # noqa: E402
-    ObjectiveConfig,
-    build_noise_scheduler,
-    diffusion_loss,
-    posterior_generators,
-    prepare_training_batch,
-)
+from scaletrain.diffusion import build_objective  # noqa: E402
+from scaletrain.diffusion.seeding import posterior_generators  # noqa: E402
 from scaletrain.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from scaletrain.engines import build_engine  # noqa: E402
 from scaletrain.models import build_model  # noqa: E402
@@ -82,8 +77,7 @@ def main() -> int:
         built["compile"] = _engine(args.preset, args.resolution, args.micro_batch, True, dist_info)
     built["precomputed"] = built["online"]  # same module: the variants differ only in their inputs
     model = built["online"][0]
-    objective = ObjectiveConfig(prediction_type="epsilon", min_snr_gamma=5.0)
-    scheduler = build_noise_scheduler(objective)
+    objective = build_objective("ddpm", {"prediction_type": "epsilon", "min_snr_gamma": 5.0})
     g = torch.Generator().manual_seed(dist_info.rank)
     pixels = torch.rand(args.micro_batch, 3, args.resolution, args.resolution, generator=g) * 2 - 1
     captions = [f"a red circle number {i} on the left" for i in range(args.micro_batch)]
@@ -102,11 +96,10 @@ def main() -> int:
         else:
             x0 = model.latents_from_posterior(mean, logvar, gens)
             emb, mask = stored_emb, stored_mask
-        noisy, ts, target = prepare_training_batch(x0, keys, step=step_no[0], seed=0, scheduler=scheduler,
-                                                   cfg=objective)
+        batch = objective.training_batch(x0, keys, step=step_no[0], seed=0)
         with engine.micro_step(is_last=True):
-            pred = engine.module(noisy, ts, emb, mask)
-            loss, _ = diffusion_loss(pred.float(), target, ts, scheduler, objective)
+            pred = engine.module(batch.noisy, batch.timesteps, emb, mask)
+            loss, _ = objective.loss(pred.float(), batch)
             engine.backward(loss)
         engine.step(1e-4)
 

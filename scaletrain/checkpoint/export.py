@@ -154,10 +154,9 @@ def checkpoint_objective(info: CheckpointInfo):
 
 def source_objective(source: str | Path) -> str | None:
     """Name of the objective a post-training source was trained with: from a checkpoint's
-    trainer state, or from an exported folder's scheduler (matched to the objective that
-    samples with that class); None when the source does not say."""
+    trainer state, or from an exported folder's scheduler (the objective that matches it); None when the source does not say."""
     from scaletrain.checkpoint.safe_load import read_json
-    from scaletrain.diffusion import OBJECTIVES
+    from scaletrain.diffusion import objective_for_scheduler
 
     from scaletrain.models.pipeline_folder import is_pipeline_root
 
@@ -166,8 +165,8 @@ def source_objective(source: str | Path) -> str | None:
     if (p / "config.json").is_file() or is_pipeline_root(p):
         if not scheduler_file.is_file():
             return None
-        cls = read_json(scheduler_file).get("_class_name")
-        return next((name for name, o in OBJECTIVES.items() if o.scheduler_class == cls), None)
+        found = objective_for_scheduler(read_json(scheduler_file))
+        return found.name if found is not None else None
     record = trainer_state(resolve_checkpoint(p)).get("objective")
     return record["name"] if record else None
 

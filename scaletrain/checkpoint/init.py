@@ -78,28 +78,27 @@ def check_init_source(cfg: RunConfig) -> None:
 def _check_pipeline_objective(root: Path, cfg: RunConfig, key: str) -> None:
     """A pipeline's scheduler says what its denoiser predicts (SD-2.1-768: v_prediction, SD-2.1
     base: epsilon; flow-matching schedulers: a velocity along the straight path). Fine-tuning it
-    with another target trains it away from what it knows, so refuse that before launch."""
+    with another target trains it away from what it knows, so refuse that before launch. Each
+    objective says which schedulers it matches and which of its keys contradict one."""
     from scaletrain.checkpoint.safe_load import read_json
+    from scaletrain.diffusion import objective_for_scheduler, objective_params
 
     sched = read_json(root / "scheduler" / "scheduler_config.json")
-    flow = "FlowMatch" in str(sched.get("_class_name", ""))
-    want = "flow_matching" if flow else "ddpm"
-    if cfg.diffusion.objective != want:
-        raise ValueError(f"{key}={str(root)!r} samples with a {sched.get('_class_name')} ({want}); set "
-                         f"diffusion.objective={want} to fine-tune it with its own objective")
-    if flow:
-        return
-    from scaletrain.diffusion import objective_params
-
-    ours = objective_params("ddpm", cfg.diffusion.params()).model_dump()
-    # The target and the noise schedule (SD: scaled_linear 0.00085..0.012 over 1000 steps).
-    for name in ("prediction_type", "beta_schedule", "num_train_timesteps", "beta_start", "beta_end"):
-        theirs = sched.get(name)
-        if name in ("beta_start", "beta_end") and sched.get("beta_schedule") == "squaredcos_cap_v2":
-            continue  # the cosine schedule has no start and end
-        if theirs is not None and theirs != ours[name]:
-            raise ValueError(f"{key}={str(root)!r} was trained with {name}={theirs!r} (its scheduler_config.json) "
-                             f"but diffusion.{name}={ours[name]!r}; set diffusion.{name}={theirs}")
+    found = objective_for_scheduler(sched)
+    if found is None:
+        raise ValueError(f"{key}={str(root)!r} samples with a {sched.get('_class_name')} that no objective matches "
+                         f"(its scheduler_config.json); give a pipeline whose scheduler is a DDPM-family or "
+                         f"flow-matching one")
+    if cfg.diffusion.objective != found.name:
+        raise ValueError(f"{key}={str(root)!r} samples with a {sched.get('_class_name')} ({found.name}); set "
+                         f"diffusion.objective={found.name} to fine-tune it with its own objective")
+    conflicts = found.conflicts(sched, objective_params(found.name, cfg.diffusion.params()))
+    if conflicts:
+        was = ", ".join(f"{name}={theirs!r}" for name, theirs, _ in conflicts)
+        ours = ", ".join(f"diffusion.{name}={mine!r}" for name, _, mine in conflicts)
+        fix = ", ".join(f"diffusion.{name}={theirs}" for name, theirs, _ in conflicts)
+        raise ValueError(f"{key}={str(root)!r} was trained with {was} (its scheduler_config.json) but the recipe "
+                         f"has {ours}; set {fix}")
 
 
 def _check_reference_objective(src: Path, objective: str, key: str) -> None:

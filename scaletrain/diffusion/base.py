@@ -6,11 +6,13 @@ builds the sampler that inverts it. The trainer, DPO, the bench cell, validation
 sample grid call only this interface; no scheduler class appears in their signatures.
 
 Adding an objective takes one file: subclass ``Objective``, give it a ``Params`` model (its
-``diffusion.*`` keys, validated once with the recipe) and decorate it with ``@register``;
-import the file from ``scaletrain/diffusion/__init__.py`` (the built-in ones) or from a test.
+``diffusion.*`` keys, validated once with the recipe), say which diffusers schedulers it
+matches (``matches``: how a published pipeline's scheduler names its objective) and decorate
+it with ``@register``; put the file in ``scaletrain/diffusion/objectives/`` (found there by
+name) or import it from a test.
 
 Randomness stays layout-invariant: every draw comes from per-sample generators seeded from
-(seed, step, sample key) (``objective.per_sample_generators``), never from the rank or the
+(seed, step, sample key) (``seeding.per_sample_generators``), never from the rank or the
 micro-batch a sample lands in.
 """
 
@@ -59,6 +61,19 @@ class Objective(ABC):
 
     def __init__(self, params: ObjectiveParams) -> None:
         self.params = params
+
+    @classmethod
+    def matches(cls, scheduler_config: dict[str, Any]) -> bool:
+        """Whether a diffusers scheduler config (a pipeline's ``scheduler/scheduler_config.json``)
+        samples a model trained with this objective. An objective no diffusers scheduler samples
+        matches none."""
+        return False
+
+    @classmethod
+    def conflicts(cls, scheduler_config: dict[str, Any], params: ObjectiveParams) -> list[tuple[str, Any, Any]]:
+        """(key, the scheduler's value, the recipe's value) for every training key of ``params``
+        that contradicts a scheduler this objective ``matches``; empty when they agree."""
+        return []
 
     def for_stage(self, overrides: dict[str, Any] | None) -> Objective:
         """This objective with a curriculum stage's overrides (e.g. its noise offset or shift)."""
@@ -126,6 +141,12 @@ def objective_params(name: str, values: dict[str, Any], where: str = "diffusion"
         if err["type"] == "value_error":
             raise ValueError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
         raise ValueError(f"{where}.{key}={err.get('input')!r}: {err['msg']}") from None
+
+
+def objective_for_scheduler(scheduler_config: dict[str, Any]) -> type[Objective] | None:
+    """The registered objective whose ``matches`` accepts a diffusers scheduler config, or None."""
+    found = [cls for cls in OBJECTIVES.values() if cls.matches(scheduler_config)]
+    return found[0] if len(found) == 1 else None
 
 
 def build_objective(name: str, values: dict[str, Any]) -> Objective:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from scaletrain.config import RunConfig
 from scaletrain.diffusion.base import Objective
-from scaletrain.diffusion.objective import posterior_generators
+from scaletrain.diffusion.seeding import posterior_generators
 
 
 def model_inputs(model, batch: dict, device: torch.device, *, seed: int, step: int,

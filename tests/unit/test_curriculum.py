@@ -20,9 +20,8 @@ from scaletrain.checks import load_run_config as load_config
 from scaletrain.data import LoaderSpec, build_loader, decode_image, write_synthetic_shards
 from scaletrain.data.buckets import BucketSpec, bucket_sizes, nearest_bucket
 from scaletrain.diffusion import build_objective
-from scaletrain.diffusion.objective import (
-    add_noise, per_sample_generators, sample_noise, sample_timesteps,
-)
+from scaletrain.diffusion.objectives.ddpm import sample_noise, sample_timesteps
+from scaletrain.diffusion.seeding import per_sample_generators
 from scaletrain.train.curriculum import planned_stage_steps, stage_objective
 from tests.conftest import REPO
 
@@ -83,7 +82,7 @@ def test_stage_noise_offset_reaches_the_noise():
     base = build_objective("ddpm", {"noise_offset": cfg.diffusion.params()["noise_offset"]})  # epsilon target
     assert stage_objective(base, cfg, 0) is base  # no stage value: diffusion.noise_offset (0.05)
     obj = stage_objective(base, cfg, 1)
-    assert obj.config.noise_offset == 0.4 and obj.config.prediction_type == base.config.prediction_type
+    assert obj.params.noise_offset == 0.4 and obj.params.prediction_type == base.params.prediction_type
     sched = obj.noise_scheduler
     x0 = torch.randn(3, 3, 8, 8)
     keys = ["a", "b", "c"]
@@ -91,10 +90,10 @@ def test_stage_noise_offset_reaches_the_noise():
     noisy, t, target = tb.noisy, tb.t, tb.target
     # the same draws by hand: timesteps first, then noise with the stage's offset
     gens = per_sample_generators(1, 7, keys)
-    t_ref = sample_timesteps(obj.config.num_train_timesteps, gens)
+    t_ref = sample_timesteps(obj.params.num_train_timesteps, gens)
     noise = sample_noise(x0.shape, noise_offset=0.4, generators=gens)
     assert torch.equal(t, t_ref) and torch.equal(target, noise)
-    assert torch.allclose(noisy, add_noise(sched, x0, noise, t))
+    assert torch.allclose(noisy, sched.add_noise(x0, noise, t))
     noise_base = sample_noise(x0.shape, noise_offset=0.05, generators=per_sample_generators(1, 7, keys))
     assert not torch.allclose(target, noise_base)  # it is not the diffusion-level offset
 

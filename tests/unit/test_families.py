@@ -179,17 +179,37 @@ def test_flux_conventions_match_diffusers_flux_pipeline(tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
-def test_no_family_name_branch_outside_the_family_files():
-    """`family == "unet"`-style branches are what the seam replaced: the family files are the
-    only place a family's name may decide anything."""
-    pattern = re.compile(r"""family\s*(==|!=|in)\s*[("'\[]|["'](unet|dit|mmdit|flux)["']\s*(==|!=)""")
+def _name_branches(names: set[str], subject: str, home: str) -> list[str]:
+    """Lines outside scaletrain/<home>/ where a registered name decides something: ``subject ==
+    "x"``-style comparisons, or a quoted name compared with == / !=."""
+    quoted = "|".join(sorted(map(re.escape, names)))
+    pattern = re.compile(rf"""{subject}\s*(==|!=|in)\s*[("'\[]|["']({quoted})["']\s*(==|!=)|(==|!=)\s*["']({quoted})["']""")
     offenders = []
     for path in (REPO / "scaletrain").rglob("*.py"):
-        if "families" in path.parts:
+        if home in path.relative_to(REPO / "scaletrain").as_posix():
             continue
         for i, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
+    return offenders
+
+
+def test_no_family_or_objective_name_branch_outside_its_own_file():
+    """`family == "unet"`-style branches are what the seams replaced: a family's file is the only
+    place its name may decide anything, and an objective's file the only place for an objective's
+    (the names come from the registries, so a new family or objective is guarded too)."""
+    from scaletrain.diffusion import OBJECTIVES
+    from scaletrain.models.registry import load_families
+
+    load_families()
+    families = {name for name, fam in FAMILIES.items() if type(fam).__module__.startswith("scaletrain.")}
+    assert {"unet", "dit", "mmdit", "flux", "wan"} <= families
+    objectives = {name for name, cls in OBJECTIVES.items() if cls.__module__.startswith("scaletrain.")}
+    assert objectives == {"ddpm", "flow_matching"}
+    # each objective lives in the file named after it
+    assert all(OBJECTIVES[n].__module__ == f"scaletrain.diffusion.objectives.{n}" for n in objectives)
+    offenders = _name_branches(families, "family", "models/families/")
+    offenders += _name_branches(objectives, "objective", "diffusion/objectives/")
     assert not offenders, "\n".join(offenders)
 
 

@@ -25,7 +25,7 @@ from scaletrain.data.latents import (
     encode_dataset,
     read_encoding,
 )
-from scaletrain.diffusion.objective import posterior_generators
+from scaletrain.diffusion.seeding import posterior_generators
 from scaletrain.models import build_model
 
 RECIPE = """

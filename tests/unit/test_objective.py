@@ -1,4 +1,5 @@
-"""The diffusion objective checked against numbers derived by hand (closed form)."""
+"""The DDPM objective (scaletrain/diffusion/objectives/ddpm.py) checked against numbers derived
+by hand (closed form)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scaletrain.diffusion.objective import (
-    ObjectiveConfig,
-    add_noise,
-    build_noise_scheduler,
-    compute_snr,
-    diffusion_loss,
-    min_snr_weights,
-    per_sample_generators,
-    prepare_training_batch,
-    sample_noise,
-    sample_timesteps,
-    training_target,
-)
+from scaletrain.diffusion import TrainingBatch, build_objective
+from scaletrain.diffusion.objectives.ddpm import compute_snr, min_snr_weights, sample_noise, sample_timesteps
+from scaletrain.diffusion.seeding import per_sample_generators
 
 # Tiny linear schedule: betas 0.1, 0.2, 0.3, 0.4 -> alphas 0.9, 0.8, 0.7, 0.6
 # -> alpha_bar = cumprod = 0.9, 0.72, 0.504, 0.3024.
@@ -29,14 +20,18 @@ ALPHA_BAR = [0.9, 0.72, 0.504, 0.3024]
 SNR = [9.0, 18.0 / 7.0, 63.0 / 62.0, 0.3024 / 0.6976]
 
 
-def _tiny_cfg(**overrides: object) -> ObjectiveConfig:
+def _tiny(**overrides: object):
     fields = dict(num_train_timesteps=4, beta_schedule="linear", beta_start=0.1, beta_end=0.4)
     fields.update(overrides)
-    return ObjectiveConfig(**fields)
+    return build_objective("ddpm", fields)
+
+
+def _loss(objective, pred, target, t):
+    return objective.loss(pred, TrainingBatch(noisy=target, timesteps=t, target=target, t=t))
 
 
 def test_scheduler_alpha_bar_matches_hand_values() -> None:
-    sched = build_noise_scheduler(_tiny_cfg())
+    sched = _tiny().noise_scheduler
     torch.testing.assert_close(sched.alphas_cumprod, torch.tensor(ALPHA_BAR), rtol=1e-6, atol=1e-6)
 
 
@@ -44,7 +39,7 @@ def test_compute_snr_hand_values() -> None:
     t = torch.tensor([0, 1, 3])
     expected = torch.tensor([SNR[0], SNR[1], SNR[3]])
     torch.testing.assert_close(compute_snr(torch.tensor(ALPHA_BAR), t), expected)
-    sched = build_noise_scheduler(_tiny_cfg())
+    sched = _tiny().noise_scheduler
     torch.testing.assert_close(compute_snr(sched.alphas_cumprod, t), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -56,15 +51,21 @@ def test_min_snr_weights_epsilon_and_v() -> None:
     )
 
 
-def test_velocity_target_and_noisy_input_one_element() -> None:
-    sched = build_noise_scheduler(_tiny_cfg(prediction_type="v_prediction"))
-    x0, eps, t = torch.full((1, 1, 1, 1), 2.0), torch.full((1, 1, 1, 1), 1.0), torch.tensor([1])
-    # alpha_bar_1 = 0.72: v = sqrt(0.72) * eps - sqrt(0.28) * x0 (Salimans & Ho 2022)
-    v = training_target(sched, x0, eps, t, "v_prediction")
-    assert v.item() == pytest.approx(math.sqrt(0.72) * 1.0 - math.sqrt(0.28) * 2.0, rel=1e-5)
-    noisy = add_noise(sched, x0, eps, t)
-    assert noisy.item() == pytest.approx(math.sqrt(0.72) * 2.0 + math.sqrt(0.28) * 1.0, rel=1e-5)
-    assert training_target(sched, x0, eps, t, "epsilon") is eps
+def test_velocity_target_and_noisy_input_by_hand() -> None:
+    x0 = torch.tensor([2.0, -1.0, 0.5, 3.0]).view(4, 1, 1, 1)
+    keys = ["a", "b", "c", "d"]
+    eps_batch = _tiny().training_batch(x0, keys, step=3, seed=0)
+    v_batch = _tiny(prediction_type="v_prediction").training_batch(x0, keys, step=3, seed=0)
+    eps, t = eps_batch.target, eps_batch.t  # an epsilon objective's target is the noise it drew
+    assert torch.equal(v_batch.t, t) and torch.equal(v_batch.noisy, eps_batch.noisy)  # same draws
+    ab = torch.tensor(ALPHA_BAR)[t].view(-1, 1, 1, 1)
+    # v = sqrt(ab) * eps - sqrt(1 - ab) * x0 (Salimans & Ho 2022); x_t = sqrt(ab) x0 + sqrt(1 - ab) eps
+    torch.testing.assert_close(v_batch.target, ab.sqrt() * eps - (1 - ab).sqrt() * x0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eps_batch.noisy, ab.sqrt() * x0 + (1 - ab).sqrt() * eps, rtol=1e-5, atol=1e-6)
+    # the draws: the timestep first, then the noise, from each sample's own generator
+    gens = per_sample_generators(0, 3, keys)
+    assert t.tolist() == sample_timesteps(4, gens).tolist()
+    torch.testing.assert_close(eps, sample_noise(x0.shape, noise_offset=0.0, generators=gens), rtol=0, atol=0)
 
 
 def test_noise_offset_is_per_channel_constant() -> None:
@@ -102,42 +103,35 @@ def test_per_sample_generators_are_independent_of_batch_composition() -> None:
     assert t1.dtype == torch.int64 and bool(((t1 >= 0) & (t1 < 1000)).all())
 
 
-def test_prepare_training_batch_is_order_independent() -> None:
-    cfg = ObjectiveConfig(prediction_type="v_prediction", noise_offset=0.1)
-    sched = build_noise_scheduler(cfg)
+def test_training_batch_is_order_independent() -> None:
+    objective = build_objective("ddpm", {"prediction_type": "v_prediction", "noise_offset": 0.1})
     x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     keys = ["img-0", "img-1", "img-2"]
-    noisy, t, target = prepare_training_batch(x0, keys, step=5, seed=1, scheduler=sched, cfg=cfg)
+    batch = objective.training_batch(x0, keys, step=5, seed=1)
     perm = [2, 0, 1]
-    noisy_p, t_p, target_p = prepare_training_batch(
-        x0[perm], [keys[i] for i in perm], step=5, seed=1, scheduler=sched, cfg=cfg
-    )
-    torch.testing.assert_close(noisy_p, noisy[perm])
-    torch.testing.assert_close(t_p, t[perm])
-    torch.testing.assert_close(target_p, target[perm])
-    bf16 = prepare_training_batch(x0.bfloat16(), keys, step=5, seed=1, scheduler=sched, cfg=cfg)
-    assert bf16[0].dtype == bf16[2].dtype == torch.bfloat16
+    permuted = objective.training_batch(x0[perm], [keys[i] for i in perm], step=5, seed=1)
+    torch.testing.assert_close(permuted.noisy, batch.noisy[perm])
+    torch.testing.assert_close(permuted.timesteps, batch.timesteps[perm])
+    torch.testing.assert_close(permuted.target, batch.target[perm])
+    bf16 = objective.training_batch(x0.bfloat16(), keys, step=5, seed=1)
+    assert bf16.noisy.dtype == bf16.target.dtype == torch.bfloat16
 
 
 def test_loss_without_gamma_is_plain_mse() -> None:
-    cfg = _tiny_cfg(min_snr_gamma=None)
-    sched = build_noise_scheduler(cfg)
     pred, target = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)
     t = torch.tensor([0, 1, 2, 3])
-    loss, per_sample = diffusion_loss(pred, target, t, sched, cfg)
+    loss, per_sample = _loss(_tiny(min_snr_gamma=None), pred, target, t)
     torch.testing.assert_close(loss, F.mse_loss(pred, target))
     assert per_sample.shape == (4,)
-    loss0, _ = diffusion_loss(pred, target, t, sched, _tiny_cfg(min_snr_gamma=0.0))
+    loss0, _ = _loss(_tiny(min_snr_gamma=0.0), pred, target, t)
     torch.testing.assert_close(loss0, loss)
 
 
 def test_loss_with_min_snr_hand_values() -> None:
     # pred - target = 1 everywhere -> per-sample MSE 1; weights eps gamma=5 at
     # t=0 (snr 9) -> 5/9, t=3 (snr 0.3024/0.6976 < 5) -> 1.
-    cfg = _tiny_cfg(min_snr_gamma=5.0)
-    sched = build_noise_scheduler(cfg)
     pred, target = torch.ones(2, 1, 2, 2, dtype=torch.bfloat16), torch.zeros(2, 1, 2, 2)
-    loss, per_sample = diffusion_loss(pred, target, torch.tensor([0, 3]), sched, cfg)
+    loss, per_sample = _loss(_tiny(min_snr_gamma=5.0), pred, target, torch.tensor([0, 3]))
     torch.testing.assert_close(per_sample, torch.tensor([5.0 / 9.0, 1.0]))
     torch.testing.assert_close(loss, torch.tensor((5.0 / 9.0 + 1.0) / 2.0))
     assert loss.dtype == torch.float32
@@ -146,8 +140,8 @@ def test_loss_with_min_snr_hand_values() -> None:
 def test_prediction_type_validation() -> None:
     expected = r"diffusion\.prediction_type='sample'.*epsilon.*v_prediction"
     with pytest.raises(ValueError, match=expected):
-        ObjectiveConfig(prediction_type="sample")
-    with pytest.raises(ValueError, match=r"diffusion\.prediction_type"):
+        build_objective("ddpm", {"prediction_type": "sample"})
+    with pytest.raises(ValueError, match=r"prediction_type='x0' is not supported"):
         min_snr_weights(torch.ones(1), 5.0, "x0")
     with pytest.raises(ValueError, match=r"diffusion\.noise_offset"):
-        ObjectiveConfig(noise_offset=-0.1)
+        build_objective("ddpm", {"noise_offset": -0.1})

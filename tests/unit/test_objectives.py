@@ -15,7 +15,7 @@ from scaletrain.config import ConfigError
 from scaletrain.checks import load_run_config as load_config
 from scaletrain.diffusion import OBJECTIVES, build_objective
 from scaletrain.diffusion.base import Objective, ObjectiveParams, Sampler, TrainingBatch, register
-from scaletrain.diffusion.objective import per_sample_generators
+from scaletrain.diffusion.seeding import per_sample_generators
 from scaletrain.eval.samples import generate_samples
 from tests.conftest import shard_pattern
 
@@ -268,3 +268,28 @@ def test_a_toy_objective_registered_in_one_file_trains_and_samples(synth_shards)
                               lambda x: x, prompts=["a"], resolution=8, in_channels=3, latent_factor=1,
                               objective=objective, num_inference_steps=3, guidance_scale=1.0, seed=0)
     assert images.shape == (1, 3, 8, 8)
+
+
+def test_published_schedulers_name_their_objective():
+    """Each objective says which diffusers schedulers it matches (a pipeline folder's
+    scheduler_config.json); the published pipelines' schedulers, as their folders ship them."""
+    from scaletrain.diffusion import objective_for_scheduler
+
+    sd = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+          "beta_end": 0.012, "num_train_timesteps": 1000, "skip_prk_steps": True}
+    sd21_768 = {**sd, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+    sdxl = {**sd, "_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon"}
+    sd3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    flux = {**sd3, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}
+    wan = {"_class_name": "UniPCMultistepScheduler", "beta_schedule": "linear", "prediction_type": "flow_prediction",
+           "use_flow_sigmas": True, "flow_shift": 3.0, "num_train_timesteps": 1000}
+    sample = {**sd, "_class_name": "DDPMScheduler", "prediction_type": "sample"}
+    found = {k: objective_for_scheduler(v) for k, v in
+             dict(sd=sd, sd21_768=sd21_768, sdxl=sdxl, sd3=sd3, flux=flux, wan=wan, sample=sample).items()}
+    assert {k: c.name if c else None for k, c in found.items()} == {
+        "sd": "ddpm", "sd21_768": "ddpm", "sdxl": "ddpm", "sd3": "flow_matching", "flux": "flow_matching",
+        "wan": "flow_matching", "sample": None}
+    # DDPM names every training key a folder contradicts, at once
+    params = build_objective("ddpm", {"beta_schedule": "linear"}).params
+    assert [c[0] for c in found["sd21_768"].conflicts(sd21_768, params)] == ["prediction_type", "beta_schedule"]
+    assert found["sd"].conflicts(sd, build_objective("ddpm", {}).params) == []

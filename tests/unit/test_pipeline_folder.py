@@ -160,6 +160,10 @@ def test_pipeline_mismatches_are_one_line(roots, tmp_path) -> None:
         ({"model": {"preset": "from_diffusers"}, "init": {"from_diffusers": str(roots["sd"])},
           "diffusion": {"prediction_type": "v_prediction", "beta_schedule": "linear"}},
          "was trained with beta_schedule='scaled_linear'"),
+        # every contradicting key at once, in one line
+        ({"model": {"preset": "from_diffusers"}, "init": {"from_diffusers": str(roots["sd"])},
+          "diffusion": {"beta_schedule": "linear", "beta_end": 0.02}},
+         "was trained with prediction_type='v_prediction', beta_schedule='scaled_linear', beta_end=0.012"),
         ({"model": {"preset": "from_diffusers"}, "init": {"from_diffusers": str(roots["sd"])},
           "diffusion": {"objective": "flow_matching"}}, "set diffusion.objective=ddpm"),
         ({"model": {"preset": "from_diffusers"}}, "set init.from_diffusers=FOLDER"),

@@ -11,7 +11,6 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from scaletrain.diffusion import build_objective
-from scaletrain.diffusion.objective import ObjectiveConfig, build_noise_scheduler
 from scaletrain.eval.samples import _caption_lines, generate_samples, save_image_grid
 
 PROMPTS = ["a red cube", "a blue sphere on grass"]
@@ -40,7 +39,7 @@ def decode(latents: Tensor) -> Tensor:
 
 
 def _scheduler_config() -> dict:
-    return dict(build_noise_scheduler(ObjectiveConfig()).config)
+    return dict(build_objective("ddpm", {}).noise_scheduler.config)
 
 
 def _generate(denoiser: ToyDenoiser | None = None, **overrides: object) -> Tensor:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
 from scaletrain.diffusion.base import Objective, ObjectiveParams, Sampler, TrainingBatch, register
-from scaletrain.diffusion.objective import per_sample_generators
+from scaletrain.diffusion.seeding import per_sample_generators
 
 NUM_TRAIN_TIMESTEPS = 1000  # the model sees sigma * 1000, as in diffusers' SD3 and Flux
 BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096  # Flux's dynamic-shift anchors (tokens)
@@ -72,6 +72,13 @@ class FlowMatchingObjective(Objective):
     name = "flow_matching"
     Params = FlowParams
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
+
+    @classmethod
+    def matches(cls, scheduler_config: dict[str, Any]) -> bool:
+        # SD3/FLUX ship FlowMatchEulerDiscreteScheduler; Wan 2.1 ships UniPC with flow sigmas
+        return ("FlowMatch" in str(scheduler_config.get("_class_name", ""))
+                or scheduler_config.get("prediction_type") == "flow_prediction"
+                or bool(scheduler_config.get("use_flow_sigmas")))
 
     def mu(self, latent_shape: Sequence[int]) -> float:
         p = self.params
