@@ -48,7 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scaletrain.checkpoint.manager import CheckpointManager, latest_checkpoint  # noqa: E402
-from scaletrain.config import CheckpointSection, validate_config  # noqa: E402
+from scaletrain.config import CheckpointSection  # noqa: E402
+from scaletrain.checks import validate_config  # noqa: E402
 from scaletrain.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from scaletrain.engines import build_engine  # noqa: E402
 from scaletrain.models import build_model  # noqa: E402

@@ -24,8 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scaletrain.config import load_config  # noqa: E402
+from scaletrain.checks import load_config  # noqa: E402
 from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards  # noqa: E402
+from scaletrain.models.registry import stage_buckets  # noqa: E402
 
 
 def worker_rate(shards: list[str], resolution: int, micro_batch: int, batches: int, reps: int,
@@ -79,7 +80,7 @@ def main() -> None:
     rows = []
     for i, st in enumerate(cfg.train.stages):
         rates = worker_rate(expand_shards(shards), st.resolution, st.micro_batch, args.batches, args.reps,
-                            tuple(cfg.stage_buckets(i)))
+                            tuple(stage_buckets(cfg, i)))
         rate = statistics.median(rates)
         need = consumption(bench, cfg.model.preset, st.resolution, st.micro_batch)
         row = {"stage": st.name, "resolution": st.resolution, "micro_batch": st.micro_batch,

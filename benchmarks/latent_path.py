@@ -37,7 +37,7 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scaletrain.config import validate_config  # noqa: E402
+from scaletrain.checks import validate_config  # noqa: E402
 from scaletrain.diffusion import build_objective  # noqa: E402
 from scaletrain.diffusion.seeding import posterior_generators  # noqa: E402
 from scaletrain.distributed import init_distributed, shutdown_distributed  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scaletrain.config import validate_config  # noqa: E402
+from scaletrain.checks import validate_config  # noqa: E402
 from scaletrain.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from scaletrain.engines import build_engine  # noqa: E402
 from scaletrain.models import build_model, frozen_dtype  # noqa: E402

@@ -1,63 +1,84 @@
-"""Launch checks: the recipe against what lies outside the config tree, run once before any
-process group exists.
+"""The recipe checks, gathered in one place: what a launcher, the CLI and the tests call.
 
-``config.load_config`` validates the recipe as data (types, ranges, cross-field rules, the
-preset's shapes); it imports no checkpoint or engine module. What needs those runs here, in
-one step the launchers and the CLI call (``load_run_config``): the post-training start weights
-(``init.*``: present, built for the preset, and for DPO trained with the same objective),
-precomputed-latent shards against the recipe's encoders, a video stage's fps against its shards,
-and the DeepSpeed JSON filled for every stage. Each failure is one line (``ConfigError``).
+``config.py`` is the schema alone. Each component checks its own sections in its own
+``checks.py`` through one small protocol: ``recipe(cfg, ctx)`` (the recipe as data, and the
+paths it names when ``ctx.check_paths``) and, optionally, ``launch(cfg, ctx)`` (against what lies
+on disk and on this host: start weights, precomputed-latent and video shards, the DeepSpeed
+JSON). Each raises a ValueError whose message is one line; here it becomes a ConfigError.
+``validate_config``/``load_config`` run the recipe checks; ``load_run_config`` (the launchers)
+adds the launch checks and the start-up memory floor, before any process group exists.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from scaletrain.config import ConfigError, RunConfig, load_config, world_size_from_env
+from scaletrain.config import CheckContext, ConfigError, RunConfig, parse_config, read_recipe, world_size_from_env
+
+# In this order: the model section first (model.preset=from_diffusers becomes the folder's
+# preset, which every later check reads). Imported on first use: `import scaletrain.checks`
+# must not load torch (`scaletrain --help`).
+COMPONENTS = ("scaletrain.models.checks", "scaletrain.train.checks", "scaletrain.diffusion.checks",
+              "scaletrain.eval.checks", "scaletrain.engines.checks", "scaletrain.data.checks",
+              "scaletrain.checkpoint.checks")
 
 
-def check_launch(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Raise ConfigError (one line) when the recipe cannot start on what is on disk."""
-    world = world_size if world_size is not None else world_size_from_env()
+def _run(phase: str, cfg: RunConfig, ctx: CheckContext) -> None:
     try:
-        if cfg.init.source is not None:
-            from scaletrain.checkpoint.init import check_init_source
-
-            check_init_source(cfg)
-        from scaletrain.data.latents import check_precomputed
-
-        precomputed = check_precomputed(cfg) is not None
-        from scaletrain.data.video import check_video_shards
-
-        check_video_shards(cfg)
-        stage = None
-        if cfg.engine.kind == "deepspeed":
-            from scaletrain.engines.ds_config import fill_deepspeed_config, load_deepspeed_json
-
-            raw = load_deepspeed_json(cfg.engine.deepspeed_config)
-            for st in cfg.train.stages:
-                filled = fill_deepspeed_config(raw, cfg, micro_batch=st.micro_batch, grad_accum=st.grad_accum,
-                                               world_size=world)
-                stage = int(filled.get("zero_optimization", {}).get("stage", 0))
-        check_startup_memory(cfg, world, stage, precomputed)
+        for name in COMPONENTS:
+            check = getattr(importlib.import_module(name), phase, None)
+            if check is not None:
+                check(cfg, ctx)
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
-def check_startup_memory(cfg: RunConfig, world: int, zero_stage: int | None = None, precomputed: bool = False) -> None:
+def validate_config(data: dict, *, world_size: int | None = None, check_paths: bool = True) -> RunConfig:
+    """A recipe (as data) through the schema and every component's recipe checks."""
+    cfg = parse_config(data)
+    world = world_size if world_size is not None else world_size_from_env()
+    _run("recipe", cfg, CheckContext(world_size=world, check_paths=check_paths))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, *, world_size: int | None = None,
+                check_paths: bool = True) -> RunConfig:
+    """Read a YAML recipe, apply ``--set`` overrides, validate. Raises ConfigError (one line)."""
+    return validate_config(read_recipe(path, overrides), world_size=world_size, check_paths=check_paths)
+
+
+def check_launch(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Raise ConfigError (one line) when the recipe cannot start on what is on disk."""
+    world = world_size if world_size is not None else world_size_from_env()
+    _run("launch", cfg, CheckContext(world_size=world))
+    try:
+        from scaletrain.data.latents import check_precomputed
+        from scaletrain.engines.checks import sizing_label
+
+        check_startup_memory(cfg, world, sizing_label(cfg, world), check_precomputed(cfg) is not None)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_startup_memory(cfg: RunConfig, world: int, engine: str | None = None, precomputed: bool = False) -> None:
     """A preset that cannot fit this host (or one GPU) at the chosen sharding is one line now,
     before any rank allocates it: the sizing model's start-up floor per rank
-    (``bench.sizing.startup_floor_bytes``) times the ranks on this host, against the memory
+    (``bench.facts.startup_floor_bytes``) times the ranks on this host, against the memory
     available; on a GPU, the floor per rank against the device's memory."""
     import os
 
     import psutil
 
-    from scaletrain.bench.sizing import model_facts, startup_floor_bytes
+    from scaletrain.bench.facts import model_facts, startup_floor_bytes
+    from scaletrain.engines.checks import sizing_label
 
-    engine = cfg.engine.kind if cfg.engine.kind != "deepspeed" else f"zero{zero_stage or 3}"
+    engine = engine or sizing_label(cfg, world)
+
     facts = model_facts(cfg.model.preset)
     per_rank = startup_floor_bytes(engine, facts, world, cfg.engine.precision,
                                    precomputed=precomputed)  # the host builds the frozen encoders whole

@@ -14,7 +14,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from scaletrain.checks import load_run_config
-from scaletrain.config import ConfigError, RunConfig, dump_config, load_config
+from scaletrain.config import ConfigError, RunConfig, dump_config
+from scaletrain.checks import load_config
 
 if TYPE_CHECKING:  # train/step.py imports torch; `scaletrain --help` should not
     from scaletrain.train.step import BatchBuilder, LossFactory

@@ -1,10 +1,13 @@
-"""One typed config tree for a run, validated once at the door.
+"""The recipe's schema: one typed config tree for a run, and nothing else.
 
 A recipe is a YAML file; the command line overrides dotted keys (``--set optim.lr=3e-4``).
-Every section forbids unknown keys, and the cross-field rules (batch identity, resolution
-divisibility, known presets, shard paths, DeepSpeed JSON conflicts) run at load time, so a
-bad recipe fails with one line naming the field, the value and the fix, before any process
-group starts.
+Every section forbids unknown keys and checks its own types, ranges and per-section rules.
+The rules across sections and against the components (batch identity, resolutions the
+preset takes, shard paths, the DeepSpeed JSON, ...) belong to the components, each in its own
+``checks.py`` (``recipe(cfg, ctx)``, and ``launch(cfg, ctx)`` for what lies on disk), and
+``scaletrain/checks.py`` runs them all once at load time, so a bad recipe fails with one line
+naming the field, the value and the fix, before any process group starts. This module imports
+no other scaletrain module but the data specs it types.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scaletrain.data.buckets import BucketSpec
 from scaletrain.data.filters import FilterSpec
@@ -24,6 +28,14 @@ from scaletrain.data.filters import FilterSpec
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; its message is one line."""
+
+
+@dataclass(frozen=True)
+class CheckContext:
+    """What a component's recipe checks see besides the recipe (``scaletrain/checks.py``)."""
+
+    world_size: int = 1
+    check_paths: bool = True  # also check the paths the recipe names (shards, run.dir, weights)
 
 
 class _Section(BaseModel):
@@ -196,44 +208,24 @@ class StageDataSection(_Section):
     balance: BalanceSection | None = None
 
 
-def objective_keys(objective: str, section: dict[str, Any], where: str) -> dict[str, Any]:
-    """The keys ``objective`` reads from a diffusion mapping: its own subsection (``ddpm:
-    {...}``, ``flow_matching: {...}``), then its flat keys over them (``--set diffusion.KEY=``). Every subsection is checked
-    against its objective, the flat keys against ``objective``; one line names a bad key."""
-    from scaletrain.diffusion import OBJECTIVES, objective_params
-
-    flat = {k: v for k, v in section.items() if k not in OBJECTIVES}
-    for name in OBJECTIVES:
-        sub = section.get(name)
-        if sub is None:
-            continue
-        if not isinstance(sub, dict):
-            raise ValueError(f"{where}.{name} must be a mapping of {name}'s keys, got {sub!r}")
-        objective_params(name, sub, where=f"{where}.{name}")
-    merged = {**dict(section.get(objective) or {}), **flat}
-    objective_params(objective, merged, where=where)
-    return merged
-
-
 class DiffusionSection(BaseModel):
-    """``objective`` names a registered training objective (scaletrain/diffusion: ddpm,
-    flow_matching). Its keys sit flat in this section or in a subsection named after it; each
-    objective checks its own (its Params model), so an objective brings its keys in its own
-    file, and a recipe can hold settings for several and switch with
+    """``objective`` names a registered training objective (scaletrain/diffusion/objectives/:
+    ddpm, flow_matching). Its keys sit flat in this section or in a subsection named after it;
+    each objective checks its own (its Params model, ``diffusion/checks.py``), so an objective
+    brings its keys in its own file, and a recipe can hold settings for several and switch with
     ``--set diffusion.objective=...``. DDPM: prediction_type, betas, noise_offset,
     min_snr_gamma; flow matching: timestep_sampling, shift, dynamic_shift, weighting, ..."""
 
     model_config = ConfigDict(extra="allow")
     objective: str = "ddpm"
 
-    @model_validator(mode="after")
-    def _objective_keys(self) -> "DiffusionSection":
-        self.params()
-        return self
-
     def params(self) -> dict[str, Any]:
-        """The selected objective's keys (validated)."""
-        return objective_keys(self.objective, dict(self.model_extra or {}), "diffusion")
+        """The selected objective's keys: its subsection, then the flat keys over it. Objectives'
+        keys are scalars, so a mapping is a subsection (checked with the recipe: every mapping
+        names an objective, and every key belongs to it)."""
+        extra = dict(self.model_extra or {})
+        flat = {k: v for k, v in extra.items() if not isinstance(v, dict)}
+        return {**dict(extra.get(self.objective) or {}), **flat}
 
 
 class OptimSection(_Section):
@@ -536,9 +528,7 @@ class RunConfig(_Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
-    # A factory, not an instance: validating the default imports the objectives (torch, diffusers),
-    # which `import scaletrain.config` must not pay (`scaletrain --help` starts without torch).
-    diffusion: DiffusionSection = Field(default_factory=DiffusionSection)
+    diffusion: DiffusionSection = DiffusionSection()
     optim: OptimSection = OptimSection()
     train: TrainSection
     engine: EngineSection = EngineSection()
@@ -551,47 +541,6 @@ class RunConfig(_Section):
     dpo: DPOSection | None = None  # read by launchers/dpo.py only
     init: InitSection = InitSection()  # post-training start weights
     lora: LoraSection = LoraSection()
-
-    def stage_objective_params(self, index: int) -> dict[str, Any]:
-        """Stage ``index``'s changes to the objective's keys (its noise_offset, its diffusion
-        mapping), checked against the objective together with diffusion's own keys."""
-        stage = self.train.stages[index]
-        where = f"train.stages.{index}.diffusion"
-        changes = objective_keys(self.diffusion.objective, dict(stage.diffusion or {}), where) if stage.diffusion else {}
-        if stage.noise_offset is not None:
-            changes.setdefault("noise_offset", stage.noise_offset)
-        if changes:
-            from scaletrain.diffusion import objective_params
-
-            objective_params(self.diffusion.objective, {**self.diffusion.params(), **changes}, where=where)
-        return changes
-
-    @model_validator(mode="after")
-    def _cross_field(self, info: ValidationInfo) -> "RunConfig":
-        ctx = info.context or {}
-        world = int(ctx.get("world_size", 1))
-        _check_stage_lengths(self)
-        _resolve_pipeline_preset(self)
-        for i in range(len(self.train.stages)):
-            self.stage_objective_params(i)  # raises on a stage change the objective does not take
-        _check_preset_and_resolutions(self)
-        _check_batch_identity(self, world)
-        _check_health(self, world)
-        _check_validate(self, world, check_paths=ctx.get("check_paths", True))
-        _check_engine_knobs(self, world)
-        _check_context_parallel(self, world)
-        for i in range(len(self.train.stages)):
-            self.stage_data(i)  # raises on a bad per-stage data override
-        _check_levers(self)
-        _check_lora(self)
-        if self.init.from_checkpoint and self.init.from_diffusers:
-            raise ValueError("init.from_checkpoint and init.from_diffusers are both set; keep one of them")
-        if ctx.get("check_paths", True):
-            _check_run_dir(self)
-            _check_shards(self)
-        # What needs checkpoint, engine or encoder modules (init sources, precomputed shards,
-        # the DeepSpeed JSON) is checked by scaletrain.checks.check_launch, which launchers call.
-        return self
 
     def stage_global_batch(self, index: int, world_size: int) -> int:
         s = self.train.stages[index]
@@ -616,35 +565,8 @@ class RunConfig(_Section):
         s = self.train.stages[index]
         return s.images if s.images is not None else s.steps * self.stage_global_batch(index, world_size)
 
-    def stage_frames(self, index: int) -> int:
-        """Frames per sample of stage ``index``: its ``frames``, 1 on a video family without
-        (images as 1-frame clips), 0 on an image family (plain images)."""
-        from scaletrain.models.registry import get_preset
-
-        st = self.train.stages[index]
-        if st.frames is not None:
-            return st.frames
-        return 1 if get_preset(self.model.preset).video else 0
-
-    def validation_frames(self) -> int:
-        """Frames per validation clip: validate.frames, else the last stage's (0: images)."""
-        from scaletrain.models.registry import get_preset
-
-        if not get_preset(self.model.preset).video:
-            return 0
-        return self.validate.frames or self.stage_frames(len(self.train.stages) - 1)
-
     def validation_fps(self) -> float | None:
         return self.validate.fps if self.validate.fps is not None else self.train.stages[-1].fps
-
-    def stage_buckets(self, index: int) -> list[tuple[int, int]]:
-        """(width, height) aspect-ratio buckets of stage ``index`` ([] when data.buckets is off)."""
-        from scaletrain.models.registry import get_preset
-
-        if not self.data.buckets.enabled:
-            return []
-        factor = get_preset(self.model.preset).downsample_factor
-        return self.data.buckets.sizes(self.train.stages[index].resolution, factor)
 
     def stage_shard_sets(self, index: int) -> list[tuple[str, str | list[str]]]:
         """(config key, shards) of every shard set stage ``index`` reads: its data.shards, or each
@@ -686,318 +608,6 @@ class RunConfig(_Section):
             if key in given:
                 out[key] = getattr(o, key)
         return StageDataSection.model_construct(**out)
-
-
-def _check_stage_lengths(cfg: RunConfig) -> None:
-    for i, st in enumerate(cfg.train.stages):
-        if (st.steps is None) == (st.images is None):
-            given = "both" if st.steps is not None else "neither"
-            raise ValueError(f"train.stages.{i} sets {given} of steps and images; give exactly one "
-                             f"(e.g. train.stages.{i}.steps=1000 or train.stages.{i}.images=1000000)")
-
-
-def _resolve_pipeline_preset(cfg: RunConfig) -> None:
-    """``init.from_diffusers`` = a pipeline root: its text encoder and VAE are the run's frozen
-    encoders unless model.*_path says otherwise, and ``model.preset: from_diffusers`` becomes the
-    preset read from its configs (``models/pipeline_folder.py``; named by the folder, so a
-    relaunch, a resume and ``ckpt export`` rebuild the same one)."""
-    from scaletrain.models.pipeline_folder import KEYWORD, is_pipeline_root, text_encoders
-
-    root = cfg.init.from_diffusers
-    if cfg.model.preset == KEYWORD:
-        if not root:
-            raise ValueError("model.preset=from_diffusers builds the model from a diffusers pipeline folder; set "
-                             "init.from_diffusers=FOLDER (the folder with model_index.json)")
-        if not is_pipeline_root(root):
-            raise ValueError(f"model.preset=from_diffusers needs init.from_diffusers to be a diffusers pipeline folder "
-                             f"(with model_index.json); {root!r} is not one")
-        from scaletrain.models.pipeline_folder import register_pipeline_preset
-
-        cfg.model.preset = register_pipeline_preset(root, what="init.from_diffusers").name
-    if is_pipeline_root(root):
-        # One encoder is the run's; SD3/Flux pipelines carry several, where scaletrain's presets
-        # condition on one of their own (models/families/mmdit.py), so only their VAE is taken.
-        if cfg.model.text_encoder_path is None and text_encoders(root) == ["text_encoder"]:
-            cfg.model.text_encoder_path = str(Path(root).resolve())
-        if cfg.model.vae_path is None and (Path(root) / "vae").is_dir():
-            cfg.model.vae_path = str(Path(root).resolve())
-
-
-def _check_preset_and_resolutions(cfg: RunConfig) -> None:
-    from scaletrain.models.registry import get_preset
-
-    preset = get_preset(cfg.model.preset)  # raises a ValueError naming model.preset
-    f = preset.downsample_factor
-    for i, st in enumerate(cfg.train.stages):
-        if st.resolution % f:
-            lo, hi = (st.resolution // f) * f, (st.resolution // f + 1) * f
-            alt = f"{lo} or {hi}" if lo > 0 else f"{hi}"
-            raise ValueError(
-                f"train.stages.{i}.resolution={st.resolution} is not divisible by {f}, the "
-                f"down-sampling factor of model.preset={preset.name!r}; use {alt}"
-            )
-    for i, st in enumerate(cfg.train.stages):
-        where = f"train.stages.{i}"
-        if st.frames is not None and not preset.video:
-            raise ValueError(f"{where}.frames={st.frames}: model.preset={preset.name!r} ({preset.family}) is an image "
-                             "family; remove frames or choose a video preset (e.g. wan-tiny)")
-        if st.fps is not None and st.frames is None:
-            raise ValueError(f"{where}.fps={st.fps:g} is set without frames; set {where}.frames too")
-        if st.frames is not None and (st.frames - 1) % preset.vae_frame_factor:
-            n = st.frames - 1 - (st.frames - 1) % preset.vae_frame_factor
-            raise ValueError(f"{where}.frames={st.frames}: {preset.name!r}'s video VAE takes 1 + "
-                             f"{preset.vae_frame_factor}k frames; use {n + 1} or {n + 1 + preset.vae_frame_factor}")
-    if cfg.sample.resolution is not None and cfg.sample.resolution % f:
-        raise ValueError(f"sample.resolution={cfg.sample.resolution} is not divisible by {f}; pick a multiple of {f}")
-    top = preset.max_resolution  # e.g. an MMDiT's position-embedding grid
-    if top is None:
-        return
-    sides = [(f"train.stages.{i}.resolution", st.resolution) for i, st in enumerate(cfg.train.stages)]
-    sides += [(f"data.buckets (stage {i}, largest side)", max(max(b) for b in cfg.stage_buckets(i)))
-              for i in range(len(cfg.train.stages)) if cfg.stage_buckets(i)]
-    sides += [(k, v) for k, v in (("sample.resolution", cfg.sample.resolution),
-                                  ("validate.resolution", cfg.validate.resolution)) if v is not None]
-    for key, side in sides:
-        if side > top:
-            raise ValueError(f"{key}: {side} px is larger than {top} px, the largest image model.preset="
-                             f"{preset.name!r} takes (its position-embedding grid); use at most {top} px")
-
-
-def _check_validate(cfg: RunConfig, world: int, *, check_paths: bool) -> None:
-    v = cfg.validate
-    if not (v.every_steps or v.at_end):
-        return
-    from scaletrain.models.registry import get_preset
-
-    preset = get_preset(cfg.model.preset)
-    if v.frames is not None and not preset.video:
-        raise ValueError(f"validate.frames={v.frames}: model.preset={preset.name!r} ({preset.family}) is an image family; "
-                         "remove validate.frames")
-    if v.frames is not None and (v.frames - 1) % preset.vae_frame_factor:
-        n = v.frames - 1 - (v.frames - 1) % preset.vae_frame_factor
-        raise ValueError(f"validate.frames={v.frames}: {preset.name!r}'s video VAE takes 1 + {preset.vae_frame_factor}k "
-                         f"frames; use {n + 1} or {n + 1 + preset.vae_frame_factor}")
-
-    f = get_preset(cfg.model.preset).downsample_factor
-    if v.resolution is not None and v.resolution % f:
-        raise ValueError(f"validate.resolution={v.resolution} is not divisible by {f}; pick a multiple of {f}")
-    if v.num_images < world:
-        raise ValueError(f"validate.num_images={v.num_images} is fewer than the {world} ranks; "
-                         f"set validate.num_images>={world}")
-    if v.feature_extractor == "inception" and not v.inception_weights:
-        raise ValueError("validate.feature_extractor=inception needs validate.inception_weights=PATH "
-                         "(a local weights file; nothing is downloaded), or use validate.feature_extractor=offline")
-    if not check_paths:
-        return
-    if v.inception_weights and v.feature_extractor == "inception" and not Path(v.inception_weights).is_file():
-        raise ValueError(f"validate.inception_weights={v.inception_weights!r} does not exist; "
-                         "point it at a local InceptionV3 weights file")
-    if v.safety_model not in (None, "tiny") and not (Path(v.safety_model) / "config.json").is_file():
-        raise ValueError(f"validate.safety_model={v.safety_model!r} is not a local model folder with config.json; "
-                         "point it at a save_pretrained image classifier (nothing is downloaded) or remove it")
-    if v.shards is not None:
-        from scaletrain.data.pipeline import expand_shards, missing_local_shards
-
-        missing = missing_local_shards(expand_shards(v.shards))
-        if missing:
-            raise ValueError(f"validate.shards: {missing[0]!r} does not exist; write shards with "
-                             "`scaletrain data synth --out DIR --seed 1` or fix the path")
-
-
-def _check_health(cfg: RunConfig, world: int) -> None:
-    h = cfg.health
-    if h.max_bad_in_window > h.window:
-        raise ValueError(f"health.max_bad_in_window={h.max_bad_in_window} exceeds health.window={h.window}, "
-                         f"so a rollback could never trigger; use at most {h.window}")
-    for name in ("loss_spike_factor", "grad_spike_factor"):
-        value = getattr(h, name)
-        if 0 < value <= 1:
-            raise ValueError(f"health.{name}={value} would flag ordinary steps (a factor of the EMA); "
-                             f"use a value above 1, e.g. 3, or 0 to disable")
-    if (h.inject_nan_steps or h.inject_spike_steps) and h.inject_nan_rank >= world:
-        raise ValueError(f"health.inject_nan_rank={h.inject_nan_rank} but the world size is {world}; "
-                         f"use a rank below {world}")
-    if any(s < 1 for s in h.inject_nan_steps):
-        raise ValueError(f"health.inject_nan_steps={h.inject_nan_steps} must hold steps >= 1")
-
-
-def _check_batch_identity(cfg: RunConfig, world: int) -> None:
-    for i, st in enumerate(cfg.train.stages):
-        if st.global_batch is None:
-            continue
-        dp = cfg.data_parallel_size(world)
-        got = st.micro_batch * st.grad_accum * dp
-        if got != st.global_batch:
-            need = st.global_batch / (st.micro_batch * dp)
-            fix = (
-                f"set train.stages.{i}.grad_accum={int(need)}"
-                if need == int(need) and need >= 1
-                else f"make global_batch a multiple of micro_batch x world ({st.micro_batch * dp})"
-            )
-            replicas = (f"world size {world}" if dp == world else
-                        f"{dp} data-parallel replicas (world size {world} / engine.context_parallel "
-                        f"{cfg.engine.context_parallel})")
-            raise ValueError(
-                f"train.stages.{i}.global_batch={st.global_batch} but micro_batch {st.micro_batch} x "
-                f"grad_accum {st.grad_accum} x {replicas} = {got}; {fix}"
-            )
-
-
-def _frames_text(frames: int) -> str:
-    return "" if not frames else f", {frames} frame{'s' if frames != 1 else ''}"
-
-
-def _check_context_parallel(cfg: RunConfig, world: int) -> None:
-    """engine.context_parallel: K divides the world, and every shape the run feeds the denoiser
-    (each stage, its buckets and frames, the sample clips) has a token count and a head count
-    that K divides (models/context_parallel.py); one line before launch otherwise."""
-    k = cfg.engine.context_parallel
-    if k == 1:
-        return
-    if world % k:
-        raise ValueError(f"engine.context_parallel={k} does not divide the world size {world}; use a divisor of "
-                         f"{world} (ranks r..r+K-1 form one context group)")
-    if cfg.engine.kind == "fsdp" and cfg.engine.fsdp.mesh_shape(world) is not None:
-        raise ValueError("engine.context_parallel > 1 with engine.fsdp.shard_size/replicate_size (HSDP) is not "
-                         "supported; drop the HSDP sizes (FSDP2 then shards over all ranks)")
-    from scaletrain.models.context_parallel import check_context_parallel
-    from scaletrain.models.registry import get_preset
-
-    preset = get_preset(cfg.model.preset)
-    shapes = []
-    for i, st in enumerate(cfg.train.stages):
-        frames = cfg.stage_frames(i)
-        sizes = [(h, w) for w, h in cfg.stage_buckets(i)] or [(st.resolution, st.resolution)]
-        shapes += [(f"train.stages.{i} ({h}x{w} px{_frames_text(frames)})",
-                    preset.tokens(h, w, frames)) for h, w in sizes]
-    v = cfg.validate
-    if v.every_steps or v.at_end:
-        frames = cfg.validation_frames()
-        sides = [v.resolution] if v.resolution else sorted({st.resolution for st in cfg.train.stages})
-        shapes += [(f"validation ({side} px{_frames_text(frames)})", preset.tokens(side, side, frames)) for side in sides]
-    if cfg.sample.at_end:
-        side = cfg.sample.resolution or cfg.train.stages[-1].resolution
-        frames = (cfg.sample.frames or cfg.stage_frames(len(cfg.train.stages) - 1)) if preset.video else 0
-        shapes.append((f"the end-of-run samples ({side} px{_frames_text(frames)})",
-                       preset.tokens(side, side, frames)))
-    check_context_parallel(preset, k, shapes)
-
-
-def _check_engine_knobs(cfg: RunConfig, world: int) -> None:
-    """Knobs that cannot work at this world size or on this machine fail here, not silently."""
-    import torch
-
-    e = cfg.engine
-    if e.kind == "fsdp":
-        e.fsdp.mesh_shape(world)
-    if e.precision == "fp16" and e.kind == "deepspeed" and not torch.cuda.is_available():
-        raise ValueError("engine.precision=fp16 under DeepSpeed needs CUDA GPUs (DeepSpeed's CPU accelerator runs "
-                         "fp32 and bf16 only); use engine.precision=bf16, or engine.kind=fsdp/ddp for fp16")
-    if e.kind == "ddp" and e.ddp.comm_hook == "bf16" and not torch.cuda.is_available():
-        raise ValueError("engine.ddp.comm_hook='bf16' needs CUDA GPUs with NCCL (torch refuses it on gloo); "
-                         "use fp16 or powersgd on this machine")
-    if e.kind == "deepspeed":
-        ds = e.deepspeed
-        for key in ("zero_quantized_weights", "zero_quantized_gradients"):
-            if getattr(ds, key) and not torch.cuda.is_available():
-                raise ValueError(f"engine.deepspeed.{key}=true needs CUDA GPUs (DeepSpeed's quantizer has no "
-                                 f"CPU kernels); set it to false on this machine")
-        hpz = ds.zero_hpz_partition_size
-        if hpz is not None and world % hpz:
-            raise ValueError(f"engine.deepspeed.zero_hpz_partition_size={hpz} does not divide the world size "
-                             f"{world}; use the number of ranks per node")
-
-
-def _check_levers(cfg: RunConfig) -> None:
-    """model.activation_checkpointing / model.compile act on the family's parallel units: the
-    preset must have some, and a selective setting must select at least one (meta-device build)."""
-    m = cfg.model
-    if m.activation_checkpointing == "none" and not m.compile:
-        return
-    import torch
-
-    from scaletrain.models.parallelize import checkpointed_units
-    from scaletrain.models.registry import Denoiser, build_denoiser_net, get_preset, parallel_units
-
-    preset = get_preset(m.preset)
-    with torch.device("meta"):
-        units = parallel_units(Denoiser(build_denoiser_net(preset), preset.family, use_text_mask=False))
-    levers = "model.activation_checkpointing and model.compile"
-    if not units:
-        raise ValueError(f"model.preset={preset.name!r} (family {preset.family}) has no parallel units for {levers} "
-                         "to act on; set model.activation_checkpointing=none and model.compile=false")
-    picked = checkpointed_units(units, m.activation_checkpointing, m.activation_checkpointing_every,
-                                m.activation_checkpointing_selective)
-    if (m.activation_checkpointing == "selective" and m.activation_checkpointing_selective == "attention"
-            and len(picked) == len(units)):
-        # A UNet knob: there it spares the ResNet-only blocks; in a transformer every block holds
-        # attention, so it would silently be full checkpointing.
-        raise ValueError(f"model.activation_checkpointing_selective=attention picks every unit of model.preset="
-                         f"{preset.name!r} (each {preset.family} block holds attention): that is full checkpointing; "
-                         "set model.activation_checkpointing=full, or activation_checkpointing_selective=every")
-    if m.activation_checkpointing == "selective" and not picked:
-        what = ("no unit holds attention" if m.activation_checkpointing_selective == "attention" else
-                f"activation_checkpointing_every={m.activation_checkpointing_every} but it has {len(units)} units")
-        raise ValueError(f"model.activation_checkpointing=selective selects no unit of model.preset={preset.name!r} "
-                         f"({what}); use full, a smaller activation_checkpointing_every, or none")
-
-
-def _check_lora(cfg: RunConfig) -> None:
-    """Configured lora.target_modules must name layers of the preset (built on the meta device)."""
-    if not cfg.lora.enabled or cfg.lora.target_modules is None:
-        return
-    import torch
-
-    from scaletrain.models.lora import matching_modules
-    from scaletrain.models.registry import build_denoiser_net
-
-    with torch.device("meta"):  # shapes only: no memory, no init time
-        net = build_denoiser_net(cfg.model.preset)
-    if not matching_modules(net, cfg.lora.target_modules):
-        raise ValueError(f"lora.target_modules={cfg.lora.target_modules} matches no Linear/Conv2d layer of "
-                         f"model.preset={cfg.model.preset!r}; use suffixes such as to_q, to_k, to_v, to_out.0")
-
-
-def _check_run_dir(cfg: RunConfig) -> None:
-    """run.dir (and checkpoint.dir) must be a folder this process can create and write, found
-    before any model is built."""
-    import os
-
-    for key, value in (("run.dir", cfg.run.dir), ("checkpoint.dir", cfg.checkpoint.dir)):
-        if value is None:
-            continue
-        path = Path(value)
-        existing = next((p for p in (path, *path.parents) if p.exists()), None)
-        if existing is not None and not existing.is_dir():
-            raise ValueError(f"{key}={value!r}: {existing} exists and is not a folder; choose another {key}")
-        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"{key}={value!r}: {existing} is not writable by this user; choose another {key} or "
-                             "fix its permissions")
-
-
-def _check_shards(cfg: RunConfig) -> None:
-    """Every stage's effective shards (data.shards, data.sources, stage overrides) exist; a folder
-    written by `scaletrain data encode` stands for its subfolder at the stage's resolution."""
-    from scaletrain.data.latents import resolve_shards
-    from scaletrain.data.pipeline import check_pipe_shards, expand_shards, missing_local_shards
-
-    if cfg.validate.shards is not None:
-        check_pipe_shards(expand_shards(cfg.validate.shards), cfg.data.allow_pipe_shards, "validate.shards")
-    for i, stage in enumerate(cfg.train.stages):
-        for key, shards in cfg.stage_shard_sets(i):
-            raw = [shards] if isinstance(shards, str) else list(shards)
-            check_pipe_shards([str(x) for x in raw], cfg.data.allow_pipe_shards, key)
-            try:
-                urls, _ = resolve_shards(shards, stage.resolution, key)
-            except ValueError as e:
-                if "matched no .tar" not in str(e):
-                    raise
-                raise ValueError(f"{key}: shards={shards!r} matched no .tar files; point it at .tar files") from None
-            missing = missing_local_shards(urls)
-            if missing:
-                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise ValueError(f"{key}: {missing[0]!r}{more} does not exist; write shards with "
-                                 "`scaletrain data synth --out DIR` or fix the path")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -1066,14 +676,8 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def load_config(
-    path: str | Path,
-    overrides: list[str] | None = None,
-    *,
-    world_size: int | None = None,
-    check_paths: bool = True,
-) -> RunConfig:
-    """Read a YAML recipe, apply ``--set`` overrides, validate. Raises ConfigError (one line)."""
+def read_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A YAML recipe as data with ``--set`` overrides applied. Raises ConfigError (one line)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {str(path)!r} does not exist; pass a YAML recipe such as configs/demo.yaml")
@@ -1084,16 +688,14 @@ def load_config(
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (run, model, data, ...)")
     apply_overrides(data, parse_overrides(overrides or []))
-    return validate_config(data, world_size=world_size, check_paths=check_paths)
+    return data
 
 
-def validate_config(data: dict, *, world_size: int | None = None, check_paths: bool = True) -> RunConfig:
-    ctx = {
-        "world_size": world_size if world_size is not None else world_size_from_env(),
-        "check_paths": check_paths,
-    }
+def parse_config(data: dict) -> RunConfig:
+    """The recipe's types, ranges and per-section rules; the rules across sections and against
+    the components are ``scaletrain.checks.validate_config``'s. Raises ConfigError (one line)."""
     try:
-        return RunConfig.model_validate(data, context=ctx)
+        return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
 

@@ -65,7 +65,7 @@ def memory_snapshot(device: torch.device) -> dict:
 
 def run_config(spec: dict, world_size: int):
     """The RunConfig a cell's engine is built from (validated like any recipe)."""
-    from scaletrain.config import validate_config
+    from scaletrain.checks import validate_config
 
     kind, ds_json = ENGINE_VARIANTS[spec["engine"]]
     engine = {"kind": kind, "precision": spec.get("precision", "fp32"), **ENGINE_SETTINGS.get(spec["engine"], {})}
@@ -127,6 +127,7 @@ def memory_split(engine, step_fn: Callable[[contextlib.AbstractContextManager], 
 def run_cell(spec: dict, dist_info: DistInfo) -> dict:
     """Build, warm up, time ``reps`` steps; returns this rank's record."""
     from scaletrain.data.latents import resolve_shards
+    from scaletrain.models.registry import stage_frames
     from scaletrain.data.pipeline import LoaderSpec, build_loader
     from scaletrain.diffusion import build_objective
     from scaletrain.train.step import forward_backward, model_inputs
@@ -153,7 +154,7 @@ def run_cell(spec: dict, dist_info: DistInfo) -> dict:
     loader = LoaderSpec(shards=urls, resolution=spec["resolution"], micro_batch=spec["micro_batch"],
                         num_workers=cfg.data.num_workers, seed=0, rank=dist_info.rank,
                         world_size=dist_info.world_size, precomputed=encoding is not None,
-                        pin_memory=device.type == "cuda", frames=cfg.stage_frames(0))
+                        pin_memory=device.type == "cuda", frames=stage_frames(cfg, 0))
     batches = iter(build_loader(loader))
     steps = []
 

@@ -93,7 +93,7 @@ def bench_main(args: argparse.Namespace) -> int:
 
     resolutions = args.resolutions
     if args.recipe:
-        from scaletrain.config import load_config
+        from scaletrain.checks import load_config
 
         cfg = load_config(args.recipe, check_paths=False)
         resolutions = sorted({st.resolution for st in cfg.train.stages})
@@ -124,11 +124,13 @@ def _parse_measured(texts: list[str]) -> list[tuple[int, float, int, str | None]
 
 
 def _parse_stages(args: argparse.Namespace) -> list[tuple[int, ...]]:
+    from scaletrain.models.registry import stage_frames
+
     stages = []
     if args.recipe:
         import yaml
 
-        from scaletrain.config import load_config
+        from scaletrain.checks import load_config
 
         # Validate at the world size the recipe's global batches were written for (the first
         # stage that states one), not this process's: a recipe is not launched here.
@@ -143,7 +145,7 @@ def _parse_stages(args: argparse.Namespace) -> list[tuple[int, ...]]:
             # in images is that many images at any batch (RunConfig.stage_images).
             world = st.global_batch // (st.micro_batch * st.grad_accum) if st.global_batch else args.gpus_per_node
             gb = st.global_batch or st.micro_batch * st.grad_accum * world
-            stages.append((st.resolution, cfg.stage_images(i, world), st.micro_batch, gb, cfg.stage_frames(i)))
+            stages.append((st.resolution, cfg.stage_images(i, world), st.micro_batch, gb, stage_frames(cfg, i)))
     from scaletrain.models import get_preset
 
     video = get_preset(args.preset).video

@@ -34,7 +34,8 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from scaletrain.bench.facts import DDP_BUCKET_BYTES, DS_BUCKET_ELEMS, CommModel, ModelFacts, model_facts
+from scaletrain.bench.facts import (DDP_BUCKET_BYTES, DS_BUCKET_ELEMS, CommModel, ModelFacts,  # noqa: F401
+                                    model_facts, startup_floor_bytes)
 from scaletrain.bench.runner import solo_basis
 
 # GPU memory (GiB, as torch reports the card) for the size command's --gpu.
@@ -59,34 +60,6 @@ def state_bytes(engine: str, facts: ModelFacts, world: int, precision: str = "fp
         offloaded = 12 * P / N if engine == "zero3-offload" and not host_is_device else 0
         return 20 * P / N - offloaded + facts.largest_module * w * (N > 1)
     raise ValueError(f"engine {engine!r} is unknown; choose from {', '.join(ENGINES)}")
-
-
-DS_SUB_GROUP_ELEMS = 1e9  # DeepSpeed's zero_optimization.sub_group_size default
-
-
-def startup_floor_bytes(engine: str, facts: ModelFacts, world: int, precision: str = "fp32",
-                        precomputed: bool = False, frozen_encoders: str = "replicate") -> float:
-    """The least a rank holds when it reaches its first step (no activations, no Adam moments
-    yet: torch's AdamW makes them at the first step): the frozen encoders in the run precision
-    (none on precomputed latents), plus the denoiser as the engine keeps it at start-up:
-    FSDP2 its fp32 shard (meta-device init); DDP and ZeRO-1/2 the whole fp32 model (ZeRO-1/2 also
-    the fp32 master partition); ZeRO-3 (zero.Init) what DeepSpeed 0.19's stage-3 optimizer
-    allocates in its constructor (``runtime/zero/stage3.py``): the parameter partition (2 or 4
-    bytes), its fp32 master copy (4), the flat gradient-partition buffer (4) and
-    ``initialize_optimizer_states``' gradient buffer for the largest sub-group (4, up to
-    ``sub_group_size`` = 1e9 elements), plus the largest module gathered while it is filled.
-    ``frozen_encoders="shard"`` (model.frozen_encoders) holds 1/world of the encoders on the
-    device; the host builds them whole first, so a host check passes "replicate".
-    A floor, not a forecast: allocator slack and imports come on top (``benchmarks/
-    startup_memory.py`` adds a measured baseline and compares)."""
-    P, N = facts.params, world
-    w = 2 if precision in ("bf16", "fp16") else 4
-    frozen = 0.0 if precomputed else (2 if precision in ("bf16", "fp16") else 4) * facts.frozen
-    frozen /= N if frozen_encoders == "shard" else 1
-    zero3 = (w + 8) * P / N + 4 * min(P / N, DS_SUB_GROUP_ELEMS) + facts.largest_module * w * (N > 1)
-    denoiser = {"fsdp": 4 * P / N, "ddp": 4 * P, "zero1": 4 * P + 4 * P / N, "zero2": 4 * P + 4 * P / N}.get(
-        engine, zero3)
-    return frozen + denoiser
 
 
 def denoiser_side(preset: str, resolution: int) -> int:

@@ -14,13 +14,16 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor, nn
 from diffusers import AutoencoderKL
 
 from scaletrain.models import text
+
+if TYPE_CHECKING:
+    from scaletrain.config import RunConfig
 from scaletrain.models.components import SD_VAE, SD_VAE_FACTOR, TINY_TEXT_DIM, TINY_TEXT_LEN, TINY_VAE  # noqa: F401
 from scaletrain.models.family import (  # noqa: F401  (re-exported)
     FAMILIES, PRESETS, ModelFamily, ModelPreset, all_presets, get_family, get_preset, load_families,
@@ -364,3 +367,31 @@ def count_params(module: nn.Module) -> int:
 
 
 load_families()  # every family module registers itself and its presets
+
+
+# What a recipe means for the preset it names: frames per sample and aspect-ratio buckets per
+# stage (the recipe alone cannot say: they depend on the family and its VAE).
+
+
+def stage_frames(cfg: RunConfig, index: int) -> int:
+    """Frames per sample of stage ``index``: its ``frames``, 1 on a video family without
+    (images as 1-frame clips), 0 on an image family (plain images)."""
+    st = cfg.train.stages[index]
+    if st.frames is not None:
+        return st.frames
+    return 1 if get_preset(cfg.model.preset).video else 0
+
+
+def validation_frames(cfg: RunConfig) -> int:
+    """Frames per validation clip: validate.frames, else the last stage's (0: images)."""
+    if not get_preset(cfg.model.preset).video:
+        return 0
+    return cfg.validate.frames or stage_frames(cfg, len(cfg.train.stages) - 1)
+
+
+def stage_buckets(cfg: RunConfig, index: int) -> list[tuple[int, int]]:
+    """(width, height) aspect-ratio buckets of stage ``index`` ([] when data.buckets is off)."""
+    if not cfg.data.buckets.enabled:
+        return []
+    factor = get_preset(cfg.model.preset).downsample_factor
+    return cfg.data.buckets.sizes(cfg.train.stages[index].resolution, factor)

@@ -14,6 +14,7 @@ import math
 
 from scaletrain.config import ConfigError, RunConfig
 from scaletrain.diffusion import Objective
+from scaletrain.diffusion.checks import stage_objective_params
 
 
 def planned_stage_steps(cfg: RunConfig, index: int, world_size: int, *, steps_done: int = 0,
@@ -58,4 +59,4 @@ def stage_length_text(cfg: RunConfig, index: int, world_size: int, steps: int, *
 
 def stage_objective(base: Objective, cfg: RunConfig, index: int) -> Objective:
     """The objective of stage ``index``: ``base`` with the stage's changes, if it has any."""
-    return base.for_stage(cfg.stage_objective_params(index))
+    return base.for_stage(stage_objective_params(cfg, index))

@@ -32,6 +32,7 @@ from scaletrain.distributed import DistInfo, all_reduce_sum
 from scaletrain.engines import StepStats, build_engine
 from scaletrain.eval.samples import generate_samples, save_image_grid, save_video_grid
 from scaletrain.models import build_model, frozen_dtype
+from scaletrain.models.registry import stage_buckets, stage_frames, validation_frames
 from scaletrain.models.parallelize import lever_report
 from scaletrain.train.ema import build_ema
 from scaletrain.train.health import HealthGuard, HealthStop, poison, quarantine
@@ -338,14 +339,14 @@ class Trainer:
         warmup = cfg.optim.warmup_steps if stage.warmup_steps is None else stage.warmup_steps
         lr = functools.partial(lr_at, total_steps=steps, base_lr=stage.lr or cfg.optim.lr, warmup_steps=warmup,
                                schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
-        buckets = cfg.stage_buckets(index)
+        buckets = stage_buckets(cfg, index)
         length = stage_length_text(cfg, index, world, steps, steps_done=start, images_done=self.stage_images_seen)
         self.logger.event(f"stage {index} '{stage.name}': {stage.resolution}px, {length}, "
                           f"global batch {global_batch} = {stage.micro_batch} x {stage.grad_accum} x {self.data_world}"
                           + (f" (data-parallel groups of {cfg.engine.context_parallel} context-parallel ranks)"
                              if cfg.engine.context_parallel > 1 else "")
-                          + (f", {cfg.stage_frames(index)}-frame clips"
-                             + (f" at {stage.fps:g} fps" if stage.fps else "") if cfg.stage_frames(index) else "")
+                          + (f", {stage_frames(cfg, index)}-frame clips"
+                             + (f" at {stage.fps:g} fps" if stage.fps else "") if stage_frames(cfg, index) else "")
                           + ", "
                           f"{self.objective.describe()}"
                           + (f", buckets (WxH) {' '.join(f'{w}x{h}' for w, h in buckets)}" if buckets else ""))
@@ -446,7 +447,7 @@ class Trainer:
         from scaletrain.eval.validate import count_reference_images
 
         shards = expand_shards(v.shards or self.default_shards())
-        frames = self.cfg.validation_frames()
+        frames = validation_frames(self.cfg)
         found = count_reference_images(shards, v.num_images, frames, self.cfg.validation_fps())
         if found < v.num_images:
             where = "validate.shards" if v.shards else "the training shards (validate.shards is unset)"
@@ -667,7 +668,7 @@ class Trainer:
             caption_dropout=d.caption_dropout, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
             seed=self.cfg.run.seed, split=d.split, rank=self.data_rank, world_size=self.data_world,
             skip_batches=skip, **self.stage_data_fields(resolution),
-            frames=self.cfg.stage_frames(self.stage_index), fps=self.cfg.train.stages[self.stage_index].fps,
+            frames=stage_frames(self.cfg, self.stage_index), fps=self.cfg.train.stages[self.stage_index].fps,
             buckets=tuple(d.buckets.sizes(resolution, self.model.preset.downsample_factor) if d.buckets.enabled else ()),
             precomputed=self.encoding is not None, pin_memory=self.device.type == "cuda",
             bad_captions=d.bad_captions, max_image_pixels=d.max_image_pixels, max_member_bytes=d.max_member_bytes,
@@ -779,8 +780,8 @@ class Trainer:
                 decode=self.model.decode, in_channels=self.model.preset.in_channels,
                 latent_factor=self.model.preset.vae_factor,
                 objective=self.objective,
-                frames=self.cfg.validation_frames(),
-                latent_frames=self.model.preset.latent_frames(max(self.cfg.validation_frames(), 1)),
+                frames=validation_frames(self.cfg),
+                latent_frames=self.model.preset.latent_frames(max(validation_frames(self.cfg), 1)),
                 fps=self.cfg.validation_fps(),
             )
             self.validator = Validator(v, grid_prompts=list(self.cfg.sample.prompts), grid_seed=self.cfg.sample.seed,
@@ -801,7 +802,7 @@ class Trainer:
         label = self.validator.label
         self.logger.log(validation_record(self.step, label, value, seconds, v.num_images, resolution, ema is not None,
                                           self.validator.metrics))
-        frames = self.cfg.validation_frames()
+        frames = validation_frames(self.cfg)
         what = f"{frames}-frame clips, per-frame" if frames > 1 else "images"
         extra = "".join(f", {k.removeprefix('validation/')}={x:.4f}" for k, x in self.validator.metrics.items()
                         if k.startswith("validation/temporal"))
@@ -823,7 +824,7 @@ class Trainer:
             return module(x.to(dtype), t, emb.to(dtype), mask).float()
 
         preset, last = self.model.preset, self.cfg.train.stages[-1]
-        frames = (s.frames or self.cfg.stage_frames(len(self.cfg.train.stages) - 1)) if preset.video else 0
+        frames = (s.frames or stage_frames(self.cfg, len(self.cfg.train.stages) - 1)) if preset.video else 0
         ema = self.ema
         with (ema.swapped() if ema is not None else contextlib.nullcontext()), self.engine.eval_mode():
             images = generate_samples(

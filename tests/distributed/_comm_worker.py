@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scaletrain.config import validate_config
+from scaletrain.checks import validate_config
 from scaletrain.distributed import DistInfo, init_distributed, shutdown_distributed
 
 STAGE = {"name": "s", "resolution": 32, "steps": 4, "micro_batch": 2, "grad_accum": 2}

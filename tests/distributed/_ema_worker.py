@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor.debug import CommDebugMode
 
-from scaletrain.config import validate_config
+from scaletrain.checks import validate_config
 from scaletrain.distributed import init_distributed
 from scaletrain.train.ema import ShardedEMA, ema_decay
 

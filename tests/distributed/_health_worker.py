@@ -23,7 +23,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from scaletrain.config import validate_config
+from scaletrain.checks import validate_config
 from scaletrain.distributed import init_distributed
 from scaletrain.engines import build_engine
 from scaletrain.engines.base import chunk_bounds

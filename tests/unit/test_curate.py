@@ -244,7 +244,8 @@ def test_aesthetic_head_reduces_heldout_loss(tmp_path):
 
 
 def test_validate_safety_model_must_be_a_local_folder(synth_shards):
-    from scaletrain.config import ConfigError, validate_config
+    from scaletrain.config import ConfigError
+    from scaletrain.checks import validate_config
 
     data = {"data": {"shards": shard_pattern(synth_shards)}, "model": {"preset": "unet-tiny"},
             "train": {"stages": [{"name": "s", "resolution": 32, "steps": 1, "micro_batch": 1}]},

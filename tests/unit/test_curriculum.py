@@ -22,6 +22,7 @@ from scaletrain.data.buckets import BucketSpec, bucket_sizes, nearest_bucket
 from scaletrain.diffusion import build_objective
 from scaletrain.diffusion.objectives.ddpm import sample_noise, sample_timesteps
 from scaletrain.diffusion.seeding import per_sample_generators
+from scaletrain.models.registry import stage_buckets
 from scaletrain.train.curriculum import planned_stage_steps, stage_objective
 from tests.conftest import REPO
 
@@ -135,8 +136,8 @@ def test_bucket_ratios_explicit_and_errors():
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             _cfg(*sets)
     cfg = _cfg("data.buckets.enabled=true")
-    assert cfg.stage_buckets(0) == BucketSpec().sizes(32, 2) and (64, 64) in cfg.stage_buckets(1)
-    assert _cfg().stage_buckets(0) == []
+    assert stage_buckets(cfg, 0) == BucketSpec().sizes(32, 2) and (64, 64) in stage_buckets(cfg, 1)
+    assert stage_buckets(_cfg(), 0) == []
 
 
 def test_nearest_bucket_in_log_aspect():

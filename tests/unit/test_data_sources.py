@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaletrain.config import ConfigError, validate_config
+from scaletrain.config import ConfigError
+
+from scaletrain.checks import validate_config
 from scaletrain.data import LoaderSpec, build_loader, write_synthetic_shards
 from scaletrain.data.filters import FilterSpec
 from scaletrain.data.mixing import Balance, Source

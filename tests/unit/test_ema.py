@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scaletrain.config import ConfigError, validate_config
+from scaletrain.config import ConfigError
+
+from scaletrain.checks import validate_config
 from scaletrain.engines.base import chunk_bounds
 from scaletrain.train.ema import ema_decay
 

@@ -7,7 +7,9 @@ import math
 
 import pytest
 
-from scaletrain.config import ConfigError, HealthSection, validate_config
+from scaletrain.config import ConfigError, HealthSection
+
+from scaletrain.checks import validate_config
 from scaletrain.train.health import HealthGuard
 
 

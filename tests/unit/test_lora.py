@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scaletrain.config import ConfigError, LoraSection, validate_config
+from scaletrain.config import ConfigError, LoraSection
+
+from scaletrain.checks import validate_config
 from scaletrain.models import Denoiser, build_denoiser_net, get_preset
 from scaletrain.models.lora import adapters_disabled, apply_lora, inject_lora
 

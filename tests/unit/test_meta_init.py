@@ -82,7 +82,8 @@ def test_a_preset_that_cannot_fit_this_host_is_one_line_before_launch() -> None:
 
     from scaletrain.bench.sizing import model_facts, startup_floor_bytes
     from scaletrain.checks import check_startup_memory
-    from scaletrain.config import ConfigError, load_config
+    from scaletrain.config import ConfigError
+    from scaletrain.checks import load_config
     from tests.conftest import REPO
 
     sizes = ["model.preset=flux-dev", "train.stages.0.resolution=64", "train.stages.0.global_batch=64",

@@ -23,7 +23,7 @@ def roots(tmp_path_factory):
 
 
 def _cfg(root, **extra):
-    from scaletrain.config import validate_config
+    from scaletrain.checks import validate_config
 
     data = {"model": {"preset": "from_diffusers"}, "init": {"from_diffusers": str(root)},
             "diffusion": {"prediction_type": "v_prediction"},
@@ -133,7 +133,7 @@ BROKEN = {
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_an_incomplete_pipeline_folder_is_one_line_naming_the_component(roots, tmp_path, case) -> None:
     from scaletrain.checks import check_launch
-    from scaletrain.config import validate_config
+    from scaletrain.checks import validate_config
 
     edit, fragment = BROKEN[case]
     root = _broken(roots, tmp_path, "sd", edit)
@@ -150,7 +150,7 @@ def test_pipeline_mismatches_are_one_line(roots, tmp_path) -> None:
     """The recipe's objective against the pipeline's scheduler; from_diffusers without a folder;
     a named preset the pipeline's UNet does not match."""
     from scaletrain.checks import check_launch
-    from scaletrain.config import validate_config
+    from scaletrain.checks import validate_config
 
     base = {"run": {"dir": str(tmp_path / "run")},
             "train": {"stages": [{"name": "s", "resolution": 32, "steps": 2, "micro_batch": 2}]}}
@@ -193,7 +193,7 @@ def test_config_check_prints_one_line_for_a_missing_component(roots, tmp_path) -
 def test_a_named_preset_takes_only_the_vae_of_a_several_encoder_pipeline(roots, tmp_path) -> None:
     """An SD3/Flux-style folder (text_encoder_2, ...) with a named preset: the transformer and the
     VAE are the folder's, the text encoder stays the preset's (scaletrain conditions on one)."""
-    from scaletrain.config import validate_config
+    from scaletrain.checks import validate_config
 
     root = _broken(roots, tmp_path, "sd", lambda r: _index(r, text_encoder_2=["transformers", "CLIPTextModel"]))
     cfg = validate_config({"model": {"preset": "unet-tiny-latent"}, "init": {"from_diffusers": str(root)},

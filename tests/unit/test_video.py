@@ -17,12 +17,14 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from scaletrain.config import ConfigError, load_config
+from scaletrain.config import ConfigError
+
+from scaletrain.checks import load_config
 from scaletrain.data.pipeline import LoaderSpec, build_loader
 from scaletrain.data.synth import MOTIONS, write_synthetic_shards, write_synthetic_video_shards
 from scaletrain.data.video import ClipSpec, VideoFpsTooLow, VideoTooShort, clip_indices, decode_video, probe_video
 from scaletrain.models import build_model, count_params, get_preset, parallel_units
-from scaletrain.models.registry import Denoiser, build_denoiser_net
+from scaletrain.models.registry import Denoiser, build_denoiser_net, stage_frames
 from tests.conftest import REPO
 
 VIDEO = REPO / "configs" / "video.yaml"
@@ -248,7 +250,7 @@ def test_video_recipe_validates_and_counts_clip_flops(shards):
             f"train.stages.2.data.shards={shards['clips']}/shard-{{000000..000001}}.tar",
             f"validate.shards={shards['clips']}/shard-{{000000..000001}}.tar"]
     cfg = load_config(VIDEO, base, world_size=2)
-    assert [cfg.stage_frames(i) for i in range(3)] == [1, 5, 9]
+    assert [stage_frames(cfg, i) for i in range(3)] == [1, 5, 9]
     from scaletrain.bench.flops import train_flops_per_image
 
     one, five = train_flops_per_image("wan-tiny", 32, 1), train_flops_per_image("wan-tiny", 32, 5)
