@@ -223,19 +223,11 @@ def _config_check(args: argparse.Namespace) -> int:
         print(f"scaletrain: config error: {e}", file=sys.stderr)
         return 2
     print(dump_config(cfg), end="")
-    if cfg.engine.kind == "deepspeed":  # what each "auto" became, as comments after the YAML
-        import json
+    from scaletrain.config import world_size_from_env
+    from scaletrain.engines.checks import config_notes
 
-        from scaletrain.config import world_size_from_env
-        from scaletrain.engines.ds_config import fill_deepspeed_config, load_deepspeed_json
-
-        world = args.world_size or world_size_from_env()
-        for i, st in enumerate(cfg.train.stages):
-            notes: list[str] = []
-            ds = fill_deepspeed_config(load_deepspeed_json(cfg.engine.deepspeed_config), cfg, micro_batch=st.micro_batch,
-                                       grad_accum=st.grad_accum, world_size=world, notes=notes)
-            print("".join(f"# deepspeed: {n}\n" for n in notes if i == 0), end="")
-            print(f"# deepspeed JSON, stage {i} at world size {world}: {json.dumps(ds, sort_keys=True)}")
+    # what the engine filled in (DeepSpeed: what each "auto" became), as comments after the YAML
+    print("".join(f"# {line}\n" for line in config_notes(cfg, args.world_size or world_size_from_env())), end="")
     return 0
 
 

@@ -55,7 +55,10 @@ def prepare_environment() -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*")
 
 
-def init_distributed(engine_kind: str) -> DistInfo:
+def init_distributed(engine_kind: str | None = None) -> DistInfo:
+    """The process group (NCCL on GPUs, gloo on CPU) and this rank's place in it. The group is the
+    same for every engine (``engine_kind`` names the caller's, for readability): DeepSpeed's comm
+    layer wraps it when the DeepSpeed engine starts."""
     prepare_environment()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -69,12 +72,10 @@ def init_distributed(engine_kind: str) -> DistInfo:
         store = restart_safe_store(rank, world)
         if store is not None:
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, **kwargs)
-        if engine_kind == "deepspeed":
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend=backend)  # wraps the group made above, if any
-        elif store is None:
+        else:
             dist.init_process_group(backend=backend, **kwargs)
+        # DeepSpeed's comm layer wraps this group when the DeepSpeed engine first needs it
+        # (engines/deepspeed.py, ensure_deepspeed_comm)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 

@@ -25,22 +25,16 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from scaletrain.engines.spec import layout, load_layouts
+
 if TYPE_CHECKING:  # the cell's module is imported by `scaletrain bench` before any process group
     from scaletrain.distributed import DistInfo
 
-# Engine variants of the matrix -> (engine.kind, DeepSpeed JSON).
+# Engine variants of the matrix -> (engine.kind, DeepSpeed JSON), and the engine-section settings
+# a variant adds beyond them: each engine's layouts say (engines/spec.py).
 ENGINE_VARIANTS: dict[str, tuple[str, str | None]] = {
-    "ddp": ("ddp", None),
-    "fsdp": ("fsdp", None),
-    "zero1": ("deepspeed", "ds_configs/zero1.json"),
-    "zero2": ("deepspeed", "ds_configs/zero2.json"),
-    "zero3": ("deepspeed", "ds_configs/zero3.json"),
-    "zero3-offload": ("deepspeed", "ds_configs/zero3_offload.json"),
-    "zero3-offload-param": ("deepspeed", "ds_configs/zero3_offload_param.json"),
-    "fsdp-offload": ("fsdp", None),
-}
-# engine-section settings a variant adds beyond its kind and DeepSpeed JSON
-ENGINE_SETTINGS: dict[str, dict] = {"fsdp-offload": {"fsdp": {"offload": "params"}}}
+    name: (lay.kind, lay.ds_config) for name, lay in load_layouts().items() if lay.benched}
+ENGINE_SETTINGS: dict[str, dict] = {name: lay.settings for name, lay in load_layouts().items() if lay.settings}
 PHASES = ("data", "encode", "forward", "backward", "optimizer")
 
 
@@ -189,7 +183,7 @@ def run_cell(spec: dict, dist_info: DistInfo) -> dict:
     # DeepSpeed allocates its flat ZeRO partitions and reduce buckets outside the tracker's view
     # (measured on ZeRO-2: a 190 MiB reduce bucket read as "gradients" for a 1 M-parameter UNet):
     # no split rather than a misleading one.
-    split = None if engine.name == "deepspeed" else memory_split(
+    split = None if not layout(spec["engine"]).memory_split else memory_split(
         engine, lambda tracker: train_step(spec["warmup"] + spec["reps"], {}, tracker))
     record = {
         "rank": dist_info.rank, "status": "ok", "steps": steps,

@@ -10,9 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP bucket_cap_mb default
-DS_BUCKET_ELEMS = 50_000_000  # reduce_bucket_size in ds_configs/*.json
-
 
 @dataclass(frozen=True)
 class ModelFacts:
@@ -76,29 +73,20 @@ class CommModel:
         return self.latency[op] + nbytes * factor / self.busbw[op]
 
 
-DS_SUB_GROUP_ELEMS = 1e9  # DeepSpeed's zero_optimization.sub_group_size default
-
-
 def startup_floor_bytes(engine: str, facts: ModelFacts, world: int, precision: str = "fp32",
                         precomputed: bool = False, frozen_encoders: str = "replicate") -> float:
     """The least a rank holds when it reaches its first step (no activations, no Adam moments
     yet: torch's AdamW makes them at the first step): the frozen encoders in the run precision
-    (none on precomputed latents), plus the denoiser as the engine keeps it at start-up:
-    FSDP2 its fp32 shard (meta-device init); DDP and ZeRO-1/2 the whole fp32 model (ZeRO-1/2 also
-    the fp32 master partition); ZeRO-3 (zero.Init) what DeepSpeed 0.19's stage-3 optimizer
-    allocates in its constructor (``runtime/zero/stage3.py``): the parameter partition (2 or 4
-    bytes), its fp32 master copy (4), the flat gradient-partition buffer (4) and
-    ``initialize_optimizer_states``' gradient buffer for the largest sub-group (4, up to
-    ``sub_group_size`` = 1e9 elements), plus the largest module gathered while it is filled.
+    (none on precomputed latents), plus the denoiser as the engine keeps it at start-up (its
+    layout's ``startup_bytes``, ``engines/spec.py``): FSDP2 its fp32 shard (meta-device init);
+    DDP and ZeRO-1/2 the whole fp32 model (ZeRO-1/2 also the fp32 master partition); ZeRO-3
+    (zero.Init) what DeepSpeed's stage-3 optimizer allocates in its constructor.
     ``frozen_encoders="shard"`` (model.frozen_encoders) holds 1/world of the encoders on the
     device; the host builds them whole first, so a host check passes "replicate".
     A floor, not a forecast: allocator slack and imports come on top (``benchmarks/
     startup_memory.py`` adds a measured baseline and compares)."""
-    P, N = facts.params, world
-    w = 2 if precision in ("bf16", "fp16") else 4
+    from scaletrain.engines.spec import layout
+
     frozen = 0.0 if precomputed else (2 if precision in ("bf16", "fp16") else 4) * facts.frozen
-    frozen /= N if frozen_encoders == "shard" else 1
-    zero3 = (w + 8) * P / N + 4 * min(P / N, DS_SUB_GROUP_ELEMS) + facts.largest_module * w * (N > 1)
-    denoiser = {"fsdp": 4 * P / N, "ddp": 4 * P, "zero1": 4 * P + 4 * P / N, "zero2": 4 * P + 4 * P / N}.get(
-        engine, zero3)
-    return frozen + denoiser
+    frozen /= world if frozen_encoders == "shard" else 1
+    return frozen + layout(engine).startup_bytes(facts, world, precision)

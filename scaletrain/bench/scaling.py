@@ -36,7 +36,8 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from scaletrain.bench.facts import DDP_BUCKET_BYTES, DS_BUCKET_ELEMS, CommModel, ModelFacts
+from scaletrain.bench.facts import CommModel, ModelFacts
+from scaletrain.engines.spec import Collective
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter")
 # Typical links per GPU type (busbw GB/s, latency per ring hop us), used only where nothing was
@@ -100,45 +101,17 @@ class Fabric:
         return t
 
 
-@dataclass(frozen=True)
-class Comm:
-    op: str
-    nbytes: float
-    calls: int
-    scope: str  # global | intra | inter
-    kind: str  # gather (per micro-batch, prefetched) | grad (per step, under backward) | tail (exposed)
+Comm = Collective  # one kind of collective in a step (engines/spec.py)
 
 
 def step_comms(engine: str, facts: ModelFacts, precision: str, gpus_per_node: int, world: int) -> list[Comm]:
-    """The collectives of one optimizer step of ``engine`` (``sizing.ENGINES`` plus the
-    variants ``hsdp`` and ``zero3-hpz``)."""
-    P, w = facts.params, 2 if precision in ("bf16", "fp16") else 4
-    g = max(1, min(gpus_per_node, world))
-    norm = Comm("all_reduce", 8, 1, "global", "tail")
-    if engine == "ddp":  # fp32 gradient buckets, all-reduced under backward
-        return [Comm("all_reduce", 4 * P, 1 + math.ceil(4 * P / DDP_BUCKET_BYTES), "global", "grad"), norm]
-    u = facts.fsdp_units
-    if engine == "fsdp":  # gather each unit in forward and again in backward; fp32 grads reduce-scattered
-        return [Comm("all_gather", 2 * w * P, 2 * u, "global", "gather"),
-                Comm("reduce_scatter", 4 * P, u, "global", "grad"), norm]
-    if engine == "hsdp":  # FSDP2 on a (replicas x node) mesh: shards inside a node, replicas across nodes
-        return [Comm("all_gather", 2 * w * P, 2 * u, "intra", "gather"),
-                Comm("reduce_scatter", 4 * P, u, "intra", "grad"),
-                Comm("all_reduce", 4 * P / g, u, "inter", "grad"), norm]
-    if engine in ("zero1", "zero2"):
-        n = math.ceil(P / DS_BUCKET_ELEMS)
-        # ZeRO-2 reduces buckets during backward (overlap_comm); ZeRO-1 at the step boundary.
-        grad_kind = "grad" if engine == "zero2" else "tail"
-        return [Comm("reduce_scatter", 4 * P, n, "global", grad_kind), Comm("all_gather", w * P, n, "global", "tail"),
-                norm]
-    m = facts.param_modules  # ZeRO-3 fetches per module that owns parameters
-    if engine in ("zero3", "zero3-offload"):
-        return [Comm("all_gather", 2 * w * P, 2 * m, "global", "gather"),
-                Comm("reduce_scatter", 4 * P, m, "global", "grad"), norm]
-    if engine == "zero3-hpz":  # forward gathers the primary shards; backward the per-node secondary copy
-        return [Comm("all_gather", w * P, m, "global", "gather"), Comm("all_gather", w * P, m, "intra", "gather"),
-                Comm("reduce_scatter", 4 * P, m, "global", "grad"), norm]
-    raise ValueError(f"engine {engine!r} is unknown to the scaling model")
+    """The collectives of one optimizer step of ``engine`` (any sized label: ``sizing.ENGINES``
+    plus the variants ``hsdp`` and ``zero3-hpz``): the engine's own sizing entry says them."""
+    from scaletrain.engines.spec import LAYOUTS, load_layouts
+
+    if engine not in load_layouts() or not LAYOUTS[engine].sized:
+        raise ValueError(f"engine {engine!r} is unknown to the scaling model")
+    return LAYOUTS[engine].step_comms(facts, precision, gpus_per_node, world)
 
 
 @dataclass(frozen=True)

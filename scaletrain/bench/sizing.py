@@ -34,32 +34,25 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from scaletrain.bench.facts import (DDP_BUCKET_BYTES, DS_BUCKET_ELEMS, CommModel, ModelFacts,  # noqa: F401
-                                    model_facts, startup_floor_bytes)
+from scaletrain.bench.facts import CommModel, ModelFacts, model_facts, startup_floor_bytes  # noqa: F401
 from scaletrain.bench.runner import solo_basis
+from scaletrain.engines.spec import layout, load_layouts
 
 # GPU memory (GiB, as torch reports the card) for the size command's --gpu.
 GPU_MEMORY_GIB = {"H100": 79.1, "H100 PCIe": 79.1, "H200": 139.8, "A100": 79.1, "A100-40GB": 39.4, "L40S": 44.4,
                   "L4": 22.0, "A10": 22.0, "B200": 178.4}
-ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3-offload")
+# The engines `scaletrain size` models with their own bench cells; ``VARIANTS`` add a layout
+# to one of them (HSDP to FSDP2, ZeRO++ hpZ to ZeRO-3) and take its cells' compute. Each is an
+# engine's sizing entry (``engines/spec.py``: memory, start-up floor, collectives per step).
+ENGINES = tuple(name for name, lay in load_layouts().items() if lay.sized and lay.benched)
+VARIANTS = tuple(name for name, lay in load_layouts().items() if lay.sized and not lay.benched)
 
 
 def state_bytes(engine: str, facts: ModelFacts, world: int, precision: str = "fp32", host_is_device: bool = True) -> float:
-    """Model-state bytes per rank (weights, grads, optimizer, engine buffers), as in the module doc."""
-    P, N = facts.params, world
-    w = 2 if precision == "bf16" else 4
-    if engine == "ddp":
-        return 20 * P
-    if engine == "fsdp":
-        return 16 * P / N + facts.largest_unit * (w + 4) * (N > 1)
-    if engine == "zero1":
-        return 8 * P + 12 * P / N
-    if engine == "zero2":
-        return 4 * P + 16 * P / N + 4 * min(P, DS_BUCKET_ELEMS)
-    if engine in ("zero3", "zero3-offload"):
-        offloaded = 12 * P / N if engine == "zero3-offload" and not host_is_device else 0
-        return 20 * P / N - offloaded + facts.largest_module * w * (N > 1)
-    raise ValueError(f"engine {engine!r} is unknown; choose from {', '.join(ENGINES)}")
+    """Model-state bytes per rank (weights, grads, optimizer, engine buffers): the engine's layout."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is unknown; choose from {', '.join(ENGINES)}")
+    return layout(engine).state_bytes(facts, world, precision, host_is_device)
 
 
 def denoiser_side(preset: str, resolution: int) -> int:
@@ -221,19 +214,9 @@ def comm_given(busbw_gbps: float, latency_us: float, overlap: float) -> CommMode
 
 
 def step_collectives(engine: str, facts: ModelFacts, precision: str = "fp32") -> list[tuple[str, float, int]]:
-    """(op, total bytes, number of calls) one optimizer step issues, plus the grad-norm all-reduce."""
-    P, w = facts.params, 2 if precision == "bf16" else 4
-    norm = [("all_reduce", 8, 1)]
-    if engine == "ddp":
-        return [("all_reduce", 4 * P, 1 + math.ceil(4 * P / DDP_BUCKET_BYTES))] + norm
-    if engine == "fsdp":  # all-gather in forward and again in backward, reduce-scatter fp32 grads, per unit
-        u = facts.fsdp_units
-        return [("all_gather", 2 * w * P, 2 * u), ("reduce_scatter", 4 * P, u)] + norm
-    if engine in ("zero1", "zero2"):
-        n = math.ceil(P / DS_BUCKET_ELEMS)
-        return [("reduce_scatter", 4 * P, n), ("all_gather", w * P, n)] + norm
-    n = facts.param_modules  # ZeRO-3 fetches per module that owns parameters
-    return [("all_gather", 2 * w * P, 2 * n), ("reduce_scatter", 4 * P, n)] + norm
+    """(op, total bytes, number of calls) one optimizer step issues, the grad-norm all-reduce last
+    (the engine's collectives on one flat group)."""
+    return [(c.op, c.nbytes, c.calls) for c in layout(engine).step_comms(facts, precision, 1, 1)]
 
 
 def exposed_comm_seconds(engine: str, facts: ModelFacts, world: int, comm: CommModel, precision: str = "fp32") -> float:
@@ -347,13 +330,9 @@ def _measured_solo(bench: dict | None, preset: str, res: int, engine: str, mb: i
     return None
 
 
-# Engines the scaling model adds as variants: the bench cells of their base engine give the compute.
-_COMPUTE_LIKE = {"hsdp": "fsdp", "zero3-hpz": "zero3", "zero3-offload": "zero3"}
-
-
 def _bench_points(bench: dict | None, preset: str, res: int, engine: str, frames: int = 0) -> list[tuple[int, float]]:
     """(micro-batch, 1-rank step s) of the bench's cells for this preset, resolution, frames and engine."""
-    want = {engine, _COMPUTE_LIKE.get(engine, engine)}
+    want = {engine, layout(engine).compute}  # a variant's base engine gives the compute
     return [(c["micro_batch"], solo_basis(c)[0]) for c in (bench or {}).get("cells", [])
             if c["status"] == "ok" and not c.get("search_probe") and c["world_size"] == 1
             and c["preset"] == preset and c["resolution"] == res and c["engine"] in want
@@ -454,9 +433,9 @@ def size_report(inp: SizeInputs, rows: list[dict] | None = None) -> str:
     gpu_mem = GPU_MEMORY_GIB.get(inp.gpu)
     if gpu_mem is None:
         raise ValueError(f"--gpu {inp.gpu!r} is unknown; choose from {', '.join(GPU_MEMORY_GIB)}")
-    unknown = [e for e in inp.engines if e not in ENGINES + ("hsdp", "zero3-hpz")]
+    unknown = [e for e in inp.engines if e not in ENGINES + VARIANTS]
     if unknown:
-        raise ValueError(f"engine {unknown[0]!r} is unknown; choose from {', '.join(ENGINES + ('hsdp', 'zero3-hpz'))}")
+        raise ValueError(f"engine {unknown[0]!r} is unknown; choose from {', '.join(ENGINES + VARIANTS)}")
     peak = gpu_peak_tflops(inp.gpu, inp.precision)
     notes: list[str] = [f"GPU {inp.gpu}: {gpu_mem} GiB (table), peak {peak[0]} TFLOP/s ({peak[1]}); "
                         f"plan to fill <= {inp.memory_headroom:.0%} of memory"]
@@ -495,7 +474,7 @@ def size_report(inp: SizeInputs, rows: list[dict] | None = None) -> str:
             return fit_micro_time(points, "measured (bench)")
         source = compute["source"]
         if mfu is None:  # an engine with --measured points of its own (or its compute group's)
-            group = _COMPUTE_LIKE.get(engine, engine)
+            group = layout(engine).compute
             mfu = compute["by"].get(group, compute["mfu"])
             if compute["by"]:
                 source = (f"calibrated: MFU {mfu:.1%} fitted on {group}'s --measured points" if group in compute["by"]
@@ -562,7 +541,7 @@ def size_report(inp: SizeInputs, rows: list[dict] | None = None) -> str:
             if plan is None:
                 raise ValueError(f"--measured {label}: the stage's global batch {st[3]} is smaller than {gpus} GPUs")
             micros.add(plan.micro)
-            pts.append((gpus, ips, pred, label, _COMPUTE_LIKE.get(engine, engine)))
+            pts.append((gpus, ips, pred, label, layout(engine).compute))
         physical = PHYSICAL_LINKS.get(inp.gpu, ((1.0, 1e4), (0.1, 1e4)))
         links = {w: (getattr(fabric, w).busbw["all_reduce"] / 1e9, physical[0 if w == "intra" else 1])
                  for w in sorted(crossed)}
@@ -599,17 +578,14 @@ def size_report(inp: SizeInputs, rows: list[dict] | None = None) -> str:
 
             def mem(nodes: int, micro: int, engine=engine, cell=cell, k: int = 1) -> float:
                 world = nodes * inp.gpus_per_node
-                like = _COMPUTE_LIKE.get(engine, engine) if engine in ("hsdp", "zero3-hpz") else engine
-                c = {**cell, "engine": like, "micro_batch": micro, "world_size": world, "context": k}
-                if engine == "hsdp":  # shards within a node only
-                    c["world_size"] = min(world, inp.gpus_per_node)
+                lay = layout(engine)
+                c = {**cell, "engine": lay.memory, "micro_batch": micro, "context": k,
+                     "world_size": lay.state_world(world, inp.gpus_per_node)}
                 m = predict_memory_gib(c, fit, base, host_is_device=False)
                 if m is None:
-                    m = base + (state_bytes(like, facts, c["world_size"], inp.precision, False)
+                    m = base + (state_bytes(lay.memory, facts, c["world_size"], inp.precision, False)
                                 + frozen_bytes(c, facts)) / 2**30
-                if engine == "zero3-hpz":  # the per-node secondary parameter copy
-                    m += facts.params * (2 if inp.precision in ("bf16", "fp16") else 4) / min(world, inp.gpus_per_node) / 2**30
-                return m
+                return m + lay.extra_bytes(facts, world, inp.gpus_per_node, inp.precision) / 2**30
 
             def fits(nodes: int, k: int = 1) -> int | None:
                 """Largest micro-batch <= mb that fits at this node count (context degree k)."""
@@ -684,12 +660,11 @@ def size_report(inp: SizeInputs, rows: list[dict] | None = None) -> str:
                  + "; the denoiser as each engine holds it at its first step, ZeRO-3 with the buffers DeepSpeed's "
                  "constructor allocates; no activations, no Adam moments, no allocator slack):")
     for engine in inp.engines:
-        like = {"hsdp": "fsdp", "zero3-hpz": "zero3"}.get(engine, engine)
-        row = []
+        lay, row = layout(engine), []
         for n in inp.nodes:
-            world = min(n * inp.gpus_per_node, inp.gpus_per_node) if engine == "hsdp" else n * inp.gpus_per_node
-            row.append(f"{n} node(s) {startup_floor_bytes(like, facts, world, inp.precision, inp.precomputed, inp.frozen_encoders) / 2**30:.1f} GiB")
-        whole = "  (whole parameters on every GPU by design)" if like in ("ddp", "zero1", "zero2") else ""
+            world = lay.state_world(n * inp.gpus_per_node, inp.gpus_per_node)
+            row.append(f"{n} node(s) {startup_floor_bytes(engine, facts, world, inp.precision, inp.precomputed, inp.frozen_encoders) / 2**30:.1f} GiB")
+        whole = "  (whole parameters on every GPU by design)" if lay.whole_params else ""
         lines.append(f"  {engine:<14}" + ", ".join(row) + whole)
     lines.append("")
     done = {k: v for k, v in total.items() if len(v) == 2 * len(stages)}

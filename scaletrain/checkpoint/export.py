@@ -39,7 +39,7 @@ def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     from scaletrain.checkpoint.safe_load import check_torch_files, load_dcp_full, weights_only_torch_load
 
     engine_dir = info.path / "engine"
-    if info.meta.get("engine") == "deepspeed":
+    if info.engine_format == "zero":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         check_torch_files(sorted((engine_dir / "zero").glob("*.pt")))  # one line naming a refused file

@@ -158,16 +158,17 @@ def diffusers_source(init_cfg: InitSection):
     return SafetensorsFolder(weights), what, note
 
 
-def checkpoint_source(init_cfg: InitSection, engine_kind: str):
+def checkpoint_source(init_cfg: InitSection, collective: bool):
     """``init.from_checkpoint`` as a collective DCP source (checkpoint/sources.py
-    ``DCPCheckpoint``) for FSDP2 and DDP when the checkpoint is DCP's (an FSDP2 or DDP run's),
-    else None (DeepSpeed partitions, or a ZeRO-3 run's flat EMA, are consolidated whole; so is
-    any checkpoint under DeepSpeed, whose start-up reads on rank 0). Returns (source, what, the
-    run log's line), like ``diffusers_source``."""
+    ``DCPCheckpoint``) for an engine that reads one into its shards (``collective``: FSDP2 and
+    DDP, ``EngineSpec.reads_dcp_start_weights``) when the checkpoint is DCP's (an FSDP2 or DDP
+    run's), else None (DeepSpeed partitions, or a ZeRO-3 run's flat EMA, are consolidated whole;
+    so is any checkpoint under DeepSpeed, whose start-up reads on rank 0). Returns (source, what,
+    the run log's line), like ``diffusers_source``."""
     from scaletrain.checkpoint.export import resolve_checkpoint, trainer_state
     from scaletrain.checkpoint.sources import DCPCheckpoint
 
-    if not init_cfg.from_checkpoint or engine_kind not in ("fsdp", "ddp"):
+    if not init_cfg.from_checkpoint or not collective:
         return None
     info = resolve_checkpoint(init_cfg.from_checkpoint)
     if trainer_state(info).get("lora") or not DCPCheckpoint.usable(info, init_cfg.use_ema):

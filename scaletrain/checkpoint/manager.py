@@ -60,6 +60,12 @@ class CheckpointInfo:
     error: str | None = None
 
     @property
+    def engine_format(self) -> str:
+        """How the engine's state is stored, read from the files: "zero" (DeepSpeed's ZeRO files
+        under engine/zero/) or "dcp" (torch distributed checkpoint, engine/.metadata)."""
+        return "zero" if (self.path / "engine" / "zero").is_dir() else "dcp"
+
+    @property
     def size_bytes(self) -> int:
         # Walked on demand (only `ckpt ls` needs it), not on every save/prune/load.
         return _dir_size(self.path)

@@ -126,7 +126,7 @@ class DCPCheckpoint:
     def usable(info, use_ema: bool) -> bool:
         """A DCP checkpoint (not DeepSpeed's ZeRO files) whose EMA, if it is used, keeps the
         parameters' shapes (a ZeRO-3 run's EMA is flat partitions: read whole instead)."""
-        if info.meta.get("engine") == "deepspeed" or not (Path(info.path) / "engine" / ".metadata").is_file():
+        if info.engine_format == "zero" or not (Path(info.path) / "engine" / ".metadata").is_file():
             return False
         if not use_ema or not (Path(info.path) / "ema").is_dir():
             return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from scaletrain.config import RunConfig
 from scaletrain.distributed import DistInfo
 from scaletrain.engines.base import build_adamw
+from scaletrain.engines.spec import GRAD_NORM, Collective, EngineSpec, Layout, register_engine, register_layout
 from scaletrain.engines.torch_engine import TorchOptimizerEngine
 
 
@@ -72,3 +74,37 @@ def apply_comm_hook(ddp: DistributedDataParallel, knobs) -> object | None:
     )
     ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     return state
+
+
+# ----------------------------------------------------------------------------- sizing entry
+
+DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's bucket_cap_mb default
+
+
+@register_layout
+class DDPLayout(Layout):
+    """Replicated: 4 weights + 4 grads + 4 DDP bucket copy + 8 Adam = 20 P on every rank; fp32
+    gradient buckets all-reduced under backward."""
+
+    label = kind = "ddp"
+    whole_params = True
+
+    def state_bytes(self, facts, world, precision="fp32", host_is_device=True):
+        return 20 * facts.params
+
+    def startup_bytes(self, facts, world, precision="fp32"):
+        return 4 * facts.params
+
+    def step_comms(self, facts, precision, gpus_per_node, world):
+        P = facts.params
+        return [Collective("all_reduce", 4 * P, 1 + math.ceil(4 * P / DDP_BUCKET_BYTES), "global", "grad"), GRAD_NORM]
+
+
+@register_engine
+class DDPSpec(EngineSpec):
+    kind = "ddp"
+
+    def check_recipe(self, cfg, world):
+        if cfg.engine.ddp.comm_hook == "bf16" and not torch.cuda.is_available():
+            raise ValueError("engine.ddp.comm_hook='bf16' needs CUDA GPUs with NCCL (torch refuses it on gloo); "
+                             "use fp16 or powersgd on this machine")

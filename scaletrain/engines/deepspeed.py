@@ -8,6 +8,7 @@ DeepSpeed engine" trap, accelerate#2974).
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from scaletrain.distributed import DistInfo
 from scaletrain.engines.base import (Engine, LocalShard, StepStats, build_adamw, chunk_bounds,
                                       replicated_param_shards, world_mesh)
 from scaletrain.engines.ds_config import fill_deepspeed_config, load_deepspeed_json
+from scaletrain.engines.spec import (GRAD_NORM, Collective, EngineSpec, Layout, compute_bytes, register_engine,
+                                     register_layout)
 
 
 def _filled_config(cfg: RunConfig, dist_info: DistInfo, micro_batch: int, grad_accum: int,
@@ -44,6 +47,7 @@ def materialize_for_deepspeed(denoiser: nn.Module, cfg: RunConfig, dist_info: Di
     from scaletrain.models.meta_init import expected_tensors, full_values, module_seed, seeded
 
     pending = denoiser.pending_init
+    ensure_deepspeed_comm(dist_info)
     ds_cfg = _filled_config(cfg, dist_info, micro_batch, grad_accum)
     if pending.source is not None:  # every rank checks the keys before any collective
         pending.source.check_names(expected_tensors(denoiser.net), pending.source_what)
@@ -81,6 +85,7 @@ class DeepSpeedEngine(Engine):
         super().__init__()
         import deepspeed
 
+        ensure_deepspeed_comm(dist_info)
         self.cfg = cfg
         self.world_size = dist_info.world_size
         self.device = dist_info.device
@@ -350,3 +355,174 @@ class DeepSpeedEngine(Engine):
         if getattr(self, "ds", None) is not None:
             self.ds.destroy()
         super().close()
+
+
+# ----------------------------------------------------------------------------- sizing entries
+
+DS_BUCKET_ELEMS = 50_000_000  # reduce_bucket_size in ds_configs/*.json
+DS_SUB_GROUP_ELEMS = 1e9  # DeepSpeed's zero_optimization.sub_group_size default
+
+
+@register_layout
+class Zero1Layout(Layout):
+    """4 P weights + 4 P grads + 12 P / N (fp32 master + Adam); buckets reduce-scattered and the
+    updated partitions all-gathered at the step boundary."""
+
+    label, kind, ds_config = "zero1", "deepspeed", "ds_configs/zero1.json"
+    whole_params = True
+    memory_split = False  # flat partitions and reduce buckets outside torch's tracker
+    overlapped_grads = False  # ZeRO-1 reduces at the step boundary; ZeRO-2 under backward (overlap_comm)
+
+    def state_bytes(self, facts, world, precision="fp32", host_is_device=True):
+        return 8 * facts.params + 12 * facts.params / world
+
+    def startup_bytes(self, facts, world, precision="fp32"):
+        return 4 * facts.params + 4 * facts.params / world
+
+    def step_comms(self, facts, precision, gpus_per_node, world):
+        P, n = facts.params, math.ceil(facts.params / DS_BUCKET_ELEMS)
+        return [Collective("reduce_scatter", 4 * P, n, "global", "grad" if self.overlapped_grads else "tail"),
+                Collective("all_gather", compute_bytes(precision) * P, n, "global", "tail"), GRAD_NORM]
+
+
+@register_layout
+class Zero2Layout(Zero1Layout):
+    """4 P weights + 16 P / N (grads, master, Adam) + one reduce bucket (4 min(P, 5e7))."""
+
+    label, ds_config = "zero2", "ds_configs/zero2.json"
+    overlapped_grads = True
+
+    def state_bytes(self, facts, world, precision="fp32", host_is_device=True):
+        return 4 * facts.params + 16 * facts.params / world + 4 * min(facts.params, DS_BUCKET_ELEMS)
+
+
+@register_layout
+class Zero3Layout(Layout):
+    """20 P / N + the largest module gathered (W); per module that owns parameters, a gather in
+    forward and in backward and a reduce-scatter. At start-up (zero.Init) what DeepSpeed 0.19's
+    stage-3 optimizer allocates in its constructor (``runtime/zero/stage3.py``): the parameter
+    partition (W), its fp32 master copy (4), the flat gradient-partition buffer (4) and
+    ``initialize_optimizer_states``' gradient buffer for the largest sub-group (4, up to
+    ``sub_group_size`` = 1e9 elements), plus the largest module gathered while it is filled."""
+
+    label, kind, ds_config = "zero3", "deepspeed", "ds_configs/zero3.json"
+    memory_split = False
+
+    def state_bytes(self, facts, world, precision="fp32", host_is_device=True):
+        return (20 * facts.params / world - self.offloaded(facts, world, host_is_device)
+                + facts.largest_module * compute_bytes(precision) * (world > 1))
+
+    def offloaded(self, facts, world, host_is_device):
+        return 0
+
+    def startup_bytes(self, facts, world, precision="fp32"):
+        P, N, w = facts.params, world, compute_bytes(precision)
+        return (w + 8) * P / N + 4 * min(P / N, DS_SUB_GROUP_ELEMS) + facts.largest_module * w * (N > 1)
+
+    def step_comms(self, facts, precision, gpus_per_node, world):
+        P, w, m = facts.params, compute_bytes(precision), facts.param_modules
+        return [Collective("all_gather", 2 * w * P, 2 * m, "global", "gather"),
+                Collective("reduce_scatter", 4 * P, m, "global", "grad"), GRAD_NORM]
+
+
+@register_layout
+class Zero3OffloadLayout(Zero3Layout):
+    """ZeRO-3 with the fp32 master and Adam in host memory (12 P / N off the device; counted only
+    where host and device are one memory, i.e. on CPU)."""
+
+    label, ds_config = "zero3-offload", "ds_configs/zero3_offload.json"
+    compute_like = "zero3"
+
+    def offloaded(self, facts, world, host_is_device):
+        return 0 if host_is_device else 12 * facts.params / world
+
+
+@register_layout
+class Zero3OffloadParamLayout(Zero3OffloadLayout):
+    """A bench variant: ZeRO-3 with the parameters offloaded as well."""
+
+    label, ds_config = "zero3-offload-param", "ds_configs/zero3_offload_param.json"
+    sized = False
+
+
+@register_layout
+class Zero3HPZLayout(Zero3Layout):
+    """ZeRO++ hierarchical partitioning (zero_hpz_partition_size = GPUs per node): a secondary
+    copy of the parameters sharded inside each node (W P / GPUs per node); forward gathers the
+    primary shards, backward the node's secondary copy."""
+
+    label, ds_config = "zero3-hpz", None
+    compute_like = memory_like = "zero3"
+    benched = False
+
+    def extra_bytes(self, facts, world, gpus_per_node, precision):
+        return facts.params * compute_bytes(precision) / min(world, gpus_per_node)
+
+    def step_comms(self, facts, precision, gpus_per_node, world):
+        P, w, m = facts.params, compute_bytes(precision), facts.param_modules
+        return [Collective("all_gather", w * P, m, "global", "gather"),
+                Collective("all_gather", w * P, m, "intra", "gather"),
+                Collective("reduce_scatter", 4 * P, m, "global", "grad"), GRAD_NORM]
+
+
+# ----------------------------------------------------------------------------- recipe entry
+
+
+def zero_stage(cfg: RunConfig, world: int, notes: list[str] | None = None) -> int:
+    """The ZeRO stage the DeepSpeed JSON gives, filled for every curriculum stage (each raising on
+    a conflict with the recipe)."""
+    raw = load_deepspeed_json(cfg.engine.deepspeed_config)
+    stage = 0
+    for st in cfg.train.stages:
+        filled = fill_deepspeed_config(raw, cfg, micro_batch=st.micro_batch, grad_accum=st.grad_accum,
+                                       world_size=world, notes=notes)
+        stage = int(filled.get("zero_optimization", {}).get("stage", 0))
+    return stage
+
+
+@register_engine
+class DeepSpeedSpec(EngineSpec):
+    kind = "deepspeed"
+    reads_dcp_start_weights = False  # its start-up reads on rank 0 (materialize_for_deepspeed)
+
+    def check_recipe(self, cfg, world):
+        e = cfg.engine
+        if e.precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("engine.precision=fp16 under DeepSpeed needs CUDA GPUs (DeepSpeed's CPU accelerator runs "
+                             "fp32 and bf16 only); use engine.precision=bf16, or engine.kind=fsdp/ddp for fp16")
+        for key in ("zero_quantized_weights", "zero_quantized_gradients"):
+            if getattr(e.deepspeed, key) and not torch.cuda.is_available():
+                raise ValueError(f"engine.deepspeed.{key}=true needs CUDA GPUs (DeepSpeed's quantizer has no "
+                                 f"CPU kernels); set it to false on this machine")
+        hpz = e.deepspeed.zero_hpz_partition_size
+        if hpz is not None and world % hpz:
+            raise ValueError(f"engine.deepspeed.zero_hpz_partition_size={hpz} does not divide the world size "
+                             f"{world}; use the number of ranks per node")
+
+    def check_launch(self, cfg, world):
+        zero_stage(cfg, world)
+
+    def sizing_label(self, cfg, world):
+        return f"zero{zero_stage(cfg, world) or 3}"
+
+    def config_notes(self, cfg, world):
+        import json
+
+        lines: list[str] = []
+        for i, st in enumerate(cfg.train.stages):
+            notes: list[str] = []
+            ds = fill_deepspeed_config(load_deepspeed_json(cfg.engine.deepspeed_config), cfg, micro_batch=st.micro_batch,
+                                       grad_accum=st.grad_accum, world_size=world, notes=notes)
+            lines += [f"deepspeed: {n}" for n in notes if i == 0]
+            lines.append(f"deepspeed JSON, stage {i} at world size {world}: {json.dumps(ds, sort_keys=True)}")
+        return lines
+
+
+def ensure_deepspeed_comm(dist_info: DistInfo) -> None:
+    """DeepSpeed's comm layer over the process group ``distributed.init_distributed`` made
+    (idempotent): before zero.Init or deepspeed.initialize."""
+    import deepspeed
+    import deepspeed.comm as ds_comm
+
+    if not ds_comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist_info.backend)

@@ -12,6 +12,8 @@ from torch.distributed.tensor import DTensor
 
 from scaletrain.config import RunConfig
 from scaletrain.distributed import DistInfo
+from scaletrain.engines.spec import (GRAD_NORM, Collective, EngineSpec, Layout, compute_bytes, register_engine,
+                                     register_layout)
 from scaletrain.engines.base import LocalShard, build_adamw, replicated_param_shards, world_mesh
 from scaletrain.engines.torch_engine import TorchOptimizerEngine
 from scaletrain.models.parallelize import parallelize_units
@@ -141,3 +143,66 @@ def _gradient_sync(module: nn.Module, enabled: bool):
         yield
     finally:
         module.set_requires_gradient_sync(True)
+
+
+# ----------------------------------------------------------------------------- sizing entries
+
+
+@register_layout
+class FSDPLayout(Layout):
+    """FSDP2 over all ranks: 16 P / N (fp32 weights, grads, Adam, sharded) + the largest unit
+    gathered (W) with its unsharded grads (4); each unit gathered in forward and again in
+    backward, fp32 grads reduce-scattered. At start-up (meta-device init) the fp32 shard only."""
+
+    label = kind = "fsdp"
+
+    def state_bytes(self, facts, world, precision="fp32", host_is_device=True):
+        return 16 * facts.params / world + facts.largest_unit * (compute_bytes(precision) + 4) * (world > 1)
+
+    def startup_bytes(self, facts, world, precision="fp32"):
+        return 4 * facts.params / world
+
+    def step_comms(self, facts, precision, gpus_per_node, world):
+        P, w, u = facts.params, compute_bytes(precision), facts.fsdp_units
+        return [Collective("all_gather", 2 * w * P, 2 * u, "global", "gather"),
+                Collective("reduce_scatter", 4 * P, u, "global", "grad"), GRAD_NORM]
+
+
+@register_layout
+class HSDPLayout(FSDPLayout):
+    """FSDP2 on a (replicas x node) mesh (engine.fsdp.shard_size = GPUs per node): shards inside
+    a node, replicas across nodes; the gradient shards all-reduced across nodes."""
+
+    label = "hsdp"
+    compute_like = "fsdp"
+
+    def state_world(self, world, gpus_per_node):
+        return min(world, gpus_per_node)
+
+    def step_comms(self, facts, precision, gpus_per_node, world):
+        P, w, u = facts.params, compute_bytes(precision), facts.fsdp_units
+        g = max(1, min(gpus_per_node, world))
+        return [Collective("all_gather", 2 * w * P, 2 * u, "intra", "gather"),
+                Collective("reduce_scatter", 4 * P, u, "intra", "grad"),
+                Collective("all_reduce", 4 * P / g, u, "inter", "grad"), GRAD_NORM]
+
+
+@register_layout
+class FSDPOffloadLayout(FSDPLayout):
+    """A bench variant: FSDP2 with its parameters offloaded to host memory (engine.fsdp.offload)."""
+
+    label = "fsdp-offload"
+    compute_like = "fsdp"
+    settings = {"fsdp": {"offload": "params"}}
+    sized = False
+
+
+@register_engine
+class FSDPSpec(EngineSpec):
+    kind = "fsdp"
+
+    def check_recipe(self, cfg, world):
+        mesh = cfg.engine.fsdp.mesh_shape(world)  # raises on sizes that do not tile the world
+        if cfg.engine.context_parallel > 1 and mesh is not None:
+            raise ValueError("engine.context_parallel > 1 with engine.fsdp.shard_size/replicate_size (HSDP) is not "
+                             "supported; drop the HSDP sizes (FSDP2 then shards over all ranks)")

@@ -597,7 +597,10 @@ class Trainer:
             own = own_checkpoint(cfg)
             found = None
             if own is None and not cfg.lora.enabled:
-                found = diffusers_source(cfg.init) or checkpoint_source(cfg.init, cfg.engine.kind)
+                from scaletrain.engines.spec import engine_spec
+
+                collective = engine_spec(cfg.engine.kind).reads_dcp_start_weights
+                found = diffusers_source(cfg.init) or checkpoint_source(cfg.init, collective)
             if own is not None:
                 self.init_note = (f"init: skipped ({cfg.init.source} not loaded): resuming this run's own "
                                   f"checkpoint {own.path}")

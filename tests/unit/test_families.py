@@ -213,6 +213,18 @@ def test_no_family_or_objective_name_branch_outside_its_own_file():
     assert not offenders, "\n".join(offenders)
 
 
+def test_no_engine_name_branch_outside_engines():
+    """Each engine owns its checks, labels and sizing entry (engines/spec.py: EngineSpec, Layout,
+    registered from its own module): outside engines/ no engine kind or label decides anything."""
+    from scaletrain.engines.spec import ENGINE_SPECS, load_layouts
+
+    labels = set(load_layouts())
+    assert {"fsdp", "deepspeed", "ddp"} == set(ENGINE_SPECS)
+    assert {"ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3", "zero3-offload", "zero3-hpz"} <= labels
+    offenders = _name_branches(set(ENGINE_SPECS) | labels, r"engine(?:\.kind|\.name|_kind)?", "engines/")
+    assert not offenders, "\n".join(offenders)
+
+
 @pytest.mark.parametrize("preset,fragment", [
     ("unet-tiny", "--pipeline: unet-tiny runs in pixel space (no VAE), which no diffusers text-to-image pipeline does"),
     ("dit-tiny", "--pipeline: dit-tiny is a dit model: PixArtAlphaPipeline encodes prompts with a masked T5"),
