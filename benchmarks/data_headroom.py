@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaletrain.checks import load_config  # noqa: E402
-from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards  # noqa: E402
+from scaletrain.common.tars import expand_shards  # noqa: E402
+from scaletrain.data.pipeline import LoaderSpec, build_loader  # noqa: E402
 from scaletrain.models.registry import stage_buckets  # noqa: E402
 
 

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards  # noqa: E402
+from scaletrain.common.tars import expand_shards  # noqa: E402
+from scaletrain.data.pipeline import LoaderSpec, build_loader  # noqa: E402
 from scaletrain.diffusion.objective import (  # noqa: E402
     ObjectiveConfig, build_noise_scheduler, diffusion_loss, prepare_training_batch,
 )

@@ -6,7 +6,8 @@ output shards into ``OUT.partial``; rank 0 gathers the counts, renames the shard
 contiguous ``shard-000000.tar ...`` in input order, writes ``manifest.json``,
 ``report.json`` and ``report.md``, and renames ``OUT.partial`` to ``OUT`` (atomic: a reader
 never sees a half-written set). Output tars use fixed member metadata (mtime 0, mode 644,
-as ``data.synth.write_tar_shard``), so the same input and settings give byte-identical shards.
+as ``data.synth.write_tar_shard``; ``common.tars.TarWriter``), so the same input and settings
+give byte-identical shards.
 
 Counting: every input sample ends in exactly one of kept / dropped[rule] / corrupt, so the
 report adds up (input = kept + dropped_total + corrupt).
@@ -17,8 +18,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,8 +26,10 @@ from typing import Any, Protocol
 import torch.distributed as dist
 from PIL import Image
 
+from scaletrain.common.ranks import barrier, rank_world
+from scaletrain.common.tars import TarWriter, batched, expand_shards, read_shard
 from scaletrain.data.filters import FilterSpec, first_failing_rule
-from scaletrain.data.pipeline import IMAGE_EXTS, _read_shard, expand_shards, read_meta_caption
+from scaletrain.data.samples import IMAGE_EXTS, read_meta_caption
 
 CORRUPT = "corrupt"
 
@@ -106,51 +108,6 @@ class MetadataFilter:
         return {"spec": self.spec.model_dump(exclude_none=True)}
 
 
-class _TarOut:
-    """Streaming tar writer with ``data.synth.write_tar_shard``'s member conventions (that one
-    takes a whole list; a 10k-sample shard should not sit in memory)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.count = path, 0
-        self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
-
-    def write(self, raw: dict[str, Any]) -> None:
-        key = str(raw["__key__"])
-        for ext, payload in raw.items():
-            if ext.startswith("__"):
-                continue
-            data = payload.encode("utf-8") if isinstance(payload, str) else payload
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
-        self.count += 1
-
-    def close(self) -> None:
-        self._tar.close()
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _batched(items: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 @dataclass
 class _RankResult:
     """What one rank reports to rank 0."""
@@ -195,7 +152,7 @@ def _rewrite_rank(shards: list[str], partial: Path, stages: Sequence[Stage], ran
                   batch_size: int, per_shard: int | None) -> _RankResult:
     """Process this rank's shards (r, r+world, ...) into ``partial``."""
     result = _RankResult()
-    out: _TarOut | None = None
+    out: TarWriter | None = None
     chunk = 0
 
     def close(idx: int) -> None:
@@ -212,11 +169,11 @@ def _rewrite_rank(shards: list[str], partial: Path, stages: Sequence[Stage], ran
     for idx in range(rank, len(shards), world):
         if per_shard is None:
             chunk = 0
-        for raws in _batched(_read_shard(shards[idx]), batch_size):
+        for raws in batched(read_shard(shards[idx]), batch_size):
             result.input_samples += len(raws)
             for sample in _run_batch(raws, stages, result):
                 if out is None:
-                    out = _TarOut(partial / f"part-{rank:05d}-{idx:06d}-{chunk:05d}.tar")
+                    out = TarWriter(partial / f"part-{rank:05d}-{idx:06d}-{chunk:05d}.tar")
                 out.write(sample.to_raw())
                 result.kept += 1
                 if per_shard is not None and out.count == per_shard:
@@ -251,7 +208,7 @@ def rewrite_shards(shards: str | list[str], out_dir: str | Path, stages: Sequenc
                    settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Collective when a process group is up: curate ``shards`` into ``out_dir``; returns the report
     (on every rank). Raises ValueError (one line) for a bad output path or size."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     urls = expand_shards(shards)
     out = Path(out_dir)
     partial = out.with_name(out.name + ".partial")
@@ -264,7 +221,7 @@ def rewrite_shards(shards: str | list[str], out_dir: str | Path, stages: Sequenc
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)  # a previous crashed run's leftovers
         partial.mkdir(parents=True)
-    _barrier(world)
+    barrier(world)
     mine = _rewrite_rank(urls, partial, stages, rank, world, batch_size, per_shard)
     if world > 1:
         gathered: list[Any] = [None] * world
@@ -275,7 +232,7 @@ def rewrite_shards(shards: str | list[str], out_dir: str | Path, stages: Sequenc
     report = _report(command, urls, out, total, stages, world, settings or {})
     if rank == 0:
         _commit(partial, out, total, report, overwrite)
-    _barrier(world)
+    barrier(world)
     return report
 
 

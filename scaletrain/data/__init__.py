@@ -13,8 +13,8 @@ _EXPORTS = {
     "LoaderSpec": "pipeline",
     "build_loader": "pipeline",
     "caption_is_dropped": "pipeline",
-    "decode_image": "pipeline",
-    "expand_shards": "pipeline",
+    "decode_image": "samples",
+    "expand_shards": "scaletrain.common.tars",
     "iter_epoch_samples": "pipeline",
     "missing_local_shards": "pipeline",
     "resolve_split": "pipeline",
@@ -29,4 +29,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'scaletrain.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"scaletrain.data.{_EXPORTS[name]}"), name)
+    module = _EXPORTS[name]
+    return getattr(importlib.import_module(module if "." in module else f"scaletrain.data.{module}"), name)

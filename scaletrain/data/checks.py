@@ -30,8 +30,9 @@ def launch(cfg: RunConfig, ctx: CheckContext) -> None:
 def _check_shards(cfg: RunConfig) -> None:
     """Every stage's effective shards (data.shards, data.sources, stage overrides) exist; a folder
     written by `scaletrain data encode` stands for its subfolder at the stage's resolution."""
+    from scaletrain.common.tars import expand_shards
     from scaletrain.data.latents import resolve_shards
-    from scaletrain.data.pipeline import check_pipe_shards, expand_shards, missing_local_shards
+    from scaletrain.data.pipeline import check_pipe_shards, missing_local_shards
 
     if cfg.validate.shards is not None:
         check_pipe_shards(expand_shards(cfg.validate.shards), cfg.data.allow_pipe_shards, "validate.shards")

@@ -42,7 +42,9 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
-from scaletrain.data.pipeline import IMAGE_EXTS, _is_url, _read_shard, decode_image, expand_shards
+from scaletrain.common.ranks import barrier, rank_world
+from scaletrain.common.tars import TarWriter, batched, expand_shards, is_url, read_shard
+from scaletrain.data.samples import IMAGE_EXTS, decode_image, read_meta_caption
 
 if TYPE_CHECKING:
     from scaletrain.config import RunConfig
@@ -111,15 +113,15 @@ def resolve_shards(shards: str | list[str], resolution: int, where: str) -> tupl
     mapped = []
     for item in items:
         sub = resolution_folder(str(item), resolution)
-        mapped.append(str(sub) if not _is_url(str(item)) and (sub / ENCODING_FILE).is_file() else str(item))
+        mapped.append(str(sub) if not is_url(str(item)) and (sub / ENCODING_FILE).is_file() else str(item))
     urls = expand_shards(mapped)
     folders: dict[Path, Encoding | None] = {}
     for url in urls:
         folder = Path(url.removeprefix("file:")).parent
-        if not _is_url(url) and folder not in folders:
+        if not is_url(url) and folder not in folders:
             folders[folder] = read_encoding(folder)
     encoded = {f: e for f, e in folders.items() if e is not None}
-    raw = [f for f, e in folders.items() if e is None] + [u for u in urls if _is_url(u)]
+    raw = [f for f, e in folders.items() if e is None] + [u for u in urls if is_url(u)]
     if encoded and raw:
         raise ValueError(f"{where} mixes precomputed latents ({next(iter(encoded))}) and image shards ({raw[0]}); "
                          "encode all of them with `scaletrain data encode`, or point it at images only")
@@ -309,8 +311,6 @@ class Encoder:
     def encode_batch(self, raws: list[dict[str, Any]], resolution: int,
                      buckets: tuple[tuple[int, int], ...]) -> tuple[list[dict[str, Any]], int]:
         """(encoded raw samples in input order, corrupt count) of one batch."""
-        from scaletrain.data.pipeline import read_meta_caption
-
         kept: list[tuple[dict[str, Any], str, Tensor]] = []
         corrupt = 0
         for raw in raws:
@@ -351,12 +351,10 @@ def encode_dataset(cfg: "RunConfig", shards: str | list[str], out: str | Path, r
                    batch_size: int = 32, device: torch.device | None = None, progress: bool = True) -> dict[str, Any]:
     """Collective under a process group: encode ``shards`` at each resolution into ``out/<R>px``.
     Resumable: finished shards are kept and skipped. Returns the summary (on every rank)."""
-    from scaletrain.curate.shards import _barrier, _batched, _rank_world, _TarOut
-
-    rank, world = _rank_world()
+    rank, world = rank_world()
     device = device or torch.device("cpu")
     urls = expand_shards(shards)
-    done = next((u for u in urls if not _is_url(u) and (Path(u).parent / ENCODING_FILE).is_file()), None)
+    done = next((u for u in urls if not is_url(u) and (Path(u).parent / ENCODING_FILE).is_file()), None)
     if done is not None:
         raise ValueError(f"--shards: {done} is already encoded (encoding.json beside it); give image shards")
     names = [Path(u.removeprefix("file:")).name for u in urls]
@@ -385,7 +383,7 @@ def encode_dataset(cfg: "RunConfig", shards: str | list[str], out: str | Path, r
             tmp = folder / (EMPTY_CAPTION_FILE + ".partial")
             tmp.write_bytes(save_safetensors_bytes({"text_emb": emb[0].contiguous(), "text_mask": mask[0]}))
             os.replace(tmp, folder / EMPTY_CAPTION_FILE)
-        _barrier(world)
+        barrier(world)
         buckets = tuple(tuple(b) for b in infos[r]["buckets"])
         counts = _Counts()
         mine = list(range(rank, len(urls), world))
@@ -397,8 +395,8 @@ def encode_dataset(cfg: "RunConfig", shards: str | list[str], out: str | Path, r
                 bar.update(1)
                 continue
             partial = folder / (names[i] + ".partial")
-            writer = _TarOut(partial)
-            for raws in _batched(_read_shard(urls[i]), batch_size):
+            writer = TarWriter(partial)
+            for raws in batched(read_shard(urls[i]), batch_size):
                 encoded, bad = encoder.encode_batch(raws, r, buckets)
                 counts.corrupt += bad
                 for sample in encoded:
@@ -424,7 +422,7 @@ def encode_dataset(cfg: "RunConfig", shards: str | list[str], out: str | Path, r
         if rank == 0:
             _write_json(folder / MANIFEST_FILE, {"complete": True, "shards": names, **entry})
         summary["resolutions"][r] = entry
-        _barrier(world)
+        barrier(world)
     return summary
 
 

@@ -2,7 +2,7 @@
 
 A pair is ``KEY.chosen.jpg`` + ``KEY.rejected.jpg`` + ``KEY.txt`` (+ ``KEY.json``): webdataset
 keys end at the first dot of the file name, so the image extensions are ``chosen.jpg`` and
-``rejected.jpg`` (any of ``pipeline.IMAGE_EXTS``). The splitting across ranks and workers,
+``rejected.jpg`` (any of ``samples.IMAGE_EXTS``). The splitting across ranks and workers,
 the resume skip, metadata filters and the per-key caption dropout are the pre-training pipeline's
 (``pipeline._epoch_raw``, ``LoaderSpec``): only decoding and collation differ, so a pair loader
 has the same guarantees (every rank yields batches forever; a batch's content does not depend
@@ -18,9 +18,10 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from scaletrain.common.tars import expand_shards
 from scaletrain.data.filters import first_failing_rule
-from scaletrain.data.pipeline import (IMAGE_EXTS, Dropped, LoaderSpec, _epoch_raw, caption_is_dropped, decode_image,
-                                      expand_shards, read_meta_caption, resolve_split)
+from scaletrain.data.pipeline import Dropped, LoaderSpec, _epoch_raw, caption_is_dropped, resolve_split
+from scaletrain.data.samples import IMAGE_EXTS, decode_image, read_meta_caption
 
 SIDES = ("chosen", "rejected")
 

@@ -14,67 +14,29 @@ Totals of corrupt samples are obtained by summing ``batch["skipped"]``.
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
-import io
 import itertools
 import json
 import os
 import random
-import re
-import sys
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from braceexpand import braceexpand
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import gopen
 
-from scaletrain.data.buckets import nearest_bucket
+from scaletrain.common.tars import expand_shards, is_url, read_shard
 from scaletrain.data.filters import FilterSpec, first_failing_rule
 from scaletrain.data.mixing import Balance, Source, class_value, cumulative, pick_leaf, plan_leaves
+from scaletrain.data.samples import IMAGE_EXTS, ImageTooLarge, decode_image, read_meta_caption
 from scaletrain.data.video import VIDEO_EXTS, ClipSpec, VideoFpsTooLow, VideoTooShort, decode_video
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Kinds of bad data the loader counts (batch["issues"]) instead of raising; each named in the metrics.
 ISSUES = ("bad_caption", "image_too_large", "member_too_large", "video_too_short", "video_low_fps")
-_URL_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "gcs://")
 _SPLITS = ("shard", "sample", "auto")
-# Same key/extension rule as webdataset: key = path up to the first dot of the basename.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
-
-
-def _is_url(path: str) -> bool:
-    return path.startswith(_URL_PREFIXES)
-
-
-def expand_shards(shards: str | Path | list[str]) -> list[str]:
-    """Flatten paths, brace patterns, globs, directories (all ``*.tar``) and URLs."""
-    items = [shards] if isinstance(shards, (str, Path)) else list(shards)
-    out: list[str] = []
-    for item in items:
-        for path in braceexpand(str(item)):
-            if _is_url(path):
-                out.append(path)  # remote: existence is the streamer's business
-            elif Path(path).is_dir():
-                out.extend(sorted(str(p) for p in Path(path).glob("*.tar")))
-            elif any(ch in path for ch in "*?["):
-                out.extend(sorted(glob.glob(path)))
-            else:
-                out.append(path)
-    if not out:
-        raise ValueError(
-            f"data.shards={shards!r} matched no .tar files; pass a path, a brace pattern like "
-            "'data/shard-{000000..000007}.tar', or a directory holding *.tar"
-        )
-    return out
 
 
 def check_pipe_shards(urls: list[str], allowed: bool, where: str = "data.shards") -> None:
@@ -87,7 +49,7 @@ def check_pipe_shards(urls: list[str], allowed: bool, where: str = "data.shards"
 
 def missing_local_shards(urls: list[str]) -> list[str]:
     """Local shard paths that do not exist (URLs are skipped)."""
-    local = [u.removeprefix("file:") for u in urls if not _is_url(u)]
+    local = [u.removeprefix("file:") for u in urls if not is_url(u)]
     return [p for p in local if not Path(p).is_file()]
 
 
@@ -198,147 +160,7 @@ def caption_is_dropped(seed: int, key: str, epoch: int, p: float) -> bool:
     return p > 0 and _stable_int("caption_dropout", seed, key, epoch) / 2**64 < p
 
 
-# ---------------------------------------------------------------- reading
-
-
-_REPORTED_SHARDS: set[str] = set()  # damaged shards already named on this process's stderr
-
-
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZ", b"\xfd7zXZ")  # gzip, bzip2, xz: offsets are not file offsets
-
-
-def _open_at(url: str, start: int | None):
-    """(stream, base, skip_below): the shard opened at byte ``start`` when it is a seekable,
-    uncompressed file (then ``base`` = start); otherwise from its beginning, and samples that
-    begin below ``skip_below`` are to be passed over (their members are read, never decoded)."""
-    stream = gopen(url)
-    if not start:
-        return stream, 0, 0
-    if getattr(stream, "seekable", lambda: False)():
-        head = stream.read(6)
-        if not any(head.startswith(m) for m in _COMPRESSED_MAGIC):
-            stream.seek(start)
-            return stream, start, 0
-        stream.seek(0)
-    return stream, 0, start
-
-
-def _expected_samples(url: str) -> int | None:
-    """How many samples a local shard should hold, from what wrote it: img2dataset's
-    ``NAME_stats.json`` ("successes"), or a ``manifest.json`` beside it (``scaletrain data synth``
-    and ``curate``: "shards" + "samples_per_shard", an int or a list). None when neither says."""
-    if _is_url(url):
-        return None
-    path = Path(url.removeprefix("file:"))
-    try:
-        stats = path.with_name(path.name.removesuffix(".tar") + "_stats.json")
-        if stats.is_file():
-            value = json.loads(stats.read_text()).get("successes")
-            return int(value) if isinstance(value, int) else None
-        manifest = path.parent / "manifest.json"
-        if manifest.is_file():
-            m = json.loads(manifest.read_text())
-            names, per = m.get("shards") or [], m.get("samples_per_shard")
-            if path.name not in names:
-                return None
-            i = names.index(path.name)
-            if isinstance(per, list):
-                return int(per[i])
-            if isinstance(per, int) and isinstance(m.get("num_samples"), int):
-                return min(per, m["num_samples"] - i * per)
-    except (OSError, ValueError, TypeError, IndexError):
-        return None
-    return None
-
-
-def _read_shard(url: str, max_member_bytes: int | None = None, start: int | None = None) -> Iterator[dict]:
-    """Raw samples ``{"__key__", "__pos__", ext: bytes}`` grouped by key, streamed; ``__pos__`` is
-    the byte offset of the sample's first tar header, and ``start`` (such an offset) begins there
-    (a seek in a local uncompressed shard: nothing before it is read).
-
-    A truncated/corrupt tar yields the complete samples before the damage plus
-    one ``{"__corrupt__"}`` marker instead of raising: one bad shard must not
-    kill a week-long run; the shard is named once on stderr. (A tar cut exactly at a
-    header boundary looks like a normal end of archive to tarfile and cannot be detected.)
-    A member larger than ``max_member_bytes`` is not read (its sample gets
-    ``"__issue__": "member_too_large"``): a hostile shard cannot make a worker allocate it.
-    """
-    stream, base, skip_below = _open_at(url, start)
-    current: dict | None = None
-    count = 0
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                match = _KEY_EXT.match(member.name)
-                if not member.isfile() or match is None:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                if current is not None and current["__key__"] != key:
-                    count += 1
-                    if current["__pos__"] >= skip_below:
-                        yield current
-                    current = None
-                current = current or {"__key__": key, "__pos__": base + member.offset}
-                if max_member_bytes is not None and member.size > max_member_bytes:
-                    current["__issue__"] = "member_too_large"  # stream mode skips its data unread
-                    continue
-                if current["__pos__"] < skip_below:
-                    continue  # passing over to ``start``: the data is skipped by the stream, not kept
-                # Stream-mode tarfile returns short data on truncation instead of raising.
-                current[ext] = tar.extractfile(member).read()
-                if len(current[ext]) != member.size:
-                    raise tarfile.ReadError(f"{member.name} truncated")
-    except (tarfile.TarError, EOFError, OSError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
-        expected = _expected_samples(url)
-        lost = max(1, expected - count) if expected is not None else 1
-        if url not in _REPORTED_SHARDS:
-            _REPORTED_SHARDS.add(url)
-            known = f"{lost} of its {expected} samples lost" if expected is not None else "its size is unknown"
-            print(f"scaletrain: data: shard {url} is damaged after {count} samples ({type(err).__name__}: {err}); "
-                  f"the rest of it is skipped and counted in skipped_samples ({known})", file=sys.stderr, flush=True)
-        # drops the partial sample; counts what the shard's manifest says was lost (else 1)
-        current = {"__key__": f"{url}#corrupt", "__corrupt__": True, "__lost__": lost}
-    finally:
-        stream.close()
-    if current is not None and (current.get("__corrupt__") or current["__pos__"] >= skip_below):
-        yield current
-
-
 # --------------------------------------------------------------- decoding
-
-
-class ImageTooLarge(ValueError):
-    """The image header declares more pixels than allowed (checked before decoding)."""
-
-
-def decode_image(data: bytes, resolution: int, buckets: tuple[tuple[int, int], ...] = (),
-                 max_pixels: int | None = None) -> torch.Tensor:
-    """Bytes -> float32 (3, H, W) in [-1, 1]: resized (bicubic) to cover the target and
-    center-cropped to it. The target is R x R, or with ``buckets`` the (W, H) bucket whose
-    aspect ratio is nearest the image's. ``max_pixels``: raise ``ImageTooLarge`` from the header
-    (PIL opens lazily), before any pixel is decoded."""
-    with Image.open(io.BytesIO(data)) as img:
-        if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
-            raise ImageTooLarge(f"{img.size[0]}x{img.size[1]} pixels")
-        img = img.convert("RGB")
-    w, h = img.size
-    tw, th = buckets[nearest_bucket(w, h, buckets)] if buckets else (resolution, resolution)
-    arr = np.asarray(resize_crop(img, tw, th), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
-
-
-def resize_crop(img: Image.Image, tw: int, th: int) -> Image.Image:
-    """Resize (bicubic) to cover (tw, th), then center-crop to it: images and video frames alike."""
-    w, h = img.size
-    scale = max(tw / w, th / h)  # = R / min(w, h) for the square target
-    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
-    if (nw, nh) != (w, h):
-        # PIL widens the bicubic kernel when downscaling, i.e. it antialiases.
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - tw) // 2, (nh - th) // 2
-    return img.crop((left, top, left + tw, top + th))
 
 
 @dataclass(frozen=True)
@@ -392,22 +214,6 @@ def _select(meta: dict, caption: str, spec: LoaderSpec, key: str) -> Dropped | N
         return Dropped(None)
     rule = first_failing_rule(meta, caption, spec.filters) if spec.filters is not None else None
     return Dropped(rule) if rule is not None else None
-
-
-def read_meta_caption(raw: dict) -> tuple[dict, str] | None:
-    """(metadata, caption) of a raw sample, or None when its ``.json`` is not a JSON object.
-
-    The caption is ``.txt``, else the metadata's ``caption``, else "" (still trainable).
-    Shared by the training loader, the preference-pair loader and ``scaletrain curate``."""
-    try:
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(meta, dict):
-        return None
-    if "txt" in raw:
-        return meta, raw["txt"].decode("utf-8", errors="replace").strip()
-    return meta, str(meta.get("caption") or "")
 
 
 def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | None:
@@ -486,7 +292,7 @@ def _raw_ref(raw: dict) -> list:
 def _reread(ref: list, max_member_bytes: int | None) -> dict:
     if ref[0] == "#corrupt":
         return {"__key__": ref[1], "__corrupt__": True}
-    raw = next(_read_shard(ref[0], max_member_bytes, start=ref[1]))
+    raw = next(read_shard(ref[0], max_member_bytes, start=ref[1]))
     raw["__shard__"] = ref[0]
     return raw
 
@@ -547,7 +353,7 @@ class _RawEpoch:
             url = self.order[index]
             if last != "end":
                 skip_first = last is not None  # the sample at ``last`` was read before the state was taken
-                for raw in _read_shard(url, self.spec.max_member_bytes, start=last):
+                for raw in read_shard(url, self.spec.max_member_bytes, start=last):
                     if skip_first:
                         skip_first = False
                         continue
@@ -716,7 +522,7 @@ def scan_classes(shards: tuple[str, ...], field: str, where: str) -> dict[str, i
     counts: Counter = Counter()
     probe = LoaderSpec(shards=list(shards), resolution=1, micro_batch=1, balance=Balance(field), stream_name=where)
     for url in shards:
-        for raw in _read_shard(url):
+        for raw in read_shard(url):
             if raw.get("__corrupt__"):
                 continue
             try:

@@ -85,7 +85,7 @@ def decode_video(data: bytes, clip: ClipSpec, resolution: int, rng: random.Rando
     import av
 
     from scaletrain.data.buckets import nearest_bucket
-    from scaletrain.data.pipeline import resize_crop  # the images' rule, frame by frame
+    from scaletrain.data.samples import resize_crop  # the images' rule, frame by frame
 
     num_frames, src_fps, width, height = probe_video(data)
     tw, th = buckets[nearest_bucket(width, height, buckets)] if buckets else (resolution, resolution)
@@ -160,7 +160,7 @@ def check_video_shards(cfg) -> None:
     """Before launch: a stage whose ``fps`` is above its videos' frame rate is one line (its first
     shard's first video stands for the set, as video2dataset writes one rate per dataset); a
     video preset on precomputed latents is refused (not built yet)."""
-    from scaletrain.data.pipeline import expand_shards
+    from scaletrain.common.tars import expand_shards
     from scaletrain.models.registry import get_preset
 
     if not get_preset(cfg.model.preset).video:

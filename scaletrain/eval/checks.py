@@ -50,7 +50,8 @@ def _check_validate(cfg: RunConfig, world: int, *, check_paths: bool) -> None:
         raise ValueError(f"validate.safety_model={v.safety_model!r} is not a local model folder with config.json; "
                          "point it at a save_pretrained image classifier (nothing is downloaded) or remove it")
     if v.shards is not None:
-        from scaletrain.data.pipeline import expand_shards, missing_local_shards
+        from scaletrain.common.tars import expand_shards
+        from scaletrain.data.pipeline import missing_local_shards
 
         missing = missing_local_shards(expand_shards(v.shards))
         if missing:

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scaletrain.data.pipeline import LoaderSpec, expand_shards, iter_epoch_samples
+from scaletrain.common.tars import expand_shards
+from scaletrain.data.pipeline import LoaderSpec, iter_epoch_samples
 from scaletrain.diffusion import Objective
 from scaletrain.distributed import all_reduce_sum
 from scaletrain.eval.fid import build_feature_extractor, build_fid

@@ -7,6 +7,10 @@ so a new family is one new file. Everything family-specific lives there: how the
 network is built and called, its parallel plan, its down-sampling factor and text width
 (FLOPs, resolution checks), its LoRA targets and the layout its LoRA adapter is exported in.
 Nothing outside the family modules branches on a family's name.
+
+This module imports neither ``models/lora.py`` nor ``models/pipeline_folder.py`` (both import
+it): ``get_preset`` lives above them in ``models/registry.py`` and reads a ``diffusers:<folder>``
+preset through ``pipeline_folder.register_pipeline_preset``, which registers it here.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from scaletrain.models import text
+
+# peft's adapter name, part of every LoRA parameter's state-dict key: models/lora.py puts the
+# adapters on under it and ``ModelFamily.export_lora`` writes them out under it.
+ADAPTER = "default"
 
 
 class ModelFamily(ABC):
@@ -119,8 +127,6 @@ class ModelFamily(ABC):
                            f"{self.lora_prefix}_lora_adapter_metadata": lora_config.to_dict()})
             return "diffusers"
         from peft import get_peft_model, set_peft_model_state_dict
-
-        from scaletrain.models.lora import ADAPTER
 
         # get_peft_model adds fresh adapters (B = 0), so load the trained ones in.
         model = get_peft_model(base, lora_config, adapter_name=ADAPTER)
@@ -231,19 +237,6 @@ def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
         raise ValueError(f"model family {name!r} is unknown; known families: {', '.join(FAMILIES)}")
     return FAMILIES[name]
-
-
-def get_preset(name: str) -> ModelPreset:
-    load_families()
-    if name not in PRESETS and name.startswith("diffusers:"):  # read from a pipeline folder, once per process
-        from scaletrain.models.pipeline_folder import PREFIX, register_pipeline_preset
-
-        return register_pipeline_preset(name.removeprefix(PREFIX), what="the pipeline folder of model.preset")
-    if name not in PRESETS:
-        named = ", ".join(n for n in PRESETS if ":" not in n)
-        raise ValueError(f"model.preset={name!r} is unknown; choose one of: {named}, or from_diffusers "
-                         "(with init.from_diffusers=PIPELINE_FOLDER)")
-    return PRESETS[name]
 
 
 def all_presets() -> dict[str, ModelPreset]:

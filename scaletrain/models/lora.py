@@ -21,8 +21,7 @@ from typing import Iterator
 from torch import nn
 
 from scaletrain.config import LoraSection
-
-ADAPTER = "default"  # peft's adapter name; part of every LoRA parameter's state-dict key
+from scaletrain.models.family import ADAPTER, get_family  # ADAPTER: peft's adapter name (re-exported)
 
 # Layer types peft's LoRA (and diffusers' LoRA loader) handle.
 _LORA_TYPES = (nn.Linear, nn.Conv2d)
@@ -37,8 +36,6 @@ class LoraStats:
 
 def target_modules(family: str, targets: list[str] | None) -> list[str]:
     """The configured module-name suffixes, or the family's defaults (``ModelFamily.lora_targets``)."""
-    from scaletrain.models.family import get_family
-
     return list(targets) if targets else list(get_family(family).lora_targets)
 
 

@@ -26,8 +26,23 @@ if TYPE_CHECKING:
     from scaletrain.config import RunConfig
 from scaletrain.models.components import SD_VAE, SD_VAE_FACTOR, TINY_TEXT_DIM, TINY_TEXT_LEN, TINY_VAE  # noqa: F401
 from scaletrain.models.family import (  # noqa: F401  (re-exported)
-    FAMILIES, PRESETS, ModelFamily, ModelPreset, all_presets, get_family, get_preset, load_families,
+    FAMILIES, PRESETS, ModelFamily, ModelPreset, all_presets, get_family, load_families,
 )
+
+
+def get_preset(name: str) -> ModelPreset:
+    """The preset registered as ``name``; a ``diffusers:<folder>`` name (``model.preset:
+    from_diffusers``) is read from that pipeline folder and registered on first use."""
+    load_families()
+    if name not in PRESETS and name.startswith("diffusers:"):  # read from a pipeline folder, once per process
+        from scaletrain.models.pipeline_folder import PREFIX, register_pipeline_preset
+
+        return register_pipeline_preset(name.removeprefix(PREFIX), what="the pipeline folder of model.preset")
+    if name not in PRESETS:
+        named = ", ".join(n for n in PRESETS if ":" not in n)
+        raise ValueError(f"model.preset={name!r} is unknown; choose one of: {named}, or from_diffusers "
+                         "(with init.from_diffusers=PIPELINE_FOLDER)")
+    return PRESETS[name]
 
 
 class Denoiser(nn.Module):

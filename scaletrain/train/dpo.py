@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from scaletrain.config import DPOSection, RunConfig
 from scaletrain.data.pairs import build_pair_loader
 from scaletrain.checkpoint.init import load_init_weights
-from scaletrain.data.pipeline import LoaderSpec, expand_shards
+from scaletrain.common.tars import expand_shards
+from scaletrain.data.pipeline import LoaderSpec
 from scaletrain.diffusion.dpo import diffusion_dpo_loss, prepare_pair_batch
 from scaletrain.models import parallel_units
 from scaletrain.models.lora import adapters_disabled

@@ -23,10 +23,11 @@ from typing import Callable, Iterator
 import torch
 
 from scaletrain.checkpoint.manager import CheckpointManager, CheckpointSaveError, latest_checkpoint
+from scaletrain.common.tars import expand_shards
 from scaletrain.config import RunConfig, StageSection, dump_config
 from scaletrain.data.mixing import Balance, Source
 from scaletrain.data.latents import check_precomputed, resolve_shards
-from scaletrain.data.pipeline import LoaderSpec, build_loader, expand_shards, loader_identity, plan_streams
+from scaletrain.data.pipeline import LoaderSpec, build_loader, loader_identity, plan_streams
 from scaletrain.diffusion import build_objective
 from scaletrain.distributed import DistInfo, all_reduce_sum
 from scaletrain.engines import StepStats, build_engine

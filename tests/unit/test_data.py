@@ -196,7 +196,7 @@ def test_bad_data_is_counted_by_kind_and_the_run_goes_on(tmp_path: Path, mode: s
 
 
 def test_image_too_large_is_refused_from_its_header(monkeypatch) -> None:
-    from scaletrain.data.pipeline import ImageTooLarge
+    from scaletrain.data.samples import ImageTooLarge
 
     buf = io.BytesIO()
     Image.new("RGB", (3000, 1000)).save(buf, format="PNG")

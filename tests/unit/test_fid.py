@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from scaletrain.data.pipeline import decode_image
+from scaletrain.data.samples import decode_image
 from scaletrain.data.synth import make_synthetic_sample
 from scaletrain.eval.fid import GridOrientFeatures, build_feature_extractor, build_fid
 from scaletrain.eval.validate import preserve_rng, rank_block
