@@ -68,13 +68,14 @@ def check_launch(cfg: RunConfig, world_size: int | None = None) -> None:
 def check_startup_memory(cfg: RunConfig, world: int, engine: str | None = None, precomputed: bool = False) -> None:
     """A preset that cannot fit this host (or one GPU) at the chosen sharding is one line now,
     before any rank allocates it: the sizing model's start-up floor per rank
-    (``bench.facts.startup_floor_bytes``) times the ranks on this host, against the memory
+    (``engines.spec.startup_floor_bytes``) times the ranks on this host, against the memory
     available; on a GPU, the floor per rank against the device's memory."""
     import os
 
     import psutil
 
-    from scaletrain.bench.facts import model_facts, startup_floor_bytes
+    from scaletrain.engines.spec import startup_floor_bytes
+    from scaletrain.models.facts import model_facts
     from scaletrain.engines.checks import sizing_label
 
     engine = engine or sizing_label(cfg, world)

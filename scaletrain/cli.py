@@ -60,7 +60,7 @@ def _launch(prog: str, description: str, argv: list[str] | None, check=None, los
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is what we use.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from scaletrain.checkpoint.safe_load import CheckpointLoadError
+    from scaletrain.common.safe_load import CheckpointLoadError
 
     try:
         cfg = load_run_config(args.config, args.overrides)
@@ -121,7 +121,7 @@ def run_training(cfg: RunConfig, loss: LossFactory | None = None, batches: Batch
 
     from scaletrain.train.health import HealthStop
 
-    from scaletrain.checkpoint.safe_load import CheckpointLoadError
+    from scaletrain.common.safe_load import CheckpointLoadError
 
     dist_info = init_distributed(cfg.engine.kind)
     try:
@@ -235,7 +235,7 @@ def _ckpt(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from scaletrain.checkpoint.export import export_diffusers, format_listing
-    from scaletrain.checkpoint.safe_load import CheckpointLoadError
+    from scaletrain.common.safe_load import CheckpointLoadError
 
     try:
         if args.ckpt_cmd == "ls":

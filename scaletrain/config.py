@@ -387,7 +387,7 @@ class LogSection(_Section):
     progress: bool = True
     loss_ema_decay: float = Field(0.9, gt=0.0, lt=1.0)
     # Per-device peak TFLOP/s that MFU divides by; None = the GPU data-sheet table
-    # (scaletrain.bench.flops), else a measured matmul ceiling (CPU, unknown GPUs).
+    # (scaletrain.models.flops), else a measured matmul ceiling (CPU, unknown GPUs).
     peak_tflops: float | None = Field(None, gt=0.0)
 
 

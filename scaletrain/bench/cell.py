@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if spec.get("comm_sweep"):
             record = run_comm_sweep(spec, dist_info)
         else:
-            from scaletrain.bench.flops import device_peak_tflops
+            from scaletrain.models.flops import device_peak_tflops
 
             peak, source = device_peak_tflops(dist_info.device, spec.get("precision", "fp32"), spec.get("peak_tflops"))
             record = run_cell(spec, dist_info)

@@ -197,7 +197,7 @@ def summarize_cell(records: list[dict], cell: dict) -> dict:
     splits = [r["memory_split_mib"] for r in records if r.get("memory_split_mib")]
     if splits:  # per category, the highest rank (ranks differ by their shard sizes)
         out["memory_split_mib"] = {k: max(s[k] for s in splits) for k in splits[0]}
-    from scaletrain.bench.flops import train_flops_per_image
+    from scaletrain.models.flops import train_flops_per_image
 
     per_device = train_flops_per_image(cell["preset"], cell["resolution"], cell.get("frames", 0)) * cell["micro_batch"]
     out["tflops_per_device"] = per_device / out["step_seconds"]["median"] / 1e12

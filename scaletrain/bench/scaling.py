@@ -36,7 +36,8 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from scaletrain.bench.facts import CommModel, ModelFacts
+from scaletrain.bench.facts import CommModel
+from scaletrain.models.facts import ModelFacts
 from scaletrain.engines.spec import Collective
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter")

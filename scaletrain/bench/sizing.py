@@ -34,7 +34,9 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from scaletrain.bench.facts import CommModel, ModelFacts, model_facts, startup_floor_bytes  # noqa: F401
+from scaletrain.bench.facts import CommModel
+from scaletrain.engines.spec import startup_floor_bytes  # noqa: F401  (the size command's start-up rows)
+from scaletrain.models.facts import ModelFacts, model_facts
 from scaletrain.bench.runner import solo_basis
 from scaletrain.engines.spec import layout, load_layouts
 
@@ -56,7 +58,7 @@ def state_bytes(engine: str, facts: ModelFacts, world: int, precision: str = "fp
 
 
 def denoiser_side(preset: str, resolution: int) -> int:
-    from scaletrain.bench.flops import denoiser_input_size
+    from scaletrain.models.flops import denoiser_input_size
     from scaletrain.models import get_preset
 
     return denoiser_input_size(get_preset(preset), resolution)
@@ -399,7 +401,7 @@ def check_measured(inp: SizeInputs, peak_tflops: float) -> None:
     """One line for a --measured point that cannot be right: two figures for the same GPUs,
     resolution and engine more than 25 % apart, or a throughput whose FLOPs per GPU exceed the
     GPU's peak for the precision (a wrong figure, resolution or --gpu)."""
-    from scaletrain.bench.flops import train_flops_per_image
+    from scaletrain.models.flops import train_flops_per_image
 
     seen: dict[tuple[int, int, str], float] = {}
     for gpus, ips, res, engine in inp.measured:
@@ -423,7 +425,7 @@ def size_report(inp: SizeInputs, rows: list[dict] | None = None) -> str:
     (scaling model: scaletrain/bench/scaling.py). ``rows``, when given, receives each printed
     row as a dict (stage index, resolution, engine, nodes, GPUs, micro-batch, accumulation,
     img/s, efficiency) for callers that compare the predictions with other figures."""
-    from scaletrain.bench.flops import gpu_peak_tflops, train_flops_per_image
+    from scaletrain.models.flops import gpu_peak_tflops, train_flops_per_image
     from scaletrain.models import get_preset
     from scaletrain.bench.scaling import (
         SMALL_MICRO_EFFICIENCY, MicroTime, fit_micro_time, plan_step, step_comms,

@@ -2,7 +2,7 @@
 
 Export consolidates on one process (the one place a full gather is what the user asked
 for): DCP shards read whole in this process with the restricted readers of
-``checkpoint.safe_load`` (no process group, no temporary file); the EMA (``<ckpt>/ema/``, DCP
+``common.safe_load`` (no process group, no temporary file); the EMA (``<ckpt>/ema/``, DCP
 on every engine) the same way, exported instead of the raw weights when present; DeepSpeed
 ZeRO partitions scanned weights-only, then read by DeepSpeed's ``zero_to_fp32`` reader under
 the weights-only guard. The result is written
@@ -36,7 +36,7 @@ def resolve_checkpoint(src: str | Path) -> CheckpointInfo:
 
 def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     """Full (unsharded) model state of a checkpoint, with the Denoiser's key names."""
-    from scaletrain.checkpoint.safe_load import check_torch_files, load_dcp_full, weights_only_torch_load
+    from scaletrain.common.safe_load import check_torch_files, load_dcp_full, weights_only_torch_load
 
     engine_dir = info.path / "engine"
     if info.engine_format == "zero":
@@ -54,7 +54,7 @@ def ema_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor] | None:
     ema_dir = info.path / "ema"
     if not ema_dir.is_dir():
         return None
-    from scaletrain.checkpoint.safe_load import load_dcp_full
+    from scaletrain.common.safe_load import load_dcp_full
 
     return load_dcp_full(ema_dir)["params"]  # without a process group, like the model above
 
@@ -155,7 +155,7 @@ def checkpoint_objective(info: CheckpointInfo):
 def source_objective(source: str | Path) -> str | None:
     """Name of the objective a post-training source was trained with: from a checkpoint's
     trainer state, or from an exported folder's scheduler (the objective that matches it); None when the source does not say."""
-    from scaletrain.checkpoint.safe_load import read_json
+    from scaletrain.common.safe_load import read_json
     from scaletrain.diffusion import objective_for_scheduler
 
     from scaletrain.models.pipeline_folder import is_pipeline_root
@@ -179,7 +179,7 @@ def checkpoint_preset(info: CheckpointInfo) -> str:
 
 
 def trainer_state(info: CheckpointInfo) -> dict:
-    from scaletrain.checkpoint.safe_load import read_json
+    from scaletrain.common.safe_load import read_json
 
     f = info.path / "trainer_state.json"
     return read_json(f) if f.is_file() else {}

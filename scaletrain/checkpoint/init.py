@@ -6,7 +6,7 @@ Where they can be read where they are kept, they are (``diffusers_source``: safe
 slices; ``checkpoint_source``: a DCP checkpoint loaded collectively into the shards); otherwise
 every rank loads the full weights into its own copy of the denoiser before the engine shards
 it, and the engine keeps only its part. Checkpoints are consolidated by ``checkpoint.export`` (DCP shards, or
-DeepSpeed ZeRO partitions, read weights-only through ``checkpoint.safe_load``), and the EMA
+DeepSpeed ZeRO partitions, read weights-only through ``common.safe_load``), and the EMA
 replaces the raw weights when the checkpoint has one (``init.use_ema``). A run that already
 has a checkpoint of its own never re-initialises: the relaunch resumes it (``own_checkpoint``),
 even when the init source has since been deleted.
@@ -80,7 +80,7 @@ def _check_pipeline_objective(root: Path, cfg: RunConfig, key: str) -> None:
     base: epsilon; flow-matching schedulers: a velocity along the straight path). Fine-tuning it
     with another target trains it away from what it knows, so refuse that before launch. Each
     objective says which schedulers it matches and which of its keys contradict one."""
-    from scaletrain.checkpoint.safe_load import read_json
+    from scaletrain.common.safe_load import read_json
     from scaletrain.diffusion import objective_for_scheduler, objective_params
 
     sched = read_json(root / "scheduler" / "scheduler_config.json")
@@ -195,7 +195,7 @@ def load_init_weights(denoiser: nn.Module, init_cfg: InitSection, preset_name: s
         _load_strict(denoiser, state, f"init.from_checkpoint={init_cfg.from_checkpoint!r}", preset_name)
         weights = "EMA weights" if which == "ema" else "raw weights"
         return f"init: {weights} of {info.path} (step {info.step}, {info.meta.get('engine')})"
-    from scaletrain.checkpoint.safe_load import CheckpointLoadError, weights_only_torch_load
+    from scaletrain.common.safe_load import CheckpointLoadError, weights_only_torch_load
 
     folder = Path(init_cfg.from_diffusers)
     # A pipeline folder: its denoiser component (unet/ or transformer/).

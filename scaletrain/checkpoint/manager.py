@@ -18,7 +18,7 @@ untouched.
 ``latest_checkpoint`` only considers committed folders with ``meta.json``; stale
 ``.partial`` folders are removed when the next run starts.
 
-Safe loading: every file is read by a restricted reader (checkpoint.safe_load): DCP metadata
+Safe loading: every file is read by a restricted reader (common.safe_load): DCP metadata
 by an unpickler that admits only DCP's metadata types, DCP entries and DeepSpeed's files
 weights-only, RNG from safetensors, counters from JSON. Nothing in a checkpoint is
 unpickled beyond plain tensors, containers and those types; a refused or damaged file fails
@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from scaletrain.config import CheckpointSection
 from scaletrain.distributed import DistInfo
 from scaletrain.engines.base import Engine
-from scaletrain.checkpoint.safe_load import CheckpointLoadError, raise_agreed, read_json, read_safetensors
+from scaletrain.common.safe_load import CheckpointLoadError, raise_agreed, read_json, read_safetensors
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 

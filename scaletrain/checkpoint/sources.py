@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from scaletrain.checkpoint.safe_load import SafeFileSystemReader
+from scaletrain.common.safe_load import SafeFileSystemReader
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -104,7 +104,7 @@ def _some(keys: list[str]) -> str:
 class DCPCheckpoint:
     """The model entries of a scaletrain DCP checkpoint (``<ckpt>/engine``, keyed ``model.net.*``)
     and, with ``use_ema``, its EMA's (``<ckpt>/ema``, ``params.net.*``) as start weights. Read
-    through the restricted reader (checkpoint/safe_load.py: metadata and non-tensor entries
+    through the restricted reader (common/safe_load.py: metadata and non-tensor entries
     weights-only); ``bytes_read`` counts what this process read."""
 
     def __init__(self, path: str | Path, use_ema: bool) -> None:
@@ -151,7 +151,7 @@ class DCPCheckpoint:
         """Collective: fill ``net`` (a Denoiser's ``.net``, sharded or whole, allocated) from the
         checkpoint: parameters and persistent buffers in place, then the EMA over the
         parameters it covers."""
-        from scaletrain.checkpoint.safe_load import load_dcp
+        from scaletrain.common.safe_load import load_dcp
 
         state = {"model": {f"net.{n}": t for n, t in net.state_dict().items()}}
         reader = _CountingReader(str(self.model_dir))

@@ -78,7 +78,7 @@ class Encoding:
 
     def empty_caption(self) -> tuple[Tensor, Tensor]:
         """(text_emb (L, D), text_mask (L,) long) of the empty caption."""
-        from scaletrain.checkpoint.safe_load import read_safetensors
+        from scaletrain.common.safe_load import read_safetensors
 
         t = read_safetensors(self.folder / EMPTY_CAPTION_FILE)
         return t["text_emb"], t["text_mask"].long()
@@ -86,7 +86,7 @@ class Encoding:
 
 def read_encoding(folder: Path) -> Encoding | None:
     """The folder's encoding, None when it holds no ``encoding.json`` (raw image shards)."""
-    from scaletrain.checkpoint.safe_load import CheckpointLoadError, read_json
+    from scaletrain.common.safe_load import CheckpointLoadError, read_json
 
     path = folder / ENCODING_FILE
     if not path.is_file():
@@ -167,7 +167,7 @@ def _vae_config(preset, vae_path: str | None) -> dict[str, Any]:
     """The VAE's config without building it: the preset's, or a local folder's config.json."""
     if vae_path is None:
         return dict(preset.vae_config)
-    from scaletrain.checkpoint.safe_load import CheckpointLoadError, read_json
+    from scaletrain.common.safe_load import CheckpointLoadError, read_json
 
     for sub in ("vae", "."):
         path = Path(vae_path) / sub / "config.json"

@@ -284,10 +284,10 @@ class DeepSpeedEngine(Engine):
         """Same data-parallel size: DeepSpeed's ZeRO loader. Another size: ZeRO partitions do not
         reshard, so the checkpoint is converted once to DeepSpeed's universal format (rank 0,
         kept beside it as ``zero_universal``) and loaded with ``load_universal``. Every
-        ``torch.load`` inside runs weights-only (see checkpoint.safe_load)."""
+        ``torch.load`` inside runs weights-only (see common.safe_load)."""
         import torch.distributed as dist
 
-        from scaletrain.checkpoint.safe_load import (CheckpointLoadError, agreed_check_torch_files,
+        from scaletrain.common.safe_load import (CheckpointLoadError, agreed_check_torch_files,
                                                      convert_to_universal, weights_only_torch_load,
                                                      zero_dp_world_size)
 

@@ -12,7 +12,7 @@ Both live in their engine's own module (``engines/ddp.py``, ``engines/fsdp.py``,
 ``engine_spec(kind)`` / ``layout(label)`` and never branch on an engine's name. This module
 imports nothing but the standard library.
 
-Bytes are per rank, for a denoiser of P trainable parameters (``facts``: ``bench.facts.ModelFacts``),
+Bytes are per rank, for a denoiser of P trainable parameters (``facts``: ``models.facts.ModelFacts``),
 W = 4 (fp32) or 2 (bf16/fp16) bytes per parameter of the compute copy.
 """
 
@@ -153,3 +153,20 @@ def layout(label: str) -> Layout:
 
 def sized_labels() -> tuple[str, ...]:
     return tuple(k for k, v in load_layouts().items() if v.sized)
+
+
+def startup_floor_bytes(engine: str, facts: Any, world: int, precision: str = "fp32",
+                        precomputed: bool = False, frozen_encoders: str = "replicate") -> float:
+    """The least a rank holds when it reaches its first step (no activations, no Adam moments
+    yet: torch's AdamW makes them at the first step): the frozen encoders in the run precision
+    (none on precomputed latents), plus the denoiser as the engine keeps it at start-up (its
+    layout's ``startup_bytes``, ``engines/spec.py``): FSDP2 its fp32 shard (meta-device init);
+    DDP and ZeRO-1/2 the whole fp32 model (ZeRO-1/2 also the fp32 master partition); ZeRO-3
+    (zero.Init) what DeepSpeed's stage-3 optimizer allocates in its constructor.
+    ``frozen_encoders="shard"`` (model.frozen_encoders) holds 1/world of the encoders on the
+    device; the host builds them whole first, so a host check passes "replicate".
+    A floor, not a forecast: allocator slack and imports come on top (``benchmarks/
+    startup_memory.py`` adds a measured baseline and compares)."""
+    frozen = 0.0 if precomputed else (2 if precision in ("bf16", "fp16") else 4) * facts.frozen
+    frozen /= world if frozen_encoders == "shard" else 1
+    return frozen + layout(engine).startup_bytes(facts, world, precision)

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from scaletrain.checkpoint.safe_load import load_dcp
+from scaletrain.common.safe_load import load_dcp
 from scaletrain.engines.base import (Engine, LocalShard, StepStats, clip_with_norm, lower_new_threads, norm_value,
                                       replicated_param_shards, set_lr, total_grad_norm, world_mesh)
 

@@ -17,7 +17,7 @@ registers that preset on first use, on every rank and in every later command (re
   ``text_encoder/config.json``; the caption length is the family's pipeline length
   (``ModelFamily.pipeline_text_len``) or the tokenizer's ``model_max_length``.
 
-Configs are read as JSON (``checkpoint.safe_load.read_json``): nothing in the folder runs. The
+Configs are read as JSON (``common.safe_load.read_json``): nothing in the folder runs. The
 weights are loaded later, by ``checkpoint.init`` (the denoiser) and ``models.text`` /
 ``registry.build_vae`` (the frozen encoders, whose paths default to the root).
 
@@ -49,7 +49,7 @@ def preset_name(root: str | Path) -> str:
 
 
 def _read(path: Path, what: str) -> dict[str, Any]:
-    from scaletrain.checkpoint.safe_load import read_json
+    from scaletrain.common.safe_load import read_json
 
     try:
         data = read_json(path)

@@ -164,7 +164,7 @@ class ShardedEMA:
         if path is None:
             self.reset()
             return
-        from scaletrain.checkpoint.safe_load import SafeFileSystemReader, load_dcp
+        from scaletrain.common.safe_load import SafeFileSystemReader, load_dcp
 
         reader = SafeFileSystemReader(str(path))
         saved = reader.read_metadata().state_dict_metadata  # a refusal: the same file on every rank

@@ -758,10 +758,10 @@ class Trainer:
                                  "img/s": f"{global_batch / dt:.1f}"})
 
     def throughput_metrics(self, resolution: int, images_per_second: float) -> dict:
-        """Per-device TFLOP/s and MFU from the analytic FLOP count (scaletrain.bench.flops), and
+        """Per-device TFLOP/s and MFU from the analytic FLOP count (scaletrain.models.flops), and
         peak memory (CUDA max allocated; process RSS on CPU) of this rank. ``images_per_second``
         counts the loss's samples (DPO: pairs), each ``loss.images_per_sample`` images of compute."""
-        from scaletrain.bench.flops import device_peak_tflops, train_flops_per_image
+        from scaletrain.models.flops import device_peak_tflops, train_flops_per_image
 
         # Mean over this rank's micro-batches (their sizes differ under data.buckets; the FLOPs depend
         # on the area, which the buckets keep within a few % of resolution^2 on every rank).

@@ -95,7 +95,7 @@ def test_frames_axis_measures_clips(tmp_path):
     one, five = (c["memory_split_mib"]["activations"] for c in cells)
     assert 4 < five / one < 6
     assert "| wan-tiny | 32x5f | fsdp | 1 | 2 | ok |" in (tmp_path / "results.md").read_text()
-    from scaletrain.bench.flops import train_flops_per_image
+    from scaletrain.models.flops import train_flops_per_image
 
     assert cells[1]["tflops_per_device"] == pytest.approx(
         train_flops_per_image("wan-tiny", 32, 5) * 2 / cells[1]["step_seconds"]["median"] / 1e12)

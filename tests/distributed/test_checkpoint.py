@@ -535,7 +535,7 @@ def test_tampered_checkpoint_fails_export_and_init_in_one_line(synth_shards, str
 def test_tampered_universal_checkpoint_fails_in_one_line(synth_shards, straight, tmp_path):
     """Resuming a ZeRO checkpoint at another world size reads DeepSpeed's universal files, and
     converting reads the ZeRO partitions: both refuse a crafted pickle, naming it."""
-    from scaletrain.checkpoint.safe_load import CheckpointLoadError, convert_to_universal
+    from scaletrain.common.safe_load import CheckpointLoadError, convert_to_universal
 
     d = _copy_checkpoints(straight["deepspeed"], tmp_path / "run", 4)
     engine = d / "checkpoints" / "step-00000004" / "engine"

@@ -49,7 +49,7 @@ class _Evil:
 def test_deepspeed_loads_are_weights_only(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from scaletrain.checkpoint.safe_load import UnsafeCheckpointError, weights_only_torch_load
+    from scaletrain.common.safe_load import UnsafeCheckpointError, weights_only_torch_load
 
     good, evil = tmp_path / "good.pt", tmp_path / "evil.pt"
     torch.save({"zero_stage": ZeroStageEnum.weights, "w": torch.ones(2)}, good)
@@ -64,7 +64,7 @@ def test_deepspeed_loads_are_weights_only(tmp_path):
 
 
 def test_zero_dp_world_size_counts_partitions(tmp_path):
-    from scaletrain.checkpoint.safe_load import zero_dp_world_size
+    from scaletrain.common.safe_load import zero_dp_world_size
 
     for r in range(3):
         (tmp_path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").touch()

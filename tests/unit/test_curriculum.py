@@ -244,7 +244,7 @@ def test_flops_of_a_bucket_match_flop_counter(name):
 
     from scaletrain.models.family import get_family
 
-    from scaletrain.bench.flops import forward_flops_per_image
+    from scaletrain.models.flops import forward_flops_per_image
     from scaletrain.models import get_preset
     from scaletrain.models.registry import Denoiser, build_denoiser_net
 

@@ -75,7 +75,7 @@ def toy_family():
 def test_a_family_defined_in_one_file_trains_shards_counts_and_adapts(toy_family, synth_shards):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from scaletrain.bench.flops import forward_flops_per_image
+    from scaletrain.models.flops import forward_flops_per_image
     from scaletrain.config import LoraSection
     from scaletrain.checks import load_run_config as load_config
     from scaletrain.diffusion import build_objective

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from scaletrain.bench.flops import (
+from scaletrain.models.flops import (
     denoiser_input_size, device_peak_tflops, dit_forward_flops, forward_flops_per_image, gpu_peak_tflops,
     layer_flops, train_flops_per_image,
 )

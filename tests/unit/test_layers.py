@@ -110,6 +110,55 @@ def test_no_import_cycle_beyond_the_known_one_and_it_does_not_grow() -> None:
     assert not new, f"import cycle(s) not allowed: {new}; break them (issue 30: no module imports its caller)"
 
 
+# The layers, bottom to top: a module may import its own layer and those below, never above.
+# Within a layer the cycle test above keeps imports one way.
+LAYERS = [
+    ("common", ["scaletrain.common", "scaletrain.distributed", "scaletrain.data.buckets", "scaletrain.data.filters"]),
+    ("schema", ["scaletrain.config"]),
+    ("components", ["scaletrain.models", "scaletrain.diffusion", "scaletrain.data", "scaletrain.curate"]),
+    ("engines", ["scaletrain.engines", "scaletrain.checkpoint"]),
+    ("eval", ["scaletrain.eval"]),
+    ("train", ["scaletrain.train"]),
+    ("checks", ["scaletrain.checks"]),
+    ("tools", ["scaletrain.bench", "scaletrain.comm"]),
+    ("entry", ["scaletrain.cli", "scaletrain.slurm", "scaletrain.config_reference", "scaletrain"]),
+]
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of ``module``: its longest matching prefix (data.buckets is below data)."""
+    best = None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    return best[0] if best else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    out = []
+    for a in sorted(graph):
+        for b in sorted(graph[a]):
+            la, lb = layer_of(a), layer_of(b)
+            if la is None or lb is None:
+                out.append(f"{a} -> {b}: not in a layer")
+            elif lb > la:
+                out.append(f"{a} ({LAYERS[la][0]}) -> {b} ({LAYERS[lb][0]})")
+    return out
+
+
+def test_no_upward_import() -> None:
+    bad = upward_imports(import_graph())
+    assert not bad, "imports that run upward (issue 30, layers):\n" + "\n".join(bad)
+
+
+def test_the_layer_check_sees_an_upward_import() -> None:
+    assert upward_imports({"scaletrain.config": {"scaletrain.models.registry"}, "scaletrain.models.registry": set()})
+    assert not upward_imports({"scaletrain.models.registry": {"scaletrain.config", "scaletrain.common.tars"},
+                               "scaletrain.config": {"scaletrain.data.buckets"}, "scaletrain.common.tars": set(),
+                               "scaletrain.data.buckets": set()})
+
+
 def test_the_checker_sees_a_cycle_and_ignores_type_checking_imports() -> None:
     g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(g) == {frozenset("abc")}

@@ -1,4 +1,4 @@
-"""Restricted readers (scaletrain/checkpoint/safe_load.py), in one process: DCP metadata and
+"""Restricted readers (scaletrain/common/safe_load.py), in one process: DCP metadata and
 DCP's non-tensor entries, the small JSON/safetensors files, and a diffusers folder given as
 init.from_diffusers. Each crafted file runs its payload under an unrestricted reader (so the
 test would catch a reader that let it through) and is refused here with one line naming it.
@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from scaletrain.checkpoint.safe_load import (CheckpointLoadError, UnsafeCheckpointError, load_dcp_full,
+from scaletrain.common.safe_load import (CheckpointLoadError, UnsafeCheckpointError, load_dcp_full,
                                              read_dcp_metadata, read_json, read_safetensors)
 from scaletrain.engines.torch_engine import load_dcp_state, save_dcp_state
 from tests.distributed.util import Payload, tamper_dcp_metadata

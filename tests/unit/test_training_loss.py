@@ -118,7 +118,7 @@ def test_the_losses_sums_metrics_and_summary_reach_the_record(toy_run) -> None:
 
 
 def test_throughput_counts_the_losses_flops_per_sample(toy_run) -> None:
-    from scaletrain.bench.flops import train_flops_per_image
+    from scaletrain.models.flops import train_flops_per_image
 
     cfg, _, _, records, _ = toy_run
     r = records[-1]

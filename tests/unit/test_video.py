@@ -163,7 +163,7 @@ def test_wan_presets_build_forward_and_shard():
 @pytest.mark.parametrize("name,resolution,frames", [("wan-tiny", 32, 5), ("wan-tiny", 32, 0),
                                                     ("wan-2.1-1.3b", 256, 17)])
 def test_wan_flops_match_the_flop_counter(name, resolution, frames):
-    from scaletrain.bench.flops import denoiser_input_size, forward_flops_per_image
+    from scaletrain.models.flops import denoiser_input_size, forward_flops_per_image
     from scaletrain.models.family import get_family
 
     p = get_preset(name)
@@ -251,11 +251,11 @@ def test_video_recipe_validates_and_counts_clip_flops(shards):
             f"validate.shards={shards['clips']}/shard-{{000000..000001}}.tar"]
     cfg = load_config(VIDEO, base, world_size=2)
     assert [stage_frames(cfg, i) for i in range(3)] == [1, 5, 9]
-    from scaletrain.bench.flops import train_flops_per_image
+    from scaletrain.models.flops import train_flops_per_image
 
     one, five = train_flops_per_image("wan-tiny", 32, 1), train_flops_per_image("wan-tiny", 32, 5)
     assert one == train_flops_per_image("wan-tiny", 32)  # a 1-frame clip costs an image
-    from scaletrain.bench.flops import layer_flops
+    from scaletrain.models.flops import layer_flops
 
     a, b = layer_flops("wan-tiny", 32, 1), layer_flops("wan-tiny", 32, 5)
     assert b["linear"] / a["linear"] == pytest.approx(5, rel=0.05)  # per token (text and time projections: per clip)

@@ -29,7 +29,7 @@ and ``scaletrain ckpt`` print it as is and exit 2.
 Run as a module it converts a ZeRO checkpoint to DeepSpeed's universal format (the
 documented route to resume at another data-parallel world size), under the same guard::
 
-    python -m scaletrain.checkpoint.safe_load CKPT/engine/zero CKPT/engine/zero_universal
+    python -m scaletrain.common.safe_load CKPT/engine/zero CKPT/engine/zero_universal
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def convert_to_universal(zero_dir: Path, out_dir: Path, *, workers: int = 1) -> 
     happen inside a rank process holding live process-group threads."""
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "scaletrain.checkpoint.safe_load", str(zero_dir), str(tmp), str(workers)]
+    cmd = [sys.executable, "-m", "scaletrain.common.safe_load", str(zero_dir), str(tmp), str(workers)]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     if r.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
