@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.config import HealthSection
+from scaletrain.distributed import all_reduce_sum
 from scaletrain.train.metrics import LossEMA
 
 
@@ -118,3 +119,68 @@ def quarantine(path: Path, record: dict, *, keys: list[str], loss: float, rank: 
 def poison(loss: torch.Tensor) -> torch.Tensor:
     """NaN with the loss's graph attached, so backward fills every gradient with NaN."""
     return loss * float("nan")
+
+
+class Rollback:
+    """The health guard's response to a bad step, as a component of the loop: quarantine the
+    step's batch keys and, when the window is full, roll back to the last good checkpoint
+    (``checkpointing.CheckpointCadence.good_step``) with a scaled LR and the stretch of data that
+    went bad skipped."""
+
+    def on_bad_step(self, trainer, index: int, stage, verdict, norm: float, keys: list[str], local_loss: float) -> bool:
+        """Collective (every rank has the same verdict). True when the loop must restart from a
+        checkpoint."""
+        path = trainer.run_dir / "quarantine.jsonl"
+        quarantine(path, {"step": trainer.step, "attempt": trainer.attempt, "stage": index, "reason": verdict.reason,
+                          "grad_norm": norm}, keys=keys, loss=local_loss, rank=trainer.dist.rank,
+                   is_main=trainer.dist.is_main)
+        trainer.logger.event(f"health: step {trainer.step} skipped on every rank ({verdict.reason}); "
+                             f"its batch keys are in {path}")
+        if not verdict.rollback:
+            return False
+        h, guard = trainer.cfg.health, trainer.health
+        why = (f"{h.max_bad_in_window} bad steps within {h.window} at step {trainer.step}; check {path} for the "
+               f"batches and lower optim.lr (LR scale now {guard.lr_scale:g})")
+        if not guard.can_roll_back:
+            raise HealthStop(f"health guard stopped the run after {guard.rollbacks} rollback(s) "
+                             f"(health.max_rollbacks={h.max_rollbacks}): {why}")
+        trainer.checkpoints.finalize(trainer)  # a pending async save is the newest good state
+        if trainer.checkpoints.good_step is None:
+            raise HealthStop(f"health guard found no checkpoint to roll back to: {why}; "
+                             f"set checkpoint.every_steps")
+        self.rollback(trainer, index, stage)
+        return True
+
+    def rollback(self, trainer, index: int, stage) -> None:
+        """Collective: reload the last good checkpoint (weights, optimizer, EMA, RNG, counters),
+        keep the guard's live counters, scale the LR by health.lr_factor, and make stage
+        ``index``'s stream skip every micro-batch consumed since that checkpoint, so the re-run
+        steps see new data rather than the batches that went bad."""
+        guard = trainer.health
+        from_step, consumed = trainer.step, trainer.step_in_stage
+        live = guard.state_dict()
+        before = weights_fingerprint(trainer.engine, trainer.device)
+        state = trainer.ckpt.load_step(trainer.checkpoints.good_step)
+        trainer.restore(state)
+        after = weights_fingerprint(trainer.engine, trainer.device)
+        guard.load_state_dict(live)
+        back = state["step_in_stage"] if state["stage"] == index else 0
+        skip = (consumed - back) * stage.grad_accum
+        guard.begin_rollback(index, skip)
+        trainer.logger.log({"step": from_step, "rollback": True, "to_step": trainer.step, "lr_scale": guard.lr_scale,
+                            "skipped_micro_batches": skip, "stage": index,
+                            "weights_fingerprint_before": before, "weights_fingerprint_after": after})
+        trainer.logger.event(f"health: rollback {guard.rollbacks} from step {from_step} to the checkpoint at "
+                             f"step {trainer.step}; LR scale {guard.lr_scale:g}; stage {index}'s data moves on "
+                             f"past {skip} micro-batches per rank")
+
+
+def weights_fingerprint(engine, device: torch.device) -> float:
+    """Collective: sum over every rank's parameter shards of sum(w^2 + w) in float64. Changes with
+    any update, and is equal after loading the same weights on the same layout; the rollback
+    record shows both, so a rollback that did not really reload is visible."""
+    total = torch.zeros((), dtype=torch.float64)
+    for shard in engine.local_param_shards():
+        x = shard.local.detach().to("cpu", torch.float64)
+        total += (x * x + x).sum()
+    return all_reduce_sum([float(total)], device)[0]

@@ -80,3 +80,63 @@ class MetricsLogger:
             self._jsonl.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def peak_memory_gib(device) -> float:
+    """CUDA max allocated on GPUs; peak resident set size (RSS) of this process on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class StepMetrics:
+    """A step's record as a component of the loop: loss and its EMA, grad norm, LR, throughput,
+    data wait, the comm profiler's split on sampled steps, bucket sizes, data counters, the loss's
+    own metrics; on logged steps rank 0 adds TFLOP/s, MFU and peak memory. A skipped step's loss
+    stays out of the EMA."""
+
+    def __init__(self, loss_ema: LossEMA) -> None:
+        self.loss_ema = loss_ema
+
+    def log(self, trainer: Any, index: int, stage: Any, loss: float, stats: Any, dt: float, wait: float,
+            skipped: int, global_batch: int, objective_sums: list[float] = ()) -> None:
+        ema = self.loss_ema.get() if stats.skipped else self.loss_ema.update(loss)  # a bad step stays out
+        record = {
+            "step": trainer.step, "stage": index, "resolution": stage.resolution, "loss": loss, "loss_ema": ema,
+            "grad_norm": stats.grad_norm, "lr": stats.lr, "images_seen": trainer.images_seen,
+            "images_per_second": global_batch / dt, "step_seconds": dt, "data_wait_seconds": wait,
+            "skipped_samples": skipped, "skipped_step": stats.skipped,
+        }
+        if stats.loss_scale is not None:  # fp16: the dynamic loss scale after this step
+            record["loss_scale"] = stats.loss_scale
+        record.update(trainer.comm_profiler.record(dt, wait))  # compute / exposed comm, sampled steps
+        if trainer.cfg.data.buckets.enabled:  # rank 0's micro-batch sizes this step, one bucket each
+            record["bucket_sizes"] = [f"{hw[1]}x{hw[0]}" for hw in trainer.step_image_sizes]
+        record.update(trainer.data_counts.record())  # filtered_samples, source_frac/*, class_frac/*
+        record.update(trainer.loss.metrics(objective_sums))  # e.g. DPO's implicit accuracy and reward margin
+        if stats.skipped or trainer.step % trainer.cfg.log.every == 0 or trainer.step == trainer.total_steps:
+            if trainer.dist.is_main:  # only rank 0 writes, so only it pays for the FLOP count
+                record.update(self.throughput(trainer, stage.resolution, global_batch / dt))
+            trainer.logger.log(record)
+        trainer.logger.progress(1, {"stage": index, "loss": f"{loss:.4f}", "ema": f"{ema:.4f}",
+                                    "img/s": f"{global_batch / dt:.1f}"})
+
+    @staticmethod
+    def throughput(trainer: Any, resolution: int, images_per_second: float) -> dict:
+        """Per-device TFLOP/s and MFU from the analytic FLOP count (scaletrain.models.flops), and
+        peak memory (CUDA max allocated; process RSS on CPU) of this rank. ``images_per_second``
+        counts the loss's samples (DPO: pairs), each ``loss.images_per_sample`` images of compute."""
+        from scaletrain.models.flops import device_peak_tflops, train_flops_per_image
+
+        cfg = trainer.cfg
+        # Mean over this rank's micro-batches (their sizes differ under data.buckets; the FLOPs depend
+        # on the area, which the buckets keep within a few % of resolution^2 on every rank).
+        sizes = trainer.step_image_sizes or [(resolution, resolution)]
+        flops = sum(train_flops_per_image(cfg.model.preset, tuple(hw[:2]), *hw[2:]) for hw in sizes) / len(sizes)
+        tflops = flops * images_per_second * trainer.loss.images_per_sample / trainer.dist.world_size / 1e12
+        peak, _ = device_peak_tflops(trainer.device, cfg.engine.precision, cfg.log.peak_tflops)
+        return {"tflops_per_device": tflops, "mfu": tflops / peak, "peak_memory_gib": peak_memory_gib(trainer.device)}

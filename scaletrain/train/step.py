@@ -141,6 +141,7 @@ class BatchRequest:
     resolution: int
     micro_batch: int
     skip: int  # micro-batches per rank already consumed (resume, rollback)
+    fresh: bool = True  # the stage starts at its first step (its data counters start from zero)
 
 
 LossFactory = Callable[[LossContext], TrainingLoss]

@@ -8,56 +8,42 @@ asks which engine it has (see ``engines.base``) nor which loss it runs.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import math
 import signal
-import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from scaletrain.checkpoint.manager import CheckpointManager, CheckpointSaveError, latest_checkpoint
-from scaletrain.common.tars import expand_shards
+from scaletrain.checkpoint.manager import CheckpointManager
 from scaletrain.config import RunConfig, StageSection, dump_config
-from scaletrain.data.mixing import Balance, Source
-from scaletrain.data.latents import check_precomputed, resolve_shards
-from scaletrain.data.pipeline import LoaderSpec, build_loader, loader_identity, plan_streams
+from scaletrain.data.latents import check_precomputed
 from scaletrain.diffusion import build_objective
 from scaletrain.distributed import DistInfo, all_reduce_sum
-from scaletrain.engines import StepStats, build_engine
-from scaletrain.eval.samples import generate_samples, save_image_grid, save_video_grid
+from scaletrain.engines import build_engine
+from scaletrain.eval.watchers import SamplesWatcher, ValidationWatcher, check_validation_reference
 from scaletrain.models import build_model, frozen_dtype
-from scaletrain.models.registry import stage_buckets, stage_frames, validation_frames
+from scaletrain.models.registry import stage_buckets, stage_frames
 from scaletrain.models.parallelize import lever_report
 from scaletrain.train.ema import build_ema
-from scaletrain.train.health import HealthGuard, HealthStop, poison, quarantine
+from scaletrain.train.batches import ImageStream
+from scaletrain.train.checkpointing import CheckpointCadence
+from scaletrain.train.health import HealthGuard, Rollback, poison
 from scaletrain.train.comm_profile import CommProfiler
 from scaletrain.train.step import (
     BatchBuilder, BatchRequest, DenoisingLoss, LossContext, LossFactory, TrainingLoss, model_inputs,
 )
 from scaletrain.train.curriculum import planned_stage_steps, stage_length_text, stage_objective
 from scaletrain.train.data_stats import DataCounts
-from scaletrain.train.metrics import LossEMA, MetricsLogger
+from scaletrain.train.metrics import LossEMA, MetricsLogger, StepMetrics, peak_memory_gib  # noqa: F401  (bench/cell)
 from scaletrain.train.schedule import lr_at
 from scaletrain.train.startup import startup_line, startup_report
-from scaletrain.train.watchers import (
-    CommProfileWatcher, EMAWatcher, SamplesWatcher, StepOutcome, ValidationWatcher, Watcher,
-)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """CUDA max allocated on GPUs; peak resident set size (RSS) of this process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+from scaletrain.train.watchers import CommProfileWatcher, EMAWatcher, StepOutcome, Watcher
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -121,7 +107,7 @@ class Trainer:
         self.device = dist_info.device
         self.run_dir = Path(cfg.run.dir)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.check_validation_reference()  # fail now, not at the first validation days later
+        check_validation_reference(cfg)  # fail now, not at the first validation days later
         # Same seed on every rank: identical initial weights before the engine shards them.
         torch.manual_seed(cfg.run.seed)
         # Precomputed latents (scaletrain data encode): no VAE or text encoder is built for training;
@@ -164,25 +150,24 @@ class Trainer:
         self.resumed_from: str | None = None
         self.stage_summaries: list[dict] = []
         self.stage_index, self.step_in_stage = 0, 0  # where the loop (re)starts
-        # This rank's data stream position per loader slot (batch["position"]), saved per rank in
-        # each checkpoint; a resume continues from it instead of replaying the stage.
-        self.data_position: dict = {}
-        self.data_identity: str | None = None
-        self._resume_position: dict | None = None
+        # The image stream (a batch builder, train/batches.py) keeps this rank's stream position,
+        # saved per rank in each checkpoint; a resume continues from it instead of replaying.
+        self.stream = ImageStream(preset=self.model.preset, encoding=self.encoding, device=self.device,
+                                  logger=None, data_counts=self.data_counts)
+        self.step_image_sizes: list[tuple[int, ...]] = []  # (H, W[, F]) of this rank's micro-batches
         self.stopped_early = False
         self.startup: dict | None = None  # train/startup.py, filled right before the first step
-        self.save_failures = 0  # checkpoints that could not be written (reported, run went on)
         self._sigterm = False
-        self.health = HealthGuard(cfg.health)
+        self.health, self.recovery = HealthGuard(cfg.health), Rollback()
         # Optimizer-step attempts, never rewound by a rollback (the test hook counts these).
         self.attempt = 0
-        self.good_ckpt_step: int | None = None  # the checkpoint a rollback returns to
         self.ckpt = CheckpointManager(cfg.checkpoint, self.run_dir, self.engine, dist_info,
                                       extra_states={"ema": self.ema} if self.ema is not None else None)
+        self.checkpoints = CheckpointCadence(self.ckpt)
         resumed = self.ckpt.load_latest()
         if resumed is not None:
             self.restore(resumed)
-            self.good_ckpt_step = self.attempt = self.step
+            self.checkpoints.good_step = self.attempt = self.step
         self.total_steps = self.plan_total_steps()
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,8 +175,6 @@ class Trainer:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         if cfg.checkpoint.on_sigterm:
             signal.signal(signal.SIGTERM, self._on_sigterm)
-        self.validator = None  # built at the first validation (scaletrain.eval.validate)
-        self.last_validated_step = -1
         self.watchers = self.build_watchers()
         self.logger = MetricsLogger(
             self.run_dir,
@@ -203,6 +186,8 @@ class Trainer:
             progress=cfg.log.progress,
             run_name=cfg.run.name,
         )
+        self.stream.logger = self.logger
+        self.metrics = StepMetrics(self.loss_ema)
         if self.encoding is not None:
             built = "built" if self.model.encoders_built else "not built"
             self.logger.event(f"training on precomputed latents ({self.encoding.folder.parent}): VAE and text "
@@ -250,7 +235,7 @@ class Trainer:
             if not self.run_stage(index, stages[index]):
                 break
             index = self.stage_index  # the next stage, or after a rollback the checkpoint's
-        self.finalize_checkpoint()  # commit a pending async checkpoint
+        self.checkpoints.finalize(self)  # commit a pending async checkpoint
         if not self.stopped_early:
             for w in self.watchers:
                 w.at_end(self)  # end-of-run validation, the sample grid
@@ -290,17 +275,17 @@ class Trainer:
             for w in self.watchers:
                 w.after_timing(self)
             self.count_step(plan, step_in_stage, dt, agreed, stats)
-            self.log_step(index, stage, agreed.loss, stats, dt, agreed.wait, agreed.skipped, plan.global_batch,
-                          agreed.objective_sums)
-            if verdict and verdict.bad and self.on_bad_step(index, stage, verdict, agreed.norm, micro.keys,
-                                                            micro.local_loss):
+            self.metrics.log(self, index, stage, agreed.loss, stats, dt, agreed.wait, agreed.skipped,
+                             plan.global_batch, agreed.objective_sums)
+            if verdict and verdict.bad and self.recovery.on_bad_step(self, index, stage, verdict, agreed.norm,
+                                                                      micro.keys, micro.local_loss):
                 return True  # rolled back: train() re-enters at the checkpoint's stage and step
             stage_end = self.step_in_stage == plan.steps
             stop = agreed.sigterm or self.step == self.cfg.run.stop_at_step
             if stage_end:
                 self.end_stage(index, stage, plan, time.perf_counter() - stage_clock)
             if stop or agreed.minutes_due or self.ckpt.due(self.step, stage_end=stage_end):
-                self.save_checkpoint()
+                self.checkpoints.save(self)
             outcome = StepOutcome(self.step, index, stage.resolution, stats, stop, stage_end)
             for w in self.watchers:
                 stage_clock += w.after_step(self, outcome)  # e.g. validation: not training time
@@ -315,7 +300,7 @@ class Trainer:
             watchers.append(EMAWatcher(self.ema))
         v = self.cfg.validate
         if v.every_steps or v.at_end:
-            watchers.append(ValidationWatcher(v.every_steps, v.at_end))
+            watchers.append(ValidationWatcher(self.cfg))
         if self.cfg.sample.at_end:
             watchers.append(SamplesWatcher())
         return watchers
@@ -329,8 +314,11 @@ class Trainer:
         # Resume mid-stage: skip the micro-batches this stage already consumed (exact for a
         # deterministic stream at the same global batch; see data.pipeline).
         # After a health rollback the stream also skips the stretch rolled back over (data_skip).
-        batches = self.build_batches(stage.resolution, stage.micro_batch,
-                                     skip=start * stage.grad_accum + self.health.data_skip.get(index, 0))
+        builder = self.batch_builder or self.stream  # DPO's pairs, or the image stream (train/batches.py)
+        batches = builder(BatchRequest(
+            cfg=cfg, stage_index=index, rank=self.data_rank, world_size=self.data_world, resolution=stage.resolution,
+            micro_batch=stage.micro_batch, skip=start * stage.grad_accum + self.health.data_skip.get(index, 0),
+            fresh=start == 0))
         global_batch = cfg.stage_global_batch(index, world)
         if start == 0 or self.stage_images_seen is None:  # None: a checkpoint from before this counter
             self.stage_images_seen = start * global_batch
@@ -356,14 +344,12 @@ class Trainer:
     def accumulate(self, batches: Iterator[dict], grad_accum: int) -> MicroBatches:
         """The step's micro-batches through forward/backward; data wait, skips and positions recorded."""
         out = MicroBatches()
-        self.step_image_sizes: list[tuple[int, int]] = []  # (H, W) of this rank's micro-batches
+        self.step_image_sizes = []
         for micro in range(grad_accum):
             tw = time.perf_counter()
             batch = next(batches)
             out.wait += time.perf_counter() - tw
-            pos = batch.pop("position", None)
-            if pos is not None:
-                self.data_position[str(pos["slot"])] = {"done": pos["done"], "state": pos["state"]}
+            self.stream.record(batch)  # this rank's stream position, for the next checkpoint
             out.skipped += int(batch.get("skipped", 0))
             self.data_counts.add_batch(batch)
             out.keys += list(batch.get("keys", []))
@@ -437,117 +423,6 @@ class Trainer:
         later = sum(cfg.stage_steps(i, world) for i in range(self.stage_index + 1, len(stages)))
         return self.step - self.step_in_stage + current + later
 
-    def check_validation_reference(self) -> None:
-        """Validation needs validate.num_images decodable images in its shards; count them now
-        (every rank reads the same prefix, so all fail together) rather than at the first
-        validation. Raises ConfigError (one line)."""
-        v = self.cfg.validate
-        if not (v.every_steps or v.at_end):
-            return
-        from scaletrain.config import ConfigError
-        from scaletrain.eval.validate import count_reference_images
-
-        shards = expand_shards(v.shards or self.default_shards())
-        frames = validation_frames(self.cfg)
-        found = count_reference_images(shards, v.num_images, frames, self.cfg.validation_fps())
-        if found < v.num_images:
-            where = "validate.shards" if v.shards else "the training shards (validate.shards is unset)"
-            what = f"{frames}-frame clips (or images)" if frames else "images"
-            raise ConfigError(f"validate.num_images={v.num_images} but {where} hold only {found} decodable {what}; "
-                              f"lower validate.num_images or point validate.shards at a larger set")
-
-    def save_checkpoint(self) -> None:
-        rank_state = {"data_position": {"stage": self.stage_index, "identity": self.data_identity,
-                                        "slots": self.data_position}}
-        # A pending async write commits (or fails, reported with its own step) before this save.
-        self._checkpoint_records(self.ckpt.finalize)
-        if self._checkpoint_records(lambda: self.ckpt.save(self.step, self.state_dict(), rank_state)):
-            self.good_ckpt_step = self.step  # skipped steps leave weights untouched: still good
-            if self.cfg.health.enabled:  # what a rollback to this checkpoint must bring back
-                self.logger.log({"step": self.step, "checkpoint_weights_fingerprint": self.weights_fingerprint()})
-
-    def weights_fingerprint(self) -> float:
-        """Collective: sum over every rank's parameter shards of sum(w^2 + w) in float64. Changes
-        with any update, and is equal after loading the same weights on the same layout; the
-        rollback record shows both, so a rollback that did not really reload is visible."""
-        total = torch.zeros((), dtype=torch.float64)
-        for shard in self.engine.local_param_shards():
-            x = shard.local.detach().to("cpu", torch.float64)
-            total += (x * x + x).sum()
-        return all_reduce_sum([float(total)], self.device)[0]
-
-    def finalize_checkpoint(self) -> None:
-        """Commit a pending async checkpoint (its failure is handled like a failed save)."""
-        self._checkpoint_records(self.ckpt.finalize)
-
-    def _checkpoint_records(self, fn) -> bool:
-        """Run a collective save/finalize and log its records; a failed save (CheckpointSaveError,
-        agreed on every rank) is reported and either skipped or turned into a clean stop."""
-        try:
-            records = fn()
-        except CheckpointSaveError as e:  # agreed: raised on every rank together, .partial removed
-            self.save_failures += 1
-            last = latest_checkpoint(self.ckpt.dir)  # an async save counted good may be the one lost
-            self.good_ckpt_step = last.step if last is not None else None
-            failed = e.step if e.step is not None else self.step
-            self.logger.log({"step": self.step, "checkpoint_failed_step": failed})
-            if self.cfg.checkpoint.on_save_error == "stop":
-                raise HealthStop(f"{e}; stopping (checkpoint.on_save_error=stop): resume from the last complete "
-                                 "checkpoint once there is room") from None
-            if self.dist.is_main:
-                print(f"scaletrain: {e}; training continues (checkpoint.on_save_error=continue), the next save "
-                      "tries again", file=sys.stderr, flush=True)
-            return False
-        for record in records:
-            self.logger.log({"step": self.step, **record})
-        return True
-
-    def on_bad_step(self, index: int, stage: StageSection, verdict, norm: float, keys: list[str], local_loss: float) -> bool:
-        """Collective (every rank has the same verdict): quarantine the step's batch keys, and
-        roll back when the window is full. True when the loop must restart from a checkpoint."""
-        path = self.run_dir / "quarantine.jsonl"
-        quarantine(path, {"step": self.step, "attempt": self.attempt, "stage": index, "reason": verdict.reason,
-                          "grad_norm": norm}, keys=keys, loss=local_loss, rank=self.dist.rank,
-                   is_main=self.dist.is_main)
-        self.logger.event(f"health: step {self.step} skipped on every rank ({verdict.reason}); "
-                          f"its batch keys are in {path}")
-        if not verdict.rollback:
-            return False
-        h = self.cfg.health
-        why = (f"{h.max_bad_in_window} bad steps within {h.window} at step {self.step}; check {path} for the "
-               f"batches and lower optim.lr (LR scale now {self.health.lr_scale:g})")
-        if not self.health.can_roll_back:
-            raise HealthStop(f"health guard stopped the run after {self.health.rollbacks} rollback(s) "
-                             f"(health.max_rollbacks={h.max_rollbacks}): {why}")
-        self.finalize_checkpoint()  # a pending async save is the newest good state
-        if self.good_ckpt_step is None:
-            raise HealthStop(f"health guard found no checkpoint to roll back to: {why}; "
-                             f"set checkpoint.every_steps")
-        self.rollback(index, stage)
-        return True
-
-    def rollback(self, index: int, stage: StageSection) -> None:
-        """Collective: reload the last good checkpoint (weights, optimizer, EMA, RNG, counters),
-        keep the guard's live counters, scale the LR by health.lr_factor, and make stage
-        ``index``'s stream skip every micro-batch consumed since that checkpoint, so the re-run
-        steps see new data rather than the batches that went bad."""
-        from_step, consumed = self.step, self.step_in_stage
-        live = self.health.state_dict()
-        before = self.weights_fingerprint()
-        state = self.ckpt.load_step(self.good_ckpt_step)
-        self.restore(state)
-        after = self.weights_fingerprint()
-        self.health.load_state_dict(live)
-        back = state["step_in_stage"] if state["stage"] == index else 0
-        skip = (consumed - back) * stage.grad_accum
-        self.health.begin_rollback(index, skip)
-        self.logger.log({"step": from_step, "rollback": True, "to_step": self.step, "lr_scale": self.health.lr_scale,
-                         "skipped_micro_batches": skip, "stage": index,
-                         "weights_fingerprint_before": before, "weights_fingerprint_after": after})
-        self.logger.event(f"health: rollback {self.health.rollbacks} from step {from_step} to the checkpoint at "
-                          f"step {self.step}; LR scale {self.health.lr_scale:g}; stage {index}'s data moves on "
-                          f"past {skip} micro-batches per rank")
-
     def state_dict(self) -> dict:
         """Trainer counters for the checkpoint (engine state and RNG are saved by the manager)."""
         return {
@@ -579,7 +454,7 @@ class Trainer:
         if "health" in state:  # LR scale, data skips and counters survive a restart
             self.health.load_state_dict(state["health"])
         self.data_counts.load_state_dict(state.get("data_counts", {}))  # realised source/class counts
-        self._resume_position = (state.get("_rank_state") or {}).get("data_position")
+        self.stream.resume_from = (state.get("_rank_state") or {}).get("data_position")
 
     def prepare_denoiser(self) -> None:
         """Post-training set-up of the denoiser, on every rank before the engine shards it:
@@ -660,199 +535,6 @@ class Trainer:
         return model_inputs(self.model, batch, self.device, seed=self.cfg.run.seed, step=self.step,
                             scaling=self.encoding.scaling if "latents" in batch else None)
 
-    def build_batches(self, resolution: int, micro_batch: int, skip: int = 0) -> Iterator[dict]:
-        """The stage's batches: the batch builder's when the run has one, else the image stream."""
-        if self.batch_builder is not None:
-            return self.batch_builder(BatchRequest(
-                cfg=self.cfg, stage_index=self.stage_index, rank=self.data_rank, world_size=self.data_world,
-                resolution=resolution, micro_batch=micro_batch, skip=skip))
-        d = self.cfg.data
-        spec = LoaderSpec(
-            resolution=resolution, micro_batch=micro_batch,
-            caption_dropout=d.caption_dropout, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-            seed=self.cfg.run.seed, split=d.split, rank=self.data_rank, world_size=self.data_world,
-            skip_batches=skip, **self.stage_data_fields(resolution),
-            frames=stage_frames(self.cfg, self.stage_index), fps=self.cfg.train.stages[self.stage_index].fps,
-            buckets=tuple(d.buckets.sizes(resolution, self.model.preset.downsample_factor) if d.buckets.enabled else ()),
-            precomputed=self.encoding is not None, pin_memory=self.device.type == "cuda",
-            bad_captions=d.bad_captions, max_image_pixels=d.max_image_pixels, max_member_bytes=d.max_member_bytes,
-            allow_pipe_shards=d.allow_pipe_shards,
-            empty_text=self.encoding.empty_caption() if self.encoding is not None else None,
-        )
-        # Resume from the stream position the checkpoint stored for this rank (O(1): nothing read
-        # before it is decoded), when it belongs to this stage and the same stream; else replay.
-        self.data_identity = loader_identity(spec)
-        position, self._resume_position = self._resume_position, None
-        usable = bool(position) and position.get("stage") == self.stage_index and \
-            position.get("identity") == self.data_identity
-        resume = position["slots"] if usable else None
-        self.data_position = dict(resume or {})
-        if skip:
-            if usable:
-                self.logger.event(f"data: stage {self.stage_index} continues at its checkpointed stream position "
-                                  f"({skip} micro-batches per rank in; none replayed)")
-            else:
-                why = ("the checkpoint stored none for this rank" if not position else
-                       "the data, split, batch or layout differ from the checkpoint's")
-                self.logger.event(f"data: stage {self.stage_index} replays {skip} micro-batches per rank to resume "
-                                  f"({why})")
-        loader = build_loader(replace(spec, resume=resume))
-        self.begin_data_counts(spec)
-        return iter(loader)
-
-    def stage_data_fields(self, resolution: int) -> dict:
-        """LoaderSpec fields for the current stage's data: shards or weighted sources, filters
-        and class balance (data.* with the stage's override, config.RunConfig.stage_data); an
-        encoded folder stands for its subfolder at ``resolution`` (data/latents.py)."""
-        eff = self.cfg.stage_data(self.stage_index)
-        b = eff.balance
-
-        def urls(shards, where: str) -> list[str]:
-            return resolve_shards(shards, resolution, where)[0]
-
-        return {
-            "shards": urls(eff.shards, "data.shards") if eff.sources is None else [],
-            "sources": tuple(Source(s.name, tuple(urls(s.shards, f"data.sources {s.name!r}")), s.weight, s.filters)
-                             for s in eff.sources or ()),
-            "filters": eff.filters,
-            "balance": None if b is None else Balance(b.field, b.weights if b.mode == "weights" else None),
-        }
-
-    def begin_data_counts(self, spec: LoaderSpec) -> None:
-        """Name the counters of this stage's sources and classes (the same on every rank) and reset
-        them at a stage's first step; a mid-stage restart keeps the checkpointed counts."""
-        streams = plan_streams(spec)  # the class scan is cached: the loader just ran it
-        self.data_counts.begin_stage(list(dict.fromkeys(s.source for s in streams)),
-                                     sorted({s.label for s in streams if s.label is not None}),
-                                     log_sources=bool(spec.sources), fresh=self.step_in_stage == 0)
-
-    def default_shards(self) -> str | list[str]:
-        """Validation's reference shards when validate.shards is unset: data.shards, or the first
-        source's shards when data.sources replaces them."""
-        sources = self.cfg.data.sources
-        return sources[0].shards if sources else self.cfg.data.shards
-
-    # ------------------------------------------------------------------ observers
-
-    def log_step(self, index: int, stage: StageSection, loss: float, stats: StepStats, dt: float, wait: float,
-                 skipped: int, global_batch: int, objective_sums: list[float] = ()) -> None:
-        ema = self.loss_ema.get() if stats.skipped else self.loss_ema.update(loss)  # a bad step stays out
-        record = {
-            "step": self.step, "stage": index, "resolution": stage.resolution, "loss": loss, "loss_ema": ema,
-            "grad_norm": stats.grad_norm, "lr": stats.lr, "images_seen": self.images_seen,
-            "images_per_second": global_batch / dt, "step_seconds": dt, "data_wait_seconds": wait,
-            "skipped_samples": skipped, "skipped_step": stats.skipped,
-        }
-        if stats.loss_scale is not None:  # fp16: the dynamic loss scale after this step
-            record["loss_scale"] = stats.loss_scale
-        record.update(self.comm_profiler.record(dt, wait))  # compute / exposed comm, sampled steps
-        if self.cfg.data.buckets.enabled:  # rank 0's micro-batch sizes this step, one bucket each
-            record["bucket_sizes"] = [f"{hw[1]}x{hw[0]}" for hw in getattr(self, "step_image_sizes", [])]
-        record.update(self.data_counts.record())  # filtered_samples, source_frac/*, class_frac/*
-        record.update(self.loss.metrics(objective_sums))  # e.g. DPO's implicit accuracy and reward margin
-        if stats.skipped or self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
-            if self.dist.is_main:  # only rank 0 writes, so only it pays for the FLOP count
-                record.update(self.throughput_metrics(stage.resolution, global_batch / dt))
-            self.logger.log(record)
-        self.logger.progress(1, {"stage": index, "loss": f"{loss:.4f}", "ema": f"{ema:.4f}",
-                                 "img/s": f"{global_batch / dt:.1f}"})
-
-    def throughput_metrics(self, resolution: int, images_per_second: float) -> dict:
-        """Per-device TFLOP/s and MFU from the analytic FLOP count (scaletrain.models.flops), and
-        peak memory (CUDA max allocated; process RSS on CPU) of this rank. ``images_per_second``
-        counts the loss's samples (DPO: pairs), each ``loss.images_per_sample`` images of compute."""
-        from scaletrain.models.flops import device_peak_tflops, train_flops_per_image
-
-        # Mean over this rank's micro-batches (their sizes differ under data.buckets; the FLOPs depend
-        # on the area, which the buckets keep within a few % of resolution^2 on every rank).
-        sizes = getattr(self, "step_image_sizes", None) or [(resolution, resolution)]
-        flops = sum(train_flops_per_image(self.cfg.model.preset, tuple(hw[:2]), *hw[2:]) for hw in sizes) / len(sizes)
-        tflops = flops * images_per_second * self.loss.images_per_sample / self.dist.world_size / 1e12
-        peak, _ = device_peak_tflops(self.device, self.cfg.engine.precision, self.cfg.log.peak_tflops)
-        return {"tflops_per_device": tflops, "mfu": tflops / peak, "peak_memory_gib": peak_memory_gib(self.device)}
-
-    def validate(self, resolution: int) -> float:
-        """Collective: FID and a sample grid on the EMA weights (raw weights without EMA);
-        rank 0 logs them. Returns the seconds it took. Training RNG streams are untouched."""
-        from scaletrain.eval.validate import SamplingSpec, Validator, validation_record
-
-        t0 = time.perf_counter()
-        v = self.cfg.validate
-        if self.validator is None:
-            sampling = SamplingSpec(
-                encode_text=lambda captions: self.model.encode_text(captions, self.device),
-                decode=self.model.decode, in_channels=self.model.preset.in_channels,
-                latent_factor=self.model.preset.vae_factor,
-                objective=self.objective,
-                frames=validation_frames(self.cfg),
-                latent_frames=self.model.preset.latent_frames(max(validation_frames(self.cfg), 1)),
-                fps=self.cfg.validation_fps(),
-            )
-            self.validator = Validator(v, grid_prompts=list(self.cfg.sample.prompts), grid_seed=self.cfg.sample.seed,
-                                       default_shards=self.default_shards(), sampling=sampling,
-                                       rank=self.dist.rank, world_size=self.dist.world_size, device=self.device)
-        resolution = v.resolution or resolution
-        self.validator.sampling.objective = self.objective  # the stage's (e.g. its flow shift)
-        dtype, module = self.engine.input_dtype, self.engine.module
-
-        def denoise(x, t, emb, mask):
-            return module(x.to(dtype), t, emb.to(dtype), mask).float()
-
-        ema = getattr(self, "ema", None)
-        with (ema.swapped() if ema else contextlib.nullcontext()), self.engine.eval_mode():
-            grid = self.run_dir / "validation" / f"step-{self.step:06d}.png"
-            value = self.validator.run(denoise, resolution, grid)
-        seconds = time.perf_counter() - t0
-        label = self.validator.label
-        self.logger.log(validation_record(self.step, label, value, seconds, v.num_images, resolution, ema is not None,
-                                          self.validator.metrics))
-        frames = validation_frames(self.cfg)
-        what = f"{frames}-frame clips, per-frame" if frames > 1 else "images"
-        extra = "".join(f", {k.removeprefix('validation/')}={x:.4f}" for k, x in self.validator.metrics.items()
-                        if k.startswith("validation/temporal"))
-        shown = grid.with_suffix(".gif") if frames > 1 else grid
-        self.logger.event(f"validation at step {self.step}: {label}={value:.4f} ({v.num_images} {what} at "
-                          f"{resolution}px, {'EMA' if ema else 'raw'} weights, {seconds:.1f}s){extra} -> {shown}")
-        self.last_validated_step = self.step
-        return seconds
-
-    def write_samples(self, path: Path) -> None:
-        """Sample grid from the EMA weights when there is an EMA (the raw weights otherwise); every
-        rank runs the same forwards (sharded models)."""
-        s = self.cfg.sample
-        resolution = s.resolution or self.cfg.train.stages[-1].resolution
-        dtype = self.engine.input_dtype
-        module = self.engine.module
-
-        def denoise(x, t, emb, mask):
-            return module(x.to(dtype), t, emb.to(dtype), mask).float()
-
-        preset, last = self.model.preset, self.cfg.train.stages[-1]
-        frames = (s.frames or stage_frames(self.cfg, len(self.cfg.train.stages) - 1)) if preset.video else 0
-        ema = self.ema
-        with (ema.swapped() if ema is not None else contextlib.nullcontext()), self.engine.eval_mode():
-            images = generate_samples(
-                denoise,
-                lambda captions: self.model.encode_text(captions, self.device),
-                self.model.decode,
-                prompts=list(s.prompts),
-                resolution=resolution,
-                in_channels=self.model.preset.in_channels,
-                latent_factor=self.model.preset.vae_factor,
-                objective=self.objective,  # the current (at the end: the last) stage's
-                num_inference_steps=s.steps,
-                guidance_scale=s.guidance_scale,
-                seed=s.seed,
-                device=self.device,
-                frames=preset.latent_frames(frames) if frames > 1 else 0,
-            )
-        if self.dist.is_main:
-            if images.ndim == 5:
-                path = save_video_grid(images, path.with_suffix(".gif"), fps=last.fps or 8.0, captions=list(s.prompts))
-            else:
-                save_image_grid(images, path, captions=list(s.prompts))
-            self.logger.event(f"samples: {path}")
-
     def summary(self) -> dict:
         return {
             "steps": self.step,
@@ -876,7 +558,7 @@ class Trainer:
             "bad_steps": self.health.bad_steps,
             # async saves: background threads that took checkpoint.async_nice (0 without async saves)
             "checkpoint_background_threads_lowered": self.engine.background_threads_lowered,
-            "checkpoint_save_failures": self.save_failures,
+            "checkpoint_save_failures": self.checkpoints.failures,
             "rollbacks": self.health.rollbacks,
             "lr_scale": self.health.lr_scale,
             "levers": lever_report(self.model.denoiser),  # checkpointing/compile as applied, counted

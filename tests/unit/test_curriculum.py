@@ -9,7 +9,6 @@ import itertools
 import json
 import tarfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -267,7 +266,7 @@ def test_flops_of_a_bucket_match_flop_counter(name):
 
 def test_validation_reference_count_is_checked_at_start(tmp_path):
     from scaletrain.eval.validate import count_reference_images
-    from scaletrain.train.trainer import Trainer
+    from scaletrain.eval.watchers import check_validation_reference
 
     shards = write_synthetic_shards(tmp_path / "val", num_samples=6, samples_per_shard=3, resolution=16, seed=1)
     with open(shards[1], "r+b") as f:  # damage the second shard: only its complete samples count
@@ -278,7 +277,7 @@ def test_validation_reference_count_is_checked_at_start(tmp_path):
 
     def check(*sets):
         cfg = _cfg(f"data.shards={tmp_path / 'val'}", *sets)
-        Trainer.check_validation_reference(SimpleNamespace(cfg=cfg, default_shards=lambda: cfg.data.shards))
+        check_validation_reference(cfg)
 
     check(f"validate.num_images={found}")  # enough: no error
     check("validate.num_images=64", "validate.every_steps=0", "validate.at_end=false")  # validation off

@@ -1,0 +1,92 @@
+"""The image stream as a batch builder, beside DPO's ``pair_batches`` (``train/dpo.py``): the
+stage's images, clips or precomputed latents from its shards or weighted sources, with its
+filters, class balance and buckets (``data/pipeline.py``), resumed from the stream position a
+checkpoint stored for this rank.
+
+The trainer asks it for a stage's batches with a ``BatchRequest`` like any batch builder; the
+stream keeps what a checkpoint stores of it (``position``: per loader slot, how far this rank
+read; ``identity``: which stream that was) and what a resume hands back (``resume_from``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Iterator
+
+from scaletrain.data.latents import resolve_shards
+from scaletrain.data.mixing import Balance, Source
+from scaletrain.data.pipeline import LoaderSpec, build_loader, loader_identity, plan_streams
+from scaletrain.models.registry import stage_frames
+from scaletrain.train.step import BatchRequest
+
+
+class ImageStream:
+    def __init__(self, *, preset: Any, encoding: Any, device: Any, logger: Any, data_counts: Any) -> None:
+        self.preset, self.encoding, self.device = preset, encoding, device
+        self.logger, self.data_counts = logger, data_counts
+        self.position: dict = {}  # this rank's stream position per loader slot (batch["position"])
+        self.identity: str | None = None
+        self.resume_from: dict | None = None  # the checkpoint's position for this rank (restore)
+
+    def record(self, batch: dict) -> None:
+        """Take a batch's stream position (the loader adds it to each batch)."""
+        pos = batch.pop("position", None)
+        if pos is not None:
+            self.position[str(pos["slot"])] = {"done": pos["done"], "state": pos["state"]}
+
+    def __call__(self, req: BatchRequest) -> Iterator[dict]:
+        cfg, index, d = req.cfg, req.stage_index, req.cfg.data
+        spec = LoaderSpec(
+            resolution=req.resolution, micro_batch=req.micro_batch,
+            caption_dropout=d.caption_dropout, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
+            seed=cfg.run.seed, split=d.split, rank=req.rank, world_size=req.world_size,
+            skip_batches=req.skip, **stage_data_fields(cfg, index, req.resolution),
+            frames=stage_frames(cfg, index), fps=cfg.train.stages[index].fps,
+            buckets=tuple(d.buckets.sizes(req.resolution, self.preset.downsample_factor) if d.buckets.enabled else ()),
+            precomputed=self.encoding is not None, pin_memory=self.device.type == "cuda",
+            bad_captions=d.bad_captions, max_image_pixels=d.max_image_pixels, max_member_bytes=d.max_member_bytes,
+            allow_pipe_shards=d.allow_pipe_shards,
+            empty_text=self.encoding.empty_caption() if self.encoding is not None else None,
+        )
+        # Resume from the stream position the checkpoint stored for this rank (O(1): nothing read
+        # before it is decoded), when it belongs to this stage and the same stream; else replay.
+        self.identity = loader_identity(spec)
+        position, self.resume_from = self.resume_from, None
+        usable = bool(position) and position.get("stage") == index and position.get("identity") == self.identity
+        resume = position["slots"] if usable else None
+        self.position = dict(resume or {})
+        if req.skip:
+            if usable:
+                self.logger.event(f"data: stage {index} continues at its checkpointed stream position "
+                                  f"({req.skip} micro-batches per rank in; none replayed)")
+            else:
+                why = ("the checkpoint stored none for this rank" if not position else
+                       "the data, split, batch or layout differ from the checkpoint's")
+                self.logger.event(f"data: stage {index} replays {req.skip} micro-batches per rank to resume ({why})")
+        loader = build_loader(replace(spec, resume=resume))
+        # Name the counters of this stage's sources and classes (the same on every rank); reset
+        # them at a stage's first step, keep the checkpointed counts on a mid-stage restart.
+        streams = plan_streams(spec)  # the class scan is cached: the loader just ran it
+        self.data_counts.begin_stage(list(dict.fromkeys(s.source for s in streams)),
+                                     sorted({s.label for s in streams if s.label is not None}),
+                                     log_sources=bool(spec.sources), fresh=req.fresh)
+        return iter(loader)
+
+
+def stage_data_fields(cfg: Any, index: int, resolution: int) -> dict:
+    """LoaderSpec fields for stage ``index``'s data: shards or weighted sources, filters and class
+    balance (data.* with the stage's override, config.RunConfig.stage_data); an encoded folder
+    stands for its subfolder at ``resolution`` (data/latents.py)."""
+    eff = cfg.stage_data(index)
+    b = eff.balance
+
+    def urls(shards, where: str) -> list[str]:
+        return resolve_shards(shards, resolution, where)[0]
+
+    return {
+        "shards": urls(eff.shards, "data.shards") if eff.sources is None else [],
+        "sources": tuple(Source(s.name, tuple(urls(s.shards, f"data.sources {s.name!r}")), s.weight, s.filters)
+                         for s in eff.sources or ()),
+        "filters": eff.filters,
+        "balance": None if b is None else Balance(b.field, b.weights if b.mode == "weights" else None),
+    }
