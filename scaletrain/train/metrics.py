@@ -140,3 +140,13 @@ class StepMetrics:
         tflops = flops * images_per_second * trainer.loss.images_per_sample / trainer.dist.world_size / 1e12
         peak, _ = device_peak_tflops(trainer.device, cfg.engine.precision, cfg.log.peak_tflops)
         return {"tflops_per_device": tflops, "mfu": tflops / peak, "peak_memory_gib": peak_memory_gib(trainer.device)}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Fresh run: no metrics file. Resumed run: keep records up to the checkpoint's step, so
+    steps re-run after a crash are not logged twice."""
+    if step == 0 or not path.is_file():
+        path.unlink(missing_ok=True)
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))

@@ -40,20 +40,12 @@ from scaletrain.train.step import (
 )
 from scaletrain.train.curriculum import planned_stage_steps, stage_length_text, stage_objective
 from scaletrain.train.data_stats import DataCounts
-from scaletrain.train.metrics import LossEMA, MetricsLogger, StepMetrics, peak_memory_gib  # noqa: F401  (bench/cell)
+from scaletrain.train.metrics import (LossEMA, MetricsLogger, StepMetrics, peak_memory_gib,  # noqa: F401  (bench/cell)
+                                      truncate_metrics)
 from scaletrain.train.schedule import lr_at
-from scaletrain.train.startup import startup_line, startup_report
+from scaletrain.train.startup import (frozen_encoders_report, lay_out_frozen_encoders, prepare_denoiser, start_lines,
+                                      startup_line, startup_report)
 from scaletrain.train.watchers import CommProfileWatcher, EMAWatcher, StepOutcome, Watcher
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Fresh run: no metrics file. Resumed run: keep records up to the checkpoint's step, so
-    steps re-run after a crash are not logged twice."""
-    if step == 0 or not path.is_file():
-        path.unlink(missing_ok=True)
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 @dataclass
@@ -123,7 +115,7 @@ class Trainer:
             seed=cfg.run.seed, defer_init=True,
         )
         self.frozen_mesh = None  # model.frozen_encoders=shard: the ranks the encoders are sharded over
-        self.lay_out_frozen_encoders()  # on the host, before .to: only the shards reach the device
+        lay_out_frozen_encoders(self)  # on the host, before .to: only the shards reach the device
         self.model.to(self.device)  # a deferred denoiser stays on meta: the engine initialises it where it keeps it
         # The training objective (diffusion/: ddpm, flow_matching); each stage may change its keys.
         self.objective = build_objective(cfg.diffusion.objective, cfg.diffusion.params())
@@ -131,7 +123,7 @@ class Trainer:
         self.comm_profiler = CommProfiler(cfg.engine.comm_profile_every, self.device)  # off at 0
         self.init_note: str | None = None
         self.init_source = None  # start weights the engine reads where it keeps them (checkpoint/sources.py)
-        self.prepare_denoiser()  # post-training start weights and LoRA, before the engine wraps it
+        prepare_denoiser(self)  # post-training start weights and LoRA, before the engine wraps it
         first = cfg.train.stages[0]
         self.engine = build_engine(
             cfg, self.model.denoiser, dist_info, micro_batch=first.micro_batch, grad_accum=first.grad_accum
@@ -172,7 +164,7 @@ class Trainer:
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         if cfg.checkpoint.on_sigterm:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         self.watchers = self.build_watchers()
@@ -200,28 +192,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict:
-        self.logger.event(
-            f"scaletrain: {self.cfg.model.preset} on {self.engine.name} x{self.dist.world_size} "
-            + (f"(context parallel {self.cfg.engine.context_parallel}) " if self.cfg.engine.context_parallel > 1 else "")
-            + f"({self.dist.backend}), {self.engine.full_param_numel() / 1e6:.2f}M params, "
-            f"{self.engine.local_param_numel() / 1e6:.2f}M stored on rank 0, {self.total_steps} steps"
-        )
-        trainable, total = self.engine.trainable_param_numel(), self.engine.full_param_numel()
-        if trainable != total:  # LoRA: only the adapters train
-            self.logger.event(f"trainable: {trainable / 1e6:.4f}M of {total / 1e6:.2f}M parameters "
-                              f"({100 * trainable / total:.2f}%)")
-        if self.init_note:
-            src = self.init_source
-            read = (f"; rank 0 read {src.bytes_read / 2**20:.1f} of {src.total_bytes / 2**20:.1f} MiB"
-                    if src is not None and src.total_bytes else "")
-            self.logger.event(self.init_note + read)
-        if self.model.encoders_built:
-            frozen = self.frozen_encoders_report()
-            self.logger.event(f"frozen encoders: {frozen['layout']}, {frozen['params_local'] / 1e6:.2f}M of "
-                              f"{frozen['params_total'] / 1e6:.2f}M parameters on rank 0")
-        if self.step:
-            self.logger.event(f"resumed at step {self.step} (stage {self.stage_index}, "
-                              f"step {self.step_in_stage} of it) from {self.resumed_from}")
+        for line in start_lines(self):  # what was built and from where (train/startup.py)
+            self.logger.event(line)
         # Right before the first step: what reaching it cost, per rank (train/startup.py).
         self.startup = startup_report(self.dist)
         self.logger.event(startup_line(self.startup))
@@ -456,68 +428,6 @@ class Trainer:
         self.data_counts.load_state_dict(state.get("data_counts", {}))  # realised source/class counts
         self.stream.resume_from = (state.get("_rank_state") or {}).get("data_position")
 
-    def prepare_denoiser(self) -> None:
-        """Post-training set-up of the denoiser, on every rank before the engine shards it:
-        start weights from ``init`` (skipped when the run resumes a checkpoint of its own, which
-        the engine loads afterwards), then LoRA adapters (``lora``; freezes the base weights).
-
-        The denoiser arrives on the meta device (``build_model(defer_init=True)``). Diffusers
-        safetensors become its start weights' source: the engine reads them where it keeps them
-        (FSDP2: each rank its slices; ZeRO-3: module by module); so does a DCP checkpoint under
-        FSDP2 and DDP (one collective load into the shards). DeepSpeed checkpoints, a pickled
-        .bin and LoRA need the whole module first: it is initialised whole here."""
-        from scaletrain.checkpoint.init import checkpoint_source, diffusers_source, load_init_weights, own_checkpoint
-
-        cfg, denoiser = self.cfg, self.model.denoiser
-        if cfg.init.source is not None:
-            own = own_checkpoint(cfg)
-            found = None
-            if own is None and not cfg.lora.enabled:
-                from scaletrain.engines.spec import engine_spec
-
-                collective = engine_spec(cfg.engine.kind).reads_dcp_start_weights
-                found = diffusers_source(cfg.init) or checkpoint_source(cfg.init, collective)
-            if own is not None:
-                self.init_note = (f"init: skipped ({cfg.init.source} not loaded): resuming this run's own "
-                                  f"checkpoint {own.path}")
-            elif found is not None and denoiser.pending_init is not None:
-                denoiser.pending_init.source, denoiser.pending_init.source_what, self.init_note = found
-                self.init_source = found[0]
-            else:
-                denoiser.materialize(self.device)
-                self.init_note = load_init_weights(denoiser, cfg.init, cfg.model.preset)
-        if cfg.lora.enabled:
-            from scaletrain.models.lora import apply_lora
-
-            denoiser.materialize(self.device)  # adapters go on real base weights
-            apply_lora(denoiser, cfg.lora)
-
-    def lay_out_frozen_encoders(self) -> None:
-        """``model.frozen_encoders=shard`` at more than one rank: the text encoder and VAE are
-        FSDP2-sharded over all ranks (``models.parallelize.shard_frozen``) on every engine, now
-        or when first built; a 1-D mesh of their own (the engine's may be 2-D, HSDP, or not
-        exist yet), dropped at close before the process group."""
-        if self.cfg.model.frozen_encoders != "shard" or self.dist.world_size == 1:
-            return
-        from functools import partial
-
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from scaletrain.models.parallelize import shard_frozen
-
-        self.frozen_mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
-        self.model.lay_out_encoders(partial(shard_frozen, mesh=self.frozen_mesh))
-
-    def frozen_encoders_report(self) -> dict | None:
-        """How the frozen encoders sit on this rank (None while they are not built): the layout
-        and the parameters held here against all of theirs (a shard holds about 1/world)."""
-        if not self.model.encoders_built:
-            return None
-        local, total = self.model.frozen_numel()
-        sharded = self.cfg.model.frozen_encoders == "shard" and self.dist.world_size > 1
-        layout = f"sharded over {self.dist.world_size} ranks (FSDP2)" if sharded else "whole on every rank"
-        return {"layout": layout, "params_local": local, "params_total": total}
-
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True  # acted on at the end of the current step, on every rank together
 
@@ -562,7 +472,7 @@ class Trainer:
             "rollbacks": self.health.rollbacks,
             "lr_scale": self.health.lr_scale,
             "levers": lever_report(self.model.denoiser),  # checkpointing/compile as applied, counted
-            "frozen_encoders": self.frozen_encoders_report(),
+            "frozen_encoders": frozen_encoders_report(self),
             "startup": self.startup,  # peak host (device) memory per rank and seconds at the first step
             **self.loss.summary(),
         }
