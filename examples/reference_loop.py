@@ -22,9 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaletrain.common.tars import expand_shards  # noqa: E402
 from scaletrain.data.pipeline import LoaderSpec, build_loader  # noqa: E402
-from scaletrain.diffusion.objective import (  # noqa: E402
-    ObjectiveConfig, build_noise_scheduler, diffusion_loss, prepare_training_batch,
-)
+from scaletrain.diffusion import build_objective  # noqa: E402
 from scaletrain.models import build_model  # noqa: E402
 from scaletrain.train.schedule import lr_at  # noqa: E402
 
@@ -33,8 +31,7 @@ def train(args: argparse.Namespace) -> list[float]:
     torch.manual_seed(args.seed)
     model = build_model(args.preset, encoder_seed=args.seed)  # random-init encoders: their own seed, as the trainer
     net = model.denoiser
-    objective = ObjectiveConfig(prediction_type=args.prediction_type, min_snr_gamma=args.min_snr_gamma)
-    scheduler = build_noise_scheduler(objective)
+    objective = build_objective("ddpm", {"prediction_type": args.prediction_type, "min_snr_gamma": args.min_snr_gamma})
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01, foreach=False)
     spec = LoaderSpec(shards=expand_shards(args.shards), resolution=args.resolution, micro_batch=args.micro_batch,
                       caption_dropout=args.caption_dropout, num_workers=0, split="sample", seed=args.seed)
@@ -46,9 +43,8 @@ def train(args: argparse.Namespace) -> list[float]:
             batch = next(batches)
             x0 = model.encode_images(batch["pixels"])
             emb, mask = model.encode_text(batch["captions"], "cpu")
-            noisy, t, target = prepare_training_batch(x0, batch["keys"], step=step, seed=args.seed,
-                                                      scheduler=scheduler, cfg=objective)
-            loss, _ = diffusion_loss(net(noisy, t, emb, mask).float(), target, t, scheduler, objective)
+            tb = objective.training_batch(x0, batch["keys"], step=step, seed=args.seed)
+            loss, _ = objective.loss(net(tb.noisy, tb.timesteps, emb, mask).float(), tb)
             (loss / args.grad_accum).backward()
             total += loss.item() / args.grad_accum
         torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
