@@ -192,3 +192,31 @@ def test_the_checker_sees_a_cycle_and_ignores_type_checking_imports() -> None:
     assert "scaletrain.models.family" in graph["scaletrain.models.lora"]
     assert "scaletrain.models.family" in graph["scaletrain.models.pipeline_folder"]
     assert "scaletrain.models.pipeline_folder" in graph["scaletrain.models.registry"]
+
+
+def test_scripts_import_only_what_exists() -> None:
+    """Benchmarks, examples, launchers, tools and tests import scaletrain names that exist: a
+    module moved or an API retired must take its scripts along (a benchmark nobody ran for a
+    while would otherwise fail only when someone needs its figure)."""
+    import importlib
+    import importlib.util
+
+    root = PKG.parent
+    missing = []
+    for folder in ("benchmarks", "examples", "launchers", "tools", "tests"):
+        for p in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("scaletrain") and not node.level:
+                    try:
+                        mod = importlib.import_module(node.module)
+                    except ImportError as e:
+                        missing.append(f"{p.relative_to(root)}:{node.lineno}: {node.module} ({e})")
+                        continue
+                    for a in node.names:
+                        if not hasattr(mod, a.name) and importlib.util.find_spec(f"{node.module}.{a.name}") is None:
+                            missing.append(f"{p.relative_to(root)}:{node.lineno}: {node.module}.{a.name}")
+                elif isinstance(node, ast.Import):
+                    for a in node.names:
+                        if a.name.startswith("scaletrain") and importlib.util.find_spec(a.name) is None:
+                            missing.append(f"{p.relative_to(root)}:{node.lineno}: {a.name}")
+    assert not missing, "imports of names that do not exist:\n" + "\n".join(missing)
