@@ -49,7 +49,7 @@ def _sync(device: torch.device) -> None:
 
 def memory_snapshot(device: torch.device) -> dict:
     """Peak memory so far: CUDA max allocated/reserved, or this process's peak RSS (CPU)."""
-    from scaletrain.train.trainer import peak_memory_gib
+    from scaletrain.train.metrics import peak_memory_gib
 
     snap = {"peak_gib": peak_memory_gib(device)}
     if device.type == "cuda":

@@ -60,3 +60,18 @@ def stage_length_text(cfg: RunConfig, index: int, world_size: int, steps: int, *
 def stage_objective(base: Objective, cfg: RunConfig, index: int) -> Objective:
     """The objective of stage ``index``: ``base`` with the stage's changes, if it has any."""
     return base.for_stage(stage_objective_params(cfg, index))
+
+
+def planned_total_steps(cfg: RunConfig, world: int, *, step: int, stage_index: int, step_in_stage: int,
+                        stage_images_seen: int | None) -> int:
+    """Steps of the whole run at this launch: those before the current stage, plus the current
+    and later stages' planned steps (``planned_stage_steps``; images-length stages depend on the
+    world size)."""
+    stages = cfg.train.stages
+    if stage_index >= len(stages):
+        return step
+    gb = cfg.stage_global_batch(stage_index, world)
+    images_done = stage_images_seen if stage_images_seen is not None else step_in_stage * gb
+    current = planned_stage_steps(cfg, stage_index, world, steps_done=step_in_stage, images_done=images_done)
+    later = sum(cfg.stage_steps(i, world) for i in range(stage_index + 1, len(stages)))
+    return step - step_in_stage + current + later

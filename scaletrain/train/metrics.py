@@ -150,3 +150,42 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
     path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def run_summary(trainer: Any) -> dict:
+    """What summary.json records of a run: counters, throughput, the loss, data counts, the engine and
+    its parameters, memory, the stages, health and checkpoint outcomes, the levers as applied, the
+    frozen encoders' layout, start-up, and the loss's own figures."""
+    from scaletrain.models.parallelize import lever_report
+    from scaletrain.train.startup import frozen_encoders_report
+
+    return {
+        "steps": trainer.step,
+        "images_seen": trainer.images_seen,
+        "images_per_second": trainer.images_seen / trainer.train_seconds if trainer.train_seconds else 0.0,
+        "train_seconds": trainer.train_seconds,
+        "final_loss": trainer.last_loss,
+        "final_loss_ema": trainer.loss_ema.get(),
+        "skipped_samples": trainer.skipped_samples,
+        "filtered_samples": sum(trainer.data_counts.filtered_total.values()),
+        "filtered_by_rule": dict(trainer.data_counts.filtered_total),
+        "data_issues": dict(trainer.data_counts.issues_total),  # bad data counted per kind (not raised)
+        "engine": trainer.engine.name,
+        "world_size": trainer.dist.world_size,
+        "params_total": trainer.engine.full_param_numel(),
+        "params_trainable": trainer.engine.trainable_param_numel(),
+        "params_local_rank0": trainer.engine.local_param_numel(),
+        "peak_memory_gib_rank0": peak_memory_gib(trainer.device),
+        "stages": trainer.stage_summaries,
+        "stopped_early": trainer.stopped_early,
+        "bad_steps": trainer.health.bad_steps,
+        # async saves: background threads that took checkpoint.async_nice (0 without async saves)
+        "checkpoint_background_threads_lowered": trainer.engine.background_threads_lowered,
+        "checkpoint_save_failures": trainer.checkpoints.failures,
+        "rollbacks": trainer.health.rollbacks,
+        "lr_scale": trainer.health.lr_scale,
+        "levers": lever_report(trainer.model.denoiser),  # checkpointing/compile as applied, counted
+        "frozen_encoders": frozen_encoders_report(trainer),
+        "startup": trainer.startup,  # peak host (device) memory per rank and seconds at the first step
+        **trainer.loss.summary(),
+    }

@@ -22,7 +22,7 @@ the loop: no Trainer subclass, no hooks to override.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -146,3 +146,42 @@ class BatchRequest:
 
 LossFactory = Callable[[LossContext], TrainingLoss]
 BatchBuilder = Callable[[BatchRequest], Iterator[dict]]
+
+
+# ----------------------------------------------------------------------------- the loop's records
+
+
+@dataclass
+class StagePlan:
+    """One stage at this launch: where it starts, how long it runs, its data and LR schedule."""
+
+    start: int  # step_in_stage the loop starts from (resume)
+    steps: int
+    batches: Iterator[dict]
+    global_batch: int
+    lr: Callable[[int], float]  # step_in_stage -> LR before the health guard's scale
+    images: int = 0  # trained at this launch (the stage's img/s)
+
+
+@dataclass
+class MicroBatches:
+    """This rank's side of one optimizer step."""
+
+    loss_sum: float | torch.Tensor = 0.0
+    local_loss: float = 0.0
+    wait: float = 0.0
+    skipped: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Agreed:
+    """The step's figures after the one all-reduce: the same on every rank."""
+
+    loss: float
+    wait: float
+    norm: float
+    skipped: int
+    sigterm: bool
+    minutes_due: bool
+    objective_sums: list[float]

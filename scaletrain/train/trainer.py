@@ -2,8 +2,12 @@
 
 ``Trainer.train`` walks the stages; ``run_stage`` is the ~45-line loop. A micro-batch's math is
 a ``TrainingLoss`` (``train/step.py``): the denoising loss by default, a preference loss for
-DPO, which also hands the trainer its own batch builder (preference pairs). The loop never
-asks which engine it has (see ``engines.base``) nor which loss it runs.
+DPO, which also hands the trainer its own batch builder (preference pairs; otherwise the image
+stream, ``train/batches.py``). The loop never asks which engine it has (see ``engines.base``)
+nor which loss it runs. Its side tasks are components called at their hook points: the step's
+record (``train/metrics.py``), the health rollback (``train/health.py``), checkpoint cadence
+(``train/checkpointing.py``), start-up (``train/startup.py``), and watchers (EMA, comm
+profiler: ``train/watchers.py``; validation, samples: ``eval/watchers.py``).
 """
 
 from __future__ import annotations
@@ -14,9 +18,8 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -29,59 +32,22 @@ from scaletrain.engines import build_engine
 from scaletrain.eval.watchers import SamplesWatcher, ValidationWatcher, check_validation_reference
 from scaletrain.models import build_model, frozen_dtype
 from scaletrain.models.registry import stage_buckets, stage_frames
-from scaletrain.models.parallelize import lever_report
 from scaletrain.train.ema import build_ema
 from scaletrain.train.batches import ImageStream
 from scaletrain.train.checkpointing import CheckpointCadence
 from scaletrain.train.health import HealthGuard, Rollback, poison
 from scaletrain.train.comm_profile import CommProfiler
 from scaletrain.train.step import (
-    BatchBuilder, BatchRequest, DenoisingLoss, LossContext, LossFactory, TrainingLoss, model_inputs,
+    Agreed, BatchBuilder, BatchRequest, DenoisingLoss, LossContext, LossFactory, MicroBatches, StagePlan, TrainingLoss,
+    model_inputs,
 )
-from scaletrain.train.curriculum import planned_stage_steps, stage_length_text, stage_objective
+from scaletrain.train.curriculum import planned_stage_steps, planned_total_steps, stage_length_text, stage_objective
 from scaletrain.train.data_stats import DataCounts
-from scaletrain.train.metrics import (LossEMA, MetricsLogger, StepMetrics, peak_memory_gib,  # noqa: F401  (bench/cell)
-                                      truncate_metrics)
+from scaletrain.train.metrics import LossEMA, MetricsLogger, StepMetrics, run_summary, truncate_metrics
 from scaletrain.train.schedule import lr_at
-from scaletrain.train.startup import (frozen_encoders_report, lay_out_frozen_encoders, prepare_denoiser, start_lines,
-                                      startup_line, startup_report)
+from scaletrain.train.startup import (lay_out_frozen_encoders, prepare_denoiser, start_lines, startup_line,
+                                      startup_report)
 from scaletrain.train.watchers import CommProfileWatcher, EMAWatcher, StepOutcome, Watcher
-
-
-@dataclass
-class StagePlan:
-    """One stage at this launch: where it starts, how long it runs, its data and LR schedule."""
-
-    start: int  # step_in_stage the loop starts from (resume)
-    steps: int
-    batches: Iterator[dict]
-    global_batch: int
-    lr: Callable[[int], float]  # step_in_stage -> LR before the health guard's scale
-    images: int = 0  # trained at this launch (the stage's img/s)
-
-
-@dataclass
-class MicroBatches:
-    """This rank's side of one optimizer step."""
-
-    loss_sum: float | torch.Tensor = 0.0
-    local_loss: float = 0.0
-    wait: float = 0.0
-    skipped: int = 0
-    keys: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Agreed:
-    """The step's figures after the one all-reduce: the same on every rank."""
-
-    loss: float
-    wait: float
-    norm: float
-    skipped: int
-    sigterm: bool
-    minutes_due: bool
-    objective_sums: list[float]
 
 
 class Trainer:
@@ -160,7 +126,8 @@ class Trainer:
         if resumed is not None:
             self.restore(resumed)
             self.checkpoints.good_step = self.attempt = self.step
-        self.total_steps = self.plan_total_steps()
+        self.total_steps = planned_total_steps(cfg, dist_info.world_size, step=self.step, stage_index=self.stage_index,
+                                               step_in_stage=self.step_in_stage, stage_images_seen=self.stage_images_seen)
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -211,7 +178,7 @@ class Trainer:
         if not self.stopped_early:
             for w in self.watchers:
                 w.at_end(self)  # end-of-run validation, the sample grid
-        summary = self.summary()
+        summary = run_summary(self)
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self.logger.event(
@@ -381,20 +348,6 @@ class Trainer:
                           "relaunch the same command to resume")
         return False
 
-    def plan_total_steps(self) -> int:
-        """Steps of the whole run at this launch: those before the current stage, plus the current
-        and later stages' planned steps (curriculum.planned_stage_steps; images-length stages
-        depend on the world size)."""
-        cfg, world, stages = self.cfg, self.dist.world_size, self.cfg.train.stages
-        if self.stage_index >= len(stages):
-            return self.step
-        gb = cfg.stage_global_batch(self.stage_index, world)
-        images_done = self.stage_images_seen if self.stage_images_seen is not None else self.step_in_stage * gb
-        current = planned_stage_steps(cfg, self.stage_index, world, steps_done=self.step_in_stage,
-                                      images_done=images_done)
-        later = sum(cfg.stage_steps(i, world) for i in range(self.stage_index + 1, len(stages)))
-        return self.step - self.step_in_stage + current + later
-
     def state_dict(self) -> dict:
         """Trainer counters for the checkpoint (engine state and RNG are saved by the manager)."""
         return {
@@ -444,38 +397,6 @@ class Trainer:
         preset draws its posterior sample from per-key generators on both paths."""
         return model_inputs(self.model, batch, self.device, seed=self.cfg.run.seed, step=self.step,
                             scaling=self.encoding.scaling if "latents" in batch else None)
-
-    def summary(self) -> dict:
-        return {
-            "steps": self.step,
-            "images_seen": self.images_seen,
-            "images_per_second": self.images_seen / self.train_seconds if self.train_seconds else 0.0,
-            "train_seconds": self.train_seconds,
-            "final_loss": self.last_loss,
-            "final_loss_ema": self.loss_ema.get(),
-            "skipped_samples": self.skipped_samples,
-            "filtered_samples": sum(self.data_counts.filtered_total.values()),
-            "filtered_by_rule": dict(self.data_counts.filtered_total),
-            "data_issues": dict(self.data_counts.issues_total),  # bad data counted per kind (not raised)
-            "engine": self.engine.name,
-            "world_size": self.dist.world_size,
-            "params_total": self.engine.full_param_numel(),
-            "params_trainable": self.engine.trainable_param_numel(),
-            "params_local_rank0": self.engine.local_param_numel(),
-            "peak_memory_gib_rank0": peak_memory_gib(self.device),
-            "stages": self.stage_summaries,
-            "stopped_early": self.stopped_early,
-            "bad_steps": self.health.bad_steps,
-            # async saves: background threads that took checkpoint.async_nice (0 without async saves)
-            "checkpoint_background_threads_lowered": self.engine.background_threads_lowered,
-            "checkpoint_save_failures": self.checkpoints.failures,
-            "rollbacks": self.health.rollbacks,
-            "lr_scale": self.health.lr_scale,
-            "levers": lever_report(self.model.denoiser),  # checkpointing/compile as applied, counted
-            "frozen_encoders": frozen_encoders_report(self),
-            "startup": self.startup,  # peak host (device) memory per rank and seconds at the first step
-            **self.loss.summary(),
-        }
 
     def close(self) -> None:
         self.loss.close()  # e.g. a sharded reference: DTensors on the mesh
