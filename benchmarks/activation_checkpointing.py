@@ -61,9 +61,9 @@ def _engine(preset: str, resolution: int, micro: int, lever: str, dist_info):
 
 
 def _step(engine, batch) -> None:
-    x, ts, emb, mask = batch
+    x, ts, cond = batch
     with engine.micro_step(is_last=True):
-        loss = engine.module(x, ts, emb, mask).float().pow(2).mean()
+        loss = engine.module(x, ts, cond).float().pow(2).mean()
         engine.backward(loss)
     engine.step(1e-4)
 
@@ -106,9 +106,9 @@ def main() -> int:
     built = {lever: _engine(args.preset, args.resolution, args.micro_batch, lever, dist_info) for lever in LEVERS}
     model = built["none"][0]
     g = torch.Generator().manual_seed(dist_info.rank)
-    emb, mask = model.encode_text(["a red circle on the left"] * args.micro_batch, dist_info.device)
+    cond = model.encode_text(["a red circle on the left"] * args.micro_batch, dist_info.device)
     batch = (torch.randn(args.micro_batch, model.preset.in_channels, args.resolution, args.resolution, generator=g),
-             torch.randint(0, 1000, (args.micro_batch,), generator=g), emb, mask)
+             torch.randint(0, 1000, (args.micro_batch,), generator=g), cond)
     for lever in LEVERS:
         for _ in range(args.warmup):
             _step(built[lever][1], batch)

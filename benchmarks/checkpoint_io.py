@@ -53,6 +53,7 @@ from scaletrain.checks import validate_config  # noqa: E402
 from scaletrain.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from scaletrain.engines import build_engine  # noqa: E402
 from scaletrain.models import build_model  # noqa: E402
+from scaletrain.train.step import cast_cond  # noqa: E402
 
 
 def _dir_bytes(path: Path) -> int:
@@ -157,13 +158,12 @@ def main() -> int:
     engine = build_engine(cfg, model.denoiser, info, micro_batch=1, grad_accum=1)
     # real optimizer steps so the checkpoint holds Adam moments, as in training
     c, r = model.preset.in_channels, args.resolution // model.preset.vae_factor
-    emb, mask = model.encode_text(["a red circle"], info.device)
+    cond = cast_cond(model.encode_text(["a red circle"], info.device), engine.input_dtype)
 
     def train_step() -> float:
         t0 = time.perf_counter()
         with engine.micro_step(is_last=True):
-            out = engine.module(torch.randn(1, c, r, r, dtype=engine.input_dtype), torch.tensor([500]),
-                                emb.to(engine.input_dtype), mask)
+            out = engine.module(torch.randn(1, c, r, r, dtype=engine.input_dtype), torch.tensor([500]), cond)
             engine.backward(out.float().pow(2).mean())
         engine.step(1e-4)
         return time.perf_counter() - t0

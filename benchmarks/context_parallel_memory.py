@@ -36,7 +36,7 @@ from scaletrain.models.context_parallel import enable_context_parallel  # noqa: 
 from scaletrain.models.registry import Denoiser, build_denoiser_net, get_preset  # noqa: E402
 
 
-def saved_bytes(den: Denoiser, x: torch.Tensor, emb: torch.Tensor) -> tuple[int, torch.Tensor]:
+def saved_bytes(den: Denoiser, x: torch.Tensor, cond: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor]:
     """Bytes autograd saves for backward in one forward + loss (parameters excluded), and the output."""
     params = {p.untyped_storage().data_ptr() for p in den.parameters()}
     total = 0
@@ -48,7 +48,7 @@ def saved_bytes(den: Denoiser, x: torch.Tensor, emb: torch.Tensor) -> tuple[int,
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = den(x, torch.tensor([500.0] * x.shape[0]), emb, None)
+        out = den(x, torch.tensor([500.0] * x.shape[0]), cond)
         loss = out.float().pow(2).mean()
     loss.backward()
     return total, out.detach()
@@ -63,11 +63,10 @@ def measure(preset_name: str, frames: int, side: int, k: int) -> dict:
     g = torch.Generator().manual_seed(1)
     s = side // preset.vae_factor
     x = torch.randn(1, preset.in_channels, preset.latent_frames(frames), s, s, generator=g)
-    width = cp.net.config.text_dim
-    emb = torch.randn(1, preset.max_text_len, width, generator=g)
-    full, want = saved_bytes(ref, x, emb)
+    cond = preset.conditioner.example(1, generator=g)
+    full, want = saved_bytes(ref, x, cond)
     enable_context_parallel(cp, k, torch.device("cpu"))
-    split, got = saved_bytes(cp, x, emb)
+    split, got = saved_bytes(cp, x, cond)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     del cp
     return {"frames": frames, "side": side, "tokens": preset.tokens(side, side, frames), "k1_bytes": full,

@@ -83,7 +83,7 @@ def main() -> int:
     captions = [f"a red circle number {i} on the left" for i in range(args.micro_batch)]
     keys = [f"r{dist_info.rank}-{i}" for i in range(args.micro_batch)]
     mean, logvar = model.encode_posterior(pixels)  # what `data encode` stores
-    stored_emb, stored_mask = model.encode_text(captions, dist_info.device)
+    stored = model.encode_text(captions, dist_info.device)
     step_no = [0]
 
     def step(variant: str) -> None:
@@ -92,13 +92,13 @@ def main() -> int:
         gens = posterior_generators(0, step_no[0], keys)
         if variant == "online":
             x0 = model.encode_images(pixels, gens)
-            emb, mask = model.encode_text(captions, dist_info.device)
+            cond = model.encode_text(captions, dist_info.device)
         else:
             x0 = model.latents_from_posterior(mean, logvar, gens)
-            emb, mask = stored_emb, stored_mask
+            cond = stored
         batch = objective.training_batch(x0, keys, step=step_no[0], seed=0)
         with engine.micro_step(is_last=True):
-            pred = engine.module(batch.noisy, batch.timesteps, emb, mask)
+            pred = engine.module(batch.noisy, batch.timesteps, cond)
             loss, _ = objective.loss(pred.float(), batch)
             engine.backward(loss)
         engine.step(1e-4)

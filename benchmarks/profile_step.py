@@ -53,12 +53,13 @@ def main() -> int:
     engine = build_engine(cfg, model.denoiser, dist_info, micro_batch=args.micro_batch, grad_accum=1)
     side = args.resolution // model.preset.vae_factor
     x = torch.randn(args.micro_batch, model.preset.in_channels, side, side, device=dist_info.device)
-    emb, mask = model.encode_text(["a photo"] * args.micro_batch, dist_info.device)
+    cond = {k: v.to(engine.input_dtype) if v.is_floating_point() else v
+            for k, v in model.encode_text(["a photo"] * args.micro_batch, dist_info.device).items()}
     ts = torch.randint(0, 1000, (args.micro_batch,), device=dist_info.device)
 
     def step() -> None:
         with engine.micro_step(is_last=True):
-            loss = engine.module(x.to(engine.input_dtype), ts, emb.to(engine.input_dtype), mask).float().pow(2).mean()
+            loss = engine.module(x.to(engine.input_dtype), ts, cond).float().pow(2).mean()
             engine.backward(loss)
         engine.step(1e-4)
 

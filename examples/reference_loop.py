@@ -42,9 +42,9 @@ def train(args: argparse.Namespace) -> list[float]:
         for _ in range(args.grad_accum):
             batch = next(batches)
             x0 = model.encode_images(batch["pixels"])
-            emb, mask = model.encode_text(batch["captions"], "cpu")
+            cond = model.encode_text(batch["captions"], "cpu")
             tb = objective.training_batch(x0, batch["keys"], step=step, seed=args.seed)
-            loss, _ = objective.loss(net(tb.noisy, tb.timesteps, emb, mask).float(), tb)
+            loss, _ = objective.loss(net(tb.noisy, tb.timesteps, cond).float(), tb)
             (loss / args.grad_accum).backward()
             total += loss.item() / args.grad_accum
         torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)

@@ -1,7 +1,12 @@
 """Tiny diffusers pipeline folders, built by the tests with diffusers and transformers alone (no
 scaletrain import), as ``pipe.save_pretrained`` writes a published one: SD-2.1-768-like (UNet,
-AutoencoderKL, CLIP text model with a real CLIPTokenizer, DDIM v-prediction) and PixArt-1024-like
-(PixArt transformer with learned sigma and resolution micro-conditions, T5 encoder, DPM-Solver).
+AutoencoderKL, CLIP text model with a real CLIPTokenizer, DDIM v-prediction), PixArt-1024-like
+(PixArt transformer with learned sigma and resolution micro-conditions, T5 encoder, DPM-Solver),
+and the published multi-encoder layouts: SDXL (CLIPTextModel + CLIPTextModelWithProjection,
+the "text_time" UNet, Euler), SD3 (two CLIPTextModelWithProjection + T5EncoderModel, the
+SD3 transformer, FlowMatch Euler with a shift), FLUX.1 (CLIPTextModel + T5EncoderModel, the
+Flux transformer, FlowMatch Euler with dynamic shifting) and Wan 2.1 (UMT5EncoderModel,
+AutoencoderKLWan, the Wan transformer, UniPC with flow sigmas).
 Their shapes match no scaletrain preset on purpose: ``model.preset: from_diffusers`` must build
 the model from the folder's own configs."""
 
@@ -91,6 +96,117 @@ def build_pixart_pipeline(root: Path, *, seed: int = 0, drop: str | None = None)
                                         prediction_type="epsilon")
     PixArtAlphaPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer,
                         scheduler=sched).save_pretrained(root, safe_serialization=True)
+    _drop(root, drop)
+    return root
+
+
+def _clip(tok, width: int, projection: bool, *, layers: int = 2):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                         num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", projection_dim=width,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+
+def _t5(width: int, umt5: bool = False):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    cfg = dict(vocab_size=384, d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=4,
+               feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+               dropout_rate=0.0)
+    return UMT5EncoderModel(UMT5Config(**cfg)) if umt5 else T5EncoderModel(T5Config(**cfg))
+
+
+# An SD3/FLUX-layout VAE at toy size: 16 latent channels, a shift, no quant convs (factor 2).
+VAE16 = dict(VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+             use_post_quant_conv=False)
+
+
+def build_sdxl_pipeline(root: Path, *, seed: int = 0, drop: str | None = None) -> Path:
+    """SDXL layout at toy size: CLIP-L-like (width 16) and CLIP-G-like (width 32, projection)
+    with real CLIPTokenizers; the UNet cross-attends to both (48) and adds the pooled vector and
+    six size/crop micro-conditions ("text_time"); a 2-level VAE; Euler (epsilon, scaled linear)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tok, tok2 = clip_tokenizer(root), clip_tokenizer(root)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(24, 48),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=48, attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
+        transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+    StableDiffusionXLPipeline(vae=AutoencoderKL(**VAE), text_encoder=_clip(tok, 16, False),
+                              text_encoder_2=_clip(tok2, 32, True), tokenizer=tok, tokenizer_2=tok2, unet=unet,
+                              scheduler=sched).save_pretrained(root, safe_serialization=True)
+    _drop(root, drop)
+    return root
+
+
+def build_sd3_pipeline(root: Path, *, seed: int = 0, drop: str | None = None) -> Path:
+    """SD3 layout at toy size: two CLIPTextModelWithProjection (widths 16, 16: pooled 32) with
+    real CLIPTokenizers and a T5 (width 32, ByT5 tokenizer); the SD3 transformer (2 joint
+    blocks, caption 32 wide); a 16-channel VAE with a shift; FlowMatch Euler, shift 3."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import ByT5Tokenizer
+
+    torch.manual_seed(seed)
+    tok, tok2 = clip_tokenizer(root), clip_tokenizer(root)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=16)
+    StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=AutoencoderKL(**VAE16),
+        text_encoder=_clip(tok, 16, True), tokenizer=tok, text_encoder_2=_clip(tok2, 16, True), tokenizer_2=tok2,
+        text_encoder_3=_t5(32), tokenizer_3=ByT5Tokenizer()).save_pretrained(root, safe_serialization=True)
+    _drop(root, drop)
+    return root
+
+
+def build_flux_pipeline(root: Path, *, seed: int = 0, drop: str | None = None) -> Path:
+    """FLUX.1-schnell layout at toy size: CLIPTextModel (width 32: the pooled vector) with a real
+    CLIPTokenizer and a T5 (width 32, ByT5 tokenizer); the Flux transformer (1 double + 1 single
+    block, no guidance embedding); a 16-channel VAE with a shift; FlowMatch Euler with FLUX's
+    dynamic shifting."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import ByT5Tokenizer
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer(root)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(2, 2, 4))
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    FluxPipeline(transformer=transformer, scheduler=sched, vae=AutoencoderKL(**VAE16), text_encoder=_clip(tok, 32, False),
+                 tokenizer=tok, text_encoder_2=_t5(32), tokenizer_2=ByT5Tokenizer()).save_pretrained(
+        root, safe_serialization=True)
+    _drop(root, drop)
+    return root
+
+
+def build_wan_pipeline(root: Path, *, seed: int = 0, drop: str | None = None) -> Path:
+    """Wan 2.1 layout at toy size: UMT5EncoderModel (width 32, ByT5 tokenizer), AutoencoderKLWan
+    (2 levels: 2x in space and time, 4 channels normalised per channel), the Wan transformer
+    (2 blocks); UniPC with flow sigmas (flow_shift 3), as Wan 2.1 ships."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import ByT5Tokenizer
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32,
+        freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                           latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.5, 1.0])
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                    num_train_timesteps=1000)
+    WanPipeline(tokenizer=ByT5Tokenizer(), text_encoder=_t5(32, umt5=True), vae=vae, transformer=transformer,
+                scheduler=sched).save_pretrained(root, safe_serialization=True)
     _drop(root, drop)
     return root
 

@@ -164,10 +164,10 @@ def run_cell(spec: dict, dist_info: DistInfo) -> dict:
 
         batch = next(batches)
         mark("data")
-        x0, emb, mask = model_inputs(model, batch, device, seed=0, step=step,
-                                     scaling=encoding.scaling if encoding is not None else None)
+        x0, cond = model_inputs(model, batch, device, seed=0, step=step,
+                                scaling=encoding.scaling if encoding is not None else None)
         with around or contextlib.nullcontext():
-            forward_backward(engine, objective, x0, emb, mask, batch["keys"], step=step, seed=0, is_last=True,
+            forward_backward(engine, objective, x0, cond, batch["keys"], step=step, seed=0, is_last=True,
                              mark=mark)  # marks encode (inputs + noising), forward, backward
             engine.step(spec.get("lr", 1e-4))
         mark("optimizer")
@@ -188,8 +188,8 @@ def run_cell(spec: dict, dist_info: DistInfo) -> dict:
     record = {
         "rank": dist_info.rank, "status": "ok", "steps": steps,
         "params_total": engine.full_param_numel(), "params_local": engine.local_param_numel(),
-        "params_frozen": sum(p.numel() for m in (model.text_encoder, model.vae) if m is not None
-                             for p in m.parameters()) if model.encoders_built else 0,
+        "params_frozen": sum(p.numel() for m in model.frozen_modules() for p in m.parameters())
+        if model.encoders_built else 0,
         "precomputed": encoding is not None,
         "after_build": after_build, "memory": memory_snapshot(device), "memory_split_mib": split,
     }

@@ -101,8 +101,6 @@ def export_pipeline(src: str | Path, out: str | Path, *, use_ema: bool = True) -
     The frozen parts are rebuilt as the run built them (its ``model.text_encoder_path`` /
     ``model.vae_path`` folders, else the random init from its seed), in fp32; the tokenizer
     pads to the preset's text length. Returns (folder, "ema" | "raw", pipeline class)."""
-    import diffusers
-
     from scaletrain.models import build_denoiser_net, build_model, get_preset
     from scaletrain.models.registry import get_family
 
@@ -130,15 +128,30 @@ def export_pipeline(src: str | Path, out: str | Path, *, use_ema: bool = True) -
     net.load_state_dict({k.removeprefix("net."): v for k, v in weights.items() if k.startswith("net.")}, strict=True)
     model = build_model(preset, text_encoder_path=encoders["text_encoder_path"], vae_path=encoders["vae_path"],
                         encoder_seed=encoders["seed"])
-    tokenizer = model.tokenizer
-    tokenizer.model_max_length = preset.max_text_len  # pipelines pad prompts to this, as training did
-    scheduler = getattr(diffusers, objective.scheduler_class).from_config(objective.scheduler_config())
-    pipe = getattr(diffusers, family.pipeline_class)(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        **{family.pipeline_denoiser: net}, **family.pipeline_extras)
     out = Path(out)
+    return out, which, write_pipeline(model, net, objective, out)
+
+
+def write_pipeline(model, net, objective, out: Path) -> str:
+    """Save ``model``'s frozen parts (every text encoder and tokenizer of its conditioner, in their
+    pipeline components, the VAE), ``net`` as its denoiser and ``objective``'s scheduler as the
+    family's (or conditioner's) diffusers pipeline; returns the pipeline class."""
+    import diffusers
+
+    from scaletrain.models.registry import get_family
+
+    preset = model.preset
+    family = get_family(preset.family)
+    text: dict = {}
+    for slot, encoder, tokenizer in zip(preset.conditioner.slots, model.text_encoders, model.tokenizers):
+        tokenizer.model_max_length = slot.max_len  # pipelines pad prompts to this, as training did
+        text.update({slot.component: encoder, slot.tokenizer: tokenizer})
+    scheduler = getattr(diffusers, objective.scheduler_class).from_config(objective.scheduler_config())
+    pipeline = family.pipeline_for(preset)
+    pipe = getattr(diffusers, pipeline)(vae=model.vae, scheduler=scheduler, **text, **{family.pipeline_denoiser: net},
+                                        **family.pipeline_extras.get(pipeline, {}))
     pipe.save_pretrained(out, safe_serialization=True)
-    return out, which, family.pipeline_class
+    return pipeline
 
 
 def checkpoint_objective(info: CheckpointInfo):

@@ -5,7 +5,8 @@ online (SD-2 at 256 px: the VAE encoder alone costs about as much as the UNet's 
 ``data encode`` runs them once: for every image sample it stores the VAE posterior's mean and
 log-variance (so training still draws a fresh posterior sample per step, keyed by (seed, step,
 key) like the diffusion noise, and the online and precomputed paths give the same latents) and
-the text encoder's output and mask, keeping the key, the caption and the ``.json`` metadata byte
+the text conditioner's outputs (every tensor the family conditions on: caption states, mask,
+pooled vector), keeping the key, the caption and the ``.json`` metadata byte
 for byte (filters, mixing, class balancing and provenance read them as before).
 
 Layout of ``OUT`` (one folder per resolution, so a curriculum points every stage at ``OUT``)::
@@ -13,15 +14,17 @@ Layout of ``OUT`` (one folder per resolution, so a curriculum points every stage
     OUT/256px/encoding.json              what encoded it (preset, encoder identity, resolution,
                                          buckets, VAE scaling, dtype); written first
     OUT/256px/empty_caption.safetensors  the "" embedding, for caption dropout
-    OUT/256px/<input shard name>.tar     KEY.latents.safetensors (mean, logvar, text_emb,
-                                         text_mask) + KEY.txt + KEY.json + other non-image members
+    OUT/256px/<input shard name>.tar     KEY.latents.safetensors (mean, logvar, geometry: the
+                                         image's original height, width and crop top, left; the
+                                         conditioning as cond.<field>: cond.text_emb, cond.text_mask,
+                                         cond.pooled, ...) + KEY.txt + KEY.json + other non-image members
     OUT/256px/manifest.json              written last: samples, corrupt, complete
 
 A shard is written to ``NAME.tar.partial`` and renamed when complete, so an interrupted run
 resumes from the shards it finished (a rerun skips them). Everything is read back with
 safetensors and JSON: nothing in a shard can run code. Why not webdataset's ``.pth``/``.npy``
-decoders: the first is a pickle, and one safetensors member keeps a sample's four tensors
-together with their dtypes.
+decoders: the first is a pickle, and one safetensors member keeps a sample's tensors together
+with their dtypes.
 
 Under torchrun each rank encodes input shards i mod world (its share) in parallel, with a
 progress bar on rank 0; rank 0 writes the manifest after a gather.
@@ -50,7 +53,7 @@ if TYPE_CHECKING:
     from scaletrain.config import RunConfig
 
 FORMAT = "scaletrain-latents"
-VERSION = 1
+VERSION = 2  # 2: the conditioning as cond.<field> (several encoders' outputs); 1: text_emb, text_mask
 ENCODING_FILE = "encoding.json"
 EMPTY_CAPTION_FILE = "empty_caption.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -76,12 +79,11 @@ class Encoding:
     def scaling(self) -> tuple[float, float]:
         return float(self.info["scaling_factor"]), float(self.info["shift_factor"])
 
-    def empty_caption(self) -> tuple[Tensor, Tensor]:
-        """(text_emb (L, D), text_mask (L,) long) of the empty caption."""
+    def empty_caption(self) -> dict[str, Tensor]:
+        """The conditioning of the empty caption (per-sample shapes, masks long)."""
         from scaletrain.common.safe_load import read_safetensors
 
-        t = read_safetensors(self.folder / EMPTY_CAPTION_FILE)
-        return t["text_emb"], t["text_mask"].long()
+        return _cond_of(read_safetensors(self.folder / EMPTY_CAPTION_FILE))
 
 
 def read_encoding(folder: Path) -> Encoding | None:
@@ -159,7 +161,8 @@ def encoding_info(cfg: "RunConfig", resolution: int) -> dict[str, Any]:
         "resolution": resolution, "buckets": [list(b) for b in buckets],
         "latent_channels": preset.in_channels, "vae_factor": preset.vae_factor,
         "scaling_factor": factor, "shift_factor": shift,
-        "max_text_len": preset.max_text_len, "text_dim": preset.text_encoder.hidden_size,
+        "max_text_len": preset.max_text_len, "text_dim": preset.conditioner.text_width,
+        "conditioning": {k: list(v) for k, v in preset.conditioner.fields().items()},
     }
 
 
@@ -248,15 +251,35 @@ def check_precomputed(cfg: "RunConfig") -> Encoding | None:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_sample(raw: dict[str, Any]) -> dict[str, Tensor] | None:
-    """The tensors of an encoded sample (``latents`` = mean and logvar along channels), or None
-    when the member is missing or damaged (counted as corrupt, like an undecodable image)."""
+COND = "cond."  # member tensor names of the conditioning fields
+
+
+def _cond_of(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The conditioning fields of a stored member (integer masks as long)."""
+    return {k.removeprefix(COND): v if v.is_floating_point() else v.long()
+            for k, v in tensors.items() if k.startswith(COND)}
+
+
+def _member(cond: dict[str, Tensor], **tensors: Tensor) -> bytes:
+    return save_safetensors_bytes({**{k: v.contiguous() for k, v in tensors.items()},
+                                   **{COND + k: v.contiguous() for k, v in cond.items()}})
+
+
+def read_sample(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """An encoded sample: ``latents`` (mean and logvar along channels) and ``cond`` (the
+    conditioning fields), or None when the member is missing or damaged (counted as corrupt,
+    like an undecodable image)."""
     if MEMBER not in raw:
         return None
     try:
         t = load_safetensors_bytes(raw[MEMBER])
-        return {"latents": torch.cat([t["mean"], t["logvar"]]), "text_emb": t["text_emb"],
-                "text_mask": t["text_mask"].long()}
+        cond = _cond_of(t)
+        if "text_emb" not in cond:
+            return None
+        out = {"latents": torch.cat([t["mean"], t["logvar"]]), "cond": cond}
+        if "geometry" in t:  # the image's original size and crop (SDXL's micro-conditions)
+            out["geometry"] = t["geometry"].long()
+        return out
     except Exception:  # noqa: BLE001 - safetensors raises several types on bad bytes
         return None
 
@@ -290,18 +313,17 @@ class Encoder:
                              "presets (unet-tiny-latent, unet-sd2, pixart-xl-2, ...)")
         self.dtype = frozen_dtype(cfg.engine.precision)
         source = EncoderSource(cfg.model.text_encoder_path, cfg.model.vae_path, cfg.run.seed, self.dtype)
-        self.text, self.tokenizer, self.vae = build_encoders(self.preset, source)
-        self.text.to(device)
+        self.text, self.vae = build_encoders(self.preset, source)
+        for encoder, _ in self.text:
+            encoder.to(device)
         self.vae.to(device)
         self.device = device
 
     @torch.no_grad()
-    def text_outputs(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        from scaletrain.models.text import encode_captions
-
-        emb, mask = encode_captions(self.text, self.tokenizer, self.preset.text_encoder, captions,
-                                    self.preset.max_text_len, self.device)
-        return emb.to(self.dtype).cpu(), mask.to(torch.uint8).cpu()
+    def text_outputs(self, captions: list[str]) -> dict[str, Tensor]:
+        """The conditioner's outputs on the host: floating fields in the encoders' dtype, masks uint8."""
+        cond = self.preset.conditioner.encode(self.text, captions, self.device)
+        return {k: (v.to(self.dtype) if v.is_floating_point() else v.to(torch.uint8)).cpu() for k, v in cond.items()}
 
     @torch.no_grad()
     def posterior(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
@@ -311,7 +333,7 @@ class Encoder:
     def encode_batch(self, raws: list[dict[str, Any]], resolution: int,
                      buckets: tuple[tuple[int, int], ...]) -> tuple[list[dict[str, Any]], int]:
         """(encoded raw samples in input order, corrupt count) of one batch."""
-        kept: list[tuple[dict[str, Any], str, Tensor]] = []
+        kept: list[tuple[dict[str, Any], str, Tensor, Tensor]] = []
         corrupt = 0
         for raw in raws:
             ext = next((e for e in IMAGE_EXTS if e in raw), None)
@@ -320,16 +342,16 @@ class Encoder:
                 corrupt += 1
                 continue
             try:
-                pixels = decode_image(raw[ext], resolution, buckets)
+                pixels, geometry = decode_image(raw[ext], resolution, buckets, geometry=True)
             except Exception:  # noqa: BLE001 - PIL raises many types on bad bytes
                 corrupt += 1
                 continue
-            kept.append((raw, parsed[1], pixels))
+            kept.append((raw, parsed[1], pixels, geometry))
         if not kept:
             return [], corrupt
-        emb, mask = self.text_outputs([caption for _, caption, _ in kept])
+        cond = self.text_outputs([caption for _, caption, _, _ in kept])
         by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, (_, _, px) in enumerate(kept):
+        for i, (_, _, px, _) in enumerate(kept):
             by_shape.setdefault(tuple(px.shape), []).append(i)
         posterior: dict[int, tuple[Tensor, Tensor]] = {}
         for idx in by_shape.values():  # one VAE call per bucket shape
@@ -337,10 +359,9 @@ class Encoder:
             for j, i in enumerate(idx):
                 posterior[i] = (mean[j], logvar[j])
         out = []
-        for i, (raw, _, _) in enumerate(kept):
+        for i, (raw, _, _, geometry) in enumerate(kept):
             mean, logvar = posterior[i]
-            member = save_safetensors_bytes({"mean": mean.contiguous(), "logvar": logvar.contiguous(),
-                                             "text_emb": emb[i].contiguous(), "text_mask": mask[i].contiguous()})
+            member = _member({k: v[i] for k, v in cond.items()}, mean=mean, logvar=logvar, geometry=geometry)
             sample = {k: v for k, v in raw.items() if k not in IMAGE_EXTS}
             sample[MEMBER] = member
             out.append(sample)
@@ -379,9 +400,9 @@ def encode_dataset(cfg: "RunConfig", shards: str | list[str], out: str | Path, r
         if rank == 0:
             folder.mkdir(parents=True, exist_ok=True)
             _write_json(folder / ENCODING_FILE, infos[r])
-            emb, mask = encoder.text_outputs([""])
+            empty = encoder.text_outputs([""])
             tmp = folder / (EMPTY_CAPTION_FILE + ".partial")
-            tmp.write_bytes(save_safetensors_bytes({"text_emb": emb[0].contiguous(), "text_mask": mask[0]}))
+            tmp.write_bytes(_member({k: v[0] for k, v in empty.items()}))
             os.replace(tmp, folder / EMPTY_CAPTION_FILE)
         barrier(world)
         buckets = tuple(tuple(b) for b in infos[r]["buckets"])

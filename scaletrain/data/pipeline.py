@@ -81,9 +81,10 @@ class LoaderSpec:
     # goes to the nearest-aspect bucket and batches hold one bucket. () = square R x R crops.
     buckets: tuple[tuple[int, int], ...] = ()
     # Shards written by `scaletrain data encode` (data/latents.py): batches carry "latents",
-    # "text_emb", "text_mask" instead of "pixels"; a dropped caption takes `empty_text`.
+    # "latents" and "cond" (the conditioning fields) instead of "pixels"; a dropped caption takes
+    # `empty_cond` (the encoded empty caption).
     precomputed: bool = False
-    empty_text: tuple[torch.Tensor, torch.Tensor] | None = None
+    empty_cond: dict[str, torch.Tensor] | None = None
     pin_memory: bool = False  # page-locked batches, for non-blocking host-to-GPU copies
     # Per-slot positions ({str(worker): batch["position"] minus "slot"}) to continue from instead of
     # replaying the stage from its start (see _batches); skip_batches still counts from the start.
@@ -123,7 +124,7 @@ class LoaderSpec:
         for ok, name, value, fix in checks:
             if not ok:
                 raise ValueError(f"data.{name}={value!r} is invalid; {fix}")
-        if self.precomputed and self.caption_dropout > 0 and self.empty_text is None:
+        if self.precomputed and self.caption_dropout > 0 and self.empty_cond is None:
             raise ValueError("data.caption_dropout > 0 on precomputed shards needs their empty-caption embedding "
                              "(empty_caption.safetensors beside encoding.json); rerun `scaletrain data encode`")
 
@@ -217,8 +218,8 @@ def _select(meta: dict, caption: str, spec: LoaderSpec, key: str) -> Dropped | N
 
 
 def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | None:
-    """Decoded ``{"key", "caption", "pixels"}`` (precomputed shards: ``"latents"``, ``"text_emb"``,
-    ``"text_mask"`` instead of ``"pixels"``; ``"issue"`` when bad data was trained around);
+    """Decoded ``{"key", "caption", "pixels"}`` (precomputed shards: ``"latents"`` and ``"cond"``
+    instead of ``"pixels"``; ``"issue"`` when bad data was trained around);
     ``Dropped`` when filtered out (before the image is decoded, which is the expensive part) or
     dropped for bad data; None when the sample is corrupt."""
     if raw.get("__issue__"):
@@ -253,7 +254,7 @@ def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | 
         if tensors is None:
             return None
         if drop_caption or issue is not None:
-            tensors["text_emb"], tensors["text_mask"] = spec.empty_text
+            tensors["cond"] = spec.empty_cond
         return {"key": key, "caption": "" if drop_caption else caption, "issue": issue, **tensors}
     try:
         if payload in VIDEO_EXTS:
@@ -261,9 +262,13 @@ def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | 
             rng = random.Random(_stable_int("clip", spec.seed, key, epoch))
             pixels = decode_video(raw[payload], ClipSpec(spec.frames, spec.fps), spec.resolution, rng, spec.buckets)
         else:
-            pixels = decode_image(raw[payload], spec.resolution, spec.buckets, spec.max_image_pixels)
+            pixels, geometry = decode_image(raw[payload], spec.resolution, spec.buckets, spec.max_image_pixels,
+                                            geometry=True)
             if spec.frames:
                 pixels = pixels.unsqueeze(1)  # an image is a 1-frame clip
+            else:
+                return {"key": key, "pixels": pixels, "geometry": geometry, "caption": "" if drop_caption else caption,
+                        "issue": issue}
     except ImageTooLarge:
         return Dropped(None, "image_too_large")
     except VideoTooShort:
@@ -276,7 +281,8 @@ def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | 
 
 
 # The per-sample tensors a batch stacks; the first one present sets the batch's shape bucket.
-_TENSOR_FIELDS = ("pixels", "latents", "text_emb", "text_mask")
+# "geometry": an image's (original height, width, crop top, left), SDXL's micro-conditions.
+_TENSOR_FIELDS = ("pixels", "latents", "geometry")
 
 
 # -------------------------------------------------------------- splitting
@@ -633,6 +639,8 @@ def _batches(spec: LoaderSpec, streams: list[Stream], worker_id: int) -> Iterato
             else:
                 fields = [f for f in _TENSOR_FIELDS if f in items[0]]
                 batch = {f: torch.stack([it[f] for it in items]) for f in fields}
+                if "cond" in items[0]:  # precomputed: each conditioning field stacked
+                    batch["cond"] = {k: torch.stack([it["cond"][k] for it in items]) for k in items[0]["cond"]}
                 batch.update(captions=[it["caption"] for it in items], keys=[it["key"] for it in items],
                              skipped=skipped, filtered=dict(filtered), issues=dict(issues),
                              sources=[streams[j].source for j in from_leaf])
@@ -656,7 +664,7 @@ class _SlotDataset(IterableDataset):
         return _batches(self.spec, self.streams, info.id if info else 0)
 
 
-_NOT_IDENTITY = ("skip_batches", "resume", "pin_memory", "empty_text", "allow_pipe_shards")
+_NOT_IDENTITY = ("skip_batches", "resume", "pin_memory", "empty_cond", "allow_pipe_shards")
 
 
 def loader_identity(spec: LoaderSpec) -> str:
@@ -677,8 +685,8 @@ def build_loader(spec: LoaderSpec) -> Iterable[dict]:
     "position": {"slot", "done", "state"}}`` (the slot's resumable state after this batch: ``LoaderSpec.resume``)
     (+ ``"labels": list[str]`` under ``spec.balance``); sum "skipped" for the corrupt total
     and "filtered" for the samples data.filters dropped. Precomputed shards give ``"latents"``
-    (B, 2C, h, w: posterior mean and logvar), ``"text_emb"`` (B, L, D), ``"text_mask"`` (B, L)
-    instead of ``"pixels"``.
+    (B, 2C, h, w: posterior mean and logvar) and ``"cond"`` ({field: (B, ...)}: ``text_emb``,
+    ``text_mask``, ``pooled``, ... as the preset's conditioner gives them) instead of ``"pixels"``.
     """
     streams = plan_streams(spec)
     for st in streams:

@@ -25,23 +25,28 @@ class ImageTooLarge(ValueError):
 
 
 def decode_image(data: bytes, resolution: int, buckets: tuple[tuple[int, int], ...] = (),
-                 max_pixels: int | None = None) -> torch.Tensor:
+                 max_pixels: int | None = None, *, geometry: bool = False):
     """Bytes -> float32 (3, H, W) in [-1, 1]: resized (bicubic) to cover the target and
     center-cropped to it. The target is R x R, or with ``buckets`` the (W, H) bucket whose
     aspect ratio is nearest the image's. ``max_pixels``: raise ``ImageTooLarge`` from the header
-    (PIL opens lazily), before any pixel is decoded."""
+    (PIL opens lazily), before any pixel is decoded. ``geometry``: also return the image's
+    (original height, original width, crop top, crop left) as a long tensor (crop offsets in the
+    resized image), what SDXL micro-conditions on (``crop_top_left`` in diffusers' SDXL trainer)."""
     with Image.open(io.BytesIO(data)) as img:
         if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
             raise ImageTooLarge(f"{img.size[0]}x{img.size[1]} pixels")
         img = img.convert("RGB")
     w, h = img.size
     tw, th = buckets[nearest_bucket(w, h, buckets)] if buckets else (resolution, resolution)
-    arr = np.asarray(resize_crop(img, tw, th), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    cropped, (left, top) = resize_crop(img, tw, th, offsets=True)
+    arr = np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0
+    pixels = torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    return (pixels, torch.tensor([h, w, top, left], dtype=torch.long)) if geometry else pixels
 
 
-def resize_crop(img: Image.Image, tw: int, th: int) -> Image.Image:
-    """Resize (bicubic) to cover (tw, th), then center-crop to it: images and video frames alike."""
+def resize_crop(img: Image.Image, tw: int, th: int, *, offsets: bool = False):
+    """Resize (bicubic) to cover (tw, th), then center-crop to it: images and video frames alike.
+    ``offsets``: also return the crop's (left, top) in the resized image."""
     w, h = img.size
     scale = max(tw / w, th / h)  # = R / min(w, h) for the square target
     nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
@@ -49,7 +54,8 @@ def resize_crop(img: Image.Image, tw: int, th: int) -> Image.Image:
         # PIL widens the bicubic kernel when downscaling, i.e. it antialiases.
         img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - tw) // 2, (nh - th) // 2
-    return img.crop((left, top, left + tw, top + th))
+    out = img.crop((left, top, left + tw, top + th))
+    return (out, (left, top)) if offsets else out
 
 
 def read_meta_caption(raw: dict) -> tuple[dict, str] | None:

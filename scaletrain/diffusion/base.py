@@ -70,10 +70,18 @@ class Objective(ABC):
         return False
 
     @classmethod
+    def schedule_from(cls, scheduler_config: dict[str, Any]) -> dict[str, Any]:
+        """The training keys of this objective's ``Params`` that a scheduler it ``matches`` fixes
+        (its noise schedule, prediction target, shift), as the recipe would spell them: what a
+        fine-tuning run takes from a pipeline folder where the recipe does not set them."""
+        return {}
+
+    @classmethod
     def conflicts(cls, scheduler_config: dict[str, Any], params: ObjectiveParams) -> list[tuple[str, Any, Any]]:
         """(key, the scheduler's value, the recipe's value) for every training key of ``params``
         that contradicts a scheduler this objective ``matches``; empty when they agree."""
-        return []
+        ours = params.model_dump()
+        return [(k, v, ours[k]) for k, v in cls.schedule_from(scheduler_config).items() if ours.get(k) != v]
 
     def for_stage(self, overrides: dict[str, Any] | None) -> Objective:
         """This objective with a curriculum stage's overrides (e.g. its noise offset or shift)."""

@@ -21,8 +21,9 @@ from torch import Tensor
 
 from scaletrain.diffusion import Objective
 
-Denoiser = Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
-TextEncoder = Callable[[list[str]], tuple[Tensor, Tensor | None]]
+Cond = dict[str, Tensor]  # a text conditioner's output (models/text.py), batch first
+Denoiser = Callable[[Tensor, Tensor, Cond], Tensor]
+TextEncoder = Callable[[list[str]], Cond]
 Decoder = Callable[[Tensor], Tensor]
 
 
@@ -47,13 +48,12 @@ def _initial_latents(
 
 
 def _guided_prediction(
-    denoiser: Denoiser, x: Tensor, t: Tensor, emb: Tensor, mask: Tensor | None,
-    guidance_scale: float, use_cfg: bool,
+    denoiser: Denoiser, x: Tensor, t: Tensor, cond: Cond, guidance_scale: float, use_cfg: bool,
 ) -> Tensor:
     batch = x.shape[0]
     x_in = torch.cat([x, x]) if use_cfg else x
     timesteps = t.reshape(1).expand(x_in.shape[0]).to(x.device)
-    pred = denoiser(x_in, timesteps, emb, mask).to(x.dtype)
+    pred = denoiser(x_in, timesteps, cond).to(x.dtype)
     if not use_cfg:
         return pred
     # Classifier-free guidance (Ho & Salimans 2022): uncond half first, then cond.
@@ -100,12 +100,12 @@ def generate_samples(
         scheduler = objective.sampler(num_inference_steps, device, latent_shape=shape)
         # One text-encoder call for both halves keeps the batch (and any collectives) fixed.
         texts = [""] * len(prompts) + list(prompts) if use_cfg else list(prompts)
-        emb, mask = encode_text(texts)
+        cond = encode_text(texts)
         x = _initial_latents(len(prompts), shape, seed, device)
         x = x * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(x, t)
-            pred = _guided_prediction(denoiser, x_in, t, emb, mask, guidance_scale, use_cfg)
+            pred = _guided_prediction(denoiser, x_in, t, cond, guidance_scale, use_cfg)
             x = scheduler.step(pred, t, x)
         return decode(x).float().clamp(-1.0, 1.0)
 

@@ -119,7 +119,7 @@ def count_reference_images(shards: list[str], num_images: int, frames: int = 0, 
 class SamplingSpec:
     """What ``generate_samples`` needs besides prompts, seeds and resolution."""
 
-    encode_text: Callable[[list[str]], tuple[Tensor, Tensor | None]]
+    encode_text: Callable[[list[str]], dict[str, Tensor]]  # captions -> conditioning (models/text.py)
     decode: Callable[[Tensor], Tensor]
     in_channels: int
     latent_factor: int

@@ -51,8 +51,8 @@ def check_validation_reference(cfg: RunConfig) -> None:
 def _denoiser(trainer: Any):
     dtype, module = trainer.engine.input_dtype, trainer.engine.module
 
-    def denoise(x, t, emb, mask):
-        return module(x.to(dtype), t, emb.to(dtype), mask).float()
+    def denoise(x, t, cond):
+        return module(x.to(dtype), t, {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}).float()
 
     return denoise
 

@@ -42,9 +42,13 @@ def _resolve_pipeline_preset(cfg: RunConfig) -> None:
 
         cfg.model.preset = register_pipeline_preset(root, what="init.from_diffusers").name
     if is_pipeline_root(root):
-        # One encoder is the run's; SD3/Flux pipelines carry several, where scaletrain's presets
-        # condition on one of their own (models/families/mmdit.py), so only their VAE is taken.
-        if cfg.model.text_encoder_path is None and text_encoders(root) == ["text_encoder"]:
+        # The folder's text encoders are the run's when they are the ones the preset's
+        # conditioner runs (SDXL's two, SD3's three, ...), as its VAE is when it holds one; a
+        # folder with other encoders than the preset's keeps the preset's.
+        from scaletrain.models.registry import get_preset
+
+        slots = sorted(s.component for s in get_preset(cfg.model.preset).conditioner.slots)
+        if cfg.model.text_encoder_path is None and text_encoders(root) == slots:
             cfg.model.text_encoder_path = str(Path(root).resolve())
         if cfg.model.vae_path is None and (Path(root) / "vae").is_dir():
             cfg.model.vae_path = str(Path(root).resolve())

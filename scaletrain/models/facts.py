@@ -32,5 +32,5 @@ def model_facts(preset: str) -> ModelFacts:
     total = sum(p.numel() for p in den.parameters())
     own = [sum(p.numel() for p in mod.parameters(recurse=False)) for mod in den.modules()]
     own = [n for n in own if n]
-    frozen = sum(p.numel() for mod in (m.text_encoder, m.vae) if mod is not None for p in mod.parameters())
+    frozen = sum(p.numel() for mod in m.frozen_modules() for p in mod.parameters())
     return ModelFacts(preset, total, frozen, max(units + [total - sum(units)]), len(units) + 1, max(own), len(own))

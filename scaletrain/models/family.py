@@ -43,11 +43,12 @@ class ModelFamily(ABC):
     lora_loader: ClassVar[str | None] = None
     lora_prefix: ClassVar[str] = "transformer"
     # `ckpt export --pipeline`: the diffusers pipeline class a latent preset of this family is
-    # written as, the name of its denoiser component, and the pipeline's other arguments;
-    # None: the family has none, and ``pipeline_refusal`` says why.
+    # written as (unless its conditioner names its own: ``pipeline_for``), the name of its
+    # denoiser component, and each pipeline's other arguments; None: the family has none, and
+    # ``pipeline_refusal`` says why.
     pipeline_class: ClassVar[str | None] = None
     pipeline_denoiser: ClassVar[str] = "transformer"
-    pipeline_extras: ClassVar[dict[str, Any]] = {}
+    pipeline_extras: ClassVar[dict[str, dict[str, Any]]] = {}
     pipeline_refusal: ClassVar[str] = "scaletrain writes no diffusers pipeline for this family"
     # Caption tokens of a preset read from a pipeline folder (models/pipeline_folder.py): the
     # pipeline's own prompt length where it is not the tokenizer's model_max_length.
@@ -60,21 +61,28 @@ class ModelFamily(ABC):
         """Frames per token along time (a video family's temporal patch size)."""
         return 1
 
+    def pipeline_for(self, preset: Any) -> str | None:
+        """The diffusers pipeline class ``preset`` is written as: its conditioner's (SDXL's two
+        encoders are StableDiffusionXLPipeline's) or the family's."""
+        return preset.conditioner.pipeline or self.pipeline_class
+
     def pipeline_problem(self, preset: Any) -> str | None:
         """Why ``preset`` cannot be written as this family's pipeline (one line), or None."""
-        return None if self.pipeline_class is not None else self.pipeline_refusal
+        return None if self.pipeline_for(preset) is not None else self.pipeline_refusal
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         """The bare diffusers network, random init (seed torch first)."""
         return self.net_class(**config)
 
     @abstractmethod
-    def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
-                text_mask: Tensor | None, *, pixel_size: tuple[int, int] | None = None) -> Tensor:
+    def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, cond: text.Cond, *,
+                pixel_size: tuple[int, int] | None = None) -> Tensor:
         """The prediction for ``x`` (B, C, H, W) at ``timesteps`` (B,) in the objective's
-        0..1000 scale, conditioned on ``text_emb`` (B, L, D) and its mask (or None).
-        ``pixel_size``: (height, width) of the images ``x`` stands for, for networks that
-        micro-condition on it (PixArt-alpha 1024)."""
+        0..1000 scale, conditioned on ``cond`` (the preset's text conditioner's output:
+        ``text_emb`` (B, L, D), ``text_mask`` (B, L) when the denoiser attends with it, and
+        what else the conditioner gives, e.g. ``pooled``). ``pixel_size``: (height, width) of
+        the images ``x`` stands for, for networks that micro-condition on it (PixArt-alpha
+        1024, SDXL)."""
 
     @abstractmethod
     def parallel_units(self, net: nn.Module) -> list[nn.Module]:
@@ -89,6 +97,11 @@ class ModelFamily(ABC):
     @abstractmethod
     def text_width(self, config: dict[str, Any]) -> int:
         """Width of the text embedding the network is conditioned on."""
+
+    def pooled_width(self, config: dict[str, Any]) -> int | None:
+        """Width of the pooled text vector the network is conditioned on (SD3, FLUX, SDXL), or
+        None when it takes none."""
+        return None
 
     def input_channels(self, config: dict[str, Any]) -> int:
         """Channels of the (B, C, H, W) tensor the Denoiser takes (pixels or latents)."""
@@ -158,13 +171,17 @@ class ModelPreset:
     in_channels: int  # channels the denoiser sees
     description: str
     denoiser_config: dict[str, Any] = field(repr=False, compare=False, hash=False)
-    text_encoder: text.TextEncoderSpec = field(repr=False, compare=False, hash=False)
-    max_text_len: int = 77
+    conditioner: text.TextConditioner = field(repr=False, compare=False, hash=False)
     vae_config: dict[str, Any] | None = field(default=None, repr=False, compare=False, hash=False)
     # Video presets: frames per latent frame after the first (a causal video VAE keeps frame 0
     # and compresses the rest by this; 1 in pixel space and for image VAEs).
     vae_frame_factor: int = 1
     video: bool = False  # the family's `video`
+
+    @property
+    def max_text_len(self) -> int:
+        """Tokens of the caption sequence the denoiser attends to (FLOPs, shapes)."""
+        return self.conditioner.text_len
 
     def latent_frames(self, frames: int) -> int:
         """Frames the denoiser sees for a clip of ``frames`` frames."""
@@ -193,28 +210,45 @@ def vae_factors(vae: dict[str, Any] | None) -> tuple[int, int]:
     """(pixels per latent along each side, frames per latent frame) of a VAE config."""
     if vae is None:
         return 1, 1
-    if "dim_mult" in vae:  # AutoencoderKLWan: one 2x per level after the first; time where flagged
-        return 2 ** (len(vae["dim_mult"]) - 1), 2 ** sum(bool(t) for t in vae.get("temperal_downsample", ()))
-    return 2 ** (len(vae["down_block_types"]) - 1), 1  # AutoencoderKL: the last block keeps size
+    from scaletrain.models.vaes import vae_kind_of
+
+    return vae_kind_of(vae).factors(vae)
 
 
 def add_preset(name: str, family: str, vae: dict[str, Any] | None, denoiser_config: dict[str, Any],
-               text_encoder: text.TextEncoderSpec, max_text_len: int, description: str) -> ModelPreset:
+               conditioner: text.TextConditioner, description: str) -> ModelPreset:
     """Register a preset, deriving the space-dependent fields so they can never disagree
     with the configs."""
     if name in PRESETS:
         raise ValueError(f"model preset {name!r} is registered twice")
     fam = FAMILIES[family]
+    widths = {"caption width": (conditioner.text_width, fam.text_width(denoiser_config)),
+              "pooled width": (conditioner.pooled_width, fam.pooled_width(denoiser_config))}
+    wrong = [f"{what} {have} where the {fam.name} denoiser takes {want}" for what, (have, want) in widths.items()
+             if have != want]
+    if wrong:
+        raise ValueError(f"model preset {name!r}: its text conditioner ({conditioner.name}) gives {'; '.join(wrong)}")
     net_factor = fam.downsample(denoiser_config)
     vae_factor, frame_factor = vae_factors(vae)
     preset = ModelPreset(
         name=name, family=family, latent=vae is not None, downsample_factor=vae_factor * net_factor,
         vae_factor=vae_factor, in_channels=fam.input_channels(denoiser_config), description=description,
-        denoiser_config=denoiser_config, text_encoder=text_encoder, max_text_len=max_text_len,
+        denoiser_config=denoiser_config, conditioner=conditioner,
         vae_config=vae, vae_frame_factor=frame_factor, video=fam.video,
     )
     PRESETS[name] = preset
     return preset
+
+
+def add_alias(alias: str, name: str) -> ModelPreset:
+    """Register ``alias`` as another name of preset ``name`` (an earlier name kept for recipes and
+    results that use it): the same configs under its own name."""
+    from dataclasses import replace
+
+    if alias in PRESETS:
+        raise ValueError(f"model preset {alias!r} is registered twice")
+    PRESETS[alias] = replace(PRESETS[name], name=alias, description=f"= {name} (an earlier name)")
+    return PRESETS[alias]
 
 
 _loaded = False

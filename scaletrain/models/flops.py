@@ -158,12 +158,11 @@ def layer_flops(preset_name: str, resolution: ImageSize, frames: int = 0) -> dic
         elif isinstance(mod, (Attention, AttentionModuleMixin)):  # the classic and the newer (Flux) attention
             hooks.append(mod.register_forward_hook(attn_hook, with_kwargs=True))
     height, width_px = (denoiser_input_size(preset, side) for side in _height_width(resolution))
-    tokens, width = _text_dims(preset)
     clip = (preset.latent_frames(frames),) if frames else ()
     x = torch.zeros(1, preset.in_channels, *clip, height, width_px, device="meta")
     t = torch.zeros(1, dtype=torch.long, device="meta")
     with torch.no_grad():
-        den(x, t, torch.zeros(1, tokens, width, device="meta"), None)
+        den(x, t, preset.conditioner.example(1, device="meta"))
     for hk in hooks:
         hk.remove()
     return counts

@@ -13,9 +13,11 @@ registers that preset on first use, on every rank and in every later command (re
   (``UNet2DConditionModel`` -> unet, ``PixArtTransformer2DModel`` -> dit, ...);
 - the denoiser and VAE configs are the folder's ``config.json`` files, reduced to their class's
   init arguments by diffusers' own ``extract_init_dict``;
-- the text encoder spec (CLIP or T5, width, mask convention) is the folder's
-  ``text_encoder/config.json``; the caption length is the family's pipeline length
-  (``ModelFamily.pipeline_text_len``) or the tokenizer's ``model_max_length``.
+- the text conditioner is the one of the folder's pipeline class (``TextConditioner.pipeline``:
+  SDXL's two CLIPs, SD3's three encoders, FLUX's CLIP + T5, Wan's UMT5), else one encoder
+  (SD 1.x/2.x, PixArt), its slots built from the folder's ``text_encoder*/config.json``; a
+  one-encoder caption length is the family's pipeline length (``ModelFamily.pipeline_text_len``)
+  or the tokenizer's ``model_max_length``.
 
 Configs are read as JSON (``common.safe_load.read_json``): nothing in the folder runs. The
 weights are loaded later, by ``checkpoint.init`` (the denoiser) and ``models.text`` /
@@ -101,8 +103,12 @@ def check_pipeline(root: str | Path, what: str, *, whole: bool = True) -> tuple[
     if not (root / "model_index.json").is_file():
         raise ValueError(f"{what}={str(root)!r} has no model_index.json; {LAYOUT}")
     comp, fam = denoiser_of(root, what)
-    comps = _components(_read(root / "model_index.json", what))
-    needed = [comp] + ([c for c in ("vae", *REQUIRED) if c != "vae" or "vae" in comps] if whole else [])
+    index = _read(root / "model_index.json", what)
+    comps = _components(index)
+    if whole:
+        _check_text_to_image(root, index, comps, fam, what)
+    encoders = sorted(k for k in comps if k.startswith(("text_encoder_", "tokenizer_")))
+    needed = [comp] + ([c for c in ("vae", *REQUIRED, *encoders) if c != "vae" or "vae" in comps] if whole else [])
     for name in needed:
         folder = root / name
         if name not in comps:
@@ -110,7 +116,7 @@ def check_pipeline(root: str | Path, what: str, *, whole: bool = True) -> tuple[
         if not folder.is_dir():
             raise ValueError(f"{what}={str(root)!r} is missing its {name} component ({folder} does not exist); "
                              f"{LAYOUT}")
-        if name == "tokenizer":
+        if name.startswith("tokenizer"):
             if not any(folder.iterdir()):
                 raise ValueError(f"{what}={str(root)!r}: {folder} is empty; save the tokenizer there")
             continue
@@ -120,27 +126,77 @@ def check_pipeline(root: str | Path, what: str, *, whole: bool = True) -> tuple[
         if name != "scheduler" and not _has_weights(folder):
             raise ValueError(f"{what}={str(root)!r}: {folder.relative_to(root)} holds no weights "
                              "(*.safetensors or *.bin); save the component with save_pretrained")
+    if whole:
+        _check_tokenizers(root, [c for c in comps if c.startswith("text_encoder")], what)
     return comp, fam
 
 
-def _text_spec(root: Path, what: str):
-    from scaletrain.models import text
+# Pipeline components that a text-to-image (or -video) fine-tune has no use for: an image
+# encoder (IP-Adapter) or a second denoiser would be silently left out of training and export.
+UNUSED_COMPONENTS = ("image_encoder", "transformer_2", "unet_2", "controlnet", "prior", "decoder")
 
-    comps = _components(_read(root / "model_index.json", what))
-    extra = sorted(k for k in comps if k.startswith("text_encoder_"))
+
+def _check_text_to_image(root: Path, index: dict[str, Any], comps: dict[str, str], family: Any, what: str) -> None:
+    """The folder's pipeline must be one scaletrain writes (text-to-image: SD, SDXL, SD3, FLUX,
+    PixArt; Wan text-to-video) and hold nothing it would leave out (one line each)."""
+    from scaletrain.models.family import FAMILIES
+    from scaletrain.models.text import CONDITIONERS, load_conditioners
+
+    load_conditioners()
+    known = {f.pipeline_class for f in FAMILIES.values()} | {c.pipeline for c in CONDITIONERS.values()}
+    known |= {"PixArtSigmaPipeline"}  # PixArt-Sigma: the same components as PixArt-alpha
+    known.discard(None)
+    pipeline = index.get("_class_name")
+    if pipeline not in known:
+        kind = " (an image-to-image refiner)" if index.get("requires_aesthetics_score") or "Img2Img" in str(pipeline) else ""
+        raise ValueError(f"{what}={str(root)!r} is a {pipeline}{kind}; scaletrain fine-tunes the text-to-image and "
+                         f"text-to-video pipelines {', '.join(sorted(known))}")
+    extra = [c for c in UNUSED_COMPONENTS if c in comps]
     if extra:
-        raise ValueError(f"{what}={str(root)!r} has {len(extra) + 1} text encoders (text_encoder, "
-                         f"{', '.join(extra)}); model.preset=from_diffusers reads one-encoder pipelines (SD 1.x/2.x, "
-                         "PixArt). For SD3 or Flux pick the named preset and init.from_diffusers=ROOT/transformer")
-    cfg = _read(root / "text_encoder" / "config.json", what)
-    kind = {"clip_text_model": "clip", "t5": "t5", "umt5": "t5"}.get(cfg.get("model_type"))
-    if kind is None:
-        raise ValueError(f"{what}={str(root)!r}: text_encoder is a {cfg.get('model_type')!r} model; scaletrain "
-                         "encodes captions with CLIP text models or T5 encoders")
-    width = cfg["hidden_size"] if kind == "clip" else cfg["d_model"]
-    config = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
-    # SD conditions on CLIP's unmasked padding; PixArt (T5) on the masked caption.
-    return text.TextEncoderSpec(kind=kind, hidden_size=width, config=config, use_mask=kind == "t5")
+        raise ValueError(f"{what}={str(root)!r} holds {', '.join(f'{c} ({comps[c]})' for c in extra)}, which "
+                         f"{family.name} training neither trains nor exports; save the pipeline without it "
+                         f"({extra[0]}=None)")
+
+
+def _check_tokenizers(root: Path, encoders: list[str], what: str) -> None:
+    """Each tokenizer's ids must fit its text encoder's vocabulary (a CLIP tokenizer saved beside
+    a T5 encoder would index past its embedding table, or silently encode other tokens)."""
+    from transformers import AutoTokenizer
+
+    for enc in sorted(encoders):
+        tok_dir = root / enc.replace("text_encoder", "tokenizer")
+        if not tok_dir.is_dir():
+            raise ValueError(f"{what}={str(root)!r} is missing {tok_dir.name} for its {enc}; {LAYOUT}")
+        vocab = _read(root / enc / "config.json", what).get("vocab_size")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad folder
+            raise ValueError(f"{what}={str(root)!r}: {tok_dir.name} does not load as a tokenizer "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        if isinstance(vocab, int) and len(tokenizer) > vocab:
+            raise ValueError(f"{what}={str(root)!r}: {tok_dir.name} ({type(tokenizer).__name__}) has {len(tokenizer)} "
+                             f"tokens but {enc} embeds {vocab}; save the tokenizer {enc} was trained with")
+
+
+def _conditioner(root: Path, family: Any, denoiser: dict[str, Any], what: str):
+    """The text conditioner the folder's pipeline encodes prompts with: the one whose
+    ``pipeline`` is the folder's ``_class_name`` (SDXL, SD3, FLUX, Wan), else one encoder (SD
+    1.x/2.x, PixArt), built from the encoders' own config.json files."""
+    from scaletrain.models.text import CONDITIONERS, load_conditioners
+
+    load_conditioners()
+    index = _read(root / "model_index.json", what)
+    pipeline = index.get("_class_name")
+    cls = next((c for c in CONDITIONERS.values() if c.pipeline is not None and c.pipeline == pipeline),
+               CONDITIONERS["single"])
+    configs = {c: _text_config(root, c, what) for c in text_encoders(root)}
+    return cls.from_pipeline(configs, text_len=_text_len(root, family, what), denoiser=denoiser, where=f"{what}={str(root)!r}")
+
+
+def _text_config(root: Path, component: str, what: str) -> dict[str, Any]:
+    cfg = _read(root / component / "config.json", what)
+    return {k: v for k, v in cfg.items()
+            if not k.startswith("_") and k not in ("architectures", "torch_dtype", "dtype", "transformers_version")}
 
 
 def _text_len(root: Path, family: Any, what: str) -> int:
@@ -153,9 +209,8 @@ def _text_len(root: Path, family: Any, what: str) -> int:
 
 def register_pipeline_preset(root: str | Path, what: str = "init.from_diffusers"):
     """Register (once) and return the preset a pipeline folder describes (module doc)."""
-    from diffusers import AutoencoderKL
-
     from scaletrain.models.family import PRESETS, add_preset
+    from scaletrain.models.vaes import vae_kind_of
 
     name = preset_name(root)
     if name in PRESETS:
@@ -166,10 +221,6 @@ def register_pipeline_preset(root: str | Path, what: str = "init.from_diffusers"
     vae = None
     if (root / "vae").is_dir():
         vae_cfg = _read(root / "vae" / "config.json", what)
-        if vae_cfg.get("_class_name") != AutoencoderKL.__name__:
-            raise ValueError(f"{what}={str(root)!r}: its vae is a {vae_cfg.get('_class_name')}; scaletrain's "
-                             "latent presets use AutoencoderKL")
-        vae = dict(AutoencoderKL.extract_init_dict(vae_cfg)[0])
-    spec = _text_spec(root, what)
-    return add_preset(name, fam.name, vae, dict(denoiser), spec, _text_len(root, fam, what),
-                      f"read from the diffusers pipeline at {root}")
+        vae = vae_kind_of(vae_cfg, f"{what}={str(root)!r}: its vae").from_folder_config(vae_cfg)
+    conditioner = _conditioner(root, fam, dict(denoiser), what)
+    return add_preset(name, fam.name, vae, dict(denoiser), conditioner, f"read from the diffusers pipeline at {root}")

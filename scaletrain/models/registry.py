@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from diffusers import AutoencoderKL
 
 from scaletrain.models import text
+from scaletrain.models.vaes import vae_kind_of
 
 if TYPE_CHECKING:
     from scaletrain.config import RunConfig
@@ -54,7 +55,8 @@ class Denoiser(nn.Module):
         self.pixel_factor = pixel_factor  # image pixels per input element (the VAE's factor; 1 in pixel space)
         self.family = family  # the family's name (a FAMILIES key)
         # SD UNets were trained attending over padding tokens; masking them would shift
-        # the conditioning of a loaded checkpoint. PixArt was trained with the T5 mask.
+        # the conditioning of a loaded checkpoint. PixArt was trained with the T5 mask. The
+        # conditioner says which (``TextConditioner.use_mask``).
         self.use_text_mask = use_text_mask
         self._forward_fn: Callable[..., Tensor] = get_family(family).forward
         # Built on meta, not yet initialised: what models.meta_init.materialize needs (the engine calls it).
@@ -69,12 +71,14 @@ class Denoiser(nn.Module):
             materialize(self.net, self.pending_init, device)
             self.pending_init = None
 
-    def forward(self, x: Tensor, timesteps: Tensor, text_emb: Tensor, text_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, cond: text.Cond) -> Tensor:
+        """``cond``: the preset's text conditioner's output (``models/text.py``), batch first."""
         if timesteps.ndim == 0:  # a single shared timestep: the nets want one per sample
             timesteps = timesteps.expand(x.shape[0])
-        mask = text_mask if self.use_text_mask else None
+        if not self.use_text_mask and "text_mask" in cond:
+            cond = {k: v for k, v in cond.items() if k != "text_mask"}
         size = (x.shape[-2] * self.pixel_factor, x.shape[-1] * self.pixel_factor)
-        return self._forward_fn(self.net, x, timesteps, text_emb, mask, pixel_size=size)
+        return self._forward_fn(self.net, x, timesteps, cond, pixel_size=size)
 
 
 @dataclass(frozen=True)
@@ -101,21 +105,22 @@ class DiffusionModel:
         self.source = source
         self.device: torch.device | None = None  # set by `to`; lazily built encoders go there
         self.max_text_len = preset.max_text_len
-        self._text: tuple[nn.Module, Any] | None = None
+        self._text: list[tuple[nn.Module, Any]] | None = None  # (encoder, tokenizer) per conditioner slot
         self._vae: AutoencoderKL | None = None
         # How the frozen encoders are laid out across ranks (``lay_out_encoders``); None: whole.
         self._layout: Callable[[nn.Module], nn.Module] | None = None
 
     def build_encoders(self) -> "DiffusionModel":
         if self._text is None:
-            encoder, tokenizer, vae = build_encoders(self.preset, self.source)
+            encoders, vae = build_encoders(self.preset, self.source)
             if self._layout is not None:  # on the host: only the shards go to the device
-                encoder = self._layout(encoder)
+                encoders = [(self._layout(e), t) for e, t in encoders]
                 vae = self._layout(vae) if vae is not None else None
             if self.device is not None:
-                encoder.to(self.device)
+                for e, _ in encoders:
+                    e.to(self.device)
                 vae = vae.to(self.device) if vae is not None else None
-            self._text, self._vae = (encoder, tokenizer), vae
+            self._text, self._vae = encoders, vae
         return self
 
     def lay_out_encoders(self, layout: Callable[[nn.Module], nn.Module]) -> None:
@@ -125,13 +130,12 @@ class DiffusionModel:
         Call it before ``to(device)``: the layout moves only each rank's shards there."""
         self._layout = layout
         if self._text is not None:
-            encoder, tokenizer = self._text
-            self._text = (layout(encoder), tokenizer)
+            self._text = [(layout(e), t) for e, t in self._text]
             self._vae = layout(self._vae) if self._vae is not None else None
 
     def frozen_numel(self) -> tuple[int, int]:
         """(parameters this rank holds, parameters in all) of the built frozen encoders."""
-        mods = [m for m in (self._text[0] if self._text else None, self._vae) if m is not None]
+        mods = [e for e, _ in self._text or []] + ([self._vae] if self._vae is not None else [])
         params = [p for m in mods for p in m.parameters()]
         local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
         return local, sum(p.numel() for p in params)
@@ -141,12 +145,17 @@ class DiffusionModel:
         return self._text is not None
 
     @property
-    def text_encoder(self) -> nn.Module:
-        return self.build_encoders()._text[0]
+    def text_encoders(self) -> list[nn.Module]:
+        """The conditioner's encoders, in slot order (pipeline components text_encoder, _2, ...)."""
+        return [e for e, _ in self.build_encoders()._text]
 
     @property
-    def tokenizer(self) -> Any:
-        return self.build_encoders()._text[1]
+    def tokenizers(self) -> list[Any]:
+        return [t for _, t in self.build_encoders()._text]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The built frozen encoders: text encoders, then the VAE (if any)."""
+        return self.text_encoders + ([self.vae] if self.vae is not None else [])
 
     @property
     def vae(self) -> AutoencoderKL | None:
@@ -156,17 +165,17 @@ class DiffusionModel:
         self.device = torch.device(device)
         if self.denoiser.pending_init is None:  # else the engine materialises it where it shards it
             self.denoiser.to(device)
-        if self._text is not None:
-            self._text[0].to(device)
+        for e, _ in self._text or []:
+            e.to(device)
         if self._vae is not None:
             self._vae.to(device)
         return self
 
     @torch.no_grad()
-    def encode_text(self, captions: list[str], device: torch.device | str) -> tuple[Tensor, Tensor]:
-        """(emb (B, L, D) float32, mask (B, L) long). "" encodes to eos + padding (unconditional)."""
-        return text.encode_captions(self.text_encoder, self.tokenizer, self.preset.text_encoder,
-                                    captions, self.max_text_len, device)
+    def encode_text(self, captions: list[str], device: torch.device | str) -> text.Cond:
+        """The conditioning of ``captions`` (``text_emb`` (B, L, D) float32, ``text_mask`` (B, L)
+        long, and what else the preset's conditioner gives). "" is the unconditional caption."""
+        return self.preset.conditioner.encode(self.build_encoders()._text, captions, device)
 
     @torch.no_grad()
     def encode_posterior(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,7 +200,7 @@ class DiffusionModel:
         else:
             noise = torch.stack([torch.randn(tuple(mean.shape[1:]), generator=g) for g in generators])
         z = mean.float() + torch.exp(0.5 * logvar.float()) * noise.to(mean.device)
-        factor, shift = scaling if scaling is not None else vae_scaling(self.vae.config)
+        factor, shift = scaling if scaling is not None else vae_scaling(self.vae)
         return (z - _per_channel(shift, z)) * _per_channel(factor, z)
 
     @torch.no_grad()
@@ -211,20 +220,25 @@ class DiffusionModel:
         vae = self.vae
         if self.preset.video and latents.ndim == 4:
             return self.decode(latents.unsqueeze(2)).squeeze(2)
-        factor, shift = vae_scaling(vae.config)
+        factor, shift = vae_scaling(vae)
         z = latents.to(next(vae.parameters()).dtype)
         z = z / _per_channel(factor, z) + _per_channel(shift, z)
         return vae.decode(z).sample.float().clamp(-1, 1)
 
 
-def vae_scaling(config: Any) -> tuple[Any, Any]:
+def vae_scaling(vae: Any) -> tuple[Any, Any]:
     """(scale, shift) taking a VAE sample into the denoiser's space as (z - shift) * scale:
     SD's scaling_factor (shift 0; SD3/Flux's shift_factor), or for a video VAE that normalises
-    per channel (Wan: latents_mean / latents_std) one value per channel (tuples)."""
-    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-    if get("latents_mean", None) is not None:
-        return tuple(1.0 / float(s) for s in get("latents_std")), tuple(float(m) for m in get("latents_mean"))
-    return float(get("scaling_factor")), float(get("shift_factor", None) or 0.0)
+    per channel (Wan: latents_mean / latents_std) one value per channel (tuples). Its kind's
+    (``models/vaes.py``); ``vae``: a built VAE, or a config dict (its ``_class_name`` names the kind)."""
+    if isinstance(vae, nn.Module):  # by isinstance: FSDP2 (frozen_encoders=shard) subclasses the module's class
+        from scaletrain.models.vaes import VAE_KINDS
+
+        kind = next((k for k in VAE_KINDS.values() if isinstance(vae, k.cls)), None)
+        if kind is None:
+            raise ValueError(f"the VAE is a {type(vae).__name__}; scaletrain's latent presets use {', '.join(VAE_KINDS)}")
+        return kind.scaling(vae.config)
+    return vae_kind_of(vae).scaling(vae)
 
 
 def _per_channel(v: Any, z: Tensor) -> Any:
@@ -235,13 +249,7 @@ def _per_channel(v: Any, z: Tensor) -> Any:
 
 
 def _vae_class(config: dict[str, Any]) -> tuple[type, dict[str, Any]]:
-    import diffusers
-
-    cfg = dict(config)
-    name = cfg.pop("_class_name", "AutoencoderKL")
-    if not name.startswith("AutoencoderKL") or not hasattr(diffusers, name):
-        raise ValueError(f"VAE class {name!r} is not a diffusers AutoencoderKL* class")
-    return getattr(diffusers, name), cfg
+    return vae_kind_of(config).cls, {k: v for k, v in config.items() if k != "_class_name"}
 
 
 def build_vae(config: dict[str, Any], path: str | None, dtype: torch.dtype) -> nn.Module:
@@ -313,7 +321,7 @@ def build_denoiser(preset: ModelPreset | str, *, seed: int | None = None, defer_
         if not defer_init:
             meta_init.materialize(net, pending, torch.device("cpu"))
             pending = None
-    denoiser = Denoiser(net, preset.family, use_text_mask=preset.text_encoder.use_mask, pixel_factor=preset.vae_factor)
+    denoiser = Denoiser(net, preset.family, use_text_mask=preset.conditioner.use_mask, pixel_factor=preset.vae_factor)
     denoiser.pending_init = pending
     return denoiser
 
@@ -325,14 +333,14 @@ def check_encoder_paths(source: EncoderSource) -> None:
                              "save_pretrained (downloads are never attempted)")
 
 
-def build_encoders(preset: ModelPreset, source: EncoderSource) -> tuple[nn.Module, Any, AutoencoderKL | None]:
-    """(text encoder, tokenizer, VAE or None), frozen, in ``source.dtype``; the global RNG is untouched."""
+def build_encoders(preset: ModelPreset, source: EncoderSource) -> tuple[list[tuple[nn.Module, Any]], nn.Module | None]:
+    """([(text encoder, tokenizer)] per conditioner slot, VAE or None), frozen, in ``source.dtype``;
+    the global RNG is untouched."""
+    encoders = text.build_encoders(preset.conditioner, source.text_encoder_path, source.dtype, source.seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(source.seed)
-        encoder, tokenizer = text.build_text_encoder(preset.text_encoder, source.text_encoder_path, source.dtype)
         torch.manual_seed(source.seed + 1)
         vae = build_vae(preset.vae_config, source.vae_path, source.dtype) if preset.vae_config is not None else None
-    return encoder, tokenizer, vae
+    return encoders, vae
 
 
 def encoder_identity(preset: ModelPreset, source: EncoderSource) -> dict[str, Any]:
@@ -349,7 +357,7 @@ def encoder_identity(preset: ModelPreset, source: EncoderSource) -> dict[str, An
         dtype = "" if source.dtype == torch.float32 else f":dtype={str(source.dtype).removeprefix('torch.')}"
         return f"random-init:{digest}:seed={source.seed}{dtype}"
 
-    return {"text_encoder": ident(source.text_encoder_path, preset.text_encoder.config),
+    return {"text_encoder": ident(source.text_encoder_path, preset.conditioner.describe()),
             "vae": ident(source.vae_path, preset.vae_config)}
 
 

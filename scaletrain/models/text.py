@@ -1,18 +1,30 @@
-"""Frozen text encoders and their tokenizers.
+"""Frozen text encoders, their tokenizers, and the text-conditioner seam.
 
-Two sources, nothing downloaded:
-- a local folder (``from_pretrained(path, local_files_only=True)``), either the encoder
-  folder itself or a diffusers pipeline root holding ``text_encoder/`` and ``tokenizer/``;
-- a config-built, randomly initialised encoder of the width the denoiser expects, paired
-  with ``ByT5Tokenizer()`` (byte level, needs no vocabulary file). Its embeddings carry no
-  meaning; it exists so that demos, tests and benchmarks run offline at the real shapes.
+A preset conditions its denoiser through a ``TextConditioner`` (one file each in
+``models/conditioners/``, chosen by the preset's family): which encoders it runs
+(``EncoderSlot``: the pipeline component, the transformers class, its config, its prompt
+length) and how their outputs become the tensors the denoiser takes, a ``Cond`` dict
+(batch first): ``text_emb`` (B, L, D) and ``text_mask`` (B, L) always, ``pooled`` (B, P) where
+the family conditions on a pooled vector (SDXL, SD3, FLUX). Each conditioner does what the
+family's published diffusers pipeline does in its ``encode_prompt`` (tests compare them).
+
+An encoder comes from one of two sources, nothing downloaded:
+- a local folder (``from_pretrained(path, local_files_only=True)``): the encoder folder itself
+  (one-encoder presets) or a diffusers pipeline root holding ``text_encoder/``,
+  ``text_encoder_2/``, ... and ``tokenizer/``, ``tokenizer_2/``, ...;
+- a config-built, randomly initialised encoder (the slot's config), paired with a byte-level
+  ``ByT5Tokenizer`` (needs no vocabulary file). Its embeddings carry no meaning; it exists so
+  that demos, tests and benchmarks run offline at the real shapes.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +33,10 @@ from transformers import (
     ByT5Tokenizer,
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     T5Config,
     T5EncoderModel,
+    UMT5Config,
     UMT5EncoderModel,
 )
 
@@ -31,59 +45,74 @@ BYTE_VOCAB_SIZE = 384
 BYTE_PAD_ID = 0
 BYTE_EOS_ID = 1
 
+Cond = dict[str, Tensor]  # what a conditioner hands the denoiser, batch first
+
+
+def build_byte_tokenizer(max_len: int | None = None) -> ByT5Tokenizer:
+    """Byte-level tokenizer that constructs with no files; every caption ends with eos=1.
+    ``max_len`` becomes its ``model_max_length`` (what diffusers pipelines pad prompts to)."""
+    return ByT5Tokenizer(**({"model_max_length": max_len} if max_len else {}))
+
+
+# The transformers classes a slot may name: (class, its config class, the model_type values a
+# folder's config.json may carry for it). A T5-kind slot loads a UMT5 folder as UMT5 and a T5
+# folder as T5 (Wan's UMT5 is a T5 by shape but not by weights: every layer has its own relative
+# attention bias, so loading it as a T5 would silently drop them).
+ENCODER_CLASSES: dict[str, tuple[type, type, tuple[str, ...]]] = {
+    "CLIPTextModel": (CLIPTextModel, CLIPTextConfig, ("clip_text_model", "clip")),
+    "CLIPTextModelWithProjection": (CLIPTextModelWithProjection, CLIPTextConfig, ("clip_text_model", "clip")),
+    "T5EncoderModel": (T5EncoderModel, T5Config, ("t5", "umt5")),
+    "UMT5EncoderModel": (UMT5EncoderModel, UMT5Config, ("umt5", "t5")),
+}
+_T5_BY_TYPE = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel}
+# Weights a folder may hold beside the encoder's, never used for caption embeddings: CLIP's
+# projection head (a CLIPTextModel slot) and vision tower (a whole CLIPModel folder), a T5's
+# decoder and LM head (a whole T5ForConditionalGeneration folder).
+UNUSED_WEIGHTS = {
+    "CLIPTextModel": ("text_projection.", "vision_model.", "visual_projection.", "logit_scale"),
+    "CLIPTextModelWithProjection": ("vision_model.", "visual_projection.", "logit_scale"),
+    "T5EncoderModel": ("decoder.", "lm_head."), "UMT5EncoderModel": ("decoder.", "lm_head."),
+}
+
 
 @dataclass(frozen=True)
-class TextEncoderSpec:
-    """What a preset needs from its text encoder; `config` builds one when no path is given."""
+class EncoderSlot:
+    """One text encoder of a conditioner: its pipeline component and tokenizer folders, its
+    transformers class, the config a random init builds, and the prompt length it is fed."""
 
-    kind: str  # "clip" | "t5"
-    hidden_size: int
+    component: str  # "text_encoder", "text_encoder_2", ...
+    tokenizer: str  # "tokenizer", "tokenizer_2", ...
+    model_class: str  # an ENCODER_CLASSES key
     config: dict[str, Any]
-    # CLIP (SD convention) attends over padding causally and the UNet sees all L tokens;
-    # T5 (PixArt convention) needs the padding mask in the encoder and in cross-attention.
-    use_mask: bool
+    max_len: int
+
+    @property
+    def width(self) -> int:
+        return int(self.config.get("hidden_size") or self.config["d_model"])
+
+    @property
+    def is_clip(self) -> bool:
+        return self.model_class.startswith("CLIP")
 
 
-def build_byte_tokenizer() -> ByT5Tokenizer:
-    """Byte-level tokenizer that constructs with no files; every caption ends with eos=1."""
-    return ByT5Tokenizer()
+def clip_config(hidden_size: int, layers: int, heads: int, max_len: int, act: str,
+                projection_dim: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """A CLIP text config of the given shape on the byte vocabulary. eos_token_id must be the
+    byte tokenizer's eos (1): CLIPTextModel finds the pooled token by searching for eos_token_id
+    (any value except the legacy 2, which means argmax)."""
+    cfg = dict(vocab_size=BYTE_VOCAB_SIZE, pad_token_id=BYTE_PAD_ID, eos_token_id=BYTE_EOS_ID,
+               bos_token_id=BYTE_EOS_ID, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+               num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_len,
+               hidden_act=act, projection_dim=projection_dim or hidden_size)
+    return {**cfg, **overrides}
 
 
-def _clip_config(**overrides: Any) -> dict[str, Any]:
-    # eos_token_id must be the byte tokenizer's eos (1): CLIPTextModel finds the pooled token
-    # by searching for eos_token_id (any value except the legacy 2, which means argmax).
-    base = dict(
-        vocab_size=BYTE_VOCAB_SIZE, pad_token_id=BYTE_PAD_ID, eos_token_id=BYTE_EOS_ID,
-        bos_token_id=BYTE_EOS_ID,
-    )
-    return {**base, **overrides}
-
-
-def clip_spec(hidden_size: int, layers: int, heads: int, max_len: int, act: str) -> TextEncoderSpec:
-    """A CLIP text encoder of the given shape (used for tiny and SD presets)."""
-    cfg = _clip_config(
-        hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=layers,
-        num_attention_heads=heads, max_position_embeddings=max_len, hidden_act=act,
-    )
-    return TextEncoderSpec(kind="clip", hidden_size=hidden_size, config=cfg, use_mask=False)
-
-
-def t5_spec(d_model: int, layers: int, heads: int, d_kv: int, d_ff: int) -> TextEncoderSpec:
-    """A T5 v1.1-style (gated-gelu) encoder of the given shape (used for PixArt presets)."""
-    cfg = dict(
-        vocab_size=BYTE_VOCAB_SIZE, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers,
-        num_heads=heads, feed_forward_proj="gated-gelu", pad_token_id=BYTE_PAD_ID,
-        eos_token_id=BYTE_EOS_ID, decoder_start_token_id=BYTE_PAD_ID, dropout_rate=0.0,
-    )
-    return TextEncoderSpec(kind="t5", hidden_size=d_model, config=cfg, use_mask=True)
-
-
-def _split_pipeline_root(path: str) -> tuple[str, str]:
-    """(encoder dir, tokenizer dir): a diffusers pipeline root keeps them in subfolders."""
-    if os.path.isdir(os.path.join(path, "text_encoder")):
-        tok = os.path.join(path, "tokenizer")
-        return os.path.join(path, "text_encoder"), tok if os.path.isdir(tok) else path
-    return path, path
+def t5_config(d_model: int, layers: int, heads: int, d_kv: int, d_ff: int, **overrides: Any) -> dict[str, Any]:
+    """A T5 v1.1-style (gated-gelu) encoder config on the byte vocabulary."""
+    cfg = dict(vocab_size=BYTE_VOCAB_SIZE, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers,
+               num_heads=heads, feed_forward_proj="gated-gelu", pad_token_id=BYTE_PAD_ID,
+               eos_token_id=BYTE_EOS_ID, decoder_start_token_id=BYTE_PAD_ID, dropout_rate=0.0)
+    return {**cfg, **overrides}
 
 
 def _dtype_kw(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -94,88 +123,201 @@ def _dtype_kw(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-# A local folder's class comes from its config's model_type, among those of the spec's kind
-# (Wan's UMT5 is a T5 by shape but not by weights: every layer has its own relative attention
-# bias, so loading it as a T5 silently drops them).
-ENCODER_CLASSES: dict[str, dict[str, type]] = {
-    "clip": {"clip_text_model": CLIPTextModel, "clip": CLIPTextModel},
-    "t5": {"t5": T5EncoderModel, "umt5": UMT5EncoderModel},
-}
-# Weights a folder may hold beside the encoder's, never used for caption embeddings: CLIP's
-# projection heads and vision tower (SDXL's/SD3's text_encoder_2, a whole CLIPModel folder),
-# a T5's decoder and LM head (a whole T5ForConditionalGeneration folder).
-UNUSED_WEIGHTS = {"clip": ("text_projection.", "vision_model.", "visual_projection.", "logit_scale"),
-                  "t5": ("decoder.", "lm_head.")}
+def _folders(slot: EncoderSlot, path: str, single: bool) -> tuple[str, str]:
+    """(encoder dir, tokenizer dir) of ``slot`` under ``path``: a pipeline root keeps them in
+    the slot's subfolders; a one-encoder preset may also name the encoder folder itself."""
+    enc = os.path.join(path, slot.component)
+    if os.path.isdir(enc):
+        tok = os.path.join(path, slot.tokenizer)
+        return enc, tok if os.path.isdir(tok) else path
+    if single:
+        return path, path
+    raise ValueError(f"model.text_encoder_path={path!r} has no {slot.component}/ folder; this preset encodes "
+                     "captions with several encoders, so give the pipeline folder that holds them all")
 
 
-def encoder_class(spec: TextEncoderSpec, enc_dir: str, path: str) -> type:
+def encoder_class(slot: EncoderSlot, enc_dir: str, path: str) -> type:
     """The transformers class that loads the folder: by its config's model_type, which must be
-    of the preset's kind (one-line ValueError otherwise)."""
-    import json
-
+    one the slot accepts (one-line ValueError otherwise)."""
     cfg_file = os.path.join(enc_dir, "config.json")
     if not os.path.isfile(cfg_file):
         raise ValueError(f"model.text_encoder_path={path!r} has no config.json in {enc_dir}; give a folder "
                          "saved with save_pretrained")
     with open(cfg_file) as f:
         model_type = json.load(f).get("model_type")
-    classes = ENCODER_CLASSES[spec.kind]
-    if model_type not in classes:
-        raise ValueError(f"model.text_encoder_path={path!r} holds a {model_type!r} model, but this preset encodes "
-                         f"captions with a {spec.kind} encoder ({', '.join(classes)}); use a matching encoder")
-    return classes[model_type]
+    cls, _, types = ENCODER_CLASSES[slot.model_class]
+    if model_type not in types:
+        raise ValueError(f"model.text_encoder_path={path!r} holds a {model_type!r} model in {enc_dir}, but this "
+                         f"preset encodes captions there with a {slot.model_class} ({', '.join(types)}); "
+                         "use a matching encoder")
+    return _T5_BY_TYPE[model_type] if model_type in _T5_BY_TYPE else cls
 
 
-def check_loaded_keys(info: dict, spec: TextEncoderSpec, path: str, cls: type) -> None:
+def check_loaded_keys(info: dict, slot: EncoderSlot, path: str, cls: type) -> None:
     """transformers only logs weights it could not place; a wrong file would encode captions
     with random layers. Missing, mis-shaped or unexpected keys (beside ``UNUSED_WEIGHTS``) are one
     ValueError naming them."""
     missing = sorted(info.get("missing_keys") or [])
-    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not k.startswith(UNUSED_WEIGHTS[spec.kind]))
+    unused = UNUSED_WEIGHTS[slot.model_class]
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not k.startswith(unused))
     mismatched = sorted(str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or [])
     if missing or unexpected or mismatched:
         parts = [f"{len(v)} {what} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
                  for what, v in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)) if v]
-        raise ValueError(f"model.text_encoder_path={path!r} does not fit a {cls.__name__}: keys "
+        raise ValueError(f"model.text_encoder_path={path!r} does not fit a {cls.__name__} ({slot.component}): keys "
                          f"{'; '.join(parts)}; give the encoder folder this preset's pipeline was trained with")
 
 
-def build_text_encoder(spec: TextEncoderSpec, path: str | None, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """Return a frozen (eval, requires_grad False) encoder and its tokenizer."""
-    cls = CLIPTextModel if spec.kind == "clip" else T5EncoderModel
-    # Built directly in ``dtype`` (transformers' torch_dtype), never in fp32 and then cast: a
-    # T5-XXL-class encoder is 19 GB in fp32.
+def build_encoder(slot: EncoderSlot, path: str | None, dtype: torch.dtype, *, single: bool = True
+                  ) -> tuple[nn.Module, Any]:
+    """A frozen (eval, requires_grad False) encoder for ``slot`` and its tokenizer, from
+    ``path`` (module doc) or random init from the slot's config. Built directly in ``dtype``
+    (transformers' construction dtype), never in fp32 and then cast: a T5-XXL is 19 GB in fp32."""
+    cls, cfg_cls, _ = ENCODER_CLASSES[slot.model_class]
     if path is None:
-        cfg_cls = CLIPTextConfig if spec.kind == "clip" else T5Config
-        encoder, tokenizer = cls._from_config(cfg_cls(**spec.config), **_dtype_kw(dtype)), build_byte_tokenizer()
+        encoder = cls._from_config(cfg_cls(**slot.config), **_dtype_kw(dtype))
+        tokenizer = build_byte_tokenizer(slot.max_len)
     else:
         if not os.path.isdir(path):
             raise ValueError(f"model.text_encoder_path={path!r} is not a directory; give a local folder "
                              "saved with save_pretrained (downloads are never attempted)")
-        enc_dir, tok_dir = _split_pipeline_root(path)
-        cls = encoder_class(spec, enc_dir, path)
+        enc_dir, tok_dir = _folders(slot, path, single)
+        cls = encoder_class(slot, enc_dir, path)
         encoder, info = cls.from_pretrained(enc_dir, local_files_only=True, output_loading_info=True,
                                             **_dtype_kw(dtype))
-        check_loaded_keys(info, spec, path, cls)
+        check_loaded_keys(info, slot, path, cls)
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        width = encoder.config.hidden_size if spec.kind == "clip" else encoder.config.d_model
-        if width != spec.hidden_size:
-            raise ValueError(f"model.text_encoder_path={path!r} has hidden size {width}, but this preset's "
-                             f"denoiser cross-attends to {spec.hidden_size}; use a matching encoder")
+        width = getattr(encoder.config, "hidden_size", None) or encoder.config.d_model
+        if width != slot.width:
+            raise ValueError(f"model.text_encoder_path={path!r}: {slot.component} has hidden size {width}, but this "
+                             f"preset's denoiser is conditioned on {slot.width}; use a matching encoder")
     encoder.to(dtype).eval().requires_grad_(False)
     return encoder, tokenizer
 
 
-@torch.no_grad()
-def encode_captions(encoder: nn.Module, tokenizer: Any, spec: TextEncoderSpec, captions: list[str],
-                    max_len: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """Tokenise to a fixed length and encode: (emb (B, L, D) float32, mask (B, L) long)."""
+def tokenize(tokenizer: Any, captions: Sequence[str], max_len: int, device: torch.device | str
+             ) -> tuple[Tensor, Tensor]:
+    """(input ids, attention mask (long)) padded to ``max_len``, as the pipelines tokenize."""
     batch = tokenizer(list(captions), padding="max_length", max_length=max_len, truncation=True,
                       return_tensors="pt")
-    ids = batch.input_ids.to(device)
-    mask = batch.attention_mask.to(device).long()
-    # CLIP is causal, so real tokens never see padding anyway; passing no mask keeps the
-    # padding embeddings identical to what SD checkpoints were trained on.
-    enc_mask = mask if spec.use_mask else None
-    out = encoder(input_ids=ids, attention_mask=enc_mask)
-    return out.last_hidden_state.float(), mask
+    return batch.input_ids.to(device), batch.attention_mask.to(device).long()
+
+
+class TextConditioner(ABC):
+    """How a family's published pipeline turns captions into what its denoiser takes.
+
+    Stateless beyond its slots (one per text encoder, in pipeline order); the preset holds one.
+    ``encode`` runs the built encoders; ``fields`` says the per-sample shapes of what it returns
+    (precomputed shards, sizing, shape checks)."""
+
+    name: ClassVar[str]
+    # The denoiser attends with the caption's padding mask (PixArt's T5); False: it attends over
+    # the padding as its pipeline does (CLIP-conditioned UNets, SD3, FLUX) or the conditioner
+    # has zeroed the padding itself (Wan), so the mask is not passed on.
+    use_mask: ClassVar[bool] = False
+    # The diffusers pipeline class whose ``encode_prompt`` this is, when it decides the pipeline
+    # (SDXL's two encoders: StableDiffusionXLPipeline); None: the family's pipeline.
+    pipeline: ClassVar[str | None] = None
+
+    def __init__(self, slots: Sequence[EncoderSlot]) -> None:
+        self.slots = tuple(slots)
+
+    @property
+    @abstractmethod
+    def text_len(self) -> int:
+        """Tokens of the ``text_emb`` sequence."""
+
+    @property
+    @abstractmethod
+    def text_width(self) -> int:
+        """Width of ``text_emb``."""
+
+    @property
+    def pooled_width(self) -> int | None:
+        """Width of ``pooled``; None: the conditioner gives none."""
+        return None
+
+    @abstractmethod
+    def encode(self, encoders: Sequence[tuple[nn.Module, Any]], captions: Sequence[str],
+               device: torch.device | str) -> Cond:
+        """The conditioning of ``captions`` (float32 embeddings, long mask); ``encoders`` are the
+        built (encoder, tokenizer) pairs in slot order."""
+
+    def fields(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of each tensor ``encode`` returns."""
+        out = {"text_emb": (self.text_len, self.text_width), "text_mask": (self.text_len,)}
+        if self.pooled_width is not None:
+            out["pooled"] = (self.pooled_width,)
+        return out
+
+    @classmethod
+    @abstractmethod
+    def from_pipeline(cls, configs: dict[str, dict[str, Any]], *, text_len: int, denoiser: dict[str, Any],
+                      where: str) -> "TextConditioner":
+        """The conditioner of a pipeline folder (``models/pipeline_folder.py``) from its text
+        encoders' config.json files (component -> config); ``text_len``: a one-encoder pipeline's
+        prompt length; ``denoiser``: the folder's denoiser config. One-line ValueError (naming
+        ``where``) when the folder's encoders are not this conditioner's."""
+
+    def example(self, batch: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> Cond:
+        """Random conditioning of the right shapes (every token real), for shape-only runs: FLOP
+        counts, benchmarks, tests of a denoiser alone."""
+        out: Cond = {}
+        for name, shape in self.fields().items():
+            if name == "text_mask":
+                out[name] = torch.ones(batch, *shape, dtype=torch.long, device=device)
+            else:
+                out[name] = torch.randn(batch, *shape, generator=generator, dtype=dtype).to(device)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """What decides its outputs besides the weights (hashed into precomputed shards' identity)."""
+        return {"conditioner": self.name, "slots": [(s.component, s.model_class, s.config, s.max_len) for s in self.slots]}
+
+
+CONDITIONERS: dict[str, type[TextConditioner]] = {}
+
+# config.json model_type -> the slot class a one-encoder pipeline loads it as.
+MODEL_TYPE_CLASSES = {"clip_text_model": "CLIPTextModel", "t5": "T5EncoderModel", "umt5": "UMT5EncoderModel"}
+
+
+def expect_encoders(configs: dict[str, dict[str, Any]], wanted: dict[str, tuple[str, ...]], pipeline: str,
+                    where: str) -> None:
+    """One ValueError naming every text encoder of a pipeline folder that is missing or of a
+    model_type its pipeline does not use (``wanted``: component -> accepted model_type values)."""
+    problems = [f"{c} is missing" if c not in configs else f"{c} is a {configs[c].get('model_type')!r} model"
+                for c, types in wanted.items() if c not in configs or configs[c].get("model_type") not in types]
+    problems += [f"{c} is one {pipeline} does not use" for c in configs if c not in wanted]
+    if problems:
+        need = ", ".join(f"{c}: {'/'.join(t)}" for c, t in wanted.items())
+        raise ValueError(f"{where}: {'; '.join(problems)}; a {pipeline} folder holds {need}")
+
+
+def register_conditioner(cls: type[TextConditioner]) -> type[TextConditioner]:
+    if getattr(cls, "name", None) in CONDITIONERS:
+        raise ValueError(f"text conditioner {cls.name!r} is registered twice")
+    CONDITIONERS[cls.name] = cls
+    return cls
+
+
+def load_conditioners() -> None:
+    """Import every module of ``scaletrain.models.conditioners`` (each registers itself)."""
+    import importlib
+    import pkgutil
+
+    from scaletrain.models import conditioners
+
+    for mod in pkgutil.iter_modules(conditioners.__path__):
+        importlib.import_module(f"{conditioners.__name__}.{mod.name}")
+
+
+def build_encoders(conditioner: TextConditioner, path: str | None, dtype: torch.dtype, seed: int = 0
+                   ) -> list[tuple[nn.Module, Any]]:
+    """Every slot's (encoder, tokenizer); random init draws from ``seed`` + slot index only."""
+    out = []
+    for i, slot in enumerate(conditioner.slots):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + (0 if i == 0 else 1000 + i))  # slot 0 as the one-encoder presets always drew
+            out.append(build_encoder(slot, path, dtype, single=len(conditioner.slots) == 1))
+    return out

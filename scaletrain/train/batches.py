@@ -46,7 +46,7 @@ class ImageStream:
             precomputed=self.encoding is not None, pin_memory=self.device.type == "cuda",
             bad_captions=d.bad_captions, max_image_pixels=d.max_image_pixels, max_member_bytes=d.max_member_bytes,
             allow_pipe_shards=d.allow_pipe_shards,
-            empty_text=self.encoding.empty_caption() if self.encoding is not None else None,
+            empty_cond=self.encoding.empty_caption() if self.encoding is not None else None,
         )
         # Resume from the stream position the checkpoint stored for this rank (O(1): nothing read
         # before it is decoded), when it belongs to this stage and the same stream; else replay.

@@ -33,7 +33,7 @@ from scaletrain.models import parallel_units
 from scaletrain.models.lora import adapters_disabled
 from scaletrain.models.registry import Denoiser, build_denoiser, get_preset
 from scaletrain.diffusion.base import Objective
-from scaletrain.train.step import BatchRequest, LossContext, TrainingLoss
+from scaletrain.train.step import BatchRequest, LossContext, TrainingLoss, cast_cond
 
 
 def build_start_denoiser(cfg: RunConfig) -> tuple[Denoiser, str]:
@@ -146,11 +146,11 @@ class PreferenceLoss(TrainingLoss):
         n = len(keys)
         pixels = torch.cat([batch["pixels_chosen"], batch["pixels_rejected"]]).to(self.device)
         x0 = self.model.encode_images(pixels)  # one VAE pass for both sides
-        emb, mask = self.model.encode_text(batch["captions"], self.device)
-        emb, mask = emb.repeat(2, 1, 1), mask.repeat(2, 1)
+        cond = self.model.encode_text(batch["captions"], self.device)
+        cond = {k: torch.cat([v, v]) for k, v in cond.items()}  # the same caption for both sides
         tb = prepare_pair_batch(x0[:n], x0[n:], keys, step=step, seed=seed, objective=objective)
         dtype = engine.input_dtype
-        inputs = (tb.noisy.to(dtype), tb.timesteps, emb.to(dtype), mask)
+        inputs = (tb.noisy.to(dtype), tb.timesteps, cast_cond(cond, dtype))
         with engine.micro_step(is_last=is_last):
             with torch.no_grad():  # reference first: ZeRO-3 and FSDP2 then see forward, backward in order
                 ref_err = objective.errors(self.reference(*inputs).float(), tb)

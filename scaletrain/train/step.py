@@ -1,7 +1,7 @@
 """One training step's diffusion math, shared by the trainer and the benchmark cell, and the
 ``TrainingLoss`` seam through which the trainer runs a micro-batch.
 
-``model_inputs`` turns a loader batch into (x0 in the denoiser's space, text embedding, mask):
+``model_inputs`` turns a loader batch into (x0 in the denoiser's space, the conditioning dict):
 the precomputed posterior and text outputs when the batch has them, else the frozen encoders;
 a latent preset draws its posterior sample from per-key generators on both paths, so the two
 paths give the same x0. ``forward_backward`` is one micro-batch: the objective's training
@@ -33,21 +33,29 @@ from scaletrain.diffusion.seeding import posterior_generators
 
 
 def model_inputs(model, batch: dict, device: torch.device, *, seed: int, step: int,
-                 scaling: tuple[float, float] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(x0, text emb, text mask), float32 on ``device``. ``model`` is a ``models.DiffusionModel``;
-    ``scaling`` is the precomputed shards' (scaling_factor, shift_factor)."""
+                 scaling: tuple[float, float] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """(x0 float32, conditioning: float fields float32, masks long) on ``device``. ``model`` is a
+    ``models.DiffusionModel``; ``scaling`` is the precomputed shards' (scaling_factor, shift_factor)."""
     gens = posterior_generators(seed, step, batch["keys"]) if model.preset.latent else None
     if "latents" in batch:
         mean, logvar = batch["latents"].to(device, non_blocking=True).chunk(2, dim=1)
         x0 = model.latents_from_posterior(mean, logvar, gens, scaling=scaling)
-        emb = batch["text_emb"].to(device, non_blocking=True).float()
-        return x0, emb, batch["text_mask"].to(device, non_blocking=True)
-    x0 = model.encode_images(batch["pixels"].to(device, non_blocking=True), gens)
-    emb, mask = model.encode_text(batch["captions"], device)
-    return x0, emb, mask
+        cond = {k: v.to(device, non_blocking=True) for k, v in batch["cond"].items()}
+        cond = {k: v.float() if v.is_floating_point() else v.long() for k, v in cond.items()}
+    else:
+        x0 = model.encode_images(batch["pixels"].to(device, non_blocking=True), gens)
+        cond = model.encode_text(batch["captions"], device)
+    if "geometry" in batch:  # each image's original size and crop: SDXL micro-conditions on them
+        cond["geometry"] = batch["geometry"].to(device, non_blocking=True)
+    return x0, cond
 
 
-def forward_backward(engine, objective: Objective, x0: Tensor, emb: Tensor, mask: Tensor | None,
+def cast_cond(cond: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The conditioning's floating fields in the engine's input dtype (masks stay integer)."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+
+
+def forward_backward(engine, objective: Objective, x0: Tensor, cond: dict[str, Tensor],
                      keys: Sequence[str], *, step: int, seed: int, is_last: bool,
                      on_loss: Callable[[Tensor], Tensor] | None = None,
                      mark: Callable[[str], None] | None = None) -> Tensor:
@@ -59,7 +67,7 @@ def forward_backward(engine, objective: Objective, x0: Tensor, emb: Tensor, mask
         mark("encode")
     dtype = engine.input_dtype
     with engine.micro_step(is_last=is_last):
-        pred = engine.module(tb.noisy.to(dtype), tb.timesteps, emb.to(dtype), mask)
+        pred = engine.module(tb.noisy.to(dtype), tb.timesteps, cast_cond(cond, dtype))
         loss, _ = objective.loss(pred.float(), tb)
         if on_loss is not None:
             loss = on_loss(loss)
@@ -105,17 +113,17 @@ class TrainingLoss:
 
 
 class DenoisingLoss(TrainingLoss):
-    """The objective's denoising loss on ``inputs(batch)`` = (x0, text emb, mask)."""
+    """The objective's denoising loss on ``inputs(batch)`` = (x0, conditioning)."""
 
     name = "denoising"
 
-    def __init__(self, inputs: Callable[[dict], tuple[Tensor, Tensor, Tensor | None]]) -> None:
+    def __init__(self, inputs: Callable[[dict], tuple[Tensor, dict[str, Tensor]]]) -> None:
         self.inputs = inputs
 
     def __call__(self, engine, objective: Objective, batch: dict, *, step: int, seed: int, is_last: bool,
                  on_loss: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-        x0, emb, mask = self.inputs(batch)
-        return forward_backward(engine, objective, x0, emb, mask, batch["keys"], step=step, seed=seed,
+        x0, cond = self.inputs(batch)
+        return forward_backward(engine, objective, x0, cond, batch["keys"], step=step, seed=seed,
                                 is_last=is_last, on_loss=on_loss)
 
 

@@ -391,8 +391,8 @@ class Trainer:
             loss = loss * 1000.0
         return loss
 
-    def model_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x0 in the denoiser's space, text emb, text mask) of a batch, float32 on the device: from
+    def model_inputs(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(x0 in the denoiser's space, conditioning) of a batch, on the device: from
         the precomputed posterior and text outputs, or by running the frozen encoders. A latent
         preset draws its posterior sample from per-key generators on both paths."""
         return model_inputs(self.model, batch, self.device, seed=self.cfg.run.seed, step=self.step,

@@ -48,9 +48,10 @@ def _backward(model, engine, step: int, rank: int, *, nan: bool = False) -> None
     g = torch.Generator().manual_seed(1000 * step + rank)  # a different batch per step and rank
     x, target = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)
-    emb, mask = model.encode_text(["a red circle", "a blue square"], "cpu")
+    cond = model.encode_text(["a red circle", "a blue square"], "cpu")
     with engine.micro_step(is_last=True):
-        pred = engine.module(x.to(engine.input_dtype), t, emb.to(engine.input_dtype), mask)
+        pred = engine.module(x.to(engine.input_dtype), t,
+                             {k: v.to(engine.input_dtype) if v.is_floating_point() else v for k, v in cond.items()})
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         engine.backward(loss * float("nan") if nan else loss)
 

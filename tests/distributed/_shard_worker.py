@@ -24,7 +24,7 @@ from scaletrain.models import build_model, count_params, parallel_units
 
 
 def _loss(denoiser: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    pred = denoiser(batch["x"], batch["t"], batch["emb"], batch["mask"])
+    pred = denoiser(batch["x"], batch["t"], batch["cond"])
     return torch.nn.functional.mse_loss(pred, batch["target"])
 
 
@@ -36,9 +36,9 @@ def check_preset(name: str, rank: int, world: int) -> None:
 
     # Same batch on every rank (seeded after the build): sharding must not change the math.
     torch.manual_seed(1)
-    emb, mask = model.encode_text(["a red circle", "", "blue square", "x"], "cpu")
-    batch = {"x": torch.randn(4, 3, 32, 32), "t": torch.randint(0, 1000, (4,)), "emb": emb,
-             "mask": mask, "target": torch.randn(4, 3, 32, 32)}
+    cond = model.encode_text(["a red circle", "", "blue square", "x"], "cpu")
+    batch = {"x": torch.randn(4, 3, 32, 32), "t": torch.randint(0, 1000, (4,)), "cond": cond,
+             "target": torch.randn(4, 3, 32, 32)}
 
     for unit in parallel_units(model.denoiser):
         fully_shard(unit)
@@ -129,6 +129,7 @@ def check_frozen_shard(rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from scaletrain.models import text
+    from scaletrain.models.conditioners.single import SingleEncoder
     from scaletrain.models.parallelize import shard_frozen
 
     mesh = init_device_mesh("cpu", (world,))
@@ -139,9 +140,9 @@ def check_frozen_shard(rank: int, world: int) -> None:
     latents = torch.randn(2, 4, 4, 4)
 
     def outputs():
-        emb, mask = model.encode_text(captions, "cpu")
+        cond = model.encode_text(captions, "cpu")
         mean, logvar = model.encode_posterior(pixels)
-        return emb, mask, mean, logvar, model.decode(latents)
+        return cond["text_emb"], cond["text_mask"], mean, logvar, model.decode(latents)
 
     whole = outputs()
     assert model.frozen_numel()[0] == model.frozen_numel()[1]
@@ -150,14 +151,16 @@ def check_frozen_shard(rank: int, world: int) -> None:
     assert local < total * (1 / world + 0.1), (local, total)
     for name, a, b in zip(("emb", "mask", "mean", "logvar", "decode"), whole, outputs()):
         assert torch.equal(a, b), (name, (a.float() - b.float()).abs().max())
-    spec = text.t5_spec(d_model=64, layers=2, heads=4, d_kv=16, d_ff=128)
+    spec = SingleEncoder.t5(d_model=64, layers=2, heads=4, d_kv=16, d_ff=128, max_len=16)
     torch.manual_seed(5)
-    t5, tokenizer = text.build_text_encoder(spec, None, torch.bfloat16)
-    emb, _ = text.encode_captions(t5, tokenizer, spec, captions, 16, "cpu")
+    t5, tokenizer = text.build_encoder(spec.slots[0], None, torch.bfloat16)
+    with torch.no_grad():
+        emb = spec.encode([(t5, tokenizer)], captions, "cpu")["text_emb"]
     shard_frozen(t5, mesh)
     t5_local = sum(p.to_local().numel() for p in t5.parameters())
     assert t5_local < sum(p.numel() for p in t5.parameters()) * (1 / world + 0.1)
-    emb_sharded, _ = text.encode_captions(t5, tokenizer, spec, captions, 16, "cpu")
+    with torch.no_grad():
+        emb_sharded = spec.encode([(t5, tokenizer)], captions, "cpu")["text_emb"]
     assert torch.equal(emb, emb_sharded), (emb - emb_sharded).abs().max()
     print(f"FROZEN rank={rank} local={local} total={total} t5_local={t5_local} equal=True", flush=True)
 

@@ -1,7 +1,9 @@
 """Precomputed latents on 2 ranks, run as a user runs them: `data encode` under torchrun (each rank
 its share of shards), then the latent recipe (configs/latent.yaml) on FSDP2 and DeepSpeed ZeRO-3,
-online (VAE + text encoder every step) and from the encoded shards (neither built): the same
-per-step losses (fp32, rtol 1e-5), caption dropout on."""
+online (VAE + text encoders every step) and from the encoded shards (neither built): the same
+per-step losses (fp32, rtol 1e-5), caption dropout on. The preset is `sdxl-tiny`: SDXL's
+conditioning (two CLIPs' states, CLIP-G's pooled vector, zeros for a dropped caption) is what
+the shards must carry beside the latents (the one-encoder path: tests/unit/test_latents.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def runs(synth_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("precomputed")
     enc = tmp / "enc"
     common = sets(
-        "data.split=sample", "data.shuffle_buffer=0", "data.num_workers=0", "data.caption_dropout=0.25",
+        "model.preset=sdxl-tiny", "data.split=sample", "data.shuffle_buffer=0", "data.num_workers=0", "data.caption_dropout=0.25",
         "log.wandb=disabled", "log.progress=false", "sample.at_end=false", "optim.warmup_steps=0",
         f"train.stages=[{{name: s0, resolution: 32, steps: {STEPS}, micro_batch: 4, grad_accum: 1, global_batch: 8}}]",
     )
@@ -70,7 +72,7 @@ def test_bench_cell_trains_on_the_encoded_shards(runs, tmp_path) -> None:
     """`scaletrain bench --shards ENCODED`: the cell reads the stored latents and builds no encoder."""
     from scaletrain.bench.runner import MatrixSpec, run_matrix
 
-    spec = MatrixSpec(presets=["unet-tiny-latent"], resolutions=[32], engines=["ddp"], micro_batches=[4],
+    spec = MatrixSpec(presets=["sdxl-tiny"], resolutions=[32], engines=["ddp"], micro_batches=[4],
                       world_sizes=[1], warmup=1, reps=2, num_workers=0, comm_sweep=False, shards=str(runs["enc"]))
     (cell,) = run_matrix(spec, tmp_path, log=lambda s: None)["cells"]
     assert cell["status"] == "ok", cell.get("error")
@@ -96,9 +98,10 @@ print(type(pipe).__name__)
 
 def test_pipeline_export_is_loaded_and_sampled_by_diffusers_alone(runs, tmp_path) -> None:
     """`scaletrain ckpt export RUN OUT --pipeline` of the latent recipe's FSDP2 run writes a
-    StableDiffusionPipeline folder (the trained UNet, the run's frozen VAE, text encoder and
-    byte tokenizer, its DDIM scheduler); `DiffusionPipeline.from_pretrained` in a process
-    without scaletrain samples from it and gets scaletrain's own images of the checkpoint."""
+    StableDiffusionXLPipeline folder (the trained UNet, the run's frozen VAE, both text encoders
+    and byte tokenizers, its DDIM scheduler); `DiffusionPipeline.from_pretrained` in a process
+    without scaletrain samples from it (SDXL's zeroed unconditional half, its size
+    micro-conditions) and gets scaletrain's own images of the checkpoint."""
     from safetensors.torch import load_file
 
     from scaletrain.checkpoint.export import checkpoint_objective, resolve_checkpoint
@@ -107,14 +110,14 @@ def test_pipeline_export_is_loaded_and_sampled_by_diffusers_alone(runs, tmp_path
 
     run_dir, out = runs["run_dir", "fsdp", "online"], tmp_path / "pipe"
     r = run_cmd([sys.executable, "-m", "scaletrain.cli", "ckpt", "export", str(run_dir), str(out), "--pipeline"])
-    assert r.returncode == 0 and "exported StableDiffusionPipeline" in r.stdout, r.stderr[-2000:]
+    assert r.returncode == 0 and "exported StableDiffusionXLPipeline" in r.stdout, r.stderr[-2000:]
     assert json.loads((out / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DConditionModel"]
     (tmp_path / "sample.py").write_text(DIFFUSERS_PIPELINE)
     r = run_cmd([sys.executable, str(tmp_path / "sample.py"), str(out), str(tmp_path / "theirs.safetensors")],
                 cwd=tmp_path)
-    assert r.returncode == 0 and "StableDiffusionPipeline" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and "StableDiffusionXLPipeline" in r.stdout, r.stderr[-3000:]
     theirs = load_file(str(tmp_path / "theirs.safetensors"))["images"]
-    preset = get_preset("unet-tiny-latent")
+    preset = get_preset("sdxl-tiny")
     model = build_model(preset, encoder_seed=0)  # configs/latent.yaml: run.seed 0
     model.denoiser.net.load_state_dict(load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors")))
     model.denoiser.eval()

@@ -200,10 +200,10 @@ def test_validation_logs_nsfw_flagged_rate(synth_shards):
     from scaletrain.diffusion import build_objective
     from scaletrain.eval.validate import SamplingSpec, Validator, validation_record
 
-    sampling = SamplingSpec(encode_text=lambda c: (torch.zeros(len(c), 2, 8), None), decode=lambda x: x,
+    sampling = SamplingSpec(encode_text=lambda c: {"text_emb": torch.zeros(len(c), 2, 8)}, decode=lambda x: x,
                             in_channels=3, latent_factor=1, objective=build_objective("ddpm", {}))
 
-    def denoise(x, t, emb, mask):
+    def denoise(x, t, cond):
         return 0.5 * x  # any fixed function: the images only have to be the same in both places
 
     vcfg = ValidateSection(every_steps=1, num_images=6, batch_size=6, steps=2, safety_model="tiny")

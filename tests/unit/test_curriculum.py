@@ -254,7 +254,7 @@ def test_flops_of_a_bucket_match_flop_counter(name):
     h, w = 24, 40
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         den(torch.zeros(1, preset.in_channels, h, w, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"),
-            torch.zeros(1, preset.max_text_len, width, device="meta"), None)
+            preset.conditioner.example(1, device="meta"))
     assert forward_flops_per_image(name, (h, w)) == pytest.approx(fc.get_total_flops(), rel=5e-3)
     # transposed bucket, same FLOPs; square of the same side differs by the area ratio for convs
     assert forward_flops_per_image(name, (w, h)) == forward_flops_per_image(name, (h, w))

@@ -46,9 +46,9 @@ class ToyFamily(ModelFamily):
     net_class = ToyNet
     lora_targets = ("text_proj",)
 
-    def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
-                text_mask: Tensor | None, *, pixel_size: tuple[int, int] | None = None) -> Tensor:
-        return net(x, timesteps.float(), text_emb)
+    def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, cond: dict[str, Tensor], *,
+                pixel_size: tuple[int, int] | None = None) -> Tensor:
+        return net(x, timesteps.float(), cond["text_emb"])
 
     def parallel_units(self, net: nn.Module) -> list[nn.Module]:
         return list(net.blocks)
@@ -62,10 +62,10 @@ class ToyFamily(ModelFamily):
 
 @pytest.fixture(scope="module")
 def toy_family():
-    from scaletrain.models.components import TINY_TEXT, TINY_TEXT_LEN
+    from scaletrain.models.components import TINY_TEXT
 
     register_family(ToyFamily)
-    add_preset("toy-tiny", "toy", None, dict(in_channels=3, width=16, text_dim=32), TINY_TEXT, TINY_TEXT_LEN,
+    add_preset("toy-tiny", "toy", None, dict(in_channels=3, width=16, text_dim=32), TINY_TEXT,
                "a conv net defined in a test file")
     yield "toy-tiny"
     PRESETS.pop("toy-tiny")
@@ -85,14 +85,14 @@ def test_a_family_defined_in_one_file_trains_shards_counts_and_adapts(toy_family
     torch.manual_seed(0)
     model = build_model(toy_family)
     assert [type(u) for u in parallel_units(model.denoiser)] == [nn.Sequential, nn.Sequential]
-    emb, mask = model.encode_text(["a red circle", "a blue square"], "cpu")
+    cond = model.encode_text(["a red circle", "a blue square"], "cpu")
     x0 = torch.rand(2, 3, 16, 16) * 2 - 1
     objective = build_objective("flow_matching", {})
     tb = objective.training_batch(x0, ["a", "b"], step=0, seed=0)
     opt = torch.optim.SGD(model.denoiser.parameters(), lr=0.05)
     losses = []
     for _ in range(5):  # the same batch: the loss must fall
-        loss, _ = objective.loss(model.denoiser(tb.noisy, tb.timesteps, emb, mask), tb)
+        loss, _ = objective.loss(model.denoiser(tb.noisy, tb.timesteps, cond), tb)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -100,7 +100,7 @@ def test_a_family_defined_in_one_file_trains_shards_counts_and_adapts(toy_family
     assert losses[-1] < losses[0]
     # FLOPs from the one walker equal PyTorch's count for this family too
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model.denoiser(torch.zeros(1, 3, 32, 32), torch.zeros(1), torch.zeros(1, 32, 32), None)
+        model.denoiser(torch.zeros(1, 3, 32, 32), torch.zeros(1), model.preset.conditioner.example(1))
     assert forward_flops_per_image(toy_family, 32) == pytest.approx(fc.get_total_flops(), rel=5e-3)
     stats = apply_lora(model.denoiser, LoraSection(enabled=True, rank=2))
     assert stats.layers == 1 and 0 < stats.trainable < stats.total
@@ -119,18 +119,19 @@ folder, inputs, out = sys.argv[1:4]
 net = FluxTransformer2DModel.from_pretrained(folder).eval()
 scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
 d = load_file(inputs)
-emb, x, scale = d["emb"], d["noise"], float(d["guidance"])
+emb, pooled, x, scale = d["emb"], d["pooled"], d["noise"], float(d["guidance"])
 b, c, h, w = x.shape
 latents = FluxPipeline._pack_latents(x, b, c, h, w)
 img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
 txt_ids = torch.zeros(emb.shape[1], 3)
 cfg = scheduler.config
 mu = calculate_shift(latents.shape[1], cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
-scheduler.set_timesteps(int(d["steps"]), mu=mu)
+n = int(d["steps"])
+scheduler.set_timesteps(sigmas=[1.0 - i * (1.0 - 1.0 / n) / (n - 1) for i in range(n)], mu=mu)  # FluxPipeline's spacing
 with torch.no_grad():
     for t in scheduler.timesteps:
         pred = net(hidden_states=torch.cat([latents, latents]), encoder_hidden_states=emb,
-                   pooled_projections=emb.mean(dim=1), timestep=(t / 1000).expand(2 * b),
+                   pooled_projections=pooled, timestep=(t / 1000).expand(2 * b),
                    img_ids=img_ids, txt_ids=txt_ids).sample
         uncond, cond = pred.chunk(2)
         latents = scheduler.step(uncond + scale * (cond - uncond), t, latents).prev_sample
@@ -141,8 +142,8 @@ save_file({"images": x.clamp(-1, 1)}, out)
 
 
 def test_flux_conventions_match_diffusers_flux_pipeline(tmp_path):
-    """scaletrain's Flux forward (packing, rotary ids, timestep / 1000) and the flow objective's
-    dynamic shift sample the same images as diffusers' own Flux helpers in a process that
+    """scaletrain's Flux forward (packing, rotary ids, timestep / 1000, CLIP's pooled vector) and
+    the flow objective's dynamic shift sample the same images as diffusers' own Flux helpers in a process that
     never imports scaletrain."""
     from safetensors.torch import save_file
 
@@ -164,9 +165,9 @@ def test_flux_conventions_match_diffusers_flux_pipeline(tmp_path):
     ours = generate_samples(model.denoiser, lambda texts: model.encode_text(texts, "cpu"), model.decode,
                             prompts=prompts, resolution=32, in_channels=3, latent_factor=1, objective=objective,
                             num_inference_steps=steps, guidance_scale=guidance, seed=0)
-    emb, _ = model.encode_text([""] * 2 + prompts, "cpu")
+    cond = model.encode_text([""] * 2 + prompts, "cpu")
     noise = torch.stack([torch.randn((3, 32, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)])
-    save_file({"emb": emb.contiguous(), "noise": noise, "guidance": torch.tensor(guidance),
+    save_file({"emb": cond["text_emb"].contiguous(), "pooled": cond["pooled"].contiguous(), "noise": noise, "guidance": torch.tensor(guidance),
                "steps": torch.tensor(steps)}, str(tmp_path / "in.safetensors"))
     (tmp_path / "sample.py").write_text(FLUX_SAMPLE)
     r = subprocess.run([sys.executable, str(tmp_path / "sample.py"), str(folder), str(tmp_path / "in.safetensors"),
@@ -229,13 +230,14 @@ def test_no_engine_name_branch_outside_engines():
     ("unet-tiny", "--pipeline: unet-tiny runs in pixel space (no VAE), which no diffusers text-to-image pipeline does"),
     ("dit-tiny", "--pipeline: dit-tiny is a dit model: PixArtAlphaPipeline encodes prompts with a masked T5"),
     ("dit-b-2", "--pipeline: dit-b-2 is a dit model: PixArtAlphaPipeline encodes prompts with a masked T5"),
-    ("mmdit-tiny", "--pipeline: mmdit-tiny is a mmdit model: StableDiffusion3Pipeline expects three text encoders"),
-    ("flux-tiny", "--pipeline: flux-tiny is a flux model: FluxPipeline expects a CLIP (pooled) and a T5 encoder"),
+    ("mmdit-tiny", "--pipeline: mmdit-tiny runs in pixel space (no VAE)"),
+    ("flux-tiny", "--pipeline: flux-tiny runs in pixel space (no VAE)"),
 ])
 def test_pipeline_export_refusals_come_from_the_family(monkeypatch, tmp_path, preset, fragment) -> None:
-    """`ckpt export --pipeline` writes what the family names (StableDiffusionPipeline for a latent
-    UNet, tested end to end in tests/distributed/test_precomputed.py) and refuses the rest in
-    one line, before reading any weights or writing anything."""
+    """`ckpt export --pipeline` writes what the family (or its conditioner) names
+    (StableDiffusionPipeline for a latent UNet, tested end to end in
+    tests/distributed/test_precomputed.py) and refuses the rest in one line, before reading any
+    weights or writing anything."""
     from types import SimpleNamespace
 
     from scaletrain.checkpoint import export

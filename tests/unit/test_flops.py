@@ -24,14 +24,15 @@ def _counter_flops(name: str, resolution: int) -> int:
     s = denoiser_input_size(preset, resolution)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         den(torch.zeros(1, preset.in_channels, s, s, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"),
-            torch.zeros(1, preset.max_text_len, width, device="meta"), None)
+            preset.conditioner.example(1, device="meta"))
     return fc.get_total_flops()
 
 
 @pytest.mark.parametrize("name,resolution", [("unet-tiny", 32), ("unet-tiny", 64), ("unet-small", 32), ("dit-tiny", 32),
                                              ("unet-sd15", 256), ("pixart-xl-2", 256),
-                                             ("mmdit-tiny", 32), ("mmdit-tiny", 64), ("mmdit-sd3-medium", 256),
-                                             ("flux-tiny", 32), ("flux-dev", 256)])
+                                             ("mmdit-tiny", 32), ("mmdit-tiny", 64), ("sd3-medium", 256),
+                                             ("flux-tiny", 32), ("flux.1-dev", 256), ("sdxl-tiny", 32),
+                                             ("sdxl-base-1.0", 256)])
 def test_layer_formulas_match_flop_counter(name, resolution):
     # Conv/linear/attention formulas applied per layer must equal what torch counts for the
     # same forward (matmul-class ops only in both): within 0.5 %.
@@ -58,16 +59,16 @@ def test_terms_scale_with_resolution():
     assert train_flops_per_image("unet-tiny", 32) == 3 * forward_flops_per_image("unet-tiny", 32)
     # SD-1.5 at 512 px: ~0.8 TFLOP per forward is the widely quoted figure.
     assert 0.7e12 < forward_flops_per_image("unet-sd15", 512) < 0.9e12
-    # MMDiT joint attention runs over image + text tokens: at 32 px (256 tokens) + 32 text
-    # tokens, 4 x 288^2 x 64 per layer x 4 layers.
-    assert layer_flops("mmdit-tiny", 32)["attention"] == 4 * 4 * 288 * 288 * 64
+    # MMDiT joint attention runs over image + text tokens: at 32 px (256 tokens) + 64 text
+    # tokens (SD3's layout: 32 CLIP + 32 T5), 4 x 320^2 x 64 per layer x 4 layers.
+    assert layer_flops("mmdit-tiny", 32)["attention"] == 4 * 4 * 320 * 320 * 64
     # SD3-medium at 1024 px: 4096 image + 333 text tokens, each through its own stream's
     # per-token matmuls (q, k, v, out: 4d^2; MLP: 8d^2) in 24 blocks of d = 1536, plus joint
     # attention over all 4429 tokens; adaLN and embeddings are per image (< 1 %).
     d, tok = 1536, 4096 + 333
     by_hand = 24 * (2 * 12 * d * d * tok + 4 * tok * tok * d)
-    assert layer_flops("mmdit-sd3-medium", 1024)["attention"] == 24 * 4 * tok * tok * d
-    assert forward_flops_per_image("mmdit-sd3-medium", 1024) == pytest.approx(by_hand, rel=0.01)
+    assert layer_flops("sd3-medium", 1024)["attention"] == 24 * 4 * tok * tok * d
+    assert forward_flops_per_image("sd3-medium", 1024) == pytest.approx(by_hand, rel=0.01)
 
 
 def test_gpu_peak_table_and_override():

@@ -80,22 +80,23 @@ def test_encode_layout_keeps_keys_captions_metadata(encoded) -> None:
             assert sorted(n.split(".")[0] for n in after if n.endswith(MEMBER)) == keys
             t = st_load(after[f"{keys[0]}.{MEMBER}"])
             assert t["mean"].shape == t["logvar"].shape == (4, side, side)
-            assert t["text_emb"].shape == (32, 32) and t["text_emb"].dtype == torch.float32
-            assert t["text_mask"].shape == (32,)
+            assert t["cond.text_emb"].shape == (32, 32) and t["cond.text_emb"].dtype == torch.float32
+            assert t["cond.text_mask"].shape == (32,)
+            assert enc.info["conditioning"] == {"text_emb": [32, 32], "text_mask": [32]}
 
 
-def test_precomputed_batches_give_the_online_latents_and_embeddings(encoded) -> None:
-    """Same keys and captions in the same order; the keyed posterior sample and the text
-    outputs match the online encoders (fp32, rtol 1e-5); a dropped caption takes the stored ""."""
-    tmp, shards, cfg, _ = encoded
-    enc = read_encoding(tmp / "enc" / "32px")
+def _same_as_online(preset: str, shards: list[str], folder: Path) -> int:
+    """Same keys and captions in the same order; the keyed posterior sample and every
+    conditioning field match the online encoders (fp32, rtol 1e-5); a dropped caption takes the
+    stored "". Returns how many captions were dropped."""
+    enc = read_encoding(folder)
     common = dict(resolution=32, micro_batch=4, seed=0, num_workers=0, caption_dropout=0.3)
     online = list(itertools.islice(iter(build_loader(LoaderSpec(shards=shards, **common))), 6))
-    pre_urls = [str(tmp / "enc" / "32px" / Path(s).name) for s in shards]
+    pre_urls = [str(folder / Path(s).name) for s in shards]
     pre = list(itertools.islice(iter(build_loader(LoaderSpec(shards=pre_urls, precomputed=True,
-                                                             empty_text=enc.empty_caption(), **common))), 6))
+                                                             empty_cond=enc.empty_caption(), **common))), 6))
     torch.manual_seed(0)
-    model = build_model("unet-tiny-latent", encoder_seed=0)
+    model = build_model(preset, encoder_seed=0)
     dropped = 0
     for step, (a, b) in enumerate(zip(online, pre)):
         assert a["keys"] == b["keys"] and a["captions"] == b["captions"] and "pixels" not in b
@@ -105,10 +106,30 @@ def test_precomputed_batches_give_the_online_latents_and_embeddings(encoded) -> 
         x_pre = model.latents_from_posterior(mean, logvar, posterior_generators(0, step, b["keys"]),
                                              scaling=enc.scaling)
         torch.testing.assert_close(x_pre, x_online, rtol=1e-5, atol=1e-6)
-        emb, mask = model.encode_text(a["captions"], "cpu")
-        torch.testing.assert_close(b["text_emb"], emb, rtol=1e-5, atol=1e-6)
-        assert torch.equal(b["text_mask"], mask)
-    assert dropped > 0  # the dropout path was exercised
+        assert torch.equal(a["geometry"], b["geometry"])  # each image's original size and crop (SDXL's time_ids)
+        cond = model.encode_text(a["captions"], "cpu")
+        assert b["cond"].keys() == cond.keys() == model.preset.conditioner.fields().keys()
+        for k, v in cond.items():
+            torch.testing.assert_close(b["cond"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    return dropped
+
+
+def test_precomputed_batches_give_the_online_latents_and_embeddings(encoded) -> None:
+    tmp, shards, cfg, _ = encoded
+    assert _same_as_online("unet-tiny-latent", shards, tmp / "enc" / "32px") > 0  # the dropout path ran
+
+
+def test_precomputed_conditioning_of_a_family_with_several_encoders(encoded) -> None:
+    """SDXL's two CLIPs: both encoders' states, the pooled vector, and a dropped caption's zeros
+    (SDXL's unconditional conditioning) come back from the shards as the online path makes them."""
+    tmp, shards, _, _ = encoded
+    cfg = _recipe(tmp, str(tmp / "img"), "model.preset=sdxl-tiny", check_paths=False)
+    encode_dataset(cfg, str(tmp / "img"), tmp / "enc-sdxl", [32], batch_size=8, progress=False)
+    folder = tmp / "enc-sdxl" / "32px"
+    assert read_encoding(folder).info["conditioning"] == {"text_emb": [32, 32], "text_mask": [32], "pooled": [16]}
+    empty = read_encoding(folder).empty_caption()
+    assert not empty["text_emb"].any() and not empty["pooled"].any()
+    assert _same_as_online("sdxl-tiny", shards, folder) > 0
 
 
 def test_encode_resumes_from_the_shards_it_finished(encoded, tmp_path) -> None:

@@ -15,14 +15,14 @@ from scaletrain.models.lora import adapters_disabled, apply_lora, inject_lora
 def _denoiser(preset: str) -> Denoiser:
     torch.manual_seed(0)
     p = get_preset(preset)
-    return Denoiser(build_denoiser_net(p), p.family, use_text_mask=p.text_encoder.use_mask)
+    return Denoiser(build_denoiser_net(p), p.family, use_text_mask=p.conditioner.use_mask)
 
 
 def _run(d: Denoiser, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x, emb = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 8, 32, generator=g)
     with torch.no_grad():
-        return d(x, torch.tensor([10, 500]), emb, torch.ones(2, 8, dtype=torch.long))
+        return d(x, torch.tensor([10, 500]), {"text_emb": emb, "text_mask": torch.ones(2, 8, dtype=torch.long)})
 
 
 @pytest.mark.parametrize("preset,layers", [("unet-tiny", 4 * 2 * 4), ("dit-tiny", 4 * (8 + 2))])

@@ -152,11 +152,11 @@ def test_flow_samples_through_generate_samples():
     objective = build_objective("flow_matching", {"shift": 2.0})
     known = torch.linspace(-0.8, 0.8, 3 * 8 * 8).view(1, 3, 8, 8)
 
-    def denoise(x: Tensor, t: Tensor, emb: Tensor, mask) -> Tensor:
+    def denoise(x: Tensor, t: Tensor, cond: dict) -> Tensor:
         sigma = (t.float() / 1000.0).view(-1, 1, 1, 1)
         return (x - known) / sigma  # the exact rectified-flow velocity toward `known`
 
-    images = generate_samples(denoise, lambda texts: (torch.zeros(len(texts), 2, 4), None), lambda x: x,
+    images = generate_samples(denoise, lambda texts: {"text_emb": torch.zeros(len(texts), 2, 4)}, lambda x: x,
                               prompts=["a", "b"], resolution=8, in_channels=3, latent_factor=1,
                               objective=objective, num_inference_steps=4, guidance_scale=2.0, seed=0)
     assert images.shape == (2, 3, 8, 8)
@@ -264,7 +264,7 @@ def test_a_toy_objective_registered_in_one_file_trains_and_samples(synth_shards)
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.75 * losses[0]  # measured 0.51x after 30 steps: the loss trains the net
-    images = generate_samples(lambda x, t, e, m: net(x), lambda texts: (torch.zeros(len(texts), 2, 4), None),
+    images = generate_samples(lambda x, t, cond: net(x), lambda texts: {"text_emb": torch.zeros(len(texts), 2, 4)},
                               lambda x: x, prompts=["a"], resolution=8, in_channels=3, latent_factor=1,
                               objective=objective, num_inference_steps=3, guidance_scale=1.0, seed=0)
     assert images.shape == (1, 3, 8, 8)

@@ -24,9 +24,9 @@ def _loss_and_grads(name: str, levers: SimpleNamespace, res: int = 32) -> tuple[
     model = build_model(name)
     den = model.denoiser
     parallelize(den, levers)
-    emb, mask = model.encode_text(["a red circle", ""], "cpu")
+    cond = model.encode_text(["a red circle", ""], "cpu")
     x = torch.randn(2, model.preset.in_channels, res, res, generator=torch.Generator().manual_seed(1))
-    out = den(x, torch.tensor([10, 700]), emb, mask)
+    out = den(x, torch.tensor([10, 700]), cond)
     loss = out.float().pow(2).mean()
     loss.backward()
     return loss.detach(), {k: p.grad.clone() for k, p in den.named_parameters()}, list(den.state_dict())
@@ -64,8 +64,8 @@ def test_checkpointing_really_recomputes() -> None:
         # a leaf inside the unit: a recompute re-runs it, not the unit's own __call__
         leaf = next(m for m in u.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
         leaf.register_forward_pre_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
-    emb, mask = model.encode_text(["a red circle", ""], "cpu")
-    model.denoiser(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), emb, mask).mean().backward()
+    cond = model.encode_text(["a red circle", ""], "cpu")
+    model.denoiser(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), cond).mean().backward()
     assert calls == [1 + (i % 2) for i in range(len(units))], calls
 
 

@@ -44,11 +44,13 @@ def test_from_diffusers_reads_the_preset_from_the_folder(roots) -> None:
     unet = json.loads((roots["sd"] / "unet" / "config.json").read_text())
     assert (p.family, p.latent, p.vae_factor, p.downsample_factor, p.in_channels) == ("unet", True, 2, 4, 4)
     assert p.denoiser_config["block_out_channels"] == unet["block_out_channels"] == [24, 48]
-    assert (p.text_encoder.kind, p.text_encoder.hidden_size, p.text_encoder.use_mask, p.max_text_len) == \
-        ("clip", 48, False, 77)
+    c = p.conditioner
+    assert (c.name, c.slots[0].model_class, c.text_width, c.use_mask, p.max_text_len) == \
+        ("single", "CLIPTextModel", 48, False, 77)
     assert p.vae_config["scaling_factor"] == 0.18215
     px = get_preset(_cfg(roots["pixart"], diffusion__prediction_type="epsilon").model.preset)
-    assert (px.family, px.text_encoder.kind, px.text_encoder.use_mask, px.max_text_len) == ("dit", "t5", True, 120)
+    assert (px.family, px.conditioner.slots[0].model_class, px.conditioner.use_mask, px.max_text_len) == \
+        ("dit", "T5EncoderModel", True, 120)
     assert px.denoiser_config["out_channels"] == 8 and px.denoiser_config["sample_size"] == 128
 
 
@@ -74,10 +76,10 @@ def test_weights_and_encoders_come_from_the_folder(roots, which) -> None:
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     enc_cls = CLIPTextModel if which == "sd" else T5EncoderModel
     ref = enc_cls.from_pretrained(root / "text_encoder")
-    assert all(torch.equal(a, b) for a, b in zip(model.text_encoder.state_dict().values(), ref.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.text_encoders[0].state_dict().values(), ref.state_dict().values()))
     vae = AutoencoderKL.from_pretrained(root / "vae")
     assert all(torch.equal(a, b) for a, b in zip(model.vae.state_dict().values(), vae.state_dict().values()))
-    assert type(model.tokenizer).__name__ == ("CLIPTokenizer" if which == "sd" else "ByT5Tokenizer")
+    assert type(model.tokenizers[0]).__name__ == ("CLIPTokenizer" if which == "sd" else "ByT5Tokenizer")
 
 
 def test_pixart_micro_conditions_are_the_image_size_in_pixels(roots) -> None:
@@ -91,7 +93,7 @@ def test_pixart_micro_conditions_are_the_image_size_in_pixels(roots) -> None:
     x, t = torch.randn(2, 4, 8, 12), torch.tensor([10, 500])
     emb, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.long)
     with torch.no_grad():
-        ours = model.denoiser(x, t, emb, mask)
+        ours = model.denoiser(x, t, {"text_emb": emb, "text_mask": mask})
         cond = {"resolution": torch.tensor([[16.0, 24.0]]).repeat(2, 1), "aspect_ratio": torch.tensor([[16 / 24]]).repeat(2, 1)}
         theirs = model.denoiser.net(x, encoder_hidden_states=emb, timestep=t, encoder_attention_mask=mask,
                                     added_cond_kwargs=cond).sample[:, :4]
@@ -124,9 +126,12 @@ BROKEN = {
     "no scheduler config": (lambda r: (r / "scheduler" / "scheduler_config.json").unlink(),
                             "is missing scheduler/scheduler_config.json"),
     "no denoiser in the index": (lambda r: _index(r, unet=[None, None]), "model_index.json names no denoiser"),
-    "two text encoders (SD3)": (lambda r: (_index(r, text_encoder_2=["transformers", "CLIPTextModelWithProjection"]),
-                                           shutil.copytree(r / "text_encoder", r / "text_encoder_2")),
-                                "has 2 text encoders (text_encoder, text_encoder_2)"),
+    "two text encoders (SD3)": (lambda r: (_index(r, text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                                                  tokenizer_2=["transformers", "CLIPTokenizer"]),
+                                           shutil.copytree(r / "text_encoder", r / "text_encoder_2"),
+                                           shutil.copytree(r / "tokenizer", r / "tokenizer_2")),
+                                "has 2 text encoders (text_encoder, text_encoder_2) and a pipeline class scaletrain "
+                                "reads one encoder from"),
 }
 
 
@@ -155,15 +160,17 @@ def test_pipeline_mismatches_are_one_line(roots, tmp_path) -> None:
     base = {"run": {"dir": str(tmp_path / "run")},
             "train": {"stages": [{"name": "s", "resolution": 32, "steps": 2, "micro_batch": 2}]}}
     cases = [
-        ({"model": {"preset": "from_diffusers"}, "init": {"from_diffusers": str(roots["sd"])}},
-         "was trained with prediction_type='v_prediction'"),
+        ({"model": {"preset": "from_diffusers"}, "init": {"from_diffusers": str(roots["sd"])},
+          "diffusion": {"prediction_type": "epsilon"}}, "was trained with prediction_type='v_prediction'"),
         ({"model": {"preset": "from_diffusers"}, "init": {"from_diffusers": str(roots["sd"])},
           "diffusion": {"prediction_type": "v_prediction", "beta_schedule": "linear"}},
          "was trained with beta_schedule='scaled_linear'"),
         # every contradicting key at once, in one line
         ({"model": {"preset": "from_diffusers"}, "init": {"from_diffusers": str(roots["sd"])},
-          "diffusion": {"beta_schedule": "linear", "beta_end": 0.02}},
-         "was trained with prediction_type='v_prediction', beta_schedule='scaled_linear', beta_end=0.012"),
+          "diffusion": {"prediction_type": "epsilon", "beta_schedule": "linear", "beta_end": 0.02}},
+         "was trained with prediction_type='v_prediction', beta_schedule='scaled_linear', beta_end=0.012 (its "
+         "scheduler_config.json) but the recipe has diffusion.prediction_type='epsilon', "
+         "diffusion.beta_schedule='linear', diffusion.beta_end=0.02"),
         ({"model": {"preset": "from_diffusers"}, "init": {"from_diffusers": str(roots["sd"])},
           "diffusion": {"objective": "flow_matching"}}, "set diffusion.objective=ddpm"),
         ({"model": {"preset": "from_diffusers"}}, "set init.from_diffusers=FOLDER"),
@@ -176,6 +183,25 @@ def test_pipeline_mismatches_are_one_line(roots, tmp_path) -> None:
         with pytest.raises(ValueError) as e:
             check_launch(validate_config({**base, **extra}, check_paths=False), world_size=1)
         assert fragment in str(e.value) and "\n" not in str(e.value), (extra, str(e.value))
+
+
+def test_the_schedule_comes_from_the_folder_unless_the_recipe_sets_it(roots, tmp_path) -> None:
+    """A recipe with no diffusion keys fine-tunes the folder with its own objective and schedule
+    (the SD folder: DDPM, v-prediction, SD's scaled-linear betas), passes the launch checks, and
+    keeps what it does set where the folder agrees; a DDPM-default recipe no longer takes four
+    runs naming one key each."""
+    from scaletrain.checks import check_launch, validate_config
+
+    data = {"model": {"preset": "from_diffusers"}, "init": {"from_diffusers": str(roots["sd"])},
+            "run": {"dir": str(tmp_path / "run")},
+            "train": {"stages": [{"name": "s", "resolution": 32, "steps": 2, "micro_batch": 2}]}}
+    cfg = validate_config(data, check_paths=False)
+    assert cfg.diffusion.objective == "ddpm"
+    assert cfg.diffusion.params() == {"prediction_type": "v_prediction", "beta_schedule": "scaled_linear",
+                                      "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012}
+    check_launch(cfg, world_size=1)
+    kept = validate_config({**data, "diffusion": {"min_snr_gamma": 1.0, "beta_end": 0.012}}, check_paths=False)
+    assert kept.diffusion.params()["min_snr_gamma"] == 1.0 and kept.diffusion.params()["prediction_type"] == "v_prediction"
 
 
 def test_config_check_prints_one_line_for_a_missing_component(roots, tmp_path) -> None:

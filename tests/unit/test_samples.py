@@ -23,15 +23,15 @@ class ToyDenoiser:
     def __init__(self) -> None:
         self.batch_sizes: list[int] = []
 
-    def __call__(self, x: Tensor, t: Tensor, emb: Tensor, mask: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         assert t.shape == (x.shape[0],)
         self.batch_sizes.append(x.shape[0])
-        return 0.3 * x + emb.mean(dim=(1, 2)).view(-1, 1, 1, 1) + 1e-4 * t.view(-1, 1, 1, 1)
+        return 0.3 * x + cond["text_emb"].mean(dim=(1, 2)).view(-1, 1, 1, 1) + 1e-4 * t.view(-1, 1, 1, 1)
 
 
-def encode_text(texts: list[str]) -> tuple[Tensor, Tensor]:
+def encode_text(texts: list[str]) -> dict[str, Tensor]:
     emb = torch.tensor([len(s) / 20.0 for s in texts]).view(-1, 1, 1).expand(-1, 3, 8)
-    return emb.clone(), torch.ones(len(texts), 3, dtype=torch.bool)
+    return {"text_emb": emb.clone(), "text_mask": torch.ones(len(texts), 3, dtype=torch.long)}
 
 
 def decode(latents: Tensor) -> Tensor:
@@ -62,9 +62,9 @@ def _reference_loop(texts: list[str], seed: int = 123) -> Tensor:
         torch.randn(CHANNELS, side, side, generator=torch.Generator().manual_seed(seed + i))
         for i in range(len(texts))
     ])
-    emb, mask = encode_text(texts)
+    cond = encode_text(texts)
     for t in sched.timesteps:
-        eps = ToyDenoiser()(x, t.expand(len(texts)), emb, mask)
+        eps = ToyDenoiser()(x, t.expand(len(texts)), cond)
         x = sched.step(eps, t, x, eta=0.0).prev_sample
     return decode(x).clamp(-1, 1)
 

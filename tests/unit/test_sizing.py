@@ -187,7 +187,8 @@ def test_activation_fit_uses_the_measured_split_and_the_encoders_a_cell_really_h
 
 
 def test_size_by_frames_says_where_context_parallelism_is_needed_and_prices_it():
-    """Wan 2.1 14B on H100s: images (1-frame clips) fit without it; 81-frame 768 px clips
+    """Wan 2.1 14B on H100s (its 5.7B UMT5 sharded over the GPUs): images (1-frame clips) fit
+    without it; 81-frame 768 px clips
     (48,384 tokens) do not fit one per GPU, so each node count gets the smallest K that fits
     (more GPUs shard the states further, leaving room for a smaller K); the step carries the
     Ulysses all-to-alls."""
@@ -197,7 +198,7 @@ def test_size_by_frames_says_where_context_parallelism_is_needed_and_prices_it()
     text = size_report(SizeInputs(preset="wan-2.1-14b", stages=[(256, 10_000_000, 8, 1024, 1),
                                                                (768, 1_000_000, 1, 256, 81)],
                                   gpu="H100", gpus_per_node=8, price_per_gpu_hour=2.5, engines=["fsdp"],
-                                  nodes=[1, 4], act_gib_per_image=(0.6, 256)))
+                                  nodes=[1, 4], act_gib_per_image=(0.6, 256), frozen_encoders="shard"))
     lines = text.splitlines()
     stage2 = lines.index(next(ln for ln in lines if ln.startswith("stage 768 px x 81 frames (48,384 tokens)")))
     assert "context parallelism" not in "\n".join(lines[:stage2])

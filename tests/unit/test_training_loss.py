@@ -34,10 +34,10 @@ class ToyLoss(TrainingLoss):
 
     def __call__(self, engine, objective, batch, *, step, seed, is_last, on_loss=None):
         x = batch["pixels"].to(self.device)
-        emb, mask = self.model.encode_text(batch["captions"], self.device)
+        cond = self.model.encode_text(batch["captions"], self.device)
         t = torch.full((x.shape[0],), 500, dtype=torch.long)
         with engine.micro_step(is_last=is_last):
-            per_sample = engine.module(x, t, emb, mask).float().pow(2).flatten(1).mean(1)
+            per_sample = engine.module(x, t, cond).float().pow(2).flatten(1).mean(1)
             loss = per_sample.mean()
             engine.backward(loss if on_loss is None else on_loss(loss))
         self._sums = [self._sums[0] + x.shape[0], self._sums[1] + float(per_sample.detach().sum())]

@@ -138,17 +138,17 @@ def test_wan_presets_build_forward_and_shard():
     model = build_model("wan-tiny")
     assert 1e5 < count_params(model.denoiser) < 2e6
     assert len(parallel_units(model.denoiser)) == 3
-    emb, mask = model.encode_text(["a red circle moving left", ""], "cpu")
+    cond = model.encode_text(["a red circle moving left", ""], "cpu")
     x = torch.randn(2, 3, 5, 32, 32, requires_grad=True)
-    out = model.denoiser(x, torch.tensor([10.0, 500.0]), emb, mask)
+    out = model.denoiser(x, torch.tensor([10.0, 500.0]), cond)
     assert out.shape == x.shape
     out.square().mean().backward()
     assert all(p.grad is not None for p in model.denoiser.parameters())
     # an image is a 1-frame clip: the same numbers as (B, C, 1, H, W)
     img = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        a = model.denoiser(img, torch.tensor([10.0, 500.0]), emb, mask)
-        b = model.denoiser(img.unsqueeze(2), torch.tensor([10.0, 500.0]), emb, mask)
+        a = model.denoiser(img, torch.tensor([10.0, 500.0]), cond)
+        b = model.denoiser(img.unsqueeze(2), torch.tensor([10.0, 500.0]), cond)
     assert torch.equal(a, b.squeeze(2))
     # real size on the meta device: published sizes, Wan's VAE (8x space, 4x time)
     for name, billions, units in (("wan-2.1-1.3b", 1.419, 30), ("wan-2.1-14b", 14.288, 40)):
@@ -173,7 +173,7 @@ def test_wan_flops_match_the_flop_counter(name, resolution, frames):
     clip = (p.latent_frames(frames),) if frames else ()
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         den(torch.zeros(1, p.in_channels, *clip, side, side, device="meta"), torch.zeros(1, device="meta"),
-            torch.zeros(1, p.max_text_len, width, device="meta"), None)
+            p.conditioner.example(1, device="meta"))
     assert forward_flops_per_image(name, resolution, frames) == pytest.approx(fc.get_total_flops(), rel=5e-3)
 
 
@@ -197,8 +197,9 @@ def test_wan_lora_exports_in_diffusers_wan_layout(tmp_path):
             if "lora_B" in n:
                 t.normal_(std=0.1)
     x, emb = torch.randn(1, 3, 3, 16, 16), torch.randn(1, 8, 32)
+    cond = {"text_emb": emb}
     with torch.no_grad():
-        adapted = den(x, torch.tensor([300.0]), emb, None)
+        adapted = den(x, torch.tensor([300.0]), cond)
     layers = {k.replace(f".{ADAPTER}", ""): v for k, v in get_peft_model_state_dict(den.net, adapter_name=ADAPTER).items()}
     layout = get_family("wan").export_lora(tmp_path, den.net, layers, build_lora_config(LoraSection(enabled=True, rank=4), "wan"))
     assert layout == "diffusers" and (tmp_path / "pytorch_lora_weights.safetensors").is_file()
@@ -318,7 +319,7 @@ def test_wan_vae_latent_path_per_channel_scaling_and_images():
     registered as a preset; clips encode to (B, C, 1 + (F-1)/2, H/2, W/2), scaled per channel by
     latents_mean / latents_std as diffusers' Wan pipeline does, the denoiser keeps the shape, decode
     gives the clip's shape back; an image goes through the video VAE as one frame."""
-    from scaletrain.models.components import TINY_TEXT, TINY_TEXT_DIM, TINY_TEXT_LEN
+    from scaletrain.models.components import TINY_TEXT, TINY_TEXT_DIM
     from scaletrain.models.families.wan import wan_tiny_config
     from scaletrain.models.family import PRESETS, add_preset
 
@@ -326,7 +327,7 @@ def test_wan_vae_latent_path_per_channel_scaling_and_images():
     vae = dict(_class_name="AutoencoderKLWan", base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
                temperal_downsample=[True], latents_mean=mean, latents_std=std)
     add_preset("wan-test-latent", "wan", vae, dict(wan_tiny_config(TINY_TEXT_DIM), in_channels=4, out_channels=4),
-               TINY_TEXT, TINY_TEXT_LEN, "test only")
+               TINY_TEXT, "test only")
     try:
         p = get_preset("wan-test-latent")
         assert (p.vae_factor, p.vae_frame_factor, p.latent_frames(5), p.downsample_factor, p.tokens(16, 16, 5)) == \
@@ -342,8 +343,8 @@ def test_wan_vae_latent_path_per_channel_scaling_and_images():
         expect = (m + torch.exp(0.5 * logvar) * noise - torch.tensor(mean).view(1, -1, 1, 1, 1)) \
             / torch.tensor(std).view(1, -1, 1, 1, 1)
         torch.testing.assert_close(z, expect, rtol=1e-5, atol=1e-5)
-        emb, mask = model.encode_text(["a red circle moving left", ""], "cpu")
-        assert model.denoiser(z, torch.tensor([1.0, 500.0]), emb, mask).shape == z.shape
+        cond = model.encode_text(["a red circle moving left", ""], "cpu")
+        assert model.denoiser(z, torch.tensor([1.0, 500.0]), cond).shape == z.shape
         assert model.decode(z).shape == x.shape
         img = model.encode_images(torch.rand(2, 3, 16, 16) * 2 - 1, gens())
         assert img.shape == (2, 4, 8, 8) and model.decode(img).shape == (2, 3, 16, 16)

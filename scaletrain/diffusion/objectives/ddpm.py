@@ -136,15 +136,11 @@ class DDPMObjective(Objective):
                 and scheduler_config.get("prediction_type", "epsilon") in PREDICTION_TYPES)
 
     @classmethod
-    def conflicts(cls, scheduler_config: dict[str, Any], params: DDPMParams) -> list[tuple[str, Any, Any]]:
-        ours = params.model_dump()
-        out = []
-        for name in _SCHEDULE_KEYS:
-            if name in ("beta_start", "beta_end") and scheduler_config.get("beta_schedule") == "squaredcos_cap_v2":
-                continue  # the cosine schedule has no start and end
-            theirs = scheduler_config.get(name)
-            if theirs is not None and theirs != ours[name]:
-                out.append((name, theirs, ours[name]))
+    def schedule_from(cls, scheduler_config: dict[str, Any]) -> dict[str, Any]:
+        out = {k: scheduler_config[k] for k in _SCHEDULE_KEYS if scheduler_config.get(k) is not None}
+        if scheduler_config.get("beta_schedule") == "squaredcos_cap_v2":  # the cosine schedule has no start and end
+            out.pop("beta_start", None)
+            out.pop("beta_end", None)
         return out
 
     def training_batch(self, x0: Tensor, keys: Sequence[str], *, step: int, seed: int) -> TrainingBatch:

@@ -80,6 +80,18 @@ class FlowMatchingObjective(Objective):
                 or scheduler_config.get("prediction_type") == "flow_prediction"
                 or bool(scheduler_config.get("use_flow_sigmas")))
 
+    @classmethod
+    def schedule_from(cls, scheduler_config: dict[str, Any]) -> dict[str, Any]:
+        """FlowMatch Euler (SD3: a static shift; FLUX: the dynamic shift and its anchors) or
+        UniPC with flow sigmas (Wan: ``flow_shift``)."""
+        c = scheduler_config
+        if c.get("use_flow_sigmas"):
+            return {"shift": float(c.get("flow_shift", 1.0)), "dynamic_shift": False}
+        if c.get("use_dynamic_shifting"):
+            return {"dynamic_shift": True, "shift": 1.0, "base_shift": float(c.get("base_shift", 0.5)),
+                    "max_shift": float(c.get("max_shift", 1.15))}
+        return {"shift": float(c.get("shift", 1.0)), "dynamic_shift": False}
+
     def mu(self, latent_shape: Sequence[int]) -> float:
         p = self.params
         slope = (p.max_shift - p.base_shift) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
@@ -131,8 +143,15 @@ class FlowMatchingObjective(Objective):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config())
-        mu = self.mu(latent_shape) if self.params.dynamic_shift else None
-        scheduler.set_timesteps(num_inference_steps, device=device, mu=mu)
+        if self.params.dynamic_shift:
+            # FluxPipeline's steps: sigmas evenly spaced from 1 down to 1/n, then shifted by mu
+            # (the scheduler's own spacing ends at 1/1000 instead), so an exported FLUX pipeline
+            # samples what the run's sample grids show.
+            n = num_inference_steps
+            sigmas = [1.0 - i * (1.0 - 1.0 / n) / max(n - 1, 1) for i in range(n)]
+            scheduler.set_timesteps(sigmas=sigmas, device=device, mu=self.mu(latent_shape))
+        else:
+            scheduler.set_timesteps(num_inference_steps, device=device)
         return _Euler(scheduler)
 
     def scheduler_config(self) -> dict[str, Any]:

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from diffusers import PixArtTransformer2DModel
 
-from scaletrain.models.components import CLIP_L, SD_VAE, T5_XXL_SHALLOW, TINY_TEXT, TINY_TEXT_DIM, TINY_TEXT_LEN
+from scaletrain.models.components import CLIP_L, SD_VAE, T5_XXL_SHALLOW, TINY_TEXT, TINY_TEXT_DIM
+from scaletrain.models.text import Cond
 from scaletrain.models.family import ModelFamily, add_preset, register_family
 
 # PixArt-alpha XL/2 at 512 px (PixArt-XL-2-512x512 transformer/config.json, ~611M params):
@@ -58,24 +59,25 @@ class PixArtFamily(ModelFamily):
     def pipeline_problem(self, preset: Any) -> str | None:
         # The pipeline encodes prompts with the mask and pads them to max_sequence_length (120):
         # T5's convention; a CLIP-conditioned preset (dit-b-2) would be sampled differently.
-        if preset.text_encoder.kind != "t5" or preset.max_text_len != self.pipeline_text_len:
+        slots = preset.conditioner.slots
+        if len(slots) != 1 or slots[0].is_clip or preset.max_text_len != self.pipeline_text_len:
             return (f"PixArtAlphaPipeline encodes prompts with a masked T5 at {self.pipeline_text_len} tokens; "
-                    f"{preset.name} conditions on a {preset.text_encoder.kind} encoder at {preset.max_text_len}: "
+                    f"{preset.name} conditions on {'+'.join(s.model_class for s in slots)} at {preset.max_text_len}: "
                     "export the transformer alone")
         return None
     # Attention projections plus the feed-forward ones: the blocks are attention + MLP only.
     # Exported in peft's layout (diffusers has no LoRA loader for PixArt): the default.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
-    def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
-                text_mask: Tensor | None, *, pixel_size: tuple[int, int] | None = None) -> Tensor:
-        cond = {"resolution": None, "aspect_ratio": None}
+    def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, cond: Cond, *,
+                pixel_size: tuple[int, int] | None = None) -> Tensor:
+        added = {"resolution": None, "aspect_ratio": None}
         if net.use_additional_conditions:  # PixArt-alpha 1024: the image size (pixels) and aspect ratio
             h, w = pixel_size if pixel_size is not None else x.shape[-2:]
-            cond = {"resolution": torch.tensor([[h, w]], dtype=x.dtype, device=x.device).expand(x.shape[0], 2),
+            added = {"resolution": torch.tensor([[h, w]], dtype=x.dtype, device=x.device).expand(x.shape[0], 2),
                     "aspect_ratio": torch.tensor([[h / w]], dtype=x.dtype, device=x.device).expand(x.shape[0], 1)}
-        out = net(x, encoder_hidden_states=text_emb, timestep=timesteps, encoder_attention_mask=text_mask,
-                  added_cond_kwargs=cond, return_dict=False)[0]
+        out = net(x, encoder_hidden_states=cond["text_emb"], timestep=timesteps,
+                  encoder_attention_mask=cond.get("text_mask"), added_cond_kwargs=added, return_dict=False)[0]
         # Learned-sigma presets predict (mean, variance) stacked on channels; the objective only
         # trains the mean, so hand back x's channels.
         return out[:, : x.shape[1]]
@@ -101,9 +103,9 @@ class PixArtFamily(ModelFamily):
         return list(net.transformer_blocks)
 
 
-add_preset("dit-tiny", "dit", None, dit_tiny_config(TINY_TEXT_DIM), TINY_TEXT, TINY_TEXT_LEN,
+add_preset("dit-tiny", "dit", None, dit_tiny_config(TINY_TEXT_DIM), TINY_TEXT,
            "~0.3M-param pixel-space PixArt DiT (patch 2) + 2-layer CLIP; CPU demos and tests")
-add_preset("dit-b-2", "dit", SD_VAE, DIT_B_2, CLIP_L, 77,
+add_preset("dit-b-2", "dit", SD_VAE, DIT_B_2, CLIP_L,
            "DiT-B/2 size (12 x 768, patch 2; 119M) in PixArt's layout on SD VAE latents, CLIP-L text (768)")
-add_preset("pixart-xl-2", "dit", SD_VAE, PIXART_XL_2, T5_XXL_SHALLOW, 120,
+add_preset("pixart-xl-2", "dit", SD_VAE, PIXART_XL_2, T5_XXL_SHALLOW,
            "PixArt-alpha XL/2 (611M, 28 x 1152, patch 2) on SD VAE latents, T5-XXL-width text (4096)")

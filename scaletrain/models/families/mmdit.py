@@ -3,10 +3,8 @@
 Image and text tokens keep their own weights (two streams per block) and attend jointly:
 each block's attention runs over the concatenation of both sequences, which is why the text
 needs no cross-attention and no attention mask (SD3 attends over padding, as its T5 stream
-was trained). SD3 also conditions adaLN on a pooled text vector (CLIP-L + CLIP-G pooled,
-2048 wide); scaletrain runs one text encoder per preset, so the pooled vector here is the
-masked mean of that encoder's token embeddings and ``pooled_projection_dim`` is its width.
-That changes one linear layer's input width and nothing else in the block stack.
+was trained). adaLN is also conditioned on a pooled text vector: SD3's conditioner
+(``conditioners/sd3.py``) gives CLIP-L's and CLIP-G's projected outputs side by side (2048).
 """
 
 from __future__ import annotations
@@ -17,20 +15,27 @@ from typing import Any
 from torch import Tensor, nn
 from diffusers import SD3Transformer2DModel
 
-from scaletrain.models.components import SD3_VAE, T5_XXL_SHALLOW, TINY_TEXT, TINY_TEXT_DIM, TINY_TEXT_LEN
-from scaletrain.models.family import ModelFamily, add_preset, register_family
+from scaletrain.models.components import (
+    CLIP_G_PUBLISHED, CLIP_L_PUBLISHED, SD3_VAE, T5_XXL_PUBLISHED, TINY_TEXT_DIM, TINY_TEXT_LEN,
+)
+from scaletrain.models.conditioners.sd3 import SD3Conditioner
+from scaletrain.models.text import Cond
+from scaletrain.models.family import ModelFamily, add_alias, add_preset, register_family
 
-# stabilityai/stable-diffusion-3-medium transformer/config.json (2.03B there): 24 joint blocks,
-# 24 heads x 64 = 1536 hidden, patch 2 on 16-channel latents, T5-XXL-width context (4096).
-# pooled_projection_dim is the context width (see the module docstring): 2.03B -> 2.03B.
+# stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json (2.03B): 24 joint
+# blocks, 24 heads x 64 = 1536 hidden, patch 2 on 16-channel latents, T5-XXL-width context
+# (4096), CLIP-L + CLIP-G pooled (2048).
 SD3_MEDIUM: dict[str, Any] = dict(
     sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
     attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-    caption_projection_dim=1536, pooled_projection_dim=4096, pos_embed_max_size=192,
+    caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192,
 )
-# SD3's text sequence: 77 CLIP tokens + 256 T5 tokens, here one 333-token sequence, so FLOPs and
-# activations carry the real joint-attention length.
-SD3_TEXT_LEN = 333
+# stabilityai/stable-diffusion-3.5-large transformer/config.json (8.06B): 38 blocks x 2432,
+# RMS-normed queries and keys.
+SD35_LARGE: dict[str, Any] = dict(SD3_MEDIUM, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+                                  qk_norm="rms_norm")
+# SD3's text sequence: 77 CLIP tokens + 256 T5 tokens (the pipeline's max_sequence_length).
+SD3_CONDITIONER = SD3Conditioner(CLIP_L_PUBLISHED, CLIP_G_PUBLISHED, T5_XXL_PUBLISHED, clip_len=77, t5_len=256)
 
 
 def mmdit_tiny_config(text_dim: int) -> dict[str, Any]:
@@ -42,28 +47,18 @@ def mmdit_tiny_config(text_dim: int) -> dict[str, Any]:
     )
 
 
-def pooled_text(text_emb: Tensor, text_mask: Tensor | None) -> Tensor:
-    """Mean of the token embeddings over the mask (over every token without one)."""
-    if text_mask is None:
-        return text_emb.mean(dim=1)
-    m = text_mask.to(text_emb.dtype).unsqueeze(-1)
-    return (text_emb * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
-
-
 @register_family
 class MMDiTFamily(ModelFamily):
     name = "mmdit"
-    pipeline_refusal = ("StableDiffusion3Pipeline expects three text encoders (two CLIP with pooled projections and "
-                        "T5); scaletrain's MMDiT conditions on one encoder with a mean-pooled vector, so no diffusers "
-                        "pipeline runs it: export the transformer alone (README: sampling it with diffusers)")
+    pipeline_class = "StableDiffusion3Pipeline"
     net_class = SD3Transformer2DModel
     # Both streams' attention projections: what diffusers' SD3 LoRA training script adapts.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     lora_loader = "SD3LoraLoaderMixin"  # exported in diffusers' LoRA layout
 
-    def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
-                text_mask: Tensor | None, *, pixel_size: tuple[int, int] | None = None) -> Tensor:
-        return net(hidden_states=x, encoder_hidden_states=text_emb, pooled_projections=pooled_text(text_emb, text_mask),
+    def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, cond: Cond, *,
+                pixel_size: tuple[int, int] | None = None) -> Tensor:
+        return net(hidden_states=x, encoder_hidden_states=cond["text_emb"], pooled_projections=cond["pooled"],
                    timestep=timesteps, return_dict=False)[0]
 
     def downsample(self, config: dict[str, Any]) -> int:
@@ -71,6 +66,9 @@ class MMDiTFamily(ModelFamily):
 
     def text_width(self, config: dict[str, Any]) -> int:
         return config["joint_attention_dim"]
+
+    def pooled_width(self, config: dict[str, Any]) -> int | None:
+        return config["pooled_projection_dim"]
 
     def max_input_size(self, config: dict[str, Any]) -> int | None:
         # PatchEmbed crops its sin-cos table from a pos_embed_max_size^2 grid of patches.
@@ -84,9 +82,14 @@ class MMDiTFamily(ModelFamily):
         return list(net.transformer_blocks)
 
 
-add_preset("mmdit-tiny", "mmdit", None, mmdit_tiny_config(TINY_TEXT_DIM), TINY_TEXT, TINY_TEXT_LEN,
-           "~0.5M-param pixel-space SD3-style MMDiT (patch 2, joint attention) + 2-layer CLIP; CPU demos and tests")
-add_preset("mmdit-sd3-medium", "mmdit", SD3_VAE, SD3_MEDIUM, T5_XXL_SHALLOW, SD3_TEXT_LEN,
-           "SD3-medium size MMDiT (2.0B, 24 x 1536, patch 2) on 16-channel SD3-VAE latents, "
-           "T5-XXL-width text (4096, 333 tokens)")
+add_preset("mmdit-tiny", "mmdit", None, mmdit_tiny_config(TINY_TEXT_DIM), SD3Conditioner.tiny(TINY_TEXT_DIM, TINY_TEXT_LEN),
+           "~0.5M-param pixel-space SD3-style MMDiT (patch 2, joint attention) conditioned as SD3 is (two tiny "
+           "CLIPs + a tiny T5); CPU demos and tests")
+add_preset("sd3-medium", "mmdit", SD3_VAE, SD3_MEDIUM, SD3_CONDITIONER,
+           "Stable Diffusion 3 medium as published (2.03B MMDiT, 24 x 1536, patch 2) on SD3-VAE latents; "
+           "CLIP-L + CLIP-G + T5-XXL (333 tokens)")
+add_preset("sd3.5-large", "mmdit", SD3_VAE, SD35_LARGE, SD3_CONDITIONER,
+           "Stable Diffusion 3.5 large as published (8.06B MMDiT, 38 x 2432, QK RMS norm) on SD3-VAE latents; "
+           "CLIP-L + CLIP-G + T5-XXL (333 tokens)")
+add_alias("mmdit-sd3-medium", "sd3-medium")
 

@@ -22,7 +22,9 @@ from typing import Any
 from torch import Tensor, nn
 from diffusers import WanTransformer3DModel
 
-from scaletrain.models.components import T5_XXL_SHALLOW, TINY_TEXT, TINY_TEXT_DIM, TINY_TEXT_LEN, WAN_VAE
+from scaletrain.models.components import TINY_TEXT_DIM, TINY_TEXT_LEN, UMT5_XXL_PUBLISHED, WAN_VAE
+from scaletrain.models.conditioners.wan import WanConditioner
+from scaletrain.models.text import Cond
 from scaletrain.models.family import ModelFamily, add_preset, register_family
 
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json: 30 layers, 12 heads x 128 = 1536,
@@ -52,19 +54,15 @@ class WanFamily(ModelFamily):
     lora_loader = "WanLoraLoaderMixin"
     lora_prefix = "transformer"
     pipeline_denoiser = "transformer"
-    pipeline_refusal = ("WanPipeline takes a UMT5 text encoder and the Wan video VAE, which scaletrain's "
-                        "presets do not train with yet; export the transformer alone")
+    pipeline_class = "WanPipeline"
 
-    def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, text_emb: Tensor,
-                text_mask: Tensor | None, *, pixel_size: tuple[int, int] | None = None) -> Tensor:
+    def forward(self, net: nn.Module, x: Tensor, timesteps: Tensor, cond: Cond, *,
+                pixel_size: tuple[int, int] | None = None) -> Tensor:
         if x.ndim == 4:  # an image: one frame
-            out = self.forward(net, x.unsqueeze(2), timesteps, text_emb, text_mask).squeeze(2)
+            out = self.forward(net, x.unsqueeze(2), timesteps, cond).squeeze(2)
         else:
-            if text_mask is not None:
-                # WanPipeline cuts each prompt's T5 states at its length and pads with zeros; Wan's
-                # attention takes no mask, so zeroed padding is what it was trained on.
-                text_emb = text_emb * text_mask.unsqueeze(-1).to(text_emb.dtype)
-            out = net(x, timestep=timesteps, encoder_hidden_states=text_emb, return_dict=False)[0]
+            # the Wan conditioner has zeroed the caption's padding (Wan's attention takes no mask)
+            out = net(x, timestep=timesteps, encoder_hidden_states=cond["text_emb"], return_dict=False)[0]
         # Wan's unpatchify is a view for one frame; FSDP2 warns on a view output (an in-place op
         # on it would skip its backward hook), so hand back a tensor of its own then.
         return out.clone() if out._is_view() else out
@@ -86,9 +84,11 @@ class WanFamily(ModelFamily):
         return list(net.blocks)
 
 
-add_preset("wan-tiny", "wan", None, wan_tiny_config(TINY_TEXT_DIM), TINY_TEXT, TINY_TEXT_LEN,
-           "~0.3M-param pixel-space Wan video DiT (patch 1x2x2) + 2-layer CLIP; CPU video demos and tests")
-add_preset("wan-2.1-1.3b", "wan", WAN_VAE, WAN_T2V_1_3B, T5_XXL_SHALLOW, 512,
-           "Wan 2.1 T2V 1.3B (30 x 1536, patch 1x2x2) on Wan-VAE latents (8x space, 4x time), UMT5-XXL-width text")
-add_preset("wan-2.1-14b", "wan", WAN_VAE, WAN_T2V_14B, T5_XXL_SHALLOW, 512,
-           "Wan 2.1 T2V 14B (40 x 5120, patch 1x2x2) on Wan-VAE latents, UMT5-XXL-width text; sizing and GPUs")
+add_preset("wan-tiny", "wan", None, wan_tiny_config(TINY_TEXT_DIM), WanConditioner.tiny(TINY_TEXT_DIM, TINY_TEXT_LEN),
+           "~0.3M-param pixel-space Wan video DiT (patch 1x2x2) conditioned as Wan is (a tiny UMT5); CPU video "
+           "demos and tests")
+add_preset("wan-2.1-1.3b", "wan", WAN_VAE, WAN_T2V_1_3B, WanConditioner(UMT5_XXL_PUBLISHED, 512),
+           "Wan 2.1 T2V 1.3B as published (30 x 1536, patch 1x2x2) on Wan-VAE latents (8x space, 4x time); "
+           "UMT5-XXL (512 tokens)")
+add_preset("wan-2.1-14b", "wan", WAN_VAE, WAN_T2V_14B, WanConditioner(UMT5_XXL_PUBLISHED, 512),
+           "Wan 2.1 T2V 14B as published (40 x 5120, patch 1x2x2) on Wan-VAE latents; UMT5-XXL (512 tokens)")
