@@ -83,6 +83,10 @@ class CheckpointSection(_Section):
     # size of the last one) is agreed across ranks, its .partial removed and reported; then
     # training goes on (continue: the next save tries again) or every rank stops (stop, exit 3).
     on_save_error: Literal["continue", "stop"] = "continue"
+    # Record every file's CRC-32 and size in meta.json at save (the ranks hash the folder's files
+    # between them) and verify them before a load: a checkpoint with a flipped bit that still
+    # parses is skipped for the previous one, in one line.
+    checksums: bool = True
 
 
 class ModelSection(_Section):
@@ -180,6 +184,9 @@ class DataSection(_Section):
     max_member_bytes: int = Field(64 * 2**20, gt=0)
     # `pipe:CMD` shard URLs run CMD in a shell (webdataset's gopen): refused unless set.
     allow_pipe_shards: bool = False
+    # Image members are decoded by PIL's JPEG, PNG and WebP decoders only, whatever their name
+    # says; add GIF, BMP, TIFF, PPM or TGA here (never EPS/PS: PIL runs Ghostscript for those).
+    image_formats: list[str] = []
     # Train on VAE latents + text embeddings written by `scaletrain data encode` (data/latents.py):
     # no VAE or text encoder is built. null = detect from the shards; true/false = assert it.
     precomputed: bool | None = None

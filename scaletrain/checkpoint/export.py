@@ -35,9 +35,12 @@ def resolve_checkpoint(src: str | Path) -> CheckpointInfo:
 
 
 def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
-    """Full (unsharded) model state of a checkpoint, with the Denoiser's key names."""
+    """Full (unsharded) model state of a checkpoint, with the Denoiser's key names; its files'
+    recorded checksums verified first (one line naming a file that changed)."""
+    from scaletrain.checkpoint.manager import verify_checksums
     from scaletrain.common.safe_load import check_torch_files, load_dcp_full, weights_only_torch_load
 
+    verify_checksums(info)
     engine_dir = info.path / "engine"
     if info.engine_format == "zero":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

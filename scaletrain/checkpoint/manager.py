@@ -8,7 +8,8 @@ Layout of one checkpoint (a shared filesystem visible to every rank is assumed):
         rng-rank{r}.safetensors      each rank's torch (and CUDA) RNG state
         state-rank{r}.json           each rank's own counters: its data stream position per slot
         trainer_state.json           step, stage, images seen, data position, loss EMA, ...
-        meta.json                    written last, before the rename: engine, world size, sizes
+        meta.json                    written last, before the rename: engine, world size, and
+                                     every other file's size and CRC-32 (checkpoint.checksums)
 
 Atomicity: every rank writes into ``step-N.partial`` and fsyncs the files and folders in
 it; after a barrier rank 0 writes and fsyncs ``meta.json``, renames the folder and fsyncs
@@ -17,6 +18,13 @@ at any point leaves either no ``step-N`` or a complete one, and the previous che
 untouched.
 ``latest_checkpoint`` only considers committed folders with ``meta.json``; stale
 ``.partial`` folders are removed when the next run starts.
+
+Checksums: before meta.json is written the ranks hash the folder's files between them (file i
+on rank i mod world, CRC-32 in 16 MiB reads of what is still in the page cache) and rank 0
+records them; a load verifies them the same way before reading anything, so a bit flipped
+on disk (a tensor that still parses) skips that checkpoint for the previous one, in one line.
+CRC-32 finds corruption, not tampering: what a checkpoint may contain is the restricted
+readers' business (below). Checkpoints written without checksums load as before.
 
 Safe loading: every file is read by a restricted reader (common.safe_load): DCP metadata
 by an unpickler that admits only DCP's metadata types, DCP entries and DeepSpeed's files
@@ -316,11 +324,14 @@ class CheckpointManager:
         # fsync counts; a clean file's fsync costs a syscall), then meta.json, then the rename,
         # then the parent folder.
         self._agree(_attempt(lambda: _fsync_tree(tmp)), step, tmp)  # every rank's shards are on disk
+        files = self._checksums(tmp, step) if self.cfg.checksums else None
         error = None
         if self.dist.is_main:
             meta = {"step": step, "engine": self.engine.name, "world_size": self.dist.world_size,
                     "stage": trainer_state.get("stage"), "preset": trainer_state.get("preset"),
                     "time": time.time()}
+            if files is not None:
+                meta["files"] = files
 
             def publish() -> None:
                 _write_durably(tmp / "meta.json", json.dumps(meta))
@@ -336,6 +347,18 @@ class CheckpointManager:
                 self._prune()
         self._agree(error, step, tmp)
         self._last_save_time = time.monotonic()
+
+    def _checksums(self, folder: Path, step: int) -> dict[str, list]:
+        """Collective: {relative path: [size, crc32 hex]} of every file in ``folder``, each rank
+        hashing its share; every rank gets the whole map."""
+        mine: dict[str, list] = {}
+        error = _attempt(lambda: mine.update(file_checksums(folder, self.dist.rank, self.dist.world_size)))
+        self._agree(error, step, folder)
+        parts = [mine]
+        if self.dist.world_size > 1:
+            parts = [None] * self.dist.world_size
+            dist.all_gather_object(parts, mine)  # between this job's own ranks
+        return {k: v for part in parts for k, v in sorted(part.items())}
 
     def load_latest(self, report=None) -> dict | None:
         """Collective. Loads the newest complete checkpoint that loads into the engine and RNG;
@@ -383,7 +406,9 @@ class CheckpointManager:
         # drives dropout-like noise inside models, never the objective's noise (keyed per sample).
         rank_file = info.path / f"state-rank{self.dist.rank}.json"
         rng, rank_state, error = None, {}, None
-        try:  # the small files first, agreed across ranks, before any collective load
+        try:  # the checksums and the small files first, agreed across ranks, before any collective load
+            if self.cfg.checksums:
+                verify_checksums(info, self.dist.rank, self.dist.world_size)
             state = read_json(info.path / "trainer_state.json")
             if rng_file.is_file() and info.meta.get("world_size") == self.dist.world_size:
                 rng = read_safetensors(rng_file)
@@ -441,6 +466,53 @@ def _test_stall(step: int) -> None:
         at, _, seconds = spec.partition(":")
         if int(at) == step:
             time.sleep(float(seconds))
+
+
+_CHUNK = 16 * 2**20
+
+
+def _crc32(path: Path) -> str:
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _share(folder: Path, rank: int, world: int) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "meta.json")
+    return files[rank::world]
+
+
+def file_checksums(folder: Path, rank: int = 0, world: int = 1) -> dict[str, list]:
+    """{relative path: [size, crc32 hex]} of this rank's share of ``folder``'s files (all of them
+    at world 1), meta.json aside. Why CRC-32 and not SHA-256: it detects the bit flips and
+    truncations this guards against at ~2.4 GB/s on one core here, where SHA-256 did 1.1 and
+    BLAKE2b 0.5 GB/s, and a save may not pay more than a few percent for it."""
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, _crc32(p)] for p in _share(folder, rank, world)}
+
+
+def verify_checksums(info: CheckpointInfo, rank: int = 0, world: int = 1) -> None:
+    """Raise ``CheckpointLoadError`` (one line naming the file) when a file of this rank's share
+    does not match its recorded size and CRC-32, or a recorded file is gone. No-op for a
+    checkpoint saved without checksums."""
+    recorded = info.meta.get("files")
+    if not isinstance(recorded, dict):
+        return
+    names = sorted(recorded)
+    for name in names[rank::world]:
+        path = info.path / name
+        size, crc = recorded[name]
+        if not path.is_file():
+            raise CheckpointLoadError(f"{path} is missing (meta.json records it)")
+        if path.stat().st_size != size:
+            raise CheckpointLoadError(f"{path} has {path.stat().st_size} bytes, meta.json recorded {size}")
+        got = _crc32(path)
+        if got != crc:
+            raise CheckpointLoadError(f"{path} fails its checksum (CRC-32 {got}, meta.json recorded {crc}): the file "
+                                      "changed after it was saved")
 
 
 def _fsync_tree(path: Path) -> None:

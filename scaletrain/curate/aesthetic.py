@@ -25,6 +25,7 @@ from torch import nn
 from scaletrain.curate.models import (build_tiny_clip_vision, load_image_processor, pil_to_tensor,
                                       require_local_dir)
 from scaletrain.curate.shards import Sample
+from scaletrain.data.samples import open_image
 
 AESTHETIC_KEY = "aesthetic"  # what data.filters.min_aesthetic reads
 LAION_WIDTHS = (1024, 128, 64, 16)
@@ -126,8 +127,6 @@ def synthetic_rating(image: Image.Image) -> float:
 def write_synthetic_rated_set(out_dir: str | Path, *, num_images: int = 256, resolution: int = 32,
                               seed: int = 0) -> Path:
     """Synthetic shapes images (``data.synth``) + ``ratings.jsonl`` from ``synthetic_rating``; returns the JSONL."""
-    import io
-
     from scaletrain.data.synth import make_synthetic_sample
 
     out = Path(out_dir)
@@ -135,7 +134,7 @@ def write_synthetic_rated_set(out_dir: str | Path, *, num_images: int = 256, res
     lines = []
     for i in range(num_images):
         sample = make_synthetic_sample(i, seed, resolution, "png")
-        image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
+        image = open_image(sample["png"]).convert("RGB")
         name = f"images/{i:06d}.png"
         image.save(out / name)
         lines.append(json.dumps({"image": name, "rating": synthetic_rating(image)}))
@@ -190,7 +189,7 @@ def embed_rated(embedder: ImageEmbedder, pairs: list[tuple[Path, float]],
                 batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     embs = []
     for lo in range(0, len(pairs), batch_size):
-        images = [Image.open(p).convert("RGB") for p, _ in pairs[lo:lo + batch_size]]
+        images = [open_image(Path(p).read_bytes()).convert("RGB") for p, _ in pairs[lo:lo + batch_size]]
         embs.append(embedder.embed(images))
     return torch.cat(embs), torch.tensor([r for _, r in pairs], dtype=torch.float32)
 

@@ -15,7 +15,6 @@ report adds up (input = kept + dropped_total + corrupt).
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from PIL import Image
 from scaletrain.common.ranks import barrier, rank_world
 from scaletrain.common.tars import TarWriter, batched, expand_shards, read_shard
 from scaletrain.data.filters import FilterSpec, first_failing_rule
-from scaletrain.data.samples import IMAGE_EXTS, read_meta_caption
+from scaletrain.data.samples import IMAGE_EXTS, open_image, read_meta_caption
 
 CORRUPT = "corrupt"
 
@@ -51,7 +50,7 @@ class Sample:
     def image(self) -> Image.Image:
         """Decoded RGB image (cached); raises on undecodable bytes."""
         if self._image is None:
-            with Image.open(io.BytesIO(self.raw[self.image_ext])) as img:
+            with open_image(self.raw[self.image_ext]) as img:
                 self._image = img.convert("RGB")
         return self._image
 

@@ -13,6 +13,9 @@ from scaletrain.config import CheckContext, RunConfig
 
 
 def recipe(cfg: RunConfig, ctx: CheckContext) -> None:
+    from scaletrain.data.samples import image_formats
+
+    image_formats(cfg.data.image_formats)  # one line for a format that is not allow-listed
     for i in range(len(cfg.train.stages)):
         cfg.stage_data(i)  # raises on a bad per-stage data override
     if ctx.check_paths:

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from scaletrain.common.ranks import barrier, rank_world
 from scaletrain.common.tars import TarWriter, batched, expand_shards, is_url, read_shard
-from scaletrain.data.samples import IMAGE_EXTS, decode_image, read_meta_caption
+from scaletrain.data.samples import IMAGE_EXTS, decode_image, image_formats, read_meta_caption
 
 if TYPE_CHECKING:
     from scaletrain.config import RunConfig
@@ -318,6 +318,7 @@ class Encoder:
             encoder.to(device)
         self.vae.to(device)
         self.device = device
+        self.formats = image_formats(cfg.data.image_formats)
 
     @torch.no_grad()
     def text_outputs(self, captions: list[str]) -> dict[str, Tensor]:
@@ -342,7 +343,7 @@ class Encoder:
                 corrupt += 1
                 continue
             try:
-                pixels, geometry = decode_image(raw[ext], resolution, buckets, geometry=True)
+                pixels, geometry = decode_image(raw[ext], resolution, buckets, geometry=True, formats=self.formats)
             except Exception:  # noqa: BLE001 - PIL raises many types on bad bytes
                 corrupt += 1
                 continue

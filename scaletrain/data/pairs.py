@@ -42,7 +42,7 @@ def decode_pair(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | Non
     if rule is not None:
         return Dropped(rule)
     try:
-        images = [decode_image(raw[ext], spec.resolution) for ext in exts]
+        images = [decode_image(raw[ext], spec.resolution, formats=spec.image_formats) for ext in exts]
     except Exception:  # noqa: BLE001 - PIL raises many types on bad bytes; one bad pair must not stop a run
         return None
     key = raw["__key__"]

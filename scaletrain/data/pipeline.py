@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from scaletrain.common.tars import expand_shards, is_url, read_shard
 from scaletrain.data.filters import FilterSpec, first_failing_rule
 from scaletrain.data.mixing import Balance, Source, class_value, cumulative, pick_leaf, plan_leaves
-from scaletrain.data.samples import IMAGE_EXTS, ImageTooLarge, decode_image, read_meta_caption
+from scaletrain.data.samples import IMAGE_EXTS, IMAGE_FORMATS, ImageTooLarge, decode_image, read_meta_caption
 from scaletrain.data.video import VIDEO_EXTS, ClipSpec, VideoFpsTooLow, VideoTooShort, decode_video
 
 # Kinds of bad data the loader counts (batch["issues"]) instead of raising; each named in the metrics.
@@ -97,6 +97,8 @@ class LoaderSpec:
     max_image_pixels: int = 64_000_000
     max_member_bytes: int = 64 * 2**20
     allow_pipe_shards: bool = False
+    # The PIL decoders an image member may reach (data/samples.py IMAGE_FORMATS + data.image_formats).
+    image_formats: tuple[str, ...] = IMAGE_FORMATS
     # Video stages (data/video.py): frames > 0 makes every sample a (3, F, H, W) clip: a video
     # member (mp4, webm, ...) gives `frames` frames at `fps` (None: its own rate), an image a
     # 1-frame clip, batched apart (batches hold one shape), so images and videos train in one run.
@@ -263,7 +265,7 @@ def _decode_sample(raw: dict, spec: LoaderSpec, epoch: int) -> dict | Dropped | 
             pixels = decode_video(raw[payload], ClipSpec(spec.frames, spec.fps), spec.resolution, rng, spec.buckets)
         else:
             pixels, geometry = decode_image(raw[payload], spec.resolution, spec.buckets, spec.max_image_pixels,
-                                            geometry=True)
+                                            geometry=True, formats=spec.image_formats)
             if spec.frames:
                 pixels = pixels.unsqueeze(1)  # an image is a 1-frame clip
             else:
@@ -673,7 +675,8 @@ def loader_identity(spec: LoaderSpec) -> str:
     from dataclasses import fields
 
     parts = [(f.name, getattr(spec, f.name)) for f in fields(spec) if f.name not in _NOT_IDENTITY
-             and not (f.name in ("frames", "fps") and not getattr(spec, f.name))]  # image stages: as before
+             and not (f.name in ("frames", "fps") and not getattr(spec, f.name))  # image stages: as before
+             and not (f.name == "image_formats" and getattr(spec, f.name) == IMAGE_FORMATS)]
     return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
 
 

@@ -62,11 +62,41 @@ def clip_indices(num_frames: int, src_fps: float, clip: ClipSpec, rng: random.Ra
     return [start + round(i * stride) for i in range(clip.frames)]
 
 
-def probe_video(data: bytes) -> tuple[int, float, int, int]:
-    """(frames, fps, width, height) from the container header, nothing decoded."""
+# Untrusted video bytes are demuxed and decoded in process by PyAV's own FFmpeg, and only in
+# these containers (FFmpeg's demuxer names) and codecs; anything else counts as corrupt before a
+# frame is decoded. No member is ever handed to an external program.
+VIDEO_CONTAINERS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi"})
+VIDEO_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg"})
+
+
+class VideoNotAllowed(ValueError):
+    """The container or codec is not on the allow-list (the sample counts as corrupt)."""
+
+
+def open_video(data: bytes):
+    """PyAV container of untrusted bytes, refused (``VideoNotAllowed``) unless its container and
+    first video stream's codec are allow-listed: the one place scaletrain opens shard videos."""
     import av
 
-    with av.open(io.BytesIO(data)) as container:
+    container = av.open(io.BytesIO(data))
+    try:
+        fmt = container.format.name
+        if fmt not in VIDEO_CONTAINERS:
+            raise VideoNotAllowed(f"container {fmt!r} is not one of {sorted(VIDEO_CONTAINERS)}")
+        if not container.streams.video:
+            raise VideoNotAllowed("no video stream")
+        codec = container.streams.video[0].codec_context.name
+        if codec not in VIDEO_CODECS:
+            raise VideoNotAllowed(f"codec {codec!r} is not one of {sorted(VIDEO_CODECS)}")
+    except BaseException:
+        container.close()
+        raise
+    return container
+
+
+def probe_video(data: bytes) -> tuple[int, float, int, int]:
+    """(frames, fps, width, height) from the container header, nothing decoded."""
+    with open_video(data) as container:
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate or 0)
         frames = stream.frames
@@ -81,9 +111,7 @@ def decode_video(data: bytes, clip: ClipSpec, resolution: int, rng: random.Rando
     nearest the video's aspect ratio (as ``decode_image``).
     Decodes frames in order and stops after the clip's last one; raises ``VideoTooShort`` /
     ``VideoFpsTooLow`` (the sample is dropped and counted) and anything PyAV raises on bad bytes
-    (the sample is corrupt)."""
-    import av
-
+    (the sample is corrupt), or ``VideoNotAllowed`` for a container or codec off the allow-list."""
     from scaletrain.data.buckets import nearest_bucket
     from scaletrain.data.samples import resize_crop  # the images' rule, frame by frame
 
@@ -92,12 +120,12 @@ def decode_video(data: bytes, clip: ClipSpec, resolution: int, rng: random.Rando
     if src_fps <= 0:
         raise ValueError("the video stream declares no frame rate")
     if num_frames <= 0:  # header without a count: decode to find it (rare for mp4/webm)
-        with av.open(io.BytesIO(data)) as container:
+        with open_video(data) as container:
             num_frames = sum(1 for _ in container.decode(video=0))
     want = clip_indices(num_frames, src_fps, clip, rng)
     wanted = set(want)
     picked: dict[int, np.ndarray] = {}
-    with av.open(io.BytesIO(data)) as container:
+    with open_video(data) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i in wanted:
                 picked[i] = np.asarray(resize_crop(frame.to_image(), tw, th), dtype=np.float32)

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from scaletrain.data.latents import resolve_shards
 from scaletrain.data.mixing import Balance, Source
 from scaletrain.data.pipeline import LoaderSpec, build_loader, loader_identity, plan_streams
+from scaletrain.data.samples import image_formats
 from scaletrain.models.registry import stage_frames
 from scaletrain.train.step import BatchRequest
 
@@ -45,7 +46,7 @@ class ImageStream:
             buckets=tuple(d.buckets.sizes(req.resolution, self.preset.downsample_factor) if d.buckets.enabled else ()),
             precomputed=self.encoding is not None, pin_memory=self.device.type == "cuda",
             bad_captions=d.bad_captions, max_image_pixels=d.max_image_pixels, max_member_bytes=d.max_member_bytes,
-            allow_pipe_shards=d.allow_pipe_shards,
+            allow_pipe_shards=d.allow_pipe_shards, image_formats=image_formats(d.image_formats),
             empty_cond=self.encoding.empty_caption() if self.encoding is not None else None,
         )
         # Resume from the stream position the checkpoint stored for this rank (O(1): nothing read

@@ -28,6 +28,7 @@ from scaletrain.data.pairs import build_pair_loader
 from scaletrain.checkpoint.init import load_init_weights
 from scaletrain.common.tars import expand_shards
 from scaletrain.data.pipeline import LoaderSpec
+from scaletrain.data.samples import image_formats
 from scaletrain.diffusion.dpo import diffusion_dpo_loss, prepare_pair_batch
 from scaletrain.models import parallel_units
 from scaletrain.models.lora import adapters_disabled
@@ -91,7 +92,7 @@ def pair_batches(req: BatchRequest) -> Iterator[dict]:
         shards=expand_shards(eff.shards), filters=eff.filters, resolution=req.resolution,
         micro_batch=req.micro_batch, caption_dropout=d.caption_dropout, num_workers=d.num_workers,
         shuffle_buffer=d.shuffle_buffer, seed=req.cfg.run.seed, split=d.split, rank=req.rank,
-        world_size=req.world_size, skip_batches=req.skip,
+        world_size=req.world_size, skip_batches=req.skip, image_formats=image_formats(d.image_formats),
     )
     return iter(build_pair_loader(spec))
 

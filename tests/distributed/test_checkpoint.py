@@ -21,7 +21,7 @@ import torch
 
 from tests.conftest import BIN, REPO, run_cmd, shard_pattern
 import tests.distributed.util as tests_util
-from tests.distributed.util import (free_port, no_checkpoint_loads, one_error_line, read_metrics,
+from tests.distributed.util import (flip_bit, free_port, no_checkpoint_loads, one_error_line, read_metrics,
                                     tamper_dcp_metadata, tamper_torch_file)
 
 pytestmark = pytest.mark.dist
@@ -417,9 +417,12 @@ def _refused(r, needle: str, marker: Path) -> str:
 def test_bad_latest_checkpoints_are_skipped_for_the_previous_one(synth_shards, straight, tmp_path, engine):
     """The relaunch's newest checkpoints are bad. FSDP2: step 7 holds a crafted pickle in DCP's
     .metadata (torch's reader would run it, then load normally), step 6's meta.json is truncated
-    and a DCP shard file of step 5 is truncated. ZeRO-3: step 7 holds a crafted pickle in rank
-    1's optimizer partition (only rank 1 reads it: the verdict must reach rank 0, or it would
-    hang in DeepSpeed's load). Each is skipped with one line naming the file, and both ranks
+    and one bit of a DCP shard file of step 5 is flipped (it still parses). ZeRO-3: step 7 holds
+    a crafted pickle in rank 1's optimizer partition (only rank 1 reads it: the verdict must
+    reach rank 0, or it would hang in DeepSpeed's load), one bit of step 6's rank-0 partition is
+    flipped. The payloads carry their new checksums in meta.json (an attacker
+    who writes the folder can); the flipped bits fail their recorded CRC-32. Each is skipped with
+    one line naming the file, and both ranks
     resume from step 4: the losses of steps 5-7 equal the uninterrupted run's; no payload runs."""
     import io
     import pickle
@@ -435,15 +438,16 @@ def test_bad_latest_checkpoints_are_skipped_for_the_previous_one(synth_shards, s
         f6 = ckpt(6) / "meta.json"
         f6.write_text(f6.read_text()[:20])
         f5 = sorted((ckpt(5) / "engine").glob("*.distcp"))[-1]
-        f5.write_bytes(f5.read_bytes()[:64])
+        flip_bit(f5)
         needles = {7: f"{f7}: refusing to unpickle posix.system", 6: f"{f6}: unreadable",
-                   5: f"{ckpt(5) / 'engine'}: unreadable DCP checkpoint"}
+                   5: f"{f5} fails its checksum"}
     else:
-        for step in (5, 6):
-            shutil.rmtree(ckpt(step))
+        shutil.rmtree(ckpt(5))
+        f6 = next((ckpt(6) / "engine" / "zero").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+        flip_bit(f6)
         f7 = next((ckpt(7) / "engine" / "zero").glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt"))
         tamper_torch_file(f7, marker)
-        needles = {7: f"{f7}: refusing to unpickle posix.system"}
+        needles = {7: f"{f7}: refusing to unpickle posix.system", 6: f"{f6} fails its checksum"}
     planted = f7.read_bytes()  # the run re-saves step 7 over it
     r = _ok(run_cmd(_torchrun(*_sets(synth_shards, d, f"engine.kind={engine}")), env=ENV, timeout=300))
     skipped = [ln for ln in r.stderr.splitlines() if ln.startswith("scaletrain: skipping checkpoint")]
@@ -467,6 +471,7 @@ def test_no_loadable_checkpoint_stops_with_the_list(synth_shards, straight, tmp_
     marker = tmp_path / "ran"
     f = d / "checkpoints" / "step-00000007" / "rng-rank1.safetensors"
     f.write_bytes(pickle.dumps(tests_util.Payload(marker)))
+    tests_util.rechecksum(f)  # past the checksum: the restricted reader must refuse it
     r = run_cmd(_torchrun(*_sets(synth_shards, d)), env=ENV, timeout=300)
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr + r.stdout
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("scaletrain: ")]

@@ -29,6 +29,33 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+def rechecksum(path: Path) -> Path:
+    """Record ``path``'s new size and CRC-32 in its checkpoint's meta.json, as an attacker who
+    can write the folder would: the checksums find corruption, not tampering, so the tamper
+    tests must meet the restricted readers, not the checksum check."""
+    from scaletrain.checkpoint.manager import file_checksums
+
+    path = Path(path)
+    for folder in path.parents:
+        meta_file = folder / "meta.json"
+        if meta_file.is_file():
+            meta = json.loads(meta_file.read_text())
+            name = path.relative_to(folder).as_posix()
+            if name in meta.get("files", {}):
+                meta["files"][name] = file_checksums(folder)[name]
+                meta_file.write_text(json.dumps(meta))
+            break
+    return path
+
+
+def flip_bit(path: Path) -> Path:
+    """Flip one bit in the middle of a file (tensor data in a checkpoint: it still parses)."""
+    data = bytearray(Path(path).read_bytes())
+    data[len(data) // 2] ^= 0x10
+    Path(path).write_bytes(bytes(data))
+    return path
+
+
 def tamper_dcp_metadata(folder: Path, marker: Path) -> Path:
     """Rewrite ``folder/.metadata`` (a DCP checkpoint) with a payload in an attribute DCP never
     reads: torch's own reader would run it and then load normally. Returns the file."""
@@ -39,7 +66,7 @@ def tamper_dcp_metadata(folder: Path, marker: Path) -> Path:
         metadata = pickle.load(f)  # the test's own, untampered file
     metadata.__dict__["note"] = Payload(marker)
     path.write_bytes(pickle.dumps(metadata))
-    return path
+    return rechecksum(path)
 
 
 def tamper_torch_file(path: Path, marker: Path) -> Path:
@@ -48,7 +75,7 @@ def tamper_torch_file(path: Path, marker: Path) -> Path:
 
     state = torch.load(path, weights_only=False, map_location="cpu")  # the test's own file
     torch.save({**state, "note": Payload(marker)} if isinstance(state, dict) else Payload(marker), path)
-    return path
+    return rechecksum(path)
 
 
 def one_error_line(stderr: str, needle: str) -> str:

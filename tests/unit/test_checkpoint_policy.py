@@ -145,3 +145,44 @@ def test_background_threads_are_lowered_to_the_async_nice() -> None:
     with ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(15, counter)) as pool:
         nice = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
     assert nice == 15 and counter == [1]
+
+
+def test_meta_records_every_files_checksum_and_a_load_verifies_them(tmp_path):
+    """checkpoint.checksums: meta.json holds each file's size and CRC-32 (zlib's, as any tool
+    recomputes it); a flipped bit or a short file is one CheckpointLoadError naming the file
+    before anything is read; checksums=false neither records nor verifies."""
+    import zlib
+
+    from scaletrain.checkpoint.manager import latest_checkpoint, verify_checksums
+    from scaletrain.common.safe_load import CheckpointLoadError
+
+    class _Engine:
+        name = "fake"
+
+        def save_state(self, path):
+            path.mkdir(parents=True)
+            (path / "shard-0.bin").write_bytes(bytes(range(256)) * 40)
+
+    m = _manager(tmp_path)
+    m.engine = _Engine()
+    m.save(3, {"stage": 0, "preset": "unet-tiny"})
+    info = latest_checkpoint(tmp_path / "checkpoints")
+    files = info.meta["files"]
+    assert {"engine/shard-0.bin", "rng-rank0.safetensors", "trainer_state.json"} <= set(files)
+    assert "meta.json" not in files and all(p.is_file() for p in (info.path / f for f in files))
+    shard = info.path / "engine" / "shard-0.bin"
+    assert files["engine/shard-0.bin"] == [10240, f"{zlib.crc32(shard.read_bytes()):08x}"]
+    verify_checksums(info)  # intact: no error
+    data = bytearray(shard.read_bytes())
+    data[5000] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointLoadError) as e:
+        verify_checksums(info)
+    assert str(e.value).startswith(f"{shard} fails its checksum (CRC-32 ") and "\n" not in str(e.value)
+    shard.write_bytes(bytes(data[:100]))
+    with pytest.raises(CheckpointLoadError, match="has 100 bytes, meta.json recorded 10240"):
+        verify_checksums(info)
+    off = _manager(tmp_path / "off", checksums=False)
+    off.engine = _Engine()
+    off.save(3, {"stage": 0, "preset": "unet-tiny"})
+    assert "files" not in latest_checkpoint(tmp_path / "off" / "checkpoints").meta

@@ -36,6 +36,8 @@ CASES = [
      'model.preset=from_diffusers builds the model from a diffusers pipeline folder; set init.from_diffusers=FOLDER (the folder with model_index.json)'),
     (['model.preset=from_diffusers', 'init.from_diffusers={tmp}/empty'], 1, False,
      "model.preset=from_diffusers needs init.from_diffusers to be a diffusers pipeline folder (with model_index.json); '{tmp}/empty' is not one"),
+    (['data.image_formats=[GIF, EPS]'], 1, False,
+     "data.image_formats=['GIF', 'EPS']: EPS is not a format scaletrain decodes (JPEG, PNG and WebP always; add any of GIF, BMP, TIFF, PPM, TGA; never EPS or PS, which PIL decodes by running Ghostscript)"),
     (['train.stages.0.resolution=33'], 1, False,
      "train.stages.0.resolution=33 is not divisible by 2, the down-sampling factor of model.preset='unet-tiny'; use 32 or 34"),
     (['train.stages.0.frames=5'], 1, False,
