@@ -67,7 +67,7 @@ net = SD3Transformer2DModel.from_pretrained(folder).eval()
 scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
 d = load_file(inputs)
 emb, x, scale = d["emb"], d["noise"], float(d["guidance"])  # emb: unconditional rows, then prompted
-pooled = emb.mean(dim=1)  # the pooled conditioning is the mean token embedding (docs/models.md)
+pooled = d["pooled"]  # SD3's pooled vector: both CLIPs' projections (scaletrain's sd3 conditioner)
 scheduler.set_timesteps(int(d["steps"]))
 with torch.no_grad():
     for t in scheduler.timesteps:
@@ -97,9 +97,9 @@ def test_export_is_sampled_by_diffusers_alone_with_its_flow_scheduler(pretrained
     ours = generate_samples(model.denoiser, lambda texts: model.encode_text(texts, "cpu"), model.decode,
                             prompts=prompts, resolution=32, in_channels=3, latent_factor=1, objective=objective,
                             num_inference_steps=steps, guidance_scale=guidance, seed=0)
-    emb, _ = model.encode_text([""] * len(prompts) + prompts, "cpu")
+    cond = model.encode_text([""] * len(prompts) + prompts, "cpu")
     noise = torch.stack([torch.randn((3, 32, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)])
-    save_file({"emb": emb.contiguous(), "noise": noise, "guidance": torch.tensor(guidance),
+    save_file({"emb": cond["text_emb"].contiguous(), "pooled": cond["pooled"].contiguous(), "noise": noise, "guidance": torch.tensor(guidance),
                "steps": torch.tensor(steps)}, str(tmp_path / "inputs.safetensors"))
     (tmp_path / "sample.py").write_text(DIFFUSERS_SAMPLE)
     _ok(run_cmd([sys.executable, str(tmp_path / "sample.py"), str(out), str(tmp_path / "inputs.safetensors"),
