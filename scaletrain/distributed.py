@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import socket
 import sys
 import warnings
@@ -50,6 +51,13 @@ def prepare_environment() -> None:
     # ~/.cache for every environment). Two virtualenvs sharing it rebuild the op on every
     # alternate start, each waiting on the other's lock; keep the build beside the venv.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    # torch's JIT build runs whichever `ninja` PATH finds first. A machine with a system ninja
+    # (1.11: .ninja_log v5) beside the venv's (pip's, 1.13: v7) then rebuilds every op whenever
+    # the two alternate (each discards the other's log): DeepSpeed's shm comm op costs ~45 s of
+    # two cores per start. The venv's own ninja goes first, whoever launched the process.
+    own_ninja = os.path.join(os.path.dirname(sys.executable), "ninja")
+    if os.access(own_ninja, os.X_OK) and shutil.which("ninja") != own_ninja:
+        os.environ["PATH"] = os.path.dirname(own_ninja) + os.pathsep + os.environ.get("PATH", "")
     # DeepSpeed emits a FutureWarning per collective on recent torch; keep logs readable.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed\..*")
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*")
