@@ -1,5 +1,5 @@
 """Post-training launchers as a user types them: SFT from a pre-training checkpoint (torchrun,
-FSDP2), LoRA under torchrun (FSDP2, UNet) and under the deepspeed launcher (ZeRO-2, PixArt DiT
+FSDP2), LoRA under torchrun (FSDP2, UNet) and under the deepspeed launcher (ZeRO-3, PixArt DiT
 from an exported diffusers model), and the exported adapters loaded by diffusers / peft alone."""
 
 from __future__ import annotations
@@ -173,7 +173,9 @@ save_file({"before": before, "after": after, "x": x, "emb": emb}, out)
 
 
 def test_lora_deepspeed_launcher_dit_from_diffusers(synth_shards, tmp_path):
-    """ZeRO-2 under `deepspeed --hostfile`, PixArt DiT starting from a diffusers folder."""
+    """ZeRO-3 under `deepspeed --hostfile`, PixArt DiT starting from a diffusers folder: the base
+    partitioned with the adapters (half of every parameter on rank 0), the base bit-identical after
+    training, the adapter loaded by diffusers/peft alone computing scaletrain's outputs."""
     from scaletrain.config import LoraSection
     from scaletrain.models import build_denoiser_net
     from scaletrain.models.lora import inject_lora
@@ -187,9 +189,11 @@ def test_lora_deepspeed_launcher_dit_from_diffusers(synth_shards, tmp_path):
            str(free_port()), "--no_ssh_check", "launchers/lora.py", "--config", "configs/lora.yaml",
            *_sets(synth_shards, run_dir, 3, "model.preset=dit-tiny", "init.from_checkpoint=null",
                   f"init.from_diffusers={base_dir}", "engine.kind=deepspeed",
-                  "engine.deepspeed_config=ds_configs/zero2.json")]
+                  "engine.deepspeed_config=ds_configs/zero3.json")]
     r = _ok(run_cmd(cmd, env=ENV))
     assert "trainable:" in r.stdout + r.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["engine"] == "deepspeed" and summary["params_local_rank0"] * 2 == summary["params_total"]
     from scaletrain.checkpoint.export import base_state_dict
 
     raw = _state(run_dir, use_ema=False)
