@@ -1,7 +1,9 @@
 """Context parallelism (issue 18, part 4), as a user runs it: `engine.context_parallel=2` on 2
 ranks (one context group: every sample's tokens split over both ranks, Ulysses attention) gives
 the per-step losses of one process at K=1 with the same global batch, on FSDP2 and on DeepSpeed
-ZeRO-2 with activation checkpointing (fp32, rtol 1e-5), through a frames curriculum (1-frame images, 5- and 9-frame clips); a
+ZeRO-2 with activation checkpointing (fp32, rtol 1e-5), through a frames curriculum (1-frame images, 5- and 9-frame clips);
+with replicas, W=4 and K=2 (two data-parallel groups of two context-parallel ranks) on FSDP2
+and ZeRO-3 gives W=2, K=1's losses with the same global batch; a
 K=2 checkpoint resumes at K=1 (DCP reshards) on the same curve; per-rank activation memory at
 K=2 is at most 0.6x of K=1 for the same clip; bad K is one line before launch. The four runs
 are shared by the tests."""
@@ -38,6 +40,11 @@ def _sets(shards, run_dir, *extra: str) -> list[str]:
     return [x for p in sets for x in ("--set", p)]
 
 
+# The same global batches with two data-parallel replicas (W=2, K=1 and W=4, K=2): half the micro-batch.
+HALF = ("train.stages.0.micro_batch=4", "train.stages.1.micro_batch=2", "train.stages.2.micro_batch=1",
+        "checkpoint.every_steps=0", "checkpoint.at_stage_end=false")
+
+
 def _losses(run_dir) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir)]
 
@@ -56,14 +63,22 @@ def runs(tmp_path_factory):
         # ZeRO-2, with full activation checkpointing (the checkpointed blocks keep the plan's split hook)
         "k2ds": video + _sets(root, root / "k2ds", "engine.context_parallel=2", "engine.kind=deepspeed",
                               "engine.deepspeed_config=ds_configs/zero2.json", "model.activation_checkpointing=full"),
+        # W=2, K=1 with half the micro-batch: two data-parallel replicas, the reference of W=4, K=2
+        "w2k1": video + _sets(root, root / "w2k1", *HALF),
     }, root / "two")
+    # W=4, K=2: two data-parallel replicas of two context-parallel ranks each, on FSDP2 and ZeRO-3
+    four = run_batch({
+        "w4k2": video + _sets(root, root / "w4k2", "engine.context_parallel=2", *HALF),
+        "w4k2z3": video + _sets(root, root / "w4k2z3", "engine.context_parallel=2", "engine.kind=deepspeed",
+                                "engine.deepspeed_config=ds_configs/zero3.json", *HALF),
+    }, root / "four", nproc=4)
     # the K=2 run's step-3 checkpoint (the joint stage's first step) resumed by one process at K=1
     src = root / "k2" / "checkpoints" / "step-00000003"
     shutil.copytree(src, root / "k2to1" / "checkpoints" / src.name)
     one = run_batch({"k1": video + _sets(root, root / "k1"), "k2to1": video + _sets(root, root / "k2to1")},
                     root / "one", nproc=1)
-    runs = {name: r.ok() for name, r in {**two, **one}.items()}
-    return {"root": root, "k2_log": runs["k2"], "k2to1_log": runs["k2to1"]}
+    runs = {name: r.ok() for name, r in {**two, **one, **four}.items()}
+    return {"root": root, "k2_log": runs["k2"], "k2to1_log": runs["k2to1"], **{n: runs[n] for n in ("w4k2", "w4k2z3")}}
 
 
 def test_k2_equals_k1_on_fsdp2(runs):
@@ -79,6 +94,19 @@ def test_k2_equals_k1_on_fsdp2(runs):
 
 def test_k2_equals_k1_on_deepspeed_zero2_with_activation_checkpointing(runs):
     assert _losses(runs["root"] / "k2ds") == pytest.approx(_losses(runs["root"] / "k1"), rel=RTOL)
+
+
+@pytest.mark.parametrize("run", ["w4k2", "w4k2z3"])
+def test_two_replicas_of_k2_equal_two_replicas_of_k1(runs, run):
+    """W=4, K=2 (two data-parallel replicas of two context-parallel ranks) on FSDP2 and ZeRO-3:
+    the per-step losses of W=2, K=1 with the same global batch (rtol 1e-5); the log names the
+    layout, so the run really split each sample over a pair of ranks."""
+    log = runs[run].stdout + runs[run].stderr
+    engine = "deepspeed" if run == "w4k2z3" else "fsdp"
+    assert f"on {engine} x4 (context parallel 2)" in log, log[-3000:]
+    assert "global batch 4 = 2 x 1 x 2 (data-parallel groups of 2 context-parallel ranks), 5-frame clips" in log
+    ref, got = _losses(runs["root"] / "w2k1"), _losses(runs["root"] / run)
+    assert len(ref) == 6 and got == pytest.approx(ref, rel=RTOL)
 
 
 def test_k2_checkpoint_resumes_at_k1(runs):
