@@ -2,7 +2,8 @@
 peak host memory at the `start-up:` line drops from 1 to 2 ranks by at least 40 % of the fp32
 denoiser's bytes on FSDP2 (meta-device init, only local shards allocated) and on DeepSpeed
 ZeRO-3 (zero.Init). Runs benchmarks/startup_memory.py itself: four launches of the real
-launcher with run.stop_at_step=0."""
+launcher with run.stop_at_step=0 (--no-size: without the four baseline launches of the size
+prediction, which this test never asserted; the committed table has them)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ PRESET = "dit-b-2"  # 119M: PixArt layout on SD-VAE latents (raw parameters, a p
 def startup(synth_shards, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("startup") / "startup.json"
     r = run_cmd([sys.executable, str(REPO / "benchmarks" / "startup_memory.py"), "--presets", PRESET,
-                 "--engines", "fsdp", "deepspeed", "--shards", shard_pattern(synth_shards), "--out", str(out)],
+                 "--engines", "fsdp", "deepspeed", "--no-size", "--shards", shard_pattern(synth_shards),
+                 "--out", str(out)],
                 timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return {c["engine"]: c for c in json.loads(out.read_text())["cells"]}
