@@ -6,7 +6,7 @@ real optimizer step, so the Adam moments are in it).
         --engine fsdp --preset dit-b-2 --out benchmarks/results/cpu_checkpoint_checksums.json
 
 Per repetition, in alternating order (neither always runs second), each after os.sync() and
---settle seconds of quiet disk: a save with checksums (the ranks CRC-32 the folder's files
+--settle seconds of quiet disk: a save with checksums (the ranks hash (XXH3-64) the folder's files
 between them, rank 0 records them in meta.json) and one without, each followed by a load of
 what it wrote (with checksums: verified first, each rank its share). The page cache is dropped
 before each load when this process may (root). Reported: medians over --repeats, and the

@@ -9,7 +9,7 @@ Layout of one checkpoint (a shared filesystem visible to every rank is assumed):
         state-rank{r}.json           each rank's own counters: its data stream position per slot
         trainer_state.json           step, stage, images seen, data position, loss EMA, ...
         meta.json                    written last, before the rename: engine, world size, and
-                                     every other file's size and CRC-32 (checkpoint.checksums)
+                                     every other file's size and XXH3-64 (checkpoint.checksums)
 
 Atomicity: every rank writes into ``step-N.partial`` and fsyncs the files and folders in
 it; after a barrier rank 0 writes and fsyncs ``meta.json``, renames the folder and fsyncs
@@ -20,10 +20,10 @@ untouched.
 ``.partial`` folders are removed when the next run starts.
 
 Checksums: before meta.json is written the ranks hash the folder's files between them (file i
-on rank i mod world, CRC-32 in 16 MiB reads of what is still in the page cache, in a thread
+on rank i mod world, XXH3-64 in 16 MiB reads of what is still in the page cache, in a thread
 beside the fsync) and rank 0 records them; a load verifies them the same way before reading anything, so a bit flipped
 on disk (a tensor that still parses) skips that checkpoint for the previous one, in one line.
-CRC-32 finds corruption, not tampering: what a checkpoint may contain is the restricted
+A checksum finds corruption, not tampering: what a checkpoint may contain is the restricted
 readers' business (below). Checkpoints written without checksums load as before.
 
 Safe loading: every file is read by a restricted reader (common.safe_load): DCP metadata
@@ -354,7 +354,7 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
 
     def _checksums(self, hashing: "_Background", step: int, folder: Path) -> dict[str, list]:
-        """Collective: {relative path: [size, crc32 hex]} of every file in ``folder``, each rank
+        """Collective: {relative path: [size, hash]} of every file in ``folder``, each rank
         having hashed its share (``hashing``); every rank gets the whole map."""
         mine: dict[str, list] = {}
         error = _attempt(lambda: mine.update(hashing.result()))
@@ -498,14 +498,38 @@ class _Background:
         return self._value
 
 
-def _crc32(path: Path) -> str:
+# The file hash recorded at save: XXH3-64, written "xxh3_64:<16 hex>" (what `xxhsum -H3 FILE`
+# prints). Checkpoints of the first checksummed version recorded zlib's CRC-32 (8 hex digits, no
+# prefix); they still verify. Why XXH3: it finds the bit flips and truncations this guards against
+# (a changed file keeps its hash with chance 2^-64; not a defence against tampering) at ~10 GB/s on
+# one core here, where zlib's CRC-32 did 1.8, SHA-256 1.1 and BLAKE2b 0.5 GB/s; with CRC-32 the
+# save paid +14 % on dit-b-2 (benchmarks/results/cpu_checkpoint_checksums.md, git log).
+HASH = "xxh3_64"
+
+
+def _file_hash(path: Path, algo: str = HASH) -> str:
+    """``path``'s hash as meta.json records it, read in 16 MiB pieces into one reused buffer."""
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    if algo == HASH:
+        import xxhash
+
+        h = xxhash.xxh3_64()
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+        return f"{HASH}:{h.hexdigest()}"
     import zlib
 
     crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
     return f"{crc:08x}"
+
+
+def _recorded_algo(digest: str) -> str:
+    return HASH if digest.startswith(f"{HASH}:") else "crc32"
 
 
 def _share(folder: Path, rank: int, world: int) -> list[Path]:
@@ -514,31 +538,29 @@ def _share(folder: Path, rank: int, world: int) -> list[Path]:
 
 
 def file_checksums(folder: Path, rank: int = 0, world: int = 1) -> dict[str, list]:
-    """{relative path: [size, crc32 hex]} of this rank's share of ``folder``'s files (all of them
-    at world 1), meta.json aside. Why CRC-32 and not SHA-256: it detects the bit flips and
-    truncations this guards against at ~2.4 GB/s on one core here, where SHA-256 did 1.1 and
-    BLAKE2b 0.5 GB/s, and a save may not pay more than a few percent for it."""
-    return {p.relative_to(folder).as_posix(): [p.stat().st_size, _crc32(p)] for p in _share(folder, rank, world)}
+    """{relative path: [size, "xxh3_64:<hex>"]} of this rank's share of ``folder``'s files (all of
+    them at world 1), meta.json aside (``HASH`` says why XXH3)."""
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, _file_hash(p)] for p in _share(folder, rank, world)}
 
 
 def verify_checksums(info: CheckpointInfo, rank: int = 0, world: int = 1) -> None:
     """Raise ``CheckpointLoadError`` (one line naming the file) when a file of this rank's share
-    does not match its recorded size and CRC-32, or a recorded file is gone. No-op for a
-    checkpoint saved without checksums."""
+    does not match its recorded size and hash (XXH3-64, or CRC-32 in checkpoints of the first
+    checksummed version), or a recorded file is gone. No-op for a checkpoint saved without them."""
     recorded = info.meta.get("files")
     if not isinstance(recorded, dict):
         return
     names = sorted(recorded)
     for name in names[rank::world]:
         path = info.path / name
-        size, crc = recorded[name]
+        size, digest = recorded[name]
         if not path.is_file():
             raise CheckpointLoadError(f"{path} is missing (meta.json records it)")
         if path.stat().st_size != size:
             raise CheckpointLoadError(f"{path} has {path.stat().st_size} bytes, meta.json recorded {size}")
-        got = _crc32(path)
-        if got != crc:
-            raise CheckpointLoadError(f"{path} fails its checksum (CRC-32 {got}, meta.json recorded {crc}): the file "
+        got = _file_hash(path, _recorded_algo(digest))
+        if got != digest:
+            raise CheckpointLoadError(f"{path} fails its checksum ({got}, meta.json recorded {digest}): the file "
                                       "changed after it was saved")
 
 

@@ -421,7 +421,7 @@ def test_bad_latest_checkpoints_are_skipped_for_the_previous_one(synth_shards, s
     a crafted pickle in rank 1's optimizer partition (only rank 1 reads it: the verdict must
     reach rank 0, or it would hang in DeepSpeed's load), one bit of step 6's rank-0 partition is
     flipped. The payloads carry their new checksums in meta.json (an attacker
-    who writes the folder can); the flipped bits fail their recorded CRC-32. Each is skipped with
+    who writes the folder can); the flipped bits fail their recorded hashes. Each is skipped with
     one line naming the file, and both ranks
     resume from step 4: the losses of steps 5-7 equal the uninterrupted run's; no payload runs."""
     import io

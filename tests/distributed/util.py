@@ -30,7 +30,7 @@ class Payload:
 
 
 def rechecksum(path: Path) -> Path:
-    """Record ``path``'s new size and CRC-32 in its checkpoint's meta.json, as an attacker who
+    """Record ``path``'s new size and hash in its checkpoint's meta.json, as an attacker who
     can write the folder would: the checksums find corruption, not tampering, so the tamper
     tests must meet the restricted readers, not the checksum check."""
     from scaletrain.checkpoint.manager import file_checksums

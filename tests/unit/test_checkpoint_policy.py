@@ -4,6 +4,7 @@ clock, step intervals, and the weights-only guard around DeepSpeed's loaders."""
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -148,10 +149,13 @@ def test_background_threads_are_lowered_to_the_async_nice() -> None:
 
 
 def test_meta_records_every_files_checksum_and_a_load_verifies_them(tmp_path):
-    """checkpoint.checksums: meta.json holds each file's size and CRC-32 (zlib's, as any tool
+    """checkpoint.checksums: meta.json holds each file's size and XXH3-64 (as `xxhsum -H3`
     recomputes it); a flipped bit or a short file is one CheckpointLoadError naming the file
-    before anything is read; checksums=false neither records nor verifies."""
+    before anything is read; a checkpoint of the first checksummed version (CRC-32) still
+    verifies, and fails on a flipped bit; checksums=false neither records nor verifies."""
     import zlib
+
+    import xxhash
 
     from scaletrain.checkpoint.manager import latest_checkpoint, verify_checksums
     from scaletrain.common.safe_load import CheckpointLoadError
@@ -171,14 +175,21 @@ def test_meta_records_every_files_checksum_and_a_load_verifies_them(tmp_path):
     assert {"engine/shard-0.bin", "rng-rank0.safetensors", "trainer_state.json"} <= set(files)
     assert "meta.json" not in files and all(p.is_file() for p in (info.path / f for f in files))
     shard = info.path / "engine" / "shard-0.bin"
-    assert files["engine/shard-0.bin"] == [10240, f"{zlib.crc32(shard.read_bytes()):08x}"]
+    assert files["engine/shard-0.bin"] == [10240, f"xxh3_64:{xxhash.xxh3_64(shard.read_bytes()).hexdigest()}"]
     verify_checksums(info)  # intact: no error
     data = bytearray(shard.read_bytes())
     data[5000] ^= 1
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointLoadError) as e:
         verify_checksums(info)
-    assert str(e.value).startswith(f"{shard} fails its checksum (CRC-32 ") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{shard} fails its checksum (xxh3_64:") and "\n" not in str(e.value)
+    # the first checksummed version's CRC-32 (8 hex digits): verified as CRC-32
+    legacy = replace(info, meta={**info.meta, "files": {"engine/shard-0.bin": [10240, f"{zlib.crc32(bytes(data)):08x}"]}})
+    verify_checksums(legacy)
+    data[77] ^= 4
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointLoadError, match=r"fails its checksum \([0-9a-f]{8}, meta.json recorded [0-9a-f]{8}\)"):
+        verify_checksums(legacy)
     shard.write_bytes(bytes(data[:100]))
     with pytest.raises(CheckpointLoadError, match="has 100 bytes, meta.json recorded 10240"):
         verify_checksums(info)
