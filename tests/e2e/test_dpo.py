@@ -26,10 +26,12 @@ DPO_FIELDS = ("dpo_accuracy", "dpo_reward_margin", "dpo_reward_chosen", "dpo_rew
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    from scaletrain.data.synth_pairs import write_preference_shards
+    """`scaletrain data synth-pairs`, in this process."""
+    from scaletrain.cli import main
 
     out = tmp_path_factory.mktemp("pairs")
-    write_preference_shards(out, num_pairs=NUM_PAIRS, pairs_per_shard=4, resolution=RESOLUTION, seed=0)
+    assert main(["data", "synth-pairs", "--out", str(out), "--num-pairs", str(NUM_PAIRS), "--per-shard", "4",
+                 "--resolution", str(RESOLUTION), "--seed", "0"]) == 0
     return out
 
 
@@ -83,10 +85,13 @@ def test_dpo_torchrun_fsdp_raises_implicit_accuracy(pairs, tmp_path):
 
 def test_dpo_deepspeed_launcher_zero3_reference_from_init(pairs, start_weights, tmp_path):
     """ZeRO-3 policy and reference, both from `init.from_diffusers`: step 1's zero margin shows
-    the reference holds the start weights (the seed's random init would not tie)."""
+    the reference holds the start weights (the seed's random init would not tie). Launched as
+    `deepspeed --hostfile hosts` with `localhost slots=2` (no ssh check: one host)."""
     run_dir = tmp_path / "run"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(free_port()), "launchers/dpo.py", "--config", "configs/dpo.yaml",
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=2\n")
+    cmd = [str(BIN / "deepspeed"), "--hostfile", str(hosts), "--no_ssh_check", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "launchers/dpo.py", "--config", "configs/dpo.yaml",
            *_sets(pairs, run_dir, 4, "engine.kind=deepspeed", "engine.deepspeed_config=ds_configs/zero3.json",
                   f"init.from_diffusers={start_weights}")]
     r = run_cmd(cmd, timeout=600)

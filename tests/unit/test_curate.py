@@ -51,11 +51,11 @@ def _expected_rule(meta: dict, caption: str) -> str | None:
 
 def test_filter_exact_counts_per_rule(synth_shards, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
-    # punsafe comes from the recipe's data.filters, the rest from flags (flags override the recipe).
-    recipe.write_text("data:\n  filters:\n    max_punsafe: 0.15\n    min_aesthetic: 9.0\n")
+    # pwatermark comes from the recipe's data.filters, the rest from flags (flags override the recipe).
+    recipe.write_text("data:\n  filters:\n    max_pwatermark: 0.3\n    min_aesthetic: 9.0\n")
     out = tmp_path / "filtered"
     args = ["curate", "filter", "--shards", shard_pattern(synth_shards), "--config", str(recipe),
-            "--min-aesthetic", "5", "--max-pwatermark", "0.3", "--max-caption-chars", "32"]
+            "--min-aesthetic", "5", "--max-punsafe", "0.15", "--max-caption-chars", "32"]
     assert cli_main([*args, "--out", str(out)]) == 0
 
     inputs = _read_tars(sorted(synth_shards.glob("shard-*.tar")))
@@ -241,6 +241,45 @@ def test_aesthetic_head_reduces_heldout_loss(tmp_path):
     head2, embedder2 = load_head(tmp_path / "head")
     with torch.no_grad():
         assert torch.allclose(head2(embedder2.embed([Image.open(pairs[0][0])])), head(emb[:1]), atol=1e-4)
+
+
+def test_aesthetic_commands_from_a_local_clip_folder(synth_shards, tmp_path, capsys):
+    """The commands in the order docs/post-training.md gives them: `curate rated-synth`, then
+    `aesthetic-train --encoder FOLDER` on a CLIP vision model saved like a downloaded one (random
+    weights), then `aesthetic-score` in one process with the head it wrote, whose --min-aesthetic
+    cuts on the score that stage just wrote. (Under torchrun: tests/distributed/test_curate_score.py.)"""
+    from scaletrain.curate.aesthetic import load_head, read_rated
+    from scaletrain.curate.models import build_tiny_clip_vision
+
+    clip, rated, head_dir, scored = tmp_path / "clip-vit", tmp_path / "rated", tmp_path / "head", tmp_path / "scored"
+    build_tiny_clip_vision().save_pretrained(clip)
+    assert cli_main(["curate", "rated-synth", "--out", str(rated), "--num-images", "64"]) == 0
+    assert len(read_rated(rated)) == 64 and len(list((rated / "images").glob("*.png"))) == 64
+    assert cli_main(["curate", "aesthetic-train", "--rated", str(rated), "--encoder", str(clip),
+                     "--out", str(head_dir)]) == 0
+    assert "held-out MSE" in capsys.readouterr().out
+    meta = json.loads((head_dir / "head.json").read_text())
+    r = meta["training"]
+    assert meta["encoder"] == str(clip) and r["train_images"] + r["heldout_images"] == 64
+    assert r["train_loss_after"] < r["train_loss_before"]
+
+    head, embedder = load_head(head_dir)  # the stored encoder is the folder, loaded again
+    shard = synth_shards / "shard-000000.tar"
+    inputs = _read_tars([shard])
+    with torch.no_grad():
+        scores = [round(s, 4) for s in head(embedder.embed(
+            [Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in inputs])).tolist()]
+    ranked = sorted(scores)
+    assert ranked[16] - ranked[15] > 0  # a cut between two distinct scores
+    cut = (ranked[15] + ranked[16]) / 2
+    assert cli_main(["curate", "aesthetic-score", "--head", str(head_dir), "--shards", str(shard), "--out", str(scored),
+                     "--min-aesthetic", str(cut)]) == 0
+    report = json.loads((scored / "report.json").read_text())
+    assert report["kept"] == 16 and report["dropped"]["aesthetic"] == 16
+    assert report["stages"]["aesthetic"]["scored"] == 32
+    expected = {s["__key__"]: score for s, score in zip(inputs, scores) if score >= cut}
+    kept = _out_samples(scored)
+    assert {s["__key__"]: json.loads(s["json"])["aesthetic"] for s in kept} == pytest.approx(expected, abs=2e-4)
 
 
 def test_validate_safety_model_must_be_a_local_folder(synth_shards):

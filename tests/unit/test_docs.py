@@ -13,9 +13,14 @@ fence is a marker:
   install commands: CI runs it, and it runs ``make test``, whose install step is in the Makefile.
 - ``<!-- needs: cluster -->`` (several nodes, Slurm, a multi-node network),
   ``<!-- needs: gpu -->`` (GPUs, or more ranks than a CPU test host runs),
-  ``<!-- needs: weights -->`` (local copies of published models) or
+  ``<!-- needs: weights -->`` (local copies of published models; no block uses it today: the
+  curation commands run in tests/unit/test_curate.py on tiny random-init models saved to local
+  folders, but it stays allowed for a block that means nothing without the published weights) or
   ``<!-- needs: long-run -->`` (runs on this CPU machine as typed, but for minutes to an hour: the
-  `make` targets; the tests run the same launchers and recipes cut short).
+  `make` targets, and only them; the tests run the same launchers and recipes cut short). Checked
+  here: every command of a long-run block is ``make ...`` (``VAR=value`` before it allowed); any
+  other command is reported with its file:line, to be named in a runs-in marker (the test that
+  runs it, cut short) or marked cluster, gpu or weights.
 
 Every block, whatever its marker, may only name `make` targets the Makefile defines and
 launcher, benchmark, tool and config files that exist.
@@ -348,6 +353,23 @@ def check_runs_in(block: Block) -> list[str]:
     return problems
 
 
+def check_long_run(block: Block) -> list[str]:
+    """Problems with a long-run marker: a command other than `make` (a launcher, the CLI, a
+    script): a test runs it cut short (runs-in), or it needs a cluster, a GPU or weights."""
+    problems = []
+    for cmd in commands(block.text):
+        if not significant(cmd):  # a comment, activating a venv
+            continue
+        toks = list(cmd)
+        while toks and re.match(r"^[A-Z_][A-Z0-9_]*=", toks[0]):
+            toks = toks[1:]
+        if Path(toks[0]).name != "make":
+            problems.append(f"{block.where}: `{' '.join(cmd)}` under needs: long-run, which may hold only `make` "
+                            f"commands: name the test that runs it (<!-- runs-in: tests/FILE.py::test_name -->) "
+                            f"or mark the block needs: cluster|gpu|weights")
+    return problems
+
+
 def make_targets() -> set[str]:
     return set(re.findall(r"^([\w.-]+)\s*:(?!=)", (REPO / "Makefile").read_text(), re.M))
 
@@ -391,6 +413,11 @@ def test_runs_in_blocks_are_run_by_the_named_tests() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_long_run_blocks_hold_only_make_commands() -> None:
+    problems = [p for b in all_blocks() if b.marker == ("needs", "long-run") for p in check_long_run(b)]
+    assert not problems, "\n".join(problems)
+
+
 def test_shell_blocks_name_make_targets_and_files_that_exist() -> None:
     problems = [p for b in all_blocks() for p in check_references(b)]
     assert not problems, "\n".join(problems)
@@ -411,6 +438,19 @@ def test_checker_fails_on_a_wrong_or_missing_target() -> None:
     assert "has no top-level test test_no_such_test" in check_runs_in(absent)[0]
     nofile = Block(doc, 1, ("runs-in", "tests/e2e/test_nothing.py::test_x"), good.text)
     assert "is not an existing" in check_runs_in(nofile)[0]
+
+
+def test_checker_fails_on_a_non_make_command_under_long_run() -> None:
+    doc = REPO / "docs" / "x.md"
+    ok = Block(doc, 7, ("needs", "long-run"), "NPROC=2 make demo   # runs/demo\n. .venv/bin/activate\nmake test-fast")
+    assert check_long_run(ok) == []
+    bad = Block(doc, 7, ("needs", "long-run"),
+                "make demo\nscaletrain bench --out runs/bench && torchrun --nproc_per_node 2 launchers/dpo.py")
+    problems = check_long_run(bad)
+    assert len(problems) == 2 and all(p.startswith("docs/x.md:7: `") for p in problems)
+    assert "`scaletrain bench --out runs/bench` under needs: long-run" in problems[0]
+    assert "`torchrun --nproc_per_node 2 launchers/dpo.py`" in problems[1]
+    assert "runs-in" in problems[0] and "cluster|gpu|weights" in problems[0]
 
 
 def test_significant_tokens() -> None:

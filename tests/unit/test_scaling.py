@@ -246,6 +246,34 @@ def test_size_command_flags_and_one_line_errors(capsys) -> None:
         assert len(lines) == 1 and fragment in lines[0], lines
 
 
+def test_size_command_with_a_bench_file_a_given_link_a_measured_point_and_a_plot(tmp_path, capsys) -> None:
+    """`scaletrain size` as docs/benchmarks.md types it: two stages, a GPU and its node size, a
+    price, a bench results.json, the inter-node bandwidth given, six engines, a measured point
+    and --plot. The bench file's 1-GPU cells set ddp's compute, the point (16 GPUs, across
+    nodes) the other engines' compute and then the inter-node link, and the plot is written."""
+    import json
+
+    from scaletrain.cli import main
+
+    bench, plot = tmp_path / "results.json", tmp_path / "size.png"
+    bench.write_text(json.dumps(_bench(400.0)))
+    engines = ["ddp", "fsdp", "hsdp", "zero2", "zero3", "zero3-hpz"]
+    assert main(["size", "--preset", "unet-sd2", "--stage", "256:200000000:16:1024", "--stage", "512:50000000:4:512",
+                 "--gpu", "H100", "--gpus-per-node", "8", "--price", "2.5", "--bench", str(bench),
+                 "--busbw-gbps", "40", "--engines", *engines, "--measured", "16:5000@256", "--nodes", "1", "2", "4",
+                 "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "H100 x8 per node" in out and "$2.5/GPU-hour" in out
+    for res in (256, 512):
+        tables = [ln.split()[0] for ln in out.split(f"stage {res} px")[1].split("\n\n")[0].splitlines()
+                  if "GiB/GPU" in ln]
+        assert tables == engines
+    assert "1-GPU step 0.040 s at micro-batch 16 (measured (bench)" in out  # ddp: the bench file's cells
+    assert "compute: MFU" in out and "fitted on --measured 16:5000@256" in out
+    assert "inter-node link: calibrated from --measured" in out and "given: busbw 40.0 GB/s" in out
+    assert f"plot: {plot}" in out and plot.stat().st_size > 10_000
+
+
 def test_size_for_throughput_alone_needs_no_price_or_image_count(capsys) -> None:
     """`scaletrain size --stage RES` without --price: img/s and scaling efficiency per node
     count, no hours or cost columns, no whole-curriculum block; with an image count but no
