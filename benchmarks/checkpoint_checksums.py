@@ -6,8 +6,9 @@ real optimizer step, so the Adam moments are in it).
         --engine fsdp --preset dit-b-2 --out benchmarks/results/cpu_checkpoint_checksums.json
 
 Per repetition, in alternating order (neither always runs second), each after os.sync() and
---settle seconds of quiet disk: a save with checksums (the ranks hash (XXH3-64) the folder's files
-between them, rank 0 records them in meta.json) and one without, each followed by a load of
+--settle seconds of quiet disk: a save with checksums (the engine's writers hash (XXH3-64) each
+file as they write it, the ranks read back only the few small files no writer hashed, rank 0
+records them all in meta.json) and one without (plain writers, nothing hashed), each followed by a load of
 what it wrote (with checksums: verified first, each rank its share). The page cache is dropped
 before each load when this process may (root). Reported: medians over --repeats, and the
 overhead ratios (with - without) / without; the goal is at most 5 % of the save time.
@@ -98,7 +99,7 @@ def main() -> int:
     managers = {on: CheckpointManager(CheckpointSection(dir=str(root / ("on" if on else "off")), keep_last=1,
                                                         checksums=on), root, engine, info) for on in (True, False)}
     rows: dict[str, list[float]] = {f"{k}_{on}": [] for k in ("save_s", "load_s") for on in ("on", "off")}
-    dropped, nbytes = [], 0
+    dropped, nbytes, counts = [], 0, {}
     for rep in range(args.repeats):
         order = (True, False) if rep % 2 == 0 else (False, True)
         for on in order:
@@ -109,6 +110,8 @@ def main() -> int:
             ckpt = latest_checkpoint(m.dir)
             nbytes = sum(f.stat().st_size for f in ckpt.path.rglob("*") if f.is_file())
             assert ("files" in ckpt.meta) == on
+            if on:  # what the commit hashed as written and what it read back (rank 0's view: all ranks')
+                counts = dict(m.last_checksums)
             dropped.append(_drop_page_cache() if info.is_main else True)
             rows[f"load_s_{tag}"].append(_timed(m.load_latest, args.settle))
     med = {k: statistics.median(v) for k, v in rows.items()}
@@ -116,7 +119,7 @@ def main() -> int:
         "preset": args.preset, "engine": args.engine, "world_size": info.world_size, "repeats": args.repeats,
         "checkpoint_bytes": nbytes, "page_cache_dropped_before_loads": all(dropped),
         "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
-        "median_s": med, "runs_s": rows,
+        "median_s": med, "runs_s": rows, "checksum_counts": counts,
         "save_overhead": (med["save_s_on"] - med["save_s_off"]) / med["save_s_off"],
         "load_overhead": (med["load_s_on"] - med["load_s_off"]) / med["load_s_off"],
         "command": "torchrun --standalone --nproc_per_node %d benchmarks/checkpoint_checksums.py %s" % (
@@ -146,6 +149,9 @@ def _markdown(r: dict) -> str:
         "|---|---|---|---|",
         f"| save (s) | {m['save_s_off']:.2f} | {m['save_s_on']:.2f} | {100 * r['save_overhead']:+.1f} % |",
         f"| load (s) | {m['load_s_off']:.2f} | {m['load_s_on']:.2f} | {100 * r['load_overhead']:+.1f} % |",
+        "",
+        "Hashed as written by the engine's writers: {checksum_written_files} files, {checksum_written_bytes:,} bytes; "
+        "read back: {checksum_read_back_files} files, {checksum_read_back_bytes:,} bytes.".format(**r["checksum_counts"]),
         "",
         "Every run (s): " + "; ".join(f"{k} " + ", ".join(f"{x:.2f}" for x in v) for k, v in r["runs_s"].items()),
         "",

@@ -83,9 +83,9 @@ class CheckpointSection(_Section):
     # size of the last one) is agreed across ranks, its .partial removed and reported; then
     # training goes on (continue: the next save tries again) or every rank stops (stop, exit 3).
     on_save_error: Literal["continue", "stop"] = "continue"
-    # Record every file's hash (XXH3-64) and size in meta.json at save (the ranks hash the folder's files
-    # between them) and verify them before a load: a checkpoint with a flipped bit that still
-    # parses is skipped for the previous one, in one line.
+    # Record every file's hash (XXH3-64) and size in meta.json at save (the engine's and EMA's
+    # writers hash what they write; the few small files left are read back) and verify them before
+    # a load: a checkpoint with a flipped bit that still parses is skipped for the previous one, in one line.
     checksums: bool = True
 
 

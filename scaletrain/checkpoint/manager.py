@@ -52,6 +52,7 @@ from safetensors.torch import save_file
 from scaletrain.config import CheckpointSection
 from scaletrain.distributed import DistInfo
 from scaletrain.engines.base import Engine
+from scaletrain.common.hashed_io import file_hash, forget_written, recorded_algo, set_write_hashing, take_written
 from scaletrain.common.safe_load import CheckpointLoadError, raise_agreed, read_json, read_safetensors
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -175,6 +176,7 @@ class CheckpointManager:
         self._last_size: int | None = None  # bytes of the last committed checkpoint (free-space check)
         self._pending = None
         self._pruner: threading.Thread | None = None
+        self.last_checksums: dict[str, int] = {}  # the last commit's checksum counts (``_checksums``)
         # Async writes run their collectives from a background thread: give them their own
         # gloo group so they never interleave with the training loop's collectives.
         self._async_group = dist.new_group(backend="gloo") if cfg.async_save and dist.is_initialized() else None
@@ -230,6 +232,8 @@ class CheckpointManager:
             error = self._space_error()
             if error is None:
                 error = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+        forget_written(tmp)  # records of an earlier, failed save into the same folder
+        set_write_hashing(self.cfg.checksums)  # the engine's and EMA's writers hash only if recorded
         self._agree(error, step, tmp)
         self._agree(_attempt(lambda: self._write_small(tmp, trainer_state, rank_state)), step, tmp)
         # Extra states are written synchronously, also when the engine's write is async: a
@@ -247,7 +251,8 @@ class CheckpointManager:
             self._agree(_attempt(lambda: self.engine.save_state(tmp / "engine")), step, tmp)
             _test_stall(step)
             self._commit(tmp, final, step, trainer_state)
-            records.append({"checkpoint_step": step, "checkpoint_seconds": time.perf_counter() - t0})
+            records.append({"checkpoint_step": step, "checkpoint_seconds": time.perf_counter() - t0,
+                            **self.last_checksums})
             return records
         done_at: list[float] = []
         future.add_done_callback(lambda _: done_at.append(time.perf_counter()))
@@ -315,7 +320,8 @@ class CheckpointManager:
         _test_stall(step)
         self._commit(tmp, final, step, trainer_state)
         return [{"checkpoint_committed_step": step, "checkpoint_stall_seconds": stall,
-                 "checkpoint_write_seconds": write_seconds, "checkpoint_write_behind_seconds": behind}]
+                 "checkpoint_write_seconds": write_seconds, "checkpoint_write_behind_seconds": behind,
+                 **self.last_checksums}]
 
     def _commit(self, tmp: Path, final: Path, step: int, trainer_state: dict) -> None:
         # Durable before visible: a rename can reach the disk before the data it names, so a
@@ -323,11 +329,15 @@ class CheckpointManager:
         # is in the folder (its own files among them: on a shared filesystem only the writer's
         # fsync counts; a clean file's fsync costs a syscall), then meta.json, then the rename,
         # then the parent folder.
-        # Every file is written (the write was agreed); hashing this rank's share (CPU, in the
-        # page cache) runs beside the fsync (waiting on the disk): measured, the hash after the
-        # fsync added 18 % to a 1.4 GB save (benchmarks/results/cpu_checkpoint_checksums.md).
-        hashing = _Background(lambda: file_checksums(tmp, self.dist.rank, self.dist.world_size)) \
-            if self.cfg.checksums else None
+        # Every file is written (the write was agreed). The engine's and the EMA's writers hashed
+        # their files as they wrote them (common.hashed_io): those hashes are gathered, and only
+        # the files nobody hashed (RNG and trainer state, a few KB) are read back, each rank its
+        # share, beside the fsync. Reading everything back cost +9 to +14 % of a 1.4 GB save
+        # (benchmarks/results/cpu_checkpoint_checksums.md).
+        hashing = None
+        if self.cfg.checksums:
+            known = self._gather_written(tmp)
+            hashing = _Background(lambda: (known, file_checksums(tmp, self.dist.rank, self.dist.world_size, known)))
         self._agree(_attempt(lambda: _fsync_tree(tmp)), step, tmp)  # every rank's shards are on disk
         files = self._checksums(hashing, step, tmp) if hashing is not None else None
         error = None
@@ -353,17 +363,40 @@ class CheckpointManager:
         self._agree(error, step, tmp)
         self._last_save_time = time.monotonic()
 
-    def _checksums(self, hashing: "_Background", step: int, folder: Path) -> dict[str, list]:
-        """Collective: {relative path: [size, hash]} of every file in ``folder``, each rank
-        having hashed its share (``hashing``); every rank gets the whole map."""
-        mine: dict[str, list] = {}
-        error = _attempt(lambda: mine.update(hashing.result()))
-        self._agree(error, step, folder)
+    def _gather_written(self, folder: Path) -> dict[str, list]:
+        """Collective: {relative path: [size, hash]} of the files under ``folder`` that any rank
+        hashed as it wrote them."""
+        mine = take_written(folder)
         parts = [mine]
         if self.dist.world_size > 1:
             parts = [None] * self.dist.world_size
             dist.all_gather_object(parts, mine)  # between this job's own ranks
-        return {k: v for part in parts for k, v in sorted(part.items())}
+        return {k: v for part in parts for k, v in part.items()}
+
+    def _checksums(self, hashing: "_Background", step: int, folder: Path) -> dict[str, list]:
+        """Collective: {relative path: [size, hash]} of every file in ``folder``: those hashed as
+        written, plus the rest, each rank having read back its share (``hashing``); every rank
+        gets the whole map. Counts both kinds in ``last_checksums`` (bytes hashed as written,
+        bytes read back), which the save's metrics record carries."""
+        known: dict[str, list] = {}
+        mine: dict[str, list] = {}
+
+        def take() -> None:
+            k, m = hashing.result()
+            known.update(k)
+            mine.update(m)
+
+        self._agree(_attempt(take), step, folder)
+        parts = [mine]
+        if self.dist.world_size > 1:
+            parts = [None] * self.dist.world_size
+            dist.all_gather_object(parts, mine)  # between this job's own ranks
+        read_back = {k: v for part in parts for k, v in part.items()}
+        self.last_checksums = {"checksum_written_files": len(known),
+                               "checksum_written_bytes": sum(v[0] for v in known.values()),
+                               "checksum_read_back_files": len(read_back),
+                               "checksum_read_back_bytes": sum(v[0] for v in read_back.values())}
+        return dict(sorted({**known, **read_back}.items()))
 
     def load_latest(self, report=None) -> dict | None:
         """Collective. Loads the newest complete checkpoint that loads into the engine and RNG;
@@ -419,6 +452,10 @@ class CheckpointManager:
                 rng = read_safetensors(rng_file)
             if rank_file.is_file() and info.meta.get("world_size") == self.dist.world_size:
                 rank_state = read_json(rank_file)
+            elif isinstance(info.meta.get("world_size"), int) and info.meta["world_size"] != self.dist.world_size:
+                # another world size: every old rank's counters (data/reslot.py re-splits the stream)
+                olds = [info.path / f"state-rank{r}.json" for r in range(info.meta["world_size"])]
+                state["_old_rank_states"] = [read_json(f) if f.is_file() else None for f in olds]
         except CheckpointLoadError as e:
             error = e
         raise_agreed(error)
@@ -473,9 +510,6 @@ def _test_stall(step: int) -> None:
             time.sleep(float(seconds))
 
 
-_CHUNK = 16 * 2**20
-
-
 class _Background:
     """A function run in a thread; ``result()`` joins it and returns its value or raises its error."""
 
@@ -498,49 +532,18 @@ class _Background:
         return self._value
 
 
-# The file hash recorded at save: XXH3-64, written "xxh3_64:<16 hex>" (what `xxhsum -H3 FILE`
-# prints). Checkpoints of the first checksummed version recorded zlib's CRC-32 (8 hex digits, no
-# prefix); they still verify. Why XXH3: it finds the bit flips and truncations this guards against
-# (a changed file keeps its hash with chance 2^-64; not a defence against tampering) at ~10 GB/s on
-# one core here, where zlib's CRC-32 did 1.8, SHA-256 1.1 and BLAKE2b 0.5 GB/s; with CRC-32 the
-# save paid +14 % on dit-b-2 (benchmarks/results/cpu_checkpoint_checksums.md, git log).
-HASH = "xxh3_64"
-
-
-def _file_hash(path: Path, algo: str = HASH) -> str:
-    """``path``'s hash as meta.json records it, read in 16 MiB pieces into one reused buffer."""
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    if algo == HASH:
-        import xxhash
-
-        h = xxhash.xxh3_64()
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
-        return f"{HASH}:{h.hexdigest()}"
-    import zlib
-
-    crc = 0
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
-    return f"{crc:08x}"
-
-
-def _recorded_algo(digest: str) -> str:
-    return HASH if digest.startswith(f"{HASH}:") else "crc32"
-
-
-def _share(folder: Path, rank: int, world: int) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "meta.json")
+def _share(folder: Path, rank: int, world: int, known=()) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "meta.json"
+                   and p.relative_to(folder).as_posix() not in known)
     return files[rank::world]
 
 
-def file_checksums(folder: Path, rank: int = 0, world: int = 1) -> dict[str, list]:
+def file_checksums(folder: Path, rank: int = 0, world: int = 1, known=()) -> dict[str, list]:
     """{relative path: [size, "xxh3_64:<hex>"]} of this rank's share of ``folder``'s files (all of
-    them at world 1), meta.json aside (``HASH`` says why XXH3)."""
-    return {p.relative_to(folder).as_posix(): [p.stat().st_size, _file_hash(p)] for p in _share(folder, rank, world)}
+    them at world 1), read back from disk; meta.json and the relative paths in ``known`` (hashed
+    as they were written) aside. ``common.hashed_io`` says why XXH3."""
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, file_hash(p)]
+            for p in _share(folder, rank, world, known)}
 
 
 def verify_checksums(info: CheckpointInfo, rank: int = 0, world: int = 1) -> None:
@@ -558,7 +561,7 @@ def verify_checksums(info: CheckpointInfo, rank: int = 0, world: int = 1) -> Non
             raise CheckpointLoadError(f"{path} is missing (meta.json records it)")
         if path.stat().st_size != size:
             raise CheckpointLoadError(f"{path} has {path.stat().st_size} bytes, meta.json recorded {size}")
-        got = _file_hash(path, _recorded_algo(digest))
+        got = file_hash(path, recorded_algo(digest))
         if got != digest:
             raise CheckpointLoadError(f"{path} fails its checksum ({got}, meta.json recorded {digest}): the file "
                                       "changed after it was saved")

@@ -13,6 +13,7 @@ Totals of corrupt samples are obtained by summing ``batch["skipped"]``.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import itertools
@@ -310,6 +311,62 @@ def _rng_state(rng: random.Random) -> list:
     return [version, list(internal), gauss]
 
 
+def owner_of(g: int, slots: int, remap: dict | None = None) -> int | None:
+    """The slot that reads global sample ``g`` of a "sample"-split stream: ``g % slots``; after a
+    resume at another slot count (data/reslot.py), ``remap`` = {"base": F, "exclude": [...]}: the
+    samples before F and those listed were read under the old layout (owned by nobody now), and
+    the others are dealt round-robin from F on, skipping the excluded."""
+    if remap is None:
+        return g % slots
+    base, exclude = remap["base"], remap["exclude"]
+    if g < base:
+        return None
+    i = bisect.bisect_left(exclude, g)
+    if i < len(exclude) and exclude[i] == g:
+        return None
+    return (g - base - i) % slots
+
+
+class _Remainder:
+    """What a resume at another slot count hands a slot of a "shard"-split stream before its first
+    epoch under the new layout (data/reslot.py): units, each ``["sample", url, offset, epoch]`` (one
+    sample a shuffle buffer held) or ``["tail", url, last, epoch]`` (a shard from after the sample
+    at byte offset ``last``, or from its start when ``last`` is None). Read in order, without a
+    shuffle buffer; ``state()`` is the units left, the one being read cut at its last sample."""
+
+    def __init__(self, units: list, max_member_bytes: int | None) -> None:
+        self.units = [list(u) for u in units]
+        self.max_member_bytes = max_member_bytes
+        self._reader: Iterator[dict] | None = None
+
+    def state(self) -> list:
+        return [list(u) for u in self.units]
+
+    def next_raw(self) -> tuple[dict, int] | None:
+        """(raw sample, its epoch), or None when every unit is read."""
+        while self.units:
+            kind, url, pos, epoch = self.units[0]
+            if kind == "sample":
+                self.units.pop(0)
+                return _reread([url, pos], self.max_member_bytes), epoch
+            if pos == "end":  # past a damaged stretch: a tar cannot be read beyond it
+                self.units.pop(0)
+                continue
+            if self._reader is None:
+                self._reader = read_shard(url, self.max_member_bytes, start=pos)
+                if pos is not None:
+                    next(self._reader, None)  # the sample at ``pos`` was read before the state was taken
+            raw = next(self._reader, None)
+            if raw is None:
+                self.units.pop(0)
+                self._reader = None
+                continue
+            raw["__shard__"] = url
+            self.units[0][2] = "end" if raw.get("__corrupt__") else raw["__pos__"]
+            return raw, epoch
+        return None
+
+
 class _RawEpoch:
     """Raw samples of one epoch for slot (rank, worker), resumable without decoding anything:
     ``state()`` after any sample, and ``_RawEpoch(..., state=)`` continues from there by seeking
@@ -326,8 +383,8 @@ class _RawEpoch:
     """
 
     def __init__(self, spec: LoaderSpec, shards: list[str], mode: str, epoch: int, worker: int, offset: int,
-                 state: dict | None = None) -> None:
-        self.spec, self.mode, self.offset = spec, mode, offset
+                 state: dict | None = None, remap: dict | None = None) -> None:
+        self.spec, self.mode, self.offset, self.remap = spec, mode, offset, remap
         self.slots, self.slot = spec.num_slots, worker * spec.world_size + spec.rank
         shuffle = spec.shuffle_buffer > 0
         if mode == "shard":
@@ -397,7 +454,7 @@ class _RawEpoch:
         while True:
             raw = self._next_shuffled()
             self.count += 1
-            if self.mode == "shard" or (self.offset + self.count - 1) % self.slots == self.slot:
+            if self.mode == "shard" or owner_of(self.offset + self.count - 1, self.slots, self.remap) == self.slot:
                 return raw
 
 
@@ -438,35 +495,53 @@ class _LeafStream:
     def __init__(self, spec: LoaderSpec, shards: list[str], mode: str, worker: int, state: dict | None = None) -> None:
         self.spec, self.shards, self.mode, self.worker = spec, shards, mode, worker
         self.epoch, self.offset, self.good, self.filtered, self.short = 0, 0, 0, Counter(), Counter()
-        raw_state = None
+        raw_state, self.remap, self.remainder = None, None, None
         if state is not None:
             self.epoch, self.offset, self.good = state["epoch"], state["offset"], state["good"]
             self.filtered, raw_state = Counter(state["filtered"]), state["raw"]
-        self.raws = _RawEpoch(spec, shards, mode, self.epoch, worker, self.offset, raw_state)
+            # After a resume at another slot count (data/reslot.py): "sample" mode deals the shared
+            # stream by ``remap``; "shard" mode first reads the old layout's unread ``remainder``.
+            self.remap = state.get("remap")
+            if state.get("remainder"):
+                self.remainder = _Remainder(state["remainder"], spec.max_member_bytes)
+        self.raws = _RawEpoch(spec, shards, mode, self.epoch, worker, self.offset, raw_state, self.remap)
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset, "good": self.good, "filtered": dict(self.filtered),
-                "raw": self.raws.state()}
+        out = {"epoch": self.epoch, "offset": self.offset, "good": self.good, "filtered": dict(self.filtered),
+               "raw": self.raws.state()}
+        if self.remap is not None:
+            out["remap"] = self.remap
+        if self.remainder is not None:
+            out["remainder"] = self.remainder.state()
+        return out
 
     def __iter__(self) -> "_LeafStream":
         return self
 
     def __next__(self) -> dict | Dropped | None:
         while True:
-            try:
-                raw = next(self.raws)
-            except StopIteration:
-                self._next_epoch()
-                continue
-            item = _decode_sample(raw, self.spec, self.epoch)
+            if self.remainder is not None:
+                got = self.remainder.next_raw()
+                if got is None:
+                    self.remainder = None
+                    continue
+                raw, epoch = got
+            else:
+                try:
+                    raw = next(self.raws)
+                except StopIteration:
+                    self._next_epoch()
+                    continue
+                epoch = self.epoch
+            item = _decode_sample(raw, self.spec, epoch)
             if isinstance(item, Dropped):
                 if item.rule is not None:
                     self.filtered[item.rule] += 1
                 if item.issue in ("video_too_short", "video_low_fps"):
                     self.short[item.issue] += 1
             elif isinstance(item, dict):
-                self.good += 1
-                item["__ref__"] = [*_raw_ref(raw), self.epoch]
+                self.good += epoch == self.epoch  # the empty-slot check counts this epoch's samples only
+                item["__ref__"] = [*_raw_ref(raw), epoch]
             return item
 
     def _next_epoch(self) -> None:
@@ -491,7 +566,7 @@ class _LeafStream:
         self.offset += self.raws.count
         self.epoch += 1
         self.good, self.filtered, self.short = 0, Counter(), Counter()
-        self.raws = _RawEpoch(spec, self.shards, mode, self.epoch, self.worker, self.offset)
+        self.raws = _RawEpoch(spec, self.shards, mode, self.epoch, self.worker, self.offset, remap=self.remap)
 
 
 def iter_epoch_samples(
@@ -604,11 +679,14 @@ def _batches(spec: LoaderSpec, streams: list[Stream], worker_id: int) -> Iterato
         from_leaf.append(leaf)
         return shape
 
-    start = 0
+    start, decodes, first = 0, 0, True
     if state is not None:
         start = state["n"]
         for leaf, *ref in state["pending"]:  # a bucket still being filled: re-read and decode its samples
             item = _decode_sample(_reread(ref[:2], spec.max_member_bytes), streams[leaf].spec, ref[2])
+            decodes += 1
+            if not isinstance(item, dict):  # (a reslot may hand over a sample that no longer decodes)
+                continue
             item["__ref__"] = ref
             add(item, leaf)
     skipped, filtered, issues = 0, Counter(), Counter()
@@ -618,6 +696,7 @@ def _batches(spec: LoaderSpec, streams: list[Stream], worker_id: int) -> Iterato
         i = pick_leaf(spec.seed, n * slots + slot, cum) if len(streams) > 1 else 0
         while True:  # corrupt and filtered samples do not take a position
             item = next(leaves[i])
+            decodes += 1
             if item is None:
                 skipped += 1
             elif isinstance(item, Lost):
@@ -648,6 +727,8 @@ def _batches(spec: LoaderSpec, streams: list[Stream], worker_id: int) -> Iterato
                              sources=[streams[j].source for j in from_leaf])
                 if spec.balance is not None:
                     batch["labels"] = [streams[j].label for j in from_leaf]
+                if first:  # what reaching this slot's first batch cost: 0 on a resume that replays nothing
+                    batch["decoded_before"], first = decodes - len(items), False
                 batch["position"] = {"slot": worker, "done": done, "state": {
                     "n": n + 1, "leaves": [leaf.state() for leaf in leaves],
                     "pending": [[j, *it["__ref__"]] for its, js in pending.values() for it, j in zip(its, js)]}}
@@ -669,12 +750,18 @@ class _SlotDataset(IterableDataset):
 _NOT_IDENTITY = ("skip_batches", "resume", "pin_memory", "empty_cond", "allow_pipe_shards")
 
 
-def loader_identity(spec: LoaderSpec) -> str:
+_LAYOUT = ("rank", "world_size", "num_workers")
+
+
+def loader_identity(spec: LoaderSpec, layout: bool = True) -> str:
     """A hash of everything that decides a slot's stream; a stored position is only used by a
-    loader with the same identity (the same data, split, layout and batch size)."""
+    loader with the same identity (the same data, split, layout and batch size). ``layout=False``
+    leaves out the rank layout (rank, world size, workers): a position of the same data at another
+    layout is carried over by data/reslot.py."""
     from dataclasses import fields
 
-    parts = [(f.name, getattr(spec, f.name)) for f in fields(spec) if f.name not in _NOT_IDENTITY
+    skip = _NOT_IDENTITY + (() if layout else _LAYOUT)
+    parts = [(f.name, getattr(spec, f.name)) for f in fields(spec) if f.name not in skip
              and not (f.name in ("frames", "fps") and not getattr(spec, f.name))  # image stages: as before
              and not (f.name == "image_formats" and getattr(spec, f.name) == IMAGE_FORMATS)]
     return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()

@@ -8,7 +8,8 @@ planning (which state goes to which file) and changes only how each file is writ
 - a failure is recorded, not raised, so every rank reaches DeepSpeed's barriers; the engine
   raises the first recorded error after ``save_checkpoint`` returns, and the checkpoint
   manager agrees on it across ranks like any other failed save;
-- every file is fsynced when written (the manager's commit then finds clean files);
+- every file is fsynced when written (the manager's commit then finds clean files) and hashed
+  as it is written (the checkpoint's checksums, ``common.hashed_io``: nothing is read back);
 - ``background=True`` (``checkpoint.async_save``): ``save`` returns at once; one worker
   thread copies the state to CPU memory (DCP's stager, which keeps shared storages shared
   and reuses its buffers between saves), signals that the copy is done, then writes. The
@@ -28,6 +29,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+from scaletrain.common.hashed_io import HashingStream, hashing_stream
+
 
 def _test_write_error(path: str) -> None:
     """Test hook for the one-rank write-failure test: SCALETRAIN_TEST_WRITE_ERROR="RANK:TEXT"
@@ -42,10 +45,13 @@ def _test_write_error(path: str) -> None:
 
 def _write_file(state_dict, path: str) -> None:
     _test_write_error(path)
-    with open(path, "wb") as f:
+    with open(path, "wb") as raw:
+        f = hashing_stream(raw, path)  # the checkpoint's checksum of this file, taken as written
         torch.save(state_dict, f)
         f.flush()
         os.fsync(f.fileno())
+    if isinstance(f, HashingStream):
+        f.settle()
 
 
 def _describe(e: OSError, path: str) -> str:

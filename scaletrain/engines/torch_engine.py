@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from scaletrain.common.hashed_io import HashingFileSystemWriter
 from scaletrain.common.safe_load import load_dcp
 from scaletrain.engines.base import (Engine, LocalShard, StepStats, clip_with_norm, lower_new_threads, norm_value,
                                       replicated_param_shards, set_lr, total_grad_norm, world_mesh)
@@ -26,8 +27,9 @@ from scaletrain.engines.base import (Engine, LocalShard, StepStats, clip_with_no
 
 def dcp_writer(path: Path, threads: int) -> FileSystemWriter:
     """DCP's file writer: each rank's items split over ``threads`` files written in parallel
-    (per-tensor serialization is CPU work that overlaps the disk writes), each fsynced."""
-    return FileSystemWriter(str(path), thread_count=threads, sync_files=True)
+    (per-tensor serialization is CPU work that overlaps the disk writes), each fsynced, each
+    hashed as it is written for the checkpoint's checksums (``common.hashed_io``)."""
+    return HashingFileSystemWriter(str(path), thread_count=threads, sync_files=True)
 
 
 def save_dcp_state(module: nn.Module, optimizer, path: Path, extra: dict | None = None, threads: int = 1) -> None:

@@ -27,13 +27,40 @@ class ImageStream:
         self.logger, self.data_counts = logger, data_counts
         self.position: dict = {}  # this rank's stream position per loader slot (batch["position"])
         self.identity: str | None = None
+        self.data_identity: str | None = None  # the same without the rank layout (data/reslot.py)
+        self.workers = 1  # loader slots per rank
         self.resume_from: dict | None = None  # the checkpoint's position for this rank (restore)
+        # At another world size: every old rank's position ([data_position of rank r]) and the old
+        # world size, to re-split the stream (restore)
+        self.reslot_from: tuple[list, int] | None = None
+        self.decoded_before = 0  # samples decoded before each slot's first batch, not in it (this rank)
 
     def record(self, batch: dict) -> None:
         """Take a batch's stream position (the loader adds it to each batch)."""
         pos = batch.pop("position", None)
         if pos is not None:
             self.position[str(pos["slot"])] = {"done": pos["done"], "state": pos["state"]}
+        self.decoded_before += batch.pop("decoded_before", 0)
+
+    def stored_position(self, stage_index: int) -> dict:
+        """What a checkpoint stores of this rank's stream (``restore`` hands it back)."""
+        return {"stage": stage_index, "identity": self.identity, "data_identity": self.data_identity,
+                "workers": self.workers, "slots": self.position}
+
+    def _reslot(self, spec: LoaderSpec, index: int, olds: list, old_world: int) -> tuple[dict | None, str]:
+        """(resume positions re-split from the old layout's, or None; why not)."""
+        from scaletrain.data.reslot import ReslotError, reslot
+
+        if not olds or any(not p for p in olds):
+            return None, "the checkpoint stored no stream position for some of its ranks"
+        if any(p.get("stage") != index for p in olds):
+            return None, "the checkpoint's positions belong to another stage"
+        if any(p.get("data_identity") != self.data_identity for p in olds):
+            return None, "the data, split or batch differ from the checkpoint's"
+        try:
+            return reslot([p["slots"] for p in olds], old_world, olds[0]["workers"], spec, plan_streams(spec)), ""
+        except ReslotError as e:
+            return None, str(e)
 
     def __call__(self, req: BatchRequest) -> Iterator[dict]:
         cfg, index, d = req.cfg, req.stage_index, req.cfg.data
@@ -51,18 +78,26 @@ class ImageStream:
         )
         # Resume from the stream position the checkpoint stored for this rank (O(1): nothing read
         # before it is decoded), when it belongs to this stage and the same stream; else replay.
-        self.identity = loader_identity(spec)
+        self.identity, self.data_identity = loader_identity(spec), loader_identity(spec, layout=False)
+        self.workers, self.decoded_before = spec.workers_per_rank, 0
         position, self.resume_from = self.resume_from, None
+        olds, self.reslot_from = self.reslot_from, None
         usable = bool(position) and position.get("stage") == index and position.get("identity") == self.identity
         resume = position["slots"] if usable else None
         self.position = dict(resume or {})
         if req.skip:
-            if usable:
+            why = ("the checkpoint stored none for this rank" if not position else
+                   "the data, split, batch or layout differ from the checkpoint's")
+            if not usable and olds is not None:
+                resume, why = self._reslot(spec, index, *olds)
+                if resume is not None:
+                    self.logger.event(f"data: stage {index} continues at its checkpointed stream position, re-split "
+                                      f"from {olds[1]} to {req.world_size} ranks ({req.skip} micro-batches per rank "
+                                      "in; none replayed)")
+            elif usable:
                 self.logger.event(f"data: stage {index} continues at its checkpointed stream position "
                                   f"({req.skip} micro-batches per rank in; none replayed)")
-            else:
-                why = ("the checkpoint stored none for this rank" if not position else
-                       "the data, split, batch or layout differ from the checkpoint's")
+            if resume is None:
                 self.logger.event(f"data: stage {index} replays {req.skip} micro-batches per rank to resume ({why})")
         loader = build_loader(replace(spec, resume=resume))
         # Name the counters of this stage's sources and classes (the same on every rank); reset

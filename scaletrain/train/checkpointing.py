@@ -21,8 +21,7 @@ class CheckpointCadence:
     def save(self, trainer: Any) -> None:
         """Collective: the trainer's state and this rank's stream position, at trainer.step."""
         stream = trainer.stream
-        rank_state = {"data_position": {"stage": trainer.stage_index, "identity": stream.identity,
-                                        "slots": stream.position}}
+        rank_state = {"data_position": stream.stored_position(trainer.stage_index)}
         # A pending async write commits (or fails, reported with its own step) before this save.
         self._records(trainer, self.ckpt.finalize)
         if self._records(trainer, lambda: self.ckpt.save(trainer.step, trainer.state_dict(), rank_state)):

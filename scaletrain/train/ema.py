@@ -150,8 +150,11 @@ class ShardedEMA:
         return {"params": dict(self.averages), "num_updates": torch.tensor(self.num_updates)}
 
     def save(self, path: Path) -> None:
-        """Collective: each rank writes its shards with DCP."""
-        dcp.save(self.state_dict(), checkpoint_id=str(path))
+        """Collective: each rank writes its shards with DCP (each file hashed as it is written,
+        for the checkpoint's checksums)."""
+        from scaletrain.common.hashed_io import HashingFileSystemWriter
+
+        dcp.save(self.state_dict(), storage_writer=HashingFileSystemWriter(str(path)))
 
     def load(self, path: Path | None) -> None:
         """Collective: read what ``save`` wrote, at any world size and from any engine.

@@ -199,6 +199,9 @@ class Trainer:
             t0 = time.perf_counter()
             lr = plan.lr(step_in_stage) * self.health.lr_scale
             micro = self.accumulate(plan.batches, stage.grad_accum)
+            if step_in_stage == plan.start > 0:  # a resume: what reaching the position cost (0 = no replay)
+                self.logger.event(f"data: {self.stream.decoded_before} samples decoded before this rank's first "
+                                  "batches of the stage that they do not hold")
             agreed = self.agree(micro, stage.grad_accum)
             # The health guard judges the all-reduced loss and the global grad norm, so every rank
             # reaches the same verdict; a bad step is skipped by the engine on all ranks. fp16: an
@@ -380,6 +383,9 @@ class Trainer:
             self.health.load_state_dict(state["health"])
         self.data_counts.load_state_dict(state.get("data_counts", {}))  # realised source/class counts
         self.stream.resume_from = (state.get("_rank_state") or {}).get("data_position")
+        olds = state.get("_old_rank_states")  # at another world size: every old rank's, to re-split the stream
+        if olds is not None:
+            self.stream.reslot_from = ([(s or {}).get("data_position") for s in olds], len(olds))
 
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True  # acted on at the end of the current step, on every rank together

@@ -121,8 +121,8 @@ def straight(synth_shards, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reshard(synth_shards, straight, tmp_path_factory):
     """Both engines' world-size changes in two launches: a one-process batch resumes each engine's
-    2-rank step-4 checkpoint (2 -> 1) and runs each to step 2 (the first half of 1 -> 2); a 2-rank
-    batch then takes those to the end. The global batch stays 8 (1 rank accumulates 2)."""
+    2-rank step-2 checkpoint (2 -> 1, mid-stage) and runs each to step 2 (the first half of 1 -> 2);
+    a 2-rank batch then takes those to the end. The global batch stays 8 (1 rank accumulates 2)."""
     from tests.launch import run_batch
 
     root = tmp_path_factory.mktemp("reshard")
@@ -130,7 +130,7 @@ def reshard(synth_shards, straight, tmp_path_factory):
     first, second = {}, {}
     for engine in ("fsdp", "deepspeed"):
         kind = f"engine.kind={engine}"
-        _copy_checkpoints(straight[engine], root / f"{engine}-2to1", 4)
+        _copy_checkpoints(straight[engine], root / f"{engine}-2to1", 2)
         first[f"{engine}-2to1"] = ["--config", "configs/demo.yaml", *_sets(synth_shards, root / f"{engine}-2to1",
                                                                            kind, *one)]
         first[f"{engine}-1to2-first"] = ["--config", "configs/demo.yaml",
@@ -141,18 +141,29 @@ def reshard(synth_shards, straight, tmp_path_factory):
     return runs
 
 
+def _resplit(r, old: int, new: int, per_rank: int) -> None:
+    """Issue 29 item 5: the stream went on from the checkpointed global position, re-split for
+    the new world size, and nothing before it was decoded (the replay it replaces decoded and
+    dropped per_rank micro-batches of every rank)."""
+    assert (f"data: stage 0 continues at its checkpointed stream position, re-split from {old} to {new} ranks "
+            f"({per_rank} micro-batches per rank in; none replayed)") in r.stdout, r.stdout[-3000:]
+    assert "data: 0 samples decoded before this rank's first batches of the stage that they do not hold" in r.stdout
+
+
 def test_reshard_fsdp_two_to_one_and_one_to_two(straight, reshard):
     """DCP reshards on load, so the resumed curve continues the 2-rank one within float
-    tolerance (summation order)."""
+    tolerance (summation order); the data stream continues without a replay."""
     ref = _losses(straight["fsdp"])
-    # 2 -> 1: the straight 2-rank run's stage-end checkpoint (step 4), resumed by 1 process
+    # 2 -> 1: the straight 2-rank run's mid-stage checkpoint (step 2), resumed by 1 process
     r = reshard["fsdp-2to1"].ok()
-    assert "resumed at step 4" in r.stdout + r.stderr
-    assert r.losses == pytest.approx(ref[4:], rel=1e-5)
+    assert "resumed at step 2" in r.stdout + r.stderr
+    _resplit(r, 2, 1, 4)
+    assert r.losses == pytest.approx(ref[2:], rel=1e-5)
     # 1 process to step 2, then 2 ranks to the end
     reshard["fsdp-1to2-first"].ok()
     r = reshard["fsdp-1to2"].ok()
     assert "resumed at step 2" in r.stdout + r.stderr
+    _resplit(r, 1, 2, 2)
     assert _losses(r.dir) == pytest.approx(ref, rel=1e-5)
     # parameters after loading at the other world size are the checkpoint's: the 1 -> 2 run's
     # step-7 checkpoint equals the straight run's within tolerance
@@ -173,12 +184,14 @@ def test_reshard_deepspeed_two_to_one_and_one_to_two(straight, reshard):
     continues within float tolerance."""
     ref = _losses(straight["deepspeed"])
     r = reshard["deepspeed-2to1"].ok()
-    assert "resumed at step 4" in r.stdout + r.stderr
-    assert (r.dir / "checkpoints" / "step-00000004" / "engine" / "zero_universal").is_dir()
-    assert r.losses == pytest.approx(ref[4:], rel=1e-5)
+    assert "resumed at step 2" in r.stdout + r.stderr
+    assert (r.dir / "checkpoints" / "step-00000002" / "engine" / "zero_universal").is_dir()
+    _resplit(r, 2, 1, 4)
+    assert r.losses == pytest.approx(ref[2:], rel=1e-5)
     reshard["deepspeed-1to2-first"].ok()
     r = reshard["deepspeed-1to2"].ok()
     assert "resumed at step 2" in r.stdout + r.stderr
+    _resplit(r, 1, 2, 2)
     assert _losses(r.dir) == pytest.approx(ref, rel=1e-5)
     a = _ds_params(straight["deepspeed"] / "checkpoints" / "step-00000007")
     b = _ds_params(r.dir / "checkpoints" / "step-00000007")
@@ -427,6 +440,13 @@ def test_bad_latest_checkpoints_are_skipped_for_the_previous_one(synth_shards, s
     import io
     import pickle
 
+    # The checksums were taken as the engine wrote its files (issue 29 item 6): only the small
+    # files nobody hashed while writing (RNG, trainer state, DeepSpeed's recovery script) were read back.
+    saves = [m for m in read_metrics(straight[engine], steps_only=False) if "checkpoint_seconds" in m]
+    assert len(saves) == 7, saves
+    for m in saves:
+        assert m["checksum_written_files"] >= 3 and m["checksum_read_back_files"] >= 3, m
+        assert m["checksum_read_back_bytes"] < 0.02 * m["checksum_written_bytes"], m
     d = _copy_checkpoints(straight[engine], tmp_path / "run", 4, 5, 6, 7)
 
     def ckpt(step: int) -> Path:

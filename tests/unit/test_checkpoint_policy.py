@@ -197,3 +197,64 @@ def test_meta_records_every_files_checksum_and_a_load_verifies_them(tmp_path):
     off.engine = _Engine()
     off.save(3, {"stage": 0, "preset": "unet-tiny"})
     assert "files" not in latest_checkpoint(tmp_path / "off" / "checkpoints").meta
+
+
+def test_engine_and_ema_files_are_hashed_as_written_not_read_back(tmp_path, monkeypatch):
+    """Issue 29 item 6, the lever: the engine's DCP writer (torch_engine.dcp_writer) and the
+    DeepSpeed writer (ds_writer._write_file) hash each file as they write it; the commit records
+    those hashes and reads back only the files no writer hashed. Counted in the save's metrics
+    record, and each recorded hash equals the file's XXH3-64 read from disk."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    import xxhash
+
+    from scaletrain.common import hashed_io
+    from scaletrain.engines.ds_writer import _write_file
+    from scaletrain.engines.torch_engine import dcp_writer
+
+    read_back = []
+    real_hash = hashed_io.file_hash
+    monkeypatch.setattr(manager_mod, "file_hash", lambda p, *a: read_back.append(Path(p).name) or real_hash(p, *a))
+
+    class _Engine:
+        name = "fake"
+
+        def save_state(self, path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # DCP without a process group says so
+                dcp.save({"w": torch.randn(256, 64), "n": 3}, storage_writer=dcp_writer(path, 2), no_dist=True)
+            _write_file({"zero": torch.randn(128, 32)}, str(path / "zero-states.pt"))
+            with open(path / "plain.bin", "wb") as f:  # written by nobody that hashes: read back
+                f.write(b"x" * 1000)
+
+    m = _manager(tmp_path)
+    m.engine = _Engine()
+    (record,) = m.save(2, {"stage": 0, "preset": "unet-tiny"})
+    info = manager_mod.latest_checkpoint(tmp_path / "checkpoints")
+    files = info.meta["files"]
+    written = {"engine/.metadata", "engine/__0_0.distcp", "engine/__0_1.distcp", "engine/zero-states.pt"}
+    assert written < set(files)
+    for name, (size, digest) in files.items():
+        data = (info.path / name).read_bytes()
+        assert [size, digest] == [len(data), f"xxh3_64:{xxhash.xxh3_64(data).hexdigest()}"], name
+    assert sorted(read_back) == ["plain.bin", "rng-rank0.safetensors", "trainer_state.json"]
+    assert record["checksum_written_files"] == 4 and record["checksum_read_back_files"] == 3
+    assert record["checksum_written_bytes"] == sum(files[n][0] for n in written)
+    assert record["checksum_read_back_bytes"] < record["checksum_written_bytes"] / 10
+    manager_mod.verify_checksums(info)
+    # checkpoint.checksums=false: the writers write through plain streams (nothing hashed, nothing recorded)
+    off = _manager(tmp_path / "off", checksums=False)
+    off.engine = _Engine()
+    read_back.clear()
+    (record,) = off.save(2, {"stage": 0, "preset": "unet-tiny"})
+    assert "checksum_written_files" not in record and read_back == []
+    assert hashed_io.take_written(tmp_path) == {}
+    # A stream that seeks may differ from the bytes it hashed: no record, the file is read back.
+    with open(tmp_path / "s.bin", "wb") as raw:
+        s = hashed_io.HashingStream(raw, tmp_path / "s.bin")
+        s.write(b"abcdef")
+        s.seek(0)
+        s.write(b"X")
+    s.settle()
+    assert hashed_io.take_written(tmp_path) == {}
