@@ -23,6 +23,9 @@
 #   encode-sd2     `scaletrain data encode` of 512 synthetic 512 px images for unet-sd2 at 256/512 px
 #   sd2-256        bench unet-sd2 256 px, precomputed latents, FSDP2 bf16, micro-batch 32   [unet-tiny-latent 32 px]
 #   encode-dit / dit-256   pixart-xl-2 (DiT-XL/2 size) 256 px: the MFU goal                 [dit-tiny, online]
+#   dit-256-fp8    the same in engine.precision=fp8 (torchao float8 Linear layers, tensorwise, fp8
+#                  all-gather; MFU against the bf16 peak, so its MFU over dit-256's is the speed-up)
+#                                                              [dit-tiny, online, torchao's CPU emulation]
 #   startup-fsdp / startup-deepspeed   unet-sd2 to the `start-up:` line (peak device memory) [unet-tiny]
 #   sd2-512, sd2-online (VAE + text encoder every step), sd2-ac (activation checkpointing)
 #   profile        where one unet-sd2 256 px step's time goes (top kernels, exposed host time)
@@ -31,6 +34,7 @@
 #                  precomputed latents and conditioning, FSDP2 bf16 (FLUX.1-dev, 11.9B, does not
 #                  train on one 80 GB GPU: `scaletrain size` and the meta-device cells cover it)
 #                                                                            [sdxl-tiny, mmdit-tiny online]
+#   sd3-256-fp8    SD3 medium (MMDiT) in fp8, beside sd3-256                  [mmdit-tiny online, emulated]
 #   (TINY=1) tiny-<engine>-<precision>: the CUDA paths of FSDP2, DDP, ZeRO-3 in bf16 and fp16
 #   (EXTRA=1) micro-batch sweep, offload
 #   sd2-compile, (EXTRA=1) dit-compile: regional compile, last (compiling costs minutes)
@@ -107,6 +111,8 @@ cell imports 60 $PY -c "
 import sys, torch, diffusers, transformers, deepspeed, scaletrain
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__,
       'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)
+import importlib.util, importlib.metadata  # the fp8 cells need torchao; without it they fail in one line each
+print('torchao', importlib.metadata.version('torchao') if importlib.util.find_spec('torchao') else 'missing')
 if '$DRY' != '1':
     assert torch.cuda.is_available(), 'torch sees no GPU'
     x = torch.ones(1024, 1024, device='cuda', dtype=torch.bfloat16); print('device', torch.cuda.get_device_name(), float((x @ x).sum()))
@@ -154,11 +160,14 @@ startup() {  # ENGINE: the preset to the `start-up:` line (peak host and device 
 encode encode-sd2 $P_SD2 "$TMP/lat-sd2" $R1 $R2
 bench sd2-256 120 "$TMP/lat-sd2" --presets $P_SD2 --resolutions $R1 --engines fsdp --micro-batches $MB
 if [ "$DRY" = 1 ]; then  # dit-tiny is a pixel-space model: the same cell online
-  bench dit-256 90 "$SH" --presets $P_DIT --resolutions $R1 --engines fsdp --micro-batches $MB
+  LAT_DIT=$SH
 else
   encode encode-dit $P_DIT "$TMP/lat-dit" $R1
-  bench dit-256 90 "$TMP/lat-dit" --presets $P_DIT --resolutions $R1 --engines fsdp --micro-batches $MB
+  LAT_DIT="$TMP/lat-dit"
 fi
+bench dit-256 90 "$LAT_DIT" --presets $P_DIT --resolutions $R1 --engines fsdp --micro-batches $MB
+# fp8 beside it (the last --precision wins); on a GPU below compute capability 8.9 a one-line config error
+bench dit-256-fp8 90 "$LAT_DIT" --presets $P_DIT --resolutions $R1 --engines fsdp --micro-batches $MB --precision fp8
 startup fsdp
 startup deepspeed
 
@@ -184,11 +193,14 @@ fi
 encode encode-sdxl $P_SDXL "$TMP/lat-sdxl" $R1
 bench sdxl-256 150 "$TMP/lat-sdxl" --presets $P_SDXL --resolutions $R1 --engines fsdp --micro-batches $((MB / 2 > 0 ? MB / 2 : 1))
 if [ "$DRY" = 1 ]; then  # mmdit-tiny is a pixel-space model: the same cell online
-  bench sd3-256 90 "$SH" --presets $P_SD3 --resolutions $R1 --engines fsdp --micro-batches $MB
+  LAT_SD3=$SH; MB_SD3=$MB
 else
   encode encode-sd3 $P_SD3 "$TMP/lat-sd3" $R1
-  bench sd3-256 150 "$TMP/lat-sd3" --presets $P_SD3 --resolutions $R1 --engines fsdp --micro-batches 16
+  LAT_SD3="$TMP/lat-sd3"; MB_SD3=16
 fi
+bench sd3-256 150 "$LAT_SD3" --presets $P_SD3 --resolutions $R1 --engines fsdp --micro-batches $MB_SD3
+bench sd3-256-fp8 150 "$LAT_SD3" --presets $P_SD3 --resolutions $R1 --engines fsdp --micro-batches $MB_SD3 \
+  --precision fp8
 if [ "${EXTRA-0}" = 1 ]; then  # micro-batch sweep and the FSDP2 offload
   bench sd2-sweep 200 "$TMP/lat-sd2" --presets $P_SD2 --resolutions $R1 --engines ddp --micro-batches 64 128 \
     --activation-checkpointing full

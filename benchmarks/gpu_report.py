@@ -57,6 +57,34 @@ def table(found: list[dict]) -> list[str]:
     return lines
 
 
+def fp8_table(found: list[dict]) -> list[str]:
+    """Each fp8 row beside the row of the same cell in the check's base precision (bf16 on a GPU):
+    the speed-up and the peak memory of both."""
+    def key(r: dict) -> tuple:
+        c = r["cell"]
+        return c["preset"], c["resolution"], c["engine"], c["micro_batch"], r["latents"], r["ac"], r["compile"]
+
+    base = {key(r): r for r in found if r["precision"] != "fp8" and r["cell"]["status"] == "ok"}
+    lines = []
+    for r in found:
+        b = base.get(key(r))
+        if r["precision"] != "fp8" or b is None or r["cell"]["status"] != "ok":
+            continue
+        c, d = r["cell"], b["cell"]
+        f8 = c.get("fp8") or {}
+        layers = f"{f8.get('linears', '?')}{' (emulated)' if f8.get('emulated') else ''}"
+        fast, slow = c["images_per_second"]["median"], d["images_per_second"]["median"]
+        lines.append(f"| {c['preset']} | {c['resolution']} | {layers} | {b['precision']} | {slow:.1f} | {fast:.1f} | "
+                     f"{fast / slow:.2f}x | {d['mfu']:.1%} | {c['mfu']:.1%} | {d['peak_memory_gib']:.1f} | "
+                     f"{c['peak_memory_gib']:.1f} |")
+    if not lines:
+        return []
+    return ["", "fp8 against the same cell in the base precision (MFU of both against the bf16 peak; "
+            "a CPU dry run emulates fp8, so its figures mean nothing):", "",
+            "| preset | res | fp8 Linear layers | base | base img/s | fp8 img/s | speed-up | base MFU | fp8 MFU "
+            "| base peak GiB | fp8 peak GiB |", "|" + "---|" * 11] + lines
+
+
 def cell_table(out: Path) -> list[str]:
     """gpu_check.sh's record of every cell: its exit status, seconds and time limit."""
     f = out / "cells.tsv"
@@ -74,10 +102,11 @@ def main(argv: list[str]) -> int:
     lines = [f"# GPU check: {gpu.splitlines()[0] if gpu else device}", "",
              "Command: `bash benchmarks/gpu_check.sh OUT` (then `python3 benchmarks/gpu_report.py OUT`).", "",
              "```", gpu.strip(), "```", "",
-             "One rank, bf16. Latents: precomputed (`scaletrain data encode` ran first; the encode column is the "
-             "posterior sample and noise) or online (the VAE and text encoder run every step in bf16, inside the "
+             "One rank, bf16 (fp8 rows: engine.precision=fp8, torchao's float8 Linear layers, tensorwise "
+             "scaling with the fp8 all-gather, MFU against the bf16 peak). Latents: precomputed (`scaletrain "
+             "data encode` ran first; the encode column is the posterior sample and noise) or online (the VAE and text encoder run every step in bf16, inside the "
              "encode column). Activations: tensor memory of that category at the step's peak (torch's memory "
-             "tracker).", ""] + table(found)
+             "tracker).", ""] + table(found) + fp8_table(found)
     lines += ["", "Cells in the order they ran (OUT/cells.tsv; rc 124: stopped at its time limit, its processes "
               "killed):", ""] + cell_table(out)
     prof = sorted(out.glob("profile_*.txt"))

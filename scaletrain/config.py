@@ -357,13 +357,36 @@ class DeepSpeedSection(_Section):
         return self
 
 
+class Fp8Section(_Section):
+    """engine.precision=fp8: how torchao's float8 training scales the Linear layers (engines/fp8.py)."""
+
+    # tensorwise: one scale per tensor (fastest; torchao's fp8 all-gather needs it); rowwise: one
+    # scale per row (more accurate where a few rows carry outliers, somewhat slower).
+    recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    # FSDP2 gathers the converted Linear weights in fp8 (half the bytes of bf16). None = on with
+    # tensorwise, off with rowwise (torchao gathers tensorwise only: true with rowwise is an error).
+    all_gather: bool | None = None
+
+    @model_validator(mode="after")
+    def _gather_needs_tensorwise(self) -> "Fp8Section":
+        if self.all_gather and self.recipe != "tensorwise":
+            raise ValueError(f"engine.fp8.all_gather=true needs engine.fp8.recipe=tensorwise (torchao gathers fp8 "
+                             f"weights with one scale per tensor only, not {self.recipe}); set engine.fp8.all_gather="
+                             f"false or engine.fp8.recipe=tensorwise")
+        return self
+
+
 class EngineSection(_Section):
     kind: Literal["fsdp", "deepspeed", "ddp"] = "fsdp"
     # fp16 (V100/T4-class GPUs, no bf16): autocast / FSDP2 param dtype fp16 with dynamic loss
     # scaling (torch GradScaler, FSDP2 ShardedGradScaler, DeepSpeed's own); an overflowed step is
     # skipped by the engine and the scale halved (logged as loss_scale), not counted as bad.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # fp8 (compute capability 8.9+: L4, L40S, H100, H200, B200): the Linear layers of the
+    # model's parallel units train in float8 (torchao), everything else as bf16; on a CPU in
+    # torchao's emulation (same numerics, no speed-up). FSDP2 only; see engine.fp8.
+    precision: Literal["fp32", "bf16", "fp16", "fp8"] = "fp32"
     fp16_initial_scale: float = Field(2.0**16, gt=0.0)  # the loss scale fp16 starts from
+    fp8: Fp8Section = Fp8Section()
     deepspeed_config: str = "ds_configs/zero3.json"
     fsdp: FSDPSection = FSDPSection()
     ddp: DDPSection = DDPSection()

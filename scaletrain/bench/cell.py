@@ -192,6 +192,7 @@ def run_cell(spec: dict, dist_info: DistInfo) -> dict:
         if model.encoders_built else 0,
         "precomputed": encoding is not None,
         "after_build": after_build, "memory": memory_snapshot(device), "memory_split_mib": split,
+        "fp8": engine.float8.report() if engine.float8 is not None else None,  # engine.precision=fp8, as applied
     }
     engine.close()
     return record

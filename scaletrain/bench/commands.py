@@ -20,7 +20,9 @@ def add_bench_parsers(sub) -> None:
     b.add_argument("--world-sizes", nargs="+", type=int, default=[1, 2])
     b.add_argument("--search", action="store_true", help="also find the largest micro-batch that fits")
     b.add_argument("--search-max", type=int, default=64)
-    b.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    b.add_argument("--precision", choices=["fp32", "bf16", "fp16", "fp8"], default="fp32",
+                   help="engine.precision; fp8: FSDP2 cells only, engine.fp8 defaults (tensorwise, fp8 all-gather), "
+                        "MFU against the bf16 peak")
     b.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="none",
                    help="model.activation_checkpointing for every cell")
     b.add_argument("--compile", action="store_true", help="model.compile (regional) for every cell")

@@ -189,7 +189,7 @@ def summarize_cell(records: list[dict], cell: dict) -> dict:
     out["phases_seconds"] = _phase_means(records)
     r0 = records[0]
     out.update(params_total=r0["params_total"], params_local=r0["params_local"], params_frozen=r0["params_frozen"],
-               precomputed=r0.get("precomputed", False),
+               precomputed=r0.get("precomputed", False), fp8=r0.get("fp8"),
                after_build_gib=max(r["after_build"]["peak_gib"] for r in records),
                peak_tflops=r0["peak_tflops"], peak_source=r0["peak_source"], threads=r0["threads"])
     if "reserved_gib" in r0["memory"]:

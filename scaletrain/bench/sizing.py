@@ -38,7 +38,7 @@ from scaletrain.bench.facts import CommModel
 from scaletrain.engines.spec import startup_floor_bytes  # noqa: F401  (the size command's start-up rows)
 from scaletrain.models.facts import ModelFacts, model_facts
 from scaletrain.bench.runner import solo_basis
-from scaletrain.engines.spec import layout, load_layouts
+from scaletrain.engines.spec import compute_bytes, layout, load_layouts
 
 # GPU memory (GiB, as torch reports the card) for the size command's --gpu.
 GPU_MEMORY_GIB = {"H100": 79.1, "H100 PCIe": 79.1, "H200": 139.8, "A100": 79.1, "A100-40GB": 39.4, "L40S": 44.4,
@@ -100,7 +100,7 @@ def frozen_bytes(cell: dict, facts: ModelFacts) -> float:
     small beside them: ignored)."""
     if cell.get("precomputed"):
         return 0.0
-    per_param = 2 if cell.get("precision", "fp32") in ("bf16", "fp16") else 4
+    per_param = compute_bytes(cell.get("precision", "fp32"))
     share = cell.get("world_size", 1) if cell.get("frozen_encoders") == "shard" else 1
     return per_param * cell.get("params_frozen", facts.frozen) / share
 
@@ -318,7 +318,7 @@ def ulysses_seconds(preset: str, resolution: int, frames: int, k: int, link: Com
     cfg = p.denoiser_config
     layers = cfg.get("num_layers") or len(cfg.get("block_out_channels", ())) or 1
     width = get_family(p.family).hidden_size(cfg)
-    nbytes = p.tokens(resolution, resolution, frames) * width * (2 if precision in ("bf16", "fp16") else 4) / k
+    nbytes = p.tokens(resolution, resolution, frames) * width * compute_bytes(precision) / k
     one = link.latency["all_gather"] + nbytes * (k - 1) / k / link.bw("all_gather", nbytes)
     return 8 * layers * one
 

@@ -27,12 +27,15 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
 
 from scaletrain.config import OptimSection
+
+if TYPE_CHECKING:
+    from scaletrain.engines.fp8 import Float8Plan
 
 
 @dataclass
@@ -115,6 +118,8 @@ class Engine(ABC):
     # fp16 scales the loss dynamically: a non-finite gradient norm with a finite loss is then an
     # expected overflow that the engine's own step skips (and lowers the scale), not a bad step.
     dynamic_loss_scale: bool = False
+    # engine.precision=fp8: what was converted to float8 (engines/fp8.py); None otherwise
+    float8: Float8Plan | None = None
     _staging: Future | None = None
     _staging_wait: float = 0.0
 

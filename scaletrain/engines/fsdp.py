@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from scaletrain.config import RunConfig
 from scaletrain.distributed import DistInfo
 from scaletrain.engines.spec import (GRAD_NORM, Collective, EngineSpec, Layout, compute_bytes, register_engine,
                                      register_layout)
-from scaletrain.engines.base import LocalShard, build_adamw, replicated_param_shards, world_mesh
+from scaletrain.engines.base import LocalShard, StepStats, build_adamw, replicated_param_shards, world_mesh
 from scaletrain.engines.torch_engine import TorchOptimizerEngine
 from scaletrain.models.parallelize import parallelize_units
 
@@ -29,6 +30,10 @@ class FSDPEngine(TorchOptimizerEngine):
         knobs = cfg.engine.fsdp
         mesh = build_fsdp_mesh(dist_info.device.type, dist_info.world_size, knobs.mesh_shape(dist_info.world_size))
         reshard = knobs.reshard_after_forward
+        if cfg.engine.precision == "fp8":  # torchao's Float8Linear swapped in first: before compile and fully_shard
+            from scaletrain.engines.fp8 import apply_float8
+
+            self.float8 = apply_float8(units, cfg.engine.fp8, dist_info.device, sharded=True)
         # Checkpointing and compile per unit, then fully_shard per unit, then the root. The root
         # is resharded too: its own parameters (embeddings, in/out convs) are small, and keeping
         # them gathered would break the "about 1/world per rank" storage promise.
@@ -50,6 +55,25 @@ class FSDPEngine(TorchOptimizerEngine):
 
     def _sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
         return _gradient_sync(self.module, is_last)
+
+    @property
+    def _fp8_gather(self) -> bool:
+        return self.float8 is not None and self.float8.all_gather
+
+    def step(self, lr: float) -> StepStats:
+        stats = super().step(lr)
+        if self._fp8_gather and not stats.skipped:  # the new weights' fp8 scales, one all-reduce for all
+            from scaletrain.engines.fp8 import precompute_scales
+
+            precompute_scales(self.module)
+        return stats
+
+    def load_state(self, path: Path) -> None:
+        super().load_state(path)
+        if self._fp8_gather:  # collective, like the load: scales of the loaded weights
+            from scaletrain.engines.fp8 import precompute_scales
+
+            precompute_scales(self.module)
 
     def prepare_frozen(self, module: nn.Module, units: list[nn.Module]) -> nn.Module:
         """Shard a frozen module like the trainable one: same mesh, same units, same precision,
@@ -73,6 +97,10 @@ class FSDPEngine(TorchOptimizerEngine):
             for m in self.module.modules():
                 if isinstance(m, FSDPModule):
                     m.reshard()
+            if self._fp8_gather:  # the caller writes the shards (EMA swap): scales from what they will hold
+                from scaletrain.engines.fp8 import forget_scales
+
+                forget_scales(self.module)
         out, plain = [], []
         for name, p in self.module.named_parameters():
             if not p.requires_grad:
@@ -98,8 +126,9 @@ def offload_policy(mode: str, device: torch.device) -> OffloadPolicy:
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     # Parameters are stored in fp32; bf16/fp16 is the compute dtype and gradients are reduced
     # in fp32 so the all-reduce does not lose the small per-rank contributions (nor overflow fp16).
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    # fp8 computes in bf16 outside its Float8Linear layers (engines/fp8.py).
+    if precision in ("bf16", "fp16", "fp8"):
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
@@ -200,6 +229,7 @@ class FSDPOffloadLayout(FSDPLayout):
 @register_engine
 class FSDPSpec(EngineSpec):
     kind = "fsdp"
+    trains_fp8 = True
 
     def check_recipe(self, cfg, world):
         mesh = cfg.engine.fsdp.mesh_shape(world)  # raises on sizes that do not tile the world

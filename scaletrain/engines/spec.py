@@ -13,7 +13,7 @@ Both live in their engine's own module (``engines/ddp.py``, ``engines/fsdp.py``,
 imports nothing but the standard library.
 
 Bytes are per rank, for a denoiser of P trainable parameters (``facts``: ``models.facts.ModelFacts``),
-W = 4 (fp32) or 2 (bf16/fp16) bytes per parameter of the compute copy.
+W = 4 (fp32) or 2 (bf16/fp16; fp8 too, an upper bound) bytes per parameter of the compute copy.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class EngineSpec:
     # start weights from a DCP checkpoint are read collectively into the engine's own shards
     # (checkpoint/sources.py); otherwise they are consolidated whole first
     reads_dcp_start_weights: ClassVar[bool] = True
+    # trains engine.precision=fp8 (torchao's float8 Linear layers, engines/fp8.py)
+    trains_fp8: ClassVar[bool] = False
 
     def check_recipe(self, cfg: RunConfig, world: int) -> None:
         """Raise ValueError (one line) for a knob that cannot work at ``world`` ranks or here."""
@@ -75,7 +77,8 @@ GRAD_NORM = Collective("all_reduce", 8, 1, "global", "tail")  # the clip's globa
 
 
 def compute_bytes(precision: str) -> int:
-    return 2 if precision in ("bf16", "fp16") else 4
+    # fp8: the gathered Linear weights take 1 byte (fp8 all-gather), the rest 2; 2 is the bound
+    return 2 if precision in ("bf16", "fp16", "fp8") else 4
 
 
 class Layout:
@@ -167,6 +170,6 @@ def startup_floor_bytes(engine: str, facts: Any, world: int, precision: str = "f
     device; the host builds them whole first, so a host check passes "replicate".
     A floor, not a forecast: allocator slack and imports come on top (``benchmarks/
     startup_memory.py`` adds a measured baseline and compares)."""
-    frozen = 0.0 if precomputed else (2 if precision in ("bf16", "fp16") else 4) * facts.frozen
+    frozen = 0.0 if precomputed else compute_bytes(precision) * facts.frozen
     frozen /= world if frozen_encoders == "shard" else 1
     return frozen + layout(engine).startup_bytes(facts, world, precision)

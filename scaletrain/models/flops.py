@@ -45,8 +45,15 @@ GPU_PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
 ]
 
 
+# engine.precision=fp8 is measured against the bf16 peak, torchtitan's convention: fp8 MFU over
+# bf16 MFU is then the speed-up, and a Linear-only fp8 run is never held to a peak its other
+# layers cannot reach.
+PEAK_AS = {"fp8": "bf16"}
+
+
 def gpu_peak_tflops(device_name: str, precision: str) -> tuple[float, str] | None:
     """(peak, label) for a known GPU name, else None."""
+    precision = PEAK_AS.get(precision, precision)
     for key, label, peaks in GPU_PEAK_TFLOPS:
         if key.lower() in device_name.lower():
             if precision not in peaks:
@@ -63,7 +70,7 @@ def measured_matmul_tflops(precision: str, size: int = 1024, reps: int = 5) -> f
     the cloud gave us", and under torchrun each rank gets OMP_NUM_THREADS=1, so the
     per-rank peak is what that rank can actually reach.
     """
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(PEAK_AS.get(precision, precision), torch.float32)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(size, size, dtype=dtype, device=dev)
     b = torch.randn(size, size, dtype=dtype, device=dev)
@@ -84,6 +91,7 @@ def device_peak_tflops(device: torch.device, precision: str, override: float | N
     """The peak MFU divides by, and where it came from (given / table / measured)."""
     if override:
         return override, "given"
+    precision = PEAK_AS.get(precision, precision)
     if device.type == "cuda":
         known = gpu_peak_tflops(torch.cuda.get_device_name(device), precision)
         if known is not None:

@@ -364,8 +364,9 @@ def encoder_identity(preset: ModelPreset, source: EncoderSource) -> dict[str, An
 def frozen_dtype(precision: str) -> torch.dtype:
     """dtype of the frozen text encoder and VAE for ``engine.precision``: the training precision
     (they only run inference, so bf16 halves their memory and time; their outputs are cast to
-    float32 before the objective), never fp32 by default on a bf16 run."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    float32 before the objective), never fp32 by default on a bf16 run. fp8 trains the denoiser's
+    Linear layers in float8 and runs the rest, the frozen encoders too, in bf16."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}.get(precision, torch.float32)
 
 
 def build_denoiser_net(preset: ModelPreset | str) -> nn.Module:

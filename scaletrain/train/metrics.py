@@ -185,6 +185,8 @@ def run_summary(trainer: Any) -> dict:
         "rollbacks": trainer.health.rollbacks,
         "lr_scale": trainer.health.lr_scale,
         "levers": lever_report(trainer.model.denoiser),  # checkpointing/compile as applied, counted
+        # engine.precision=fp8: Linear layers converted, recipe, fp8 all-gather, emulated (engines/fp8.py)
+        "fp8": trainer.engine.float8.report() if trainer.engine.float8 is not None else None,
         "frozen_encoders": frozen_encoders_report(trainer),
         "startup": trainer.startup,  # peak host (device) memory per rank and seconds at the first step
         **trainer.loss.summary(),

@@ -126,9 +126,9 @@ def frozen_encoders_report(trainer) -> dict | None:
 
 
 def start_lines(trainer) -> list[str]:
-    """The run log's lines before the start-up line: the model on its engine, the trainable share
-    (LoRA), where the start weights came from (and what rank 0 read of them), how the frozen
-    encoders sit, where a resume picked up."""
+    """The run log's lines before the start-up line: the model on its engine (and its fp8 layers),
+    the trainable share (LoRA), where the start weights came from (and what rank 0 read of them),
+    how the frozen encoders sit, where a resume picked up."""
     lines: list[str] = []
     lines.append(
         f"scaletrain: {trainer.cfg.model.preset} on {trainer.engine.name} x{trainer.dist.world_size} "
@@ -136,6 +136,8 @@ def start_lines(trainer) -> list[str]:
         + f"({trainer.dist.backend}), {trainer.engine.full_param_numel() / 1e6:.2f}M params, "
         f"{trainer.engine.local_param_numel() / 1e6:.2f}M stored on rank 0, {trainer.total_steps} steps"
     )
+    if trainer.engine.float8 is not None:  # engine.precision=fp8: what was converted, and whether emulated
+        lines.append(trainer.engine.float8.line())
     trainable, total = trainer.engine.trainable_param_numel(), trainer.engine.full_param_numel()
     if trainable != total:  # LoRA: only the adapters train
         lines.append(f"trainable: {trainable / 1e6:.4f}M of {total / 1e6:.2f}M parameters "

@@ -90,15 +90,27 @@ CASES = [
      "engine.ddp.comm_hook='bf16' needs CUDA GPUs with NCCL (torch refuses it on gloo); use fp16 or powersgd on this machine"),
     (['engine.kind=deepspeed', 'engine.precision=fp16'], 1, False,
      "engine.precision=fp16 under DeepSpeed needs CUDA GPUs (DeepSpeed's CPU accelerator runs fp32 and bf16 only); use engine.precision=bf16, or engine.kind=fsdp/ddp for fp16"),
+    (['engine.kind=deepspeed', 'engine.precision=fp8'], 1, False,
+     "engine.precision=fp8 is not wired into engine.kind=deepspeed (torchao's float8 Linear layers train under engine.kind=fsdp only); use engine.kind=fsdp, or engine.precision=bf16 with deepspeed"),
+    (['engine.kind=ddp', 'engine.precision=fp8'], 1, False,
+     "engine.precision=fp8 is not wired into engine.kind=ddp (torchao's float8 Linear layers train under engine.kind=fsdp only); use engine.kind=fsdp, or engine.precision=bf16 with ddp"),
+    (['engine.precision=fp8', 'engine.fp8.recipe=blockwise'], 1, False,
+     "engine.fp8.recipe='blockwise': Input should be 'tensorwise' or 'rowwise'"),
+    (['engine.precision=fp8', 'engine.fp8.recipe=rowwise', 'engine.fp8.all_gather=true'], 1, False,
+     'engine.fp8.all_gather=true needs engine.fp8.recipe=tensorwise (torchao gathers fp8 weights with one scale per tensor only, not rowwise); set engine.fp8.all_gather=false or engine.fp8.recipe=tensorwise'),
     (['engine.kind=deepspeed', 'engine.deepspeed.zero_quantized_weights=true'], 1, False,
      "engine.deepspeed.zero_quantized_weights=true needs CUDA GPUs (DeepSpeed's quantizer has no CPU kernels); set it to false on this machine"),
     (['engine.kind=deepspeed', 'engine.deepspeed.zero_hpz_partition_size=3'], 4, False,
      'engine.deepspeed.zero_hpz_partition_size=3 does not divide the world size 4; use the number of ranks per node'),
 ]
 # Raised where no case here can reach it: the suite runs as root, who may write anywhere; every
-# built-in preset has parallel units (a family without any is refused for the memory levers).
+# built-in preset has parallel units (a family without any is refused for the memory levers);
+# this machine has no CUDA GPU and has torchao (test_fp8_needs_fp8_tensor_cores_and_torchao fakes both).
 UNREACHABLE = {" is not writable by this user; choose another ",
-               " to act on; set model.activation_checkpointing=none and model.compile=false"}
+               " to act on; set model.activation_checkpointing=none and model.compile=false",
+               "engine.precision=fp8 needs fp8 tensor cores: ",
+               "engine.precision=fp8 needs torchao, which is not installed; pip install 'torchao>=0.18,<0.19' "
+               "(or use engine.precision=bf16)"}
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +130,38 @@ def test_each_recipe_error_is_one_line_with_its_wording(synth_shards, tmp, sets,
                     check_paths=paths)
     assert str(e.value) == message.format(tmp=tmp)
     assert "\n" not in str(e.value)
+
+
+def test_fp8_needs_fp8_tensor_cores_and_torchao(synth_shards, monkeypatch):
+    """fp8 on a CUDA GPU below compute capability 8.9 (a V100, faked), and without torchao: one line
+    each, before anything starts; 8.9 (an L4) passes."""
+    import importlib.util
+
+    import torch
+
+    def fp8(world: int = 1):
+        load_config(REPO / "configs" / "demo.yaml", [f"data.shards={shard_pattern(synth_shards)}",
+                                                       "train.stages.0.global_batch=null",
+                                                       "train.stages.1.global_batch=null", "engine.precision=fp8"],
+                    world_size=world, check_paths=False)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    with pytest.raises(ConfigError) as e:
+        fp8()
+    assert str(e.value) == ("engine.precision=fp8 needs fp8 tensor cores: Tesla V100-SXM2-32GB has compute capability "
+                            "7.0, below 8.9 (L4, L40S, H100, H200, B200 and later have them); use "
+                            "engine.precision=bf16 on this GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    fp8()
+    monkeypatch.undo()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a))
+    with pytest.raises(ConfigError) as e:
+        fp8()
+    assert str(e.value) == ("engine.precision=fp8 needs torchao, which is not installed; pip install "
+                            "'torchao>=0.18,<0.19' (or use engine.precision=bf16)")
 
 
 def _raised_texts() -> list[tuple[str, str]]:

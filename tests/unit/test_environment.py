@@ -26,3 +26,20 @@ def test_the_venvs_ninja_builds_deepspeeds_ops_whatever_path_says(tmp_path):
         path = os.environ["PATH"]
         prepare_environment()  # idempotent: PATH does not grow at every call
         assert os.environ["PATH"] == path
+
+
+def test_importing_scaletrain_then_diffusers_prints_no_torchao_noise():
+    """torchao (engine.precision=fp8) is imported by diffusers whenever it is installed; on this CPU
+    torch it would print its CUDA-extension load failures, a torch pytree deprecation and a
+    diffusers note in every process. scaletrain filters exactly those lines (scaletrain/__init__.py):
+    a process importing both prints nothing, and another line on the same loggers still prints."""
+    import logging
+    import subprocess
+
+    code = ("import scaletrain, diffusers, torchao.float8; from diffusers import UNet2DConditionModel; "
+            "import logging; logging.getLogger('torchao').warning('Failed to import a thing that is not known')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.strip() == "Failed to import a thing that is not known" and r.stdout == ""
+    record = logging.LogRecord("torchao", logging.WARNING, __file__, 1, "Failed to load /x/_C_mxfp8.so", None, None)
+    assert not logging.getLogger("torchao").filter(record)
