@@ -10,6 +10,7 @@ read; ``identity``: which stream that was) and what a resume hands back (``resum
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any, Iterator
 
@@ -29,6 +30,7 @@ class ImageStream:
         self.identity: str | None = None
         self.data_identity: str | None = None  # the same without the rank layout (data/reslot.py)
         self.workers = 1  # loader slots per rank
+        self.data_rank, self.data_world = 0, 1  # this rank's place among the data-parallel ranks
         self.resume_from: dict | None = None  # the checkpoint's position for this rank (restore)
         # At another world size: every old rank's position ([data_position of rank r]) and the old
         # world size, to re-split the stream (restore)
@@ -45,22 +47,34 @@ class ImageStream:
     def stored_position(self, stage_index: int) -> dict:
         """What a checkpoint stores of this rank's stream (``restore`` hands it back)."""
         return {"stage": stage_index, "identity": self.identity, "data_identity": self.data_identity,
-                "workers": self.workers, "slots": self.position}
+                "workers": self.workers, "data_rank": self.data_rank, "data_world": self.data_world,
+                "slots": self.position}
 
-    def _reslot(self, spec: LoaderSpec, index: int, olds: list, old_world: int) -> tuple[dict | None, str]:
-        """(resume positions re-split from the old layout's, or None; why not)."""
+    def _reslot(self, spec: LoaderSpec, index: int, olds: list) -> tuple[dict | None, str, int | None]:
+        """At another process world size: (this rank's resume positions, why none, the old
+        data-parallel world size when re-split). Ranks of one context-parallel group read the
+        same data (one data rank): the positions are taken per data rank. The same data layout
+        continues from its own position; another one is re-split (data/reslot.py)."""
         from scaletrain.data.reslot import ReslotError, reslot
 
         if not olds or any(not p for p in olds):
-            return None, "the checkpoint stored no stream position for some of its ranks"
+            return None, "the checkpoint stored no stream position for some of its ranks", None
         if any(p.get("stage") != index for p in olds):
-            return None, "the checkpoint's positions belong to another stage"
+            return None, "the checkpoint's positions belong to another stage", None
         if any(p.get("data_identity") != self.data_identity for p in olds):
-            return None, "the data, split or batch differ from the checkpoint's"
+            return None, "the data, split or batch differ from the checkpoint's", None
+        old_world = olds[0]["data_world"]
+        by_rank = {p["data_rank"]: p for p in olds}
+        if sorted(by_rank) != list(range(old_world)):
+            return None, "the checkpoint's data ranks are incomplete", None
+        own = by_rank.get(spec.rank)
+        if old_world == spec.world_size and own is not None and own["identity"] == self.identity:
+            return own["slots"], "", None  # the same data layout (e.g. only the context-parallel degree changed)
         try:
-            return reslot([p["slots"] for p in olds], old_world, olds[0]["workers"], spec, plan_streams(spec)), ""
+            positions = [by_rank[r]["slots"] for r in range(old_world)]
+            return reslot(positions, old_world, olds[0]["workers"], spec, plan_streams(spec)), "", old_world
         except ReslotError as e:
-            return None, str(e)
+            return None, str(e), None
 
     def __call__(self, req: BatchRequest) -> Iterator[dict]:
         cfg, index, d = req.cfg, req.stage_index, req.cfg.data
@@ -80,25 +94,28 @@ class ImageStream:
         # before it is decoded), when it belongs to this stage and the same stream; else replay.
         self.identity, self.data_identity = loader_identity(spec), loader_identity(spec, layout=False)
         self.workers, self.decoded_before = spec.workers_per_rank, 0
+        self.data_rank, self.data_world = req.rank, req.world_size
         position, self.resume_from = self.resume_from, None
         olds, self.reslot_from = self.reslot_from, None
         usable = bool(position) and position.get("stage") == index and position.get("identity") == self.identity
         resume = position["slots"] if usable else None
-        self.position = dict(resume or {})
         if req.skip:
             why = ("the checkpoint stored none for this rank" if not position else
                    "the data, split, batch or layout differ from the checkpoint's")
             if not usable and olds is not None:
-                resume, why = self._reslot(spec, index, *olds)
-                if resume is not None:
+                resume, why, old_world = self._reslot(spec, index, olds)
+                usable = resume is not None and old_world is None
+                if old_world is not None:
                     self.logger.event(f"data: stage {index} continues at its checkpointed stream position, re-split "
-                                      f"from {olds[1]} to {req.world_size} ranks ({req.skip} micro-batches per rank "
-                                      "in; none replayed)")
-            elif usable:
+                                      f"from {old_world} to {req.world_size} data-parallel ranks ({req.skip} "
+                                      "micro-batches per rank in; none replayed)")
+            if usable:
                 self.logger.event(f"data: stage {index} continues at its checkpointed stream position "
                                   f"({req.skip} micro-batches per rank in; none replayed)")
             if resume is None:
                 self.logger.event(f"data: stage {index} replays {req.skip} micro-batches per rank to resume ({why})")
+        # A slot that yields no batch before the next checkpoint keeps the position it resumed from.
+        self.position = json.loads(json.dumps(resume or {}))
         loader = build_loader(replace(spec, resume=resume))
         # Name the counters of this stage's sources and classes (the same on every rank); reset
         # them at a stage's first step, keep the checkpointed counts on a mid-stage restart.

@@ -385,7 +385,7 @@ class Trainer:
         self.stream.resume_from = (state.get("_rank_state") or {}).get("data_position")
         olds = state.get("_old_rank_states")  # at another world size: every old rank's, to re-split the stream
         if olds is not None:
-            self.stream.reslot_from = ([(s or {}).get("data_position") for s in olds], len(olds))
+            self.stream.reslot_from = [(s or {}).get("data_position") for s in olds]
 
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True  # acted on at the end of the current step, on every rank together

@@ -145,8 +145,8 @@ def _resplit(r, old: int, new: int, per_rank: int) -> None:
     """Issue 29 item 5: the stream went on from the checkpointed global position, re-split for
     the new world size, and nothing before it was decoded (the replay it replaces decoded and
     dropped per_rank micro-batches of every rank)."""
-    assert (f"data: stage 0 continues at its checkpointed stream position, re-split from {old} to {new} ranks "
-            f"({per_rank} micro-batches per rank in; none replayed)") in r.stdout, r.stdout[-3000:]
+    assert (f"data: stage 0 continues at its checkpointed stream position, re-split from {old} to {new} "
+            f"data-parallel ranks ({per_rank} micro-batches per rank in; none replayed)") in r.stdout, r.stdout[-3000:]
     assert "data: 0 samples decoded before this rank's first batches of the stage that they do not hold" in r.stdout
 
 
