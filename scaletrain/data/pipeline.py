@@ -750,13 +750,15 @@ class _SlotDataset(IterableDataset):
 _NOT_IDENTITY = ("skip_batches", "resume", "pin_memory", "empty_cond", "allow_pipe_shards")
 
 
-_LAYOUT = ("rank", "world_size", "num_workers")
+# The rank layout, which data/reslot.py carries a position across (the micro-batch too: which
+# samples are read does not depend on how many go into one batch).
+_LAYOUT = ("rank", "world_size", "num_workers", "micro_batch")
 
 
 def loader_identity(spec: LoaderSpec, layout: bool = True) -> str:
     """A hash of everything that decides a slot's stream; a stored position is only used by a
     loader with the same identity (the same data, split, layout and batch size). ``layout=False``
-    leaves out the rank layout (rank, world size, workers): a position of the same data at another
+    leaves out the rank layout (rank, world size, workers, micro-batch): a position of the same data at another
     layout is carried over by data/reslot.py."""
     from dataclasses import fields
 

@@ -89,6 +89,9 @@ def test_a_2x2_checkpoint_resumes_on_2_ranks_as_2x1_and_1x2(runs, mesh):
     4-rank run within 1e-5 and the final EMA within 1e-5."""
     straight, r = runs["hsdp"], runs[mesh]
     assert f"resumed at step {STOP}" in r.stdout + r.stderr
+    # the data stream re-split from 4 to 2 data-parallel ranks (micro-batch 2 -> 4), nothing replayed
+    assert ("data: stage 0 continues at its checkpointed stream position, re-split from 4 to 2 data-parallel ranks "
+            "(3 micro-batches per rank in; none replayed)") in r.stdout, r.stdout[-3000:]
     assert r.summary["world_size"] == 2
     expected_local = r.summary["params_total"] / (1 if mesh == "2x1" else 2)
     assert r.summary["params_local_rank0"] == pytest.approx(expected_local, rel=0.02)
